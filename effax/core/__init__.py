@@ -1,0 +1,40 @@
+"""The scope interpreter. Imports nothing else of effax; see README.md here."""
+
+from effax.core._errors import (
+    EffaxError,
+    FrozenStateError,
+    InvalidNameError,
+    MissingRngError,
+    MissingVariableError,
+    ParamConflictError,
+    ShapeMismatchError,
+    ShareError,
+    TraceMismatchError,
+    UnhandledEffectError,
+)
+from effax.core._interpreter import (
+    Handler,
+    Path,
+    Request,
+    at_path,
+    check_name,
+    check_trace,
+    current_path,
+    flatten_handlers,
+    handle,
+    hermetic,
+    iter_stack,
+    path_str,
+    scope,
+    send,
+    trace_state,
+)
+from effax.core._tree import MISSING, PathTree, copy_scopes, flatten_paths, get_path, nearest_paths
+
+__all__ = [
+    "EffaxError", "FrozenStateError", "InvalidNameError", "MissingRngError", "MissingVariableError",
+    "ParamConflictError", "ShapeMismatchError", "ShareError", "TraceMismatchError",
+    "UnhandledEffectError", "Handler", "Path", "Request", "at_path", "check_name", "check_trace",
+    "current_path", "flatten_handlers", "handle", "hermetic", "iter_stack", "path_str", "scope",
+    "send", "trace_state", "MISSING", "PathTree", "copy_scopes", "flatten_paths", "get_path", "nearest_paths",
+]

@@ -1,0 +1,257 @@
+"""The scope interpreter: the handler stack, the scope stack, and request routing.
+
+Both stacks live in context variables, so threads and nested transforms never
+see each other's handlers, and both unwind when a model raises. Routing is
+innermost-first; while a handler runs, the stack it sees is the part outside
+it, so the effects it performs itself go outward, never back to itself.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, ClassVar
+
+from jax.extend.core import get_opaque_trace_state
+
+from effax.core._errors import (
+    EffaxError,
+    InvalidNameError,
+    TraceMismatchError,
+    UnhandledEffectError,
+)
+
+Path = tuple[str, ...]
+
+_STACK: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("effax_handlers", default=())
+_PATH: contextvars.ContextVar[Path] = contextvars.ContextVar("effax_path", default=())
+
+
+def path_str(path: Path) -> str:
+    """`('encoder', 'dense')` -> `'encoder/dense'`; the root path reads `<root>`."""
+    return "/".join(path) if path else "<root>"
+
+
+def check_name(name: Any, kind: str) -> str:
+    """Return `name` if it is a non-empty string without `/`, else raise `InvalidNameError`."""
+    if type(name) is str and name and "/" not in name:
+        return name
+    if not isinstance(name, str):
+        problem = f"is a {type(name).__name__}, not a string"
+    elif not name:
+        problem = "is empty"
+    else:
+        problem = "contains '/', which separates path components"
+    fix = f" Use {name.replace('/', '_')!r} or nest `fx.scope`s instead." if isinstance(name, str) and "/" in name else ""
+    raise InvalidNameError(f"{kind} name {name!r} {problem}: names must be non-empty strings without '/'.{fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One effect performed at one place; subclasses are frozen dataclasses.
+
+    `path` is where the request was made (the enclosing scopes plus its own
+    name). `unhandled()` is what happens when no handler answers: by default
+    an `UnhandledEffectError` that names the request and, from `hint`, the fix.
+    """
+
+    path: Path
+
+    hint: ClassVar[str] = "answer it with a handler: `with fx.handle(MyHandler()): ...`"
+
+    def describe(self) -> str:
+        """A short human description used in error messages."""
+        return f"{type(self).__name__} at `{path_str(self.path)}`"
+
+    def unhandled(self) -> Any:
+        raise UnhandledEffectError(f"no handler answered {self.describe()}. To fix: {self.hint}")
+
+
+class Handler:
+    """Answers some requests and forwards the rest outward.
+
+    A handler holds configuration. Entering it (`fx.handle`) calls `begin()`;
+    a stateless handler returns itself, a stateful one returns a fresh run
+    object that holds what one run accumulates and answers `handle`.
+
+    >>> class Double(fx.Handler):
+    ...     def handle(self, request, forward):
+    ...         out = forward(request)
+    ...         return out * 2 if isinstance(request, fx.SideInputRequest) else out
+    >>> with fx.handle(fx.handlers.SideInputs({"x": 3}), Double()):
+    ...     fx.side_input("x")
+    6
+    """
+
+    def begin(self) -> Any:
+        return self
+
+    def handle(self, request: Request, forward: Callable[[Request], Any]) -> Any:
+        return forward(request)
+
+
+def _dispatch(stack: tuple[Any, ...], n: int, request: Request) -> Any:
+    if n == 0:
+        return request.unhandled()
+    token = _STACK.set(stack[: n - 1])
+    try:
+        return stack[n - 1].handle(request, functools.partial(_dispatch, stack, n - 1))
+    finally:
+        _STACK.reset(token)
+
+
+def send(request: Request) -> Any:
+    """Route `request` through the handler stack, innermost handler first."""
+    stack = _STACK.get()
+    return _dispatch(stack, len(stack), request)
+
+
+def flatten_handlers(handlers: Iterable[Any]) -> list[Any]:
+    """Flatten nested lists/tuples of handlers, so a preset can be a tuple."""
+    flat: list[Any] = []
+    for h in handlers:
+        if isinstance(h, (list, tuple)):
+            flat.extend(flatten_handlers(h))
+        elif h is None:
+            continue
+        elif callable(getattr(h, "handle", None)):
+            flat.append(h)
+        else:
+            raise EffaxError(
+                f"{h!r} is not a handler: a handler is an object with a `handle(request, forward)` "
+                "method, usually a subclass of `fx.Handler`."
+            )
+    return flat
+
+
+class _Handling:
+    __slots__ = ("_handlers", "_tokens")
+
+    def __init__(self, handlers: list[Any]):
+        self._handlers = handlers
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> tuple[Any, ...]:
+        runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
+        self._tokens.append(_STACK.set(_STACK.get() + runs))
+        return runs
+
+    def __exit__(self, *exc: Any) -> None:
+        _STACK.reset(self._tokens.pop())
+
+
+def handle(*handlers: Any) -> _Handling:
+    """Install handlers around a block; the last one is innermost and sees each request first.
+
+    Returns a context manager whose value is the tuple of run objects (what
+    each handler's `begin()` returned); read a stateful handler's results there.
+
+    >>> with fx.handle(fx.handlers.CollectSown(True)) as (sown,):
+    ...     fx.sow("h", 1.0)
+    >>> sown.collections()
+    {'intermediates': {'h': (1.0,)}}
+    """
+    return _Handling(flatten_handlers(handlers))
+
+
+class _Hermetic:
+    """Start from an empty handler stack and the root path (what `t.init`/`t.apply` do)."""
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: list[tuple[contextvars.Token, contextvars.Token]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append((_STACK.set(()), _PATH.set(())))
+
+    def __exit__(self, *exc: Any) -> None:
+        stack, path = self._tokens.pop()
+        _PATH.reset(path)
+        _STACK.reset(stack)
+
+
+def hermetic() -> _Hermetic:
+    """A context with no handlers and the root path: discharge results depend only on arguments."""
+    return _Hermetic()
+
+
+class scope:
+    """Name a sub-scope: requests inside get `name` appended to their path.
+
+    >>> with fx.scope("encoder"):
+    ...     fx.current_path()
+    ('encoder',)
+    """
+
+    __slots__ = ("name", "_tokens")
+
+    def __init__(self, name: str):
+        self.name = check_name(name, "scope")
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> Path:
+        path = _PATH.get() + (self.name,)
+        self._tokens.append(_PATH.set(path))
+        return path
+
+    def __exit__(self, *exc: Any) -> None:
+        _PATH.reset(self._tokens.pop())
+
+
+def current_path() -> Path:
+    """The tuple of enclosing scope names.
+
+    >>> fx.current_path()
+    ()
+    """
+    return _PATH.get()
+
+
+def at_path(path: Path) -> Any:
+    """Set the current path outright (for lifted transforms and interop that re-enter a scope)."""
+    return _AtPath(path)
+
+
+class _AtPath:
+    __slots__ = ("path", "_tokens")
+
+    def __init__(self, path: Path):
+        self.path = tuple(path)
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> Path:
+        self._tokens.append(_PATH.set(self.path))
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        _PATH.reset(self._tokens.pop())
+
+
+def trace_state() -> Any:
+    """The JAX trace we are in now, as an opaque comparable token (recorded in `begin()`)."""
+    return get_opaque_trace_state(convention="flax")
+
+
+def check_trace(entered: Any, request: Request, action: str) -> None:
+    """Raise if an effect that creates or consumes something crosses a JAX trace boundary.
+
+    `entered` is `trace_state()` recorded when the handler's run began. An
+    effect from inside a raw `jax.lax.scan`/`vmap`/`checkpoint`/`jit` in the
+    model would leak tracers or repeat keys, so it is refused here.
+    """
+    if trace_state() != entered:
+        raise TraceMismatchError(
+            f"{request.describe()} {action} inside a JAX transform (jax.lax.scan, jax.vmap, "
+            "jax.checkpoint, jax.jit, ...) that was applied inside the model, below the handler "
+            "that answers it: its result would leak out of that trace or repeat on every step. "
+            "Use the lifted transforms `fx.scan`, `fx.vmap` or `fx.remat` inside models, and put "
+            "`jax.jit` around the discharged function (`jax.jit(t.apply)`), not around effect calls."
+        )
+
+
+def iter_stack() -> Iterator[Any]:
+    """The runs currently installed, outermost first (for debugging and tests)."""
+    return iter(_STACK.get())

@@ -1,0 +1,28 @@
+"""Effect requests and the operations model code calls; one module per effect."""
+
+from effax.effects._mode import ModeRequest, is_training
+from effax.effects._param import ParamRequest, param
+from effax.effects._random import (
+    RandomEffect,
+    RandomRequest,
+    StreamKeyRequest,
+    next_key,
+    random_stream,
+    stream_key,
+)
+from effax.effects._side_input import SideInputEffect, SideInputRequest, side_input
+from effax.effects._side_output import SideOutputEffect, SideOutputRequest, sow
+from effax.effects._state import (
+    GetStateRequest,
+    LocalStateEffect,
+    LocalStateRequest,
+    SetStateRequest,
+    local_state,
+)
+
+__all__ = [
+    "ModeRequest", "is_training", "ParamRequest", "param", "RandomEffect", "RandomRequest",
+    "StreamKeyRequest", "next_key", "random_stream", "stream_key", "SideInputEffect",
+    "SideInputRequest", "side_input", "SideOutputEffect", "SideOutputRequest", "sow",
+    "GetStateRequest", "LocalStateEffect", "LocalStateRequest", "SetStateRequest", "local_state",
+]

@@ -1,0 +1,31 @@
+"""The mode effect: is this run training or evaluating?"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from effax.core import Request, current_path, send
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeRequest(Request):
+    """Ask whether this run trains."""
+
+    hint: ClassVar[str] = (
+        "say which mode the run is in: `t.apply(..., training=True)` (or False), a preset "
+        "(`handlers=fx.handlers.train(rngs)`), or `fx.handle(fx.handlers.Mode(training=True))`."
+    )
+
+    def describe(self) -> str:
+        return f"`fx.is_training()` at `{'/'.join(self.path) or '<root>'}`"
+
+
+def is_training() -> bool:
+    """True when the run trains; answered by `training=` or the `Mode` handler.
+
+    >>> with fx.handle(fx.handlers.Mode(training=True)):
+    ...     fx.is_training()
+    True
+    """
+    return send(ModeRequest(current_path()))

@@ -1,0 +1,141 @@
+"""The param effect: a named, initialized, trainable array (Penzai's uninitialized parameter)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import Request, ShapeMismatchError, check_name, current_path, path_str, send
+
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+
+def shape_dtype(value: Any) -> tuple[tuple[int, ...], Any]:
+    """`(shape, canonical dtype)` of an array, tracer or Python scalar."""
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        value = jnp.asarray(value)
+        shape = value.shape
+    return tuple(shape), jax.dtypes.canonicalize_dtype(value.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRequest(Request):
+    """Ask for the param at `path`: its initializer, shape, dtype and logical `axes`.
+
+    It doubles as Penzai's uninitialized parameter: `initialize(key)`,
+    `initialize_with_value(value)` and `as_empty()` build its value without
+    any handler.
+
+    >>> import jax, jax.numpy as jnp
+    >>> r = fx.ParamRequest(("dense", "bias"), jax.nn.initializers.zeros, (3,), jnp.float32)
+    >>> r.as_empty()
+    ShapeDtypeStruct(shape=(3,), dtype=float32)
+    >>> r.initialize(jax.random.key(0))
+    Array([0., 0., 0.], dtype=float32)
+    """
+
+    init: Initializer
+    shape: tuple[int, ...]
+    dtype: Any
+    axes: tuple[str | None, ...] | None = None
+
+    hint: ClassVar[str] = (
+        "discharge the model with `t = fx.transform(fn)` and call `t.init(key, ...)` or "
+        "`t.apply(variables, ...)`, or install a params handler: "
+        "`with fx.handle(fx.handlers.LoadParams(variables['params'])): ...`."
+    )
+
+    def describe(self) -> str:
+        return f"param `{path_str(self.path)}` ({self.spec()})"
+
+    def spec(self) -> str:
+        return f"shape {self.shape}, {jnp.dtype(self.dtype).name}"
+
+    # --- Penzai's uninitialized-parameter API
+    @property
+    def name(self) -> str:
+        """The full path as one string, `encoder/dense/kernel`."""
+        return path_str(self.path)
+
+    @property
+    def initializer(self) -> Initializer:
+        return self.init
+
+    @property
+    def value_structure(self) -> jax.ShapeDtypeStruct:
+        """What `initialize` would return, computed abstractly (no memory allocated)."""
+        return jax.eval_shape(lambda k: self.init(k, self.shape, self.dtype), jax.random.key(0))
+
+    def as_empty(self) -> jax.ShapeDtypeStruct:
+        """The declared shape and dtype, without running the initializer."""
+        return jax.ShapeDtypeStruct(self.shape, self.dtype)
+
+    def initialize(self, key: jax.Array) -> jax.Array:
+        """Run the initializer on `key` as given, and check it made the declared shape and dtype."""
+        value = self.init(key, self.shape, self.dtype)
+        self._check(value, "its initializer returned", strict_dtype=True)
+        return value
+
+    def initialize_with_value(
+        self, value: Any, check_structure: bool = True, strict_dtype: bool = True
+    ) -> Any:
+        """Use `value` as this param's value, checked against the declared shape and dtype."""
+        if check_structure:
+            self._check(value, "the given value has", strict_dtype=strict_dtype)
+        return value
+
+    def _check(self, value: Any, what: str, strict_dtype: bool) -> None:
+        shape, dtype = shape_dtype(value)
+        if shape != self.shape or (strict_dtype and dtype != self.dtype):
+            raise ShapeMismatchError(
+                f"param `{self.name}` is declared with {self.spec()}, but {what} shape {shape}, "
+                f"{jnp.dtype(dtype).name}. Make the value match the declaration, or change the "
+                "shape/dtype passed to `fx.param`."
+            )
+
+
+def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
+    if isinstance(shape, int):
+        return (shape,)
+    try:
+        return tuple(int(d) for d in shape)
+    except TypeError:
+        raise ShapeMismatchError(
+            f"param {name!r}: shape must be a tuple of ints, got {shape!r}."
+        ) from None
+
+
+def param(
+    name: str,
+    init: Initializer,
+    shape: tuple[int, ...],
+    dtype: Any = jnp.float32,
+    *,
+    axes: tuple[str | None, ...] | None = None,
+) -> jax.Array:
+    """Request the param `name` at the current path; `init(key, shape, dtype)` makes it under init.
+
+    >>> def f(x):
+    ...     w = fx.param("w", jax.nn.initializers.ones, (2,))
+    ...     return x * w
+    >>> t = fx.transform(f)
+    >>> t.init(jax.random.key(0), 1.0)["params"]["w"]
+    Array([1., 1.], dtype=float32)
+    """
+    check_name(name, "param")
+    shape = canonical_shape(shape, name)
+    if axes is not None:
+        axes = tuple(axes)
+        if len(axes) != len(shape):
+            raise ShapeMismatchError(
+                f"param {name!r} has {len(shape)} dims {shape} but {len(axes)} logical axes {axes}: "
+                "give one axis name (or None) per dimension."
+            )
+    request = ParamRequest(
+        current_path() + (name,), init, shape, jax.dtypes.canonicalize_dtype(dtype), axes
+    )
+    return send(request)

@@ -1,0 +1,81 @@
+"""The random effect: per-stream, per-path, per-draw keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+
+from effax.core import Request, check_name, current_path, path_str, send
+
+_RANDOM_HINT = (
+    "pass `rngs=` to `t.apply` (a key, or a dict {stream: key}), or install "
+    "`fx.handlers.KeysFromRngs(rngs)`."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomRequest(Request):
+    """Draw the next key of `stream` at `path`."""
+
+    stream: str
+
+    hint: ClassVar[str] = _RANDOM_HINT
+
+    def describe(self) -> str:
+        return f"key draw from stream {self.stream!r} at `{path_str(self.path)}`"
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamKeyRequest(Request):
+    """Ask for the base key of `stream` at `path` (for code that derives its own keys)."""
+
+    stream: str
+
+    hint: ClassVar[str] = _RANDOM_HINT
+
+    def describe(self) -> str:
+        return f"base key of stream {self.stream!r} at `{path_str(self.path)}`"
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomEffect:
+    """A handle on one stream at the path where it was created.
+
+    >>> def f():
+    ...     s = fx.random_stream("noise")
+    ...     return s.next_key(), s.next_key()
+    >>> a, b = fx.transform(f).apply({}, rngs={"noise": jax.random.key(0)})
+    >>> bool((jax.random.key_data(a) != jax.random.key_data(b)).any())
+    True
+    """
+
+    path: tuple[str, ...]
+    stream: str
+
+    def next_key(self) -> jax.Array:
+        return send(RandomRequest(self.path, self.stream))
+
+
+def next_key(stream: str = "default") -> jax.Array:
+    """Draw a fresh typed key from `stream` at the current path.
+
+    >>> def f():
+    ...     return jax.random.normal(fx.next_key("noise"))
+    >>> x = fx.transform(f).apply({}, rngs={"noise": jax.random.key(1)})
+    """
+    check_name(stream, "stream")
+    return send(RandomRequest(current_path(), stream))
+
+
+def random_stream(stream: str) -> RandomEffect:
+    """A `RandomEffect` for `stream` bound to the current path."""
+    check_name(stream, "stream")
+    return RandomEffect(current_path(), stream)
+
+
+def stream_key(stream: str) -> jax.Array:
+    """The base key of `stream` at the current path; at the root path, the key the user passed."""
+    check_name(stream, "stream")
+    return send(StreamKeyRequest(current_path(), stream))

@@ -1,0 +1,50 @@
+"""The side-output effect: values a model reports (`sow`), collected only when asked."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from effax.core import Request, check_name, current_path, path_str, send
+from effax.effects._state import check_collection
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SideOutputRequest(Request):
+    """Report `value` under `tag` at `path` into `collection`; nothing collecting means a no-op."""
+
+    tag: str
+    value: Any
+    collection: str
+
+    def describe(self) -> str:
+        return f"sow {self.tag!r} into {self.collection!r} at `{path_str(self.path)}`"
+
+    def unhandled(self) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SideOutputEffect:
+    """A handle for telling values under `tag` at `path` into `collection`."""
+
+    path: tuple[str, ...]
+    tag: str
+    collection: str = "intermediates"
+
+    def tell(self, value: Any) -> None:
+        send(SideOutputRequest(self.path, self.tag, value, self.collection))
+
+
+def sow(tag: str, value: Any, *, collection: str = "intermediates") -> None:
+    """Report `value` under `tag`; collected into `updates[collection]` when that collection is mutable.
+
+    >>> def f(x):
+    ...     fx.sow("h", x * 2)
+    ...     return x
+    >>> fx.transform(f).apply({}, 1.0, mutable="intermediates")
+    (1.0, {'intermediates': {'h': (2.0,)}})
+    """
+    check_name(tag, "sow tag")
+    check_collection(collection, f"sow {tag!r}")
+    send(SideOutputRequest(current_path(), tag, value, collection))

@@ -1,0 +1,98 @@
+"""The local-state effect: a mutable variable in a named collection (`get`, `set`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+from effax.core import InvalidNameError, Request, check_name, current_path, path_str, send
+
+_STATE_HINT = (
+    "discharge the model with `fx.transform(fn)` (`t.init`, or `t.apply(..., mutable=[collection])`), "
+    "or install `fx.handlers.FunctionalState(variables, mutable=...)`."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalStateRequest(Request):
+    """Declare the variable at `path` in `collection`; `init()` makes it when it does not exist yet."""
+
+    collection: str
+    init: Callable[[], Any]
+
+    hint: ClassVar[str] = _STATE_HINT
+
+    def describe(self) -> str:
+        return f"state `{path_str(self.path)}` in collection {self.collection!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GetStateRequest(Request):
+    """Read the current value of the variable at `path` in `collection`."""
+
+    collection: str
+
+    hint: ClassVar[str] = _STATE_HINT
+
+    def describe(self) -> str:
+        return f"read of state `{path_str(self.path)}` in collection {self.collection!r}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SetStateRequest(Request):
+    """Write a new value to the variable at `path` in `collection`."""
+
+    collection: str
+    value: Any
+
+    hint: ClassVar[str] = _STATE_HINT
+
+    def describe(self) -> str:
+        return f"write of state `{path_str(self.path)}` in collection {self.collection!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalStateEffect:
+    """A handle on one variable; it belongs to the path where it was created, wherever it is used.
+
+    >>> def count():
+    ...     n = fx.local_state("n", lambda: jnp.zeros((), jnp.int32))
+    ...     n.set(n.get() + 1)
+    ...     return n.get()
+    >>> t = fx.transform(count)
+    >>> v = t.init(None)
+    >>> t.apply(v, mutable=True)
+    (Array(1, dtype=int32), {'state': {'n': Array(1, dtype=int32)}})
+    """
+
+    path: tuple[str, ...]
+    collection: str
+
+    def get(self) -> Any:
+        return send(GetStateRequest(self.path, self.collection))
+
+    def set(self, value: Any) -> None:
+        send(SetStateRequest(self.path, self.collection, value))
+
+
+def check_collection(collection: str, what: str) -> str:
+    check_name(collection, "collection")
+    if collection == "params":
+        raise InvalidNameError(
+            f"{what} cannot use collection 'params': it is reserved for `fx.param`. "
+            "Pick another collection, e.g. collection='state' or 'batch_stats'."
+        )
+    return collection
+
+
+def local_state(name: str, init: Callable[[], Any], *, collection: str = "state") -> LocalStateEffect:
+    """Request the mutable variable `name` at the current path in `collection`.
+
+    `init()` returns its initial pytree of arrays and is called only when the
+    variable does not exist yet (under init, or when its collection is mutable).
+    """
+    check_name(name, "state")
+    check_collection(collection, f"state {name!r}")
+    path = current_path() + (name,)
+    send(LocalStateRequest(path, collection, init))
+    return LocalStateEffect(path, collection)

@@ -1,0 +1,13 @@
+"""The built-in handlers, one module per family."""
+
+from effax.handlers._mode import Mode
+from effax.handlers._params import AbstractParams, InitParams, LoadParams
+from effax.handlers._random import KeysFromRngs
+from effax.handlers._side_inputs import SideInputs
+from effax.handlers._side_outputs import CollectSown
+from effax.handlers._state import FrozenState, FunctionalState
+
+__all__ = [
+    "AbstractParams", "CollectSown", "FrozenState", "FunctionalState", "InitParams",
+    "KeysFromRngs", "LoadParams", "Mode", "SideInputs",
+]

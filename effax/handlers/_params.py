@@ -1,0 +1,180 @@
+"""Params handlers: create them from keys (init), load them from a tree (apply), or fake them (shapes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import (
+    MISSING,
+    Handler,
+    MissingVariableError,
+    ParamConflictError,
+    PathTree,
+    ShapeMismatchError,
+    check_trace,
+    get_path,
+    nearest_paths,
+    path_str,
+    send,
+    trace_state,
+)
+from effax.effects import ParamRequest, StreamKeyRequest
+from effax.handlers._random import as_typed_key, fold, h_path
+
+
+class _ParamRun:
+    """What every params run shares: one path, one array, one spec within a run."""
+
+    __slots__ = ("seen", "trace")
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, ...], tuple[ParamRequest, Any]] = {}
+        self.trace = trace_state()
+
+    def again(self, request: ParamRequest) -> Any:
+        """The value already answered at this path, after checking the two specs agree; else MISSING."""
+        hit = self.seen.get(request.path)
+        if hit is None:
+            return MISSING
+        first, value = hit
+        if first.shape != request.shape or first.dtype != request.dtype:
+            raise ParamConflictError(
+                f"param `{path_str(request.path)}` is requested twice with different specs: first "
+                f"{first.spec()}, now {request.spec()}. A path names one variable: give the second "
+                "one another name or scope."
+            )
+        return value
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is not ParamRequest:
+            return forward(request)
+        value = self.again(request)
+        if value is MISSING:
+            value = self.answer(request)
+            self.seen[request.path] = (request, value)
+        return value
+
+    def answer(self, request: ParamRequest) -> Any:
+        raise NotImplementedError
+
+
+class InitParams(Handler):
+    """Create each param as `init(fold(k_params, h_path(path)), shape, dtype)`.
+
+    With no `key`, the `"params"` stream key at the param's path is requested
+    from the handlers outside (what `t.init` does); the created tree is read
+    from the run's `params`.
+
+    >>> with fx.handle(fx.handlers.InitParams(jax.random.key(0))) as (run,):
+    ...     w = fx.param("w", jax.nn.initializers.zeros, (2,))
+    >>> run.params
+    {'w': Array([0., 0.], dtype=float32)}
+    """
+
+    def __init__(self, key: Any = None):
+        self.key = key
+
+    def begin(self) -> _InitRun:
+        return _InitRun(None if self.key is None else as_typed_key(self.key, "params"))
+
+
+class _InitRun(_ParamRun):
+    __slots__ = ("key", "tree")
+
+    def __init__(self, key: Any):
+        super().__init__()
+        self.key = key
+        self.tree = PathTree("params")
+
+    @property
+    def params(self) -> dict:
+        return self.tree.root
+
+    def answer(self, request: ParamRequest) -> Any:
+        check_trace(self.trace, request, "initializes a param")
+        if self.key is None:
+            key = send(StreamKeyRequest(request.path, "params"))
+        else:
+            key = fold(self.key, h_path(request.path))
+        value = request.initialize(key)
+        self.tree.set(request.path, value, request.describe)
+        return value
+
+
+class LoadParams(Handler):
+    """Answer each param from a nested dict, checking its shape and dtype.
+
+    >>> with fx.handle(fx.handlers.LoadParams({"w": jnp.ones(2)})):
+    ...     fx.param("w", jax.nn.initializers.zeros, (2,))
+    Array([1., 1.], dtype=float32)
+    """
+
+    def __init__(self, params: Any):
+        self.params = params if params is not None else {}
+
+    def begin(self) -> _LoadRun:
+        return _LoadRun(self.params)
+
+
+class _LoadRun(_ParamRun):
+    __slots__ = ("params",)
+
+    def __init__(self, params: Any):
+        super().__init__()
+        self.params = params
+
+    def answer(self, request: ParamRequest) -> Any:
+        value = get_path(self.params, request.path)
+        if value is MISSING:
+            near = nearest_paths(request.path, self.params)
+            raise MissingVariableError(
+                f"no param `{path_str(request.path)}` in variables['params'] (asked for "
+                f"{request.spec()}); "
+                + (f"nearest: {', '.join(repr(n) for n in near)}. " if near else "")
+                + "Check the name and scope, or create the variables with `t.init` for this model."
+            )
+        shape = getattr(value, "shape", None)
+        dtype = getattr(value, "dtype", None)
+        if shape is None or dtype is None:
+            value = jnp.asarray(value)
+            shape, dtype = value.shape, value.dtype
+        if tuple(shape) != request.shape or (
+            dtype != request.dtype and jax.dtypes.canonicalize_dtype(dtype) != request.dtype
+        ):
+            raise ShapeMismatchError(
+                f"param `{path_str(request.path)}`: the model asks for {request.spec()}, but "
+                f"variables['params'] holds shape {tuple(shape)}, {jnp.dtype(dtype).name}. "
+                "The variables were made for another model or config: re-run `t.init`, or "
+                "convert the stored value."
+            )
+        return value
+
+
+class AbstractParams(Handler):
+    """Answer each param with zeros of its declared shape and record `as_empty()`; for shape-only runs.
+
+    Use it under `jax.eval_shape`, where the zeros cost nothing; the run's
+    `params` is a tree of `jax.ShapeDtypeStruct`.
+    """
+
+    def begin(self) -> _AbstractRun:
+        return _AbstractRun()
+
+
+class _AbstractRun(_ParamRun):
+    __slots__ = ("tree",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tree = PathTree("params")
+
+    @property
+    def params(self) -> dict:
+        return self.tree.root
+
+    def answer(self, request: ParamRequest) -> Any:
+        self.tree.set(request.path, request.as_empty(), request.describe)
+        return jnp.zeros(request.shape, request.dtype)

@@ -1,0 +1,120 @@
+"""Keys per stream, per path, per draw, derived from the user's `rngs` by the pinned hashes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from effax.core import EffaxError, Handler, MissingRngError, check_name, check_trace, trace_state
+from effax.effects import RandomRequest, StreamKeyRequest
+
+
+def _digest(text: str, person: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, person=person).digest(), "little")
+
+
+def h_path(path: tuple[str, ...]) -> int:
+    """The pinned 64-bit hash of a path: BLAKE2b-8 of `"/".join(path)`, person `effax-path`."""
+    return _digest("/".join(path), b"effax-path")
+
+
+def h_stream(stream: str) -> int:
+    """The pinned 64-bit hash of a stream name, in its own domain (person `effax-stream`)."""
+    return _digest(stream, b"effax-stream")
+
+
+def fold(key: jax.Array, h: int) -> jax.Array:
+    """Fold a 64-bit hash into `key`: the low little-endian 32-bit word, then the high one."""
+    key = jax.random.fold_in(key, np.uint32(h & 0xFFFFFFFF))
+    return jax.random.fold_in(key, np.uint32(h >> 32))
+
+
+def as_typed_key(key: Any, stream: str) -> jax.Array:
+    """Accept a raw `PRNGKey` (uint32 data) or a typed `jax.random.key`; return a typed key."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if dtype is None or not np.issubdtype(dtype, np.integer):
+        raise EffaxError(
+            f"rngs for stream {stream!r} is {type(key).__name__} {key!r}, not a key: pass "
+            "`jax.random.key(seed)` (or a raw `jax.random.PRNGKey(seed)`), or a dict {stream: key}."
+        )
+    return jax.random.wrap_key_data(key)
+
+
+class KeysFromRngs(Handler):
+    """Answer random requests from `rngs`: a key, a dict `{stream: key}`, or None (no randomness).
+
+    A single key `k` serves stream `"params"` as given and stream `s` as
+    `fold(k, h_stream(s))`; a dict must name every stream drawn from.
+
+    >>> with fx.handle(fx.handlers.KeysFromRngs({"noise": jax.random.key(0)})):
+    ...     k = fx.next_key("noise")
+    """
+
+    def __init__(self, rngs: Any):
+        if isinstance(rngs, Mapping):
+            for stream in rngs:
+                check_name(stream, "stream")
+        self.rngs = rngs
+
+    def begin(self) -> _KeysRun:
+        return _KeysRun(self.rngs)
+
+
+class _KeysRun:
+    __slots__ = ("rngs", "trace", "roots", "bases", "counts")
+
+    def __init__(self, rngs: Any):
+        self.rngs = rngs
+        self.trace = trace_state()
+        self.roots: dict[str, jax.Array] = {}
+        self.bases: dict[tuple[str, tuple[str, ...]], jax.Array] = {}
+        self.counts: dict[tuple[str, tuple[str, ...]], int] = {}
+
+    def root(self, stream: str, request: Any) -> jax.Array:
+        key = self.roots.get(stream)
+        if key is not None:
+            return key
+        rngs = self.rngs
+        if rngs is None or (isinstance(rngs, Mapping) and stream not in rngs):
+            given = sorted(rngs) if isinstance(rngs, Mapping) else []
+            raise MissingRngError(
+                f"{request.describe()} needs a key for stream {stream!r}, but rngs "
+                + (f"names only {given}" if given else "is None")
+                + f". Pass it: `rngs={{{stream!r}: key, ...}}` (or a single key, which serves every stream)."
+            )
+        if isinstance(rngs, Mapping):
+            key = as_typed_key(rngs[stream], stream)
+        else:
+            key = as_typed_key(rngs, stream)
+            if stream != "params":
+                key = fold(key, h_stream(stream))
+        self.roots[stream] = key
+        return key
+
+    def base(self, stream: str, path: tuple[str, ...], request: Any) -> jax.Array:
+        slot = (stream, path)
+        key = self.bases.get(slot)
+        if key is None:
+            key = self.root(stream, request)
+            if path:
+                key = fold(key, h_path(path))
+            self.bases[slot] = key
+        return key
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is RandomRequest or type(request) is StreamKeyRequest:
+            check_trace(self.trace, request, "draws a key")
+            key = self.base(request.stream, request.path, request)
+            if type(request) is StreamKeyRequest:
+                return key
+            slot = (request.stream, request.path)
+            n = self.counts.get(slot, 0)
+            self.counts[slot] = n + 1
+            return jax.random.fold_in(key, n)
+        return forward(request)

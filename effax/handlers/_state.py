@@ -1,0 +1,207 @@
+"""State handlers: thread variables through a run functionally, or keep them frozen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import (
+    MISSING,
+    EffaxError,
+    FrozenStateError,
+    Handler,
+    InvalidNameError,
+    MissingVariableError,
+    PathTree,
+    ShapeMismatchError,
+    check_name,
+    check_trace,
+    copy_scopes,
+    get_path,
+    nearest_paths,
+    path_str,
+    trace_state,
+)
+from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
+
+ALL = True
+
+
+def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
+    """`False`/`None` -> no collection, `True` -> all, a name or names -> those (never 'params')."""
+    if mutable is None or mutable is False:
+        return frozenset()
+    if mutable is True:
+        return ALL
+    if isinstance(mutable, jax.core.Tracer):
+        raise EffaxError(
+            "`mutable` is a JAX tracer, but it changes which program runs, so it must be a Python "
+            "value. Mark it static: `jax.jit(t.apply, static_argnames=('mutable',))` with a tuple."
+        )
+    names = (mutable,) if isinstance(mutable, str) else tuple(mutable)
+    for name in names:
+        check_name(name, "collection")
+        if name == "params":
+            raise InvalidNameError(
+                "mutable names 'params', but params are never mutable in a run: they change by "
+                "your optimizer outside `apply`. Drop 'params' from `mutable`."
+            )
+    return frozenset(names)
+
+
+def is_mutable(mutable: frozenset[str] | bool, collection: str) -> bool:
+    return mutable is ALL or collection in mutable  # type: ignore[operator]
+
+
+def _leaf_spec(x: Any) -> str:
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return type(x).__name__
+    return f"{jnp.dtype(x.dtype).name}{list(shape)}"
+
+
+def _cast_like(new: Any, old: Any, describe: Any) -> Any:
+    """Check `new` keeps `old`'s structure, shapes and dtypes; cast weakly typed scalars."""
+    new_leaves, new_def = jax.tree.flatten(new)
+    old_leaves, old_def = jax.tree.flatten(old)
+    ok = new_def == old_def
+    out = []
+    if ok:
+        for n, o in zip(new_leaves, old_leaves):
+            o_shape, o_dtype = jnp.shape(o), jnp.result_type(o)
+            weak = isinstance(n, (int, float, complex, bool)) or getattr(
+                getattr(n, "aval", None), "weak_type", False
+            )
+            n_shape = jnp.shape(n)
+            if n_shape != o_shape or (not weak and jnp.result_type(n) != o_dtype):
+                ok = False
+                break
+            out.append(jnp.asarray(n, dtype=o_dtype) if weak else n)
+    if not ok:
+        raise ShapeMismatchError(
+            f"{describe()} would change it from {jax.tree.map(_leaf_spec, old)} to "
+            f"{jax.tree.map(_leaf_spec, new)}. A `set` must keep the tree structure, shapes and "
+            "dtypes of the variable: cast or reshape the value first (e.g. `x.astype(old.dtype)`)."
+        )
+    return jax.tree.unflatten(old_def, out)
+
+
+class FunctionalState(Handler):
+    """Thread local state through a run: read from `variables`, write to the mutable collections.
+
+    A variable missing from `variables` is created with its `init()` when its
+    collection is mutable; `set` in a frozen collection raises
+    `FrozenStateError`. After the block, `run.updates()` is every mutable
+    collection as the run left it, and `run.initial()` what `init()` made.
+
+    >>> with fx.handle(fx.handlers.FunctionalState({}, mutable=True)) as (run,):
+    ...     n = fx.local_state("n", lambda: 0.0)
+    ...     n.set(n.get() + 1)
+    >>> run.updates()
+    {'state': {'n': Array(1., dtype=float32, weak_type=True)}}
+    """
+
+    def __init__(self, variables: Mapping[str, Any] | None = None, mutable: Any = True):
+        variables = {} if variables is None else variables
+        self.variables = {c: v for c, v in variables.items() if c != "params"}
+        self.mutable = normalize_mutable(mutable)
+
+    def begin(self) -> _StateRun:
+        return _StateRun(self.variables, self.mutable)
+
+
+class FrozenState(FunctionalState):
+    """Local state read-only: every `set` raises `FrozenStateError` (the eval-time guarantee).
+
+    >>> with fx.handle(fx.handlers.FrozenState({"state": {"n": 1.0}})):
+    ...     fx.local_state("n", lambda: 0.0).get()
+    1.0
+    """
+
+    def __init__(self, variables: Mapping[str, Any] | None = None):
+        super().__init__(variables, mutable=False)
+
+
+class _StateRun:
+    __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "trace")
+
+    def __init__(self, stored: dict[str, Any], mutable: frozenset[str] | bool):
+        self.mutable = mutable
+        self.stored = stored
+        self.current: dict[str, Any] = dict(stored)
+        self.owned: set[str] = set()
+        self.created: dict[str, PathTree] = {}
+        self.used: set[str] = set()
+        self.trace = trace_state()
+
+    def _write(self, collection: str, path: tuple[str, ...], value: Any, describe: Any) -> None:
+        if collection not in self.owned:
+            self.current[collection] = copy_scopes(self.current.get(collection, {}))
+            self.owned.add(collection)
+        PathTree(f"collection {collection!r}", self.current[collection]).set(path, value, describe)
+
+    def _missing(self, request: Any) -> MissingVariableError:
+        tree = self.current.get(request.collection, {})
+        near = nearest_paths(request.path, tree)
+        return MissingVariableError(
+            f"no {request.describe()} in variables[{request.collection!r}]"
+            + (f"; nearest: {', '.join(repr(n) for n in near)}" if near else "")
+            + f". It is created only when its collection is mutable: pass "
+            f"`mutable=[{request.collection!r}]` to `t.apply`, or create the variables with `t.init`."
+        )
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        kind = type(request)
+        if kind is GetStateRequest:
+            value = get_path(self.current.get(request.collection, {}), request.path)
+            if value is MISSING:
+                raise self._missing(request)
+            return value
+        if kind is SetStateRequest:
+            c = request.collection
+            if not is_mutable(self.mutable, c):
+                raise FrozenStateError(
+                    f"{request.describe()}: collection {c!r} is frozen in this run, so `set` is "
+                    f"not allowed. To update it, pass `mutable=[{c!r}]` to `t.apply` (and use the "
+                    "returned updates); in eval, do not call `set`."
+                )
+            check_trace(self.trace, request, "writes state")
+            old = get_path(self.current.get(c, {}), request.path)
+            if old is MISSING:
+                raise self._missing(request)
+            value = _cast_like(request.value, old, request.describe)
+            self._write(c, request.path, value, request.describe)
+            return None
+        if kind is LocalStateRequest:
+            c = request.collection
+            self.used.add(c)
+            if get_path(self.current.get(c, {}), request.path) is not MISSING:
+                return None
+            if not is_mutable(self.mutable, c):
+                raise self._missing(request)
+            check_trace(self.trace, request, "creates state")
+            value = request.init()
+            tree = self.created.get(c)
+            if tree is None:
+                tree = self.created[c] = PathTree(f"collection {c!r}")
+            tree.set(request.path, value, request.describe)
+            self._write(c, request.path, value, request.describe)
+            return None
+        return forward(request)
+
+    def initial(self) -> dict[str, Any]:
+        """Every variable this run created, at its `init()` value, by collection."""
+        return {c: tree.root for c, tree in self.created.items()}
+
+    def updates(self) -> dict[str, Any]:
+        """Every mutable collection after the run: stored values, created ones, and sets."""
+        return {
+            c: value
+            for c, value in self.current.items()
+            if is_mutable(self.mutable, c) and (c in self.used or c in self.stored)
+        }
+
+
