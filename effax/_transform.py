@@ -44,22 +44,14 @@ def _check_variables_arg(variables: Any) -> Mapping[str, Any]:
     return variables
 
 
-def _merge_outputs(state: dict[str, Any], sown: dict[str, Any]) -> dict[str, Any]:
-    both = state.keys() & sown.keys()
-    if both:
-        c = sorted(both)[0]
-        raise ParamConflictError(
-            f"collection {c!r} holds local state and sown values in one run; a collection holds "
-            "one or the other. Give `fx.sow(..., collection=...)` or `fx.local_state(..., "
-            "collection=...)` another collection name."
-        )
-    return {**state, **sown}
-
-
 def _check_overlap(state_run: Any, sown_run: Any) -> None:
     both = state_run.used & sown_run.trees.keys()
     if both:
-        _merge_outputs(dict.fromkeys(both), dict.fromkeys(both))
+        raise ParamConflictError(
+            f"collection {sorted(both)[0]!r} holds local state and sown values in one run; a "
+            "collection holds one or the other. Give `fx.sow(..., collection=...)` or "
+            "`fx.local_state(..., collection=...)` another collection name."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +100,8 @@ class Transformed:
         _check_overlap(state_run, sown_run)
         if not collections:
             return out
-        return out, _merge_outputs(state_run.updates(), sown_run.collections())
+        # Sown values start fresh each run: they replace old sows that `variables` may still hold.
+        return out, {**state_run.updates(), **sown_run.collections()}
 
 
 def transform(fn: Callable[..., Any]) -> Transformed:
@@ -181,9 +174,22 @@ class _Audit(Handler):
             return jnp.zeros(request.shape, request.dtype)
         if type(request) is LocalStateRequest:
             self.used.add((request.collection,) + request.path)
-            if get_path(self.variables.get(request.collection, {}), request.path) is MISSING:
-                self.report.missing.append(f"{request.collection}:{path_str(request.path)}")
+            name = f"{request.collection}:{path_str(request.path)}"
+            stored = get_path(self.variables.get(request.collection, {}), request.path)
+            if stored is MISSING:
+                self.report.missing.append(name)
+            else:
+                self._compare_state(name, stored, request.init())
         return forward(request)
+
+    def _compare_state(self, name: str, stored: Any, fresh: Any) -> None:
+        (s_leaves, s_def), (f_leaves, f_def) = jax.tree.flatten(stored), jax.tree.flatten(fresh)
+        show = lambda leaves: [f"{jnp.result_type(a).name}{list(jnp.shape(a))}" for a in leaves]
+        found = f"{name}: model {show(f_leaves)}, variables {show(s_leaves)}"
+        if s_def != f_def or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(s_leaves, f_leaves)):
+            self.report.mis_shaped.append(found)
+        elif any(jnp.result_type(a) != jnp.result_type(b) for a, b in zip(s_leaves, f_leaves)):
+            self.report.mis_typed.append(found)
 
 
 def check_variables(

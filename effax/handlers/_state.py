@@ -101,7 +101,7 @@ class FunctionalState(Handler):
     ...     n = fx.local_state("n", lambda: 0.0)
     ...     n.set(n.get() + 1)
     >>> run.updates()
-    {'state': {'n': Array(1., dtype=float32, weak_type=True)}}
+    {'state': {'n': Array(1., dtype=float32)}}
     """
 
     def __init__(self, variables: Mapping[str, Any] | None = None, mutable: Any = True):

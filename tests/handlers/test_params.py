@@ -1,0 +1,150 @@
+"""Params handlers: pinned key derivation, loading with checks, one path one variable."""
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effax as fx
+from effax.handlers import AbstractParams, InitParams, LoadParams
+
+normal = jax.nn.initializers.normal(1.0)
+
+
+def pinned_fold(key, text, person):
+    d = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, person=person).digest(), "little")
+    key = jax.random.fold_in(key, np.uint32(d & 0xFFFFFFFF))
+    return jax.random.fold_in(key, np.uint32(d >> 32))
+
+
+def test_init_value_follows_the_pinned_hash():
+    key = jax.random.key(42)
+
+    def f():
+        with fx.scope("encoder"), fx.scope("dense"):
+            return fx.param("kernel", normal, (3, 2))
+
+    value = fx.transform(f).init(key)["params"]["encoder"]["dense"]["kernel"]
+    expected = normal(pinned_fold(key, "encoder/dense/kernel", b"effax-path"), (3, 2), jnp.float32)
+    np.testing.assert_array_equal(value, expected)
+
+
+def test_raw_and_typed_keys_give_the_same_params():
+    f = lambda: fx.param("w", normal, (4,))
+    t = fx.transform(f)
+    a = t.init(jax.random.PRNGKey(3))["params"]["w"]
+    b = t.init(jax.random.key(3))["params"]["w"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_init_params_with_explicit_key_matches_transform():
+    key = jax.random.key(0)
+    f = lambda: fx.param("w", normal, (4,))
+    with fx.handle(InitParams(key)) as (run,):
+        f()
+    np.testing.assert_array_equal(run.params["w"], fx.transform(f).init(key)["params"]["w"])
+
+
+def test_same_path_returns_same_array_first_initializer_wins():
+    def f():
+        a = fx.param("w", jax.nn.initializers.ones, (2,))
+        b = fx.param("w", jax.nn.initializers.zeros, (2,))
+        return a, b
+
+    (a, b), v = fx.transform(f).init_with_output(jax.random.key(0))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(v["params"]["w"], jnp.ones(2))
+
+
+def test_same_path_different_spec_conflicts_naming_both_specs():
+    def f():
+        fx.param("w", normal, (2,))
+        fx.param("w", normal, (3,))
+
+    for run in (lambda t: t.init(jax.random.key(0)), lambda t: t.apply({"params": {"w": jnp.ones(2)}})):
+        with pytest.raises(fx.ParamConflictError, match=r"`w`.*shape \(2,\).*shape \(3,\)"):
+            run(fx.transform(f))
+
+
+def test_leaf_and_scope_of_same_name_conflict():
+    def f():
+        fx.param("a", normal, (2,))
+        with fx.scope("a"):
+            fx.param("kernel", normal, (2,))
+
+    with pytest.raises(fx.ParamConflictError, match=r"`a` in params is a leaf.*`a/kernel`"):
+        fx.transform(f).init(jax.random.key(0))
+
+    def g():
+        with fx.scope("a"):
+            fx.param("kernel", normal, (2,))
+        fx.param("a", normal, (2,))
+
+    with pytest.raises(fx.ParamConflictError, match=r"`a` in params is a scope"):
+        fx.transform(g).init(jax.random.key(0))
+
+
+def test_missing_param_names_path_and_nearest():
+    def f():
+        with fx.scope("encoder"), fx.scope("dense"):
+            fx.param("kernel", normal, (2,))
+
+    stored = {"params": {"encoder": {"dense_0": {"kernel": jnp.ones(2)}}}}
+    with pytest.raises(fx.MissingVariableError, match=r"no param `encoder/dense/kernel`.*nearest: 'encoder/dense_0/kernel'"):
+        fx.transform(f).apply(stored)
+
+
+def test_stored_shape_or_dtype_mismatch():
+    f = lambda: fx.param("w", normal, (2,))
+    with pytest.raises(fx.ShapeMismatchError, match=r"`w`.*shape \(2,\), float32.*shape \(3,\), float32"):
+        fx.transform(f).apply({"params": {"w": jnp.ones(3)}})
+    with pytest.raises(fx.ShapeMismatchError, match=r"int32"):
+        fx.transform(f).apply({"params": {"w": jnp.ones(2, jnp.int32)}})
+
+
+def test_initializer_returning_wrong_shape_is_reported():
+    bad = lambda key, shape, dtype: jnp.zeros((5,), dtype)
+    with pytest.raises(fx.ShapeMismatchError, match=r"`w` is declared with shape \(2,\).*initializer returned shape \(5,\)"):
+        fx.transform(lambda: fx.param("w", bad, (2,))).init(jax.random.key(0))
+
+
+def test_float64_is_canonicalized():
+    f = lambda: fx.param("w", jax.nn.initializers.zeros, (2,), jnp.float64)
+    v = fx.transform(f).init(jax.random.key(0))
+    assert v["params"]["w"].dtype == jnp.float32
+    fx.transform(f).apply({"params": {"w": np.zeros(2, np.float64)}})
+
+
+def test_load_params_handler_directly():
+    with fx.handle(LoadParams({"w": jnp.ones(2)})):
+        np.testing.assert_array_equal(fx.param("w", normal, (2,)), jnp.ones(2))
+
+
+def test_abstract_params_record_shapes_and_allocate_nothing():
+    def f():
+        with fx.scope("d"):
+            return fx.param("w", normal, (2, 3)).sum()
+
+    def run():
+        with fx.handle(AbstractParams()) as (r,):
+            y = f()
+        assert r.params == {"d": {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}}
+        return y
+
+    assert jax.eval_shape(run) == jax.ShapeDtypeStruct((), jnp.float32)
+
+
+def test_param_shape_and_axes_are_validated():
+    with fx.handle(InitParams(jax.random.key(0))):
+        with pytest.raises(fx.ShapeMismatchError, match="2 dims"):
+            fx.param("w", normal, (2, 3), axes=("embed",))
+        with pytest.raises(fx.InvalidNameError):
+            fx.param("a/b", normal, (2,))
+        assert fx.param("v", normal, 3).shape == (3,)
+
+
+def test_param_unhandled_says_how_to_discharge():
+    with pytest.raises(fx.UnhandledEffectError, match=r"param `w`.*fx.transform"):
+        fx.param("w", normal, (2,))

@@ -1,0 +1,116 @@
+"""State handlers: functional threading, frozen collections, checked writes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effax as fx
+from effax.handlers import FrozenState, FunctionalState
+
+
+def counter():
+    n = fx.local_state("n", lambda: jnp.zeros((), jnp.int32), collection="counts")
+    n.set(n.get() + 1)
+    return n.get()
+
+
+def test_get_after_set_sees_set_and_updates_hold_whole_collection():
+    stored = {"counts": {"n": jnp.array(5, jnp.int32), "other": jnp.ones(2)}}
+    with fx.handle(FunctionalState(stored, mutable=True)) as (run,):
+        assert counter() == 6
+    up = run.updates()
+    assert up["counts"]["n"] == 6
+    np.testing.assert_array_equal(up["counts"]["other"], jnp.ones(2))
+    assert stored["counts"]["n"] == 5  # the caller's tree is never written
+
+
+def test_init_returns_initial_values_not_sets():
+    t = fx.transform(counter)
+    out, v = t.init_with_output(None)
+    assert out == 1
+    assert v == {"params": {}, "counts": {"n": 0}}
+
+
+def test_frozen_collection_set_raises_with_fix():
+    with fx.handle(FrozenState({"counts": {"n": jnp.array(0, jnp.int32)}})):
+        with pytest.raises(fx.FrozenStateError, match=r"state `n`.*'counts' is frozen.*mutable=\['counts'\]"):
+            counter()
+
+
+def test_apply_frozen_by_default_and_missing_state_errors():
+    t = fx.transform(counter)
+    with pytest.raises(fx.FrozenStateError):
+        t.apply({"counts": {"n": jnp.array(0, jnp.int32)}})
+    with pytest.raises(fx.MissingVariableError, match=r"no state `n` in collection 'counts'.*mutable=\['counts'\]"):
+        t.apply({})
+
+
+def test_missing_state_is_created_when_mutable():
+    out, up = fx.transform(counter).apply({}, mutable="counts")
+    assert out == 1 and up == {"counts": {"n": 1}}
+
+
+def test_init_called_only_when_missing():
+    calls = []
+
+    def f():
+        fx.local_state("s", lambda: calls.append(1) or jnp.zeros(2))
+
+    fx.transform(f).apply({"state": {"s": jnp.ones(2)}}, mutable=True)
+    assert calls == []
+
+
+def test_set_keeps_structure_shape_and_dtype():
+    def f(value):
+        fx.local_state("s", lambda: jnp.zeros(()), collection="c").set(value)
+
+    t = fx.transform(f)
+    with pytest.raises(fx.ShapeMismatchError, match=r"state `s`.*float32\[\].*float32\[3\]"):
+        t.apply({}, jnp.zeros(3), mutable=True)
+    with pytest.raises(fx.ShapeMismatchError, match=r"int32"):
+        t.apply({}, jnp.zeros((), jnp.int32), mutable=True)
+    with pytest.raises(fx.ShapeMismatchError):
+        t.apply({}, {"a": jnp.zeros(())}, mutable=True)
+    _, up = t.apply({}, 3, mutable=True)  # weakly typed Python scalars are cast
+    assert up["c"]["s"].dtype == jnp.float32 and up["c"]["s"] == 3.0
+
+
+def test_params_collection_is_reserved():
+    with pytest.raises(fx.InvalidNameError, match="reserved"):
+        fx.transform(lambda: fx.local_state("s", lambda: 0.0, collection="params")).init(None)
+    with pytest.raises(fx.InvalidNameError, match="never mutable"):
+        fx.transform(lambda: 0).apply({}, mutable=["params"])
+
+
+def test_state_effect_belongs_to_its_creation_path():
+    def f():
+        with fx.scope("a"):
+            s = fx.local_state("s", lambda: jnp.zeros(()))
+        with fx.scope("b"):
+            s.set(s.get() + 1.0)
+        return s.get()
+
+    out, up = fx.transform(f).apply({}, mutable=True)
+    assert out == 1.0 and up == {"state": {"a": {"s": 1.0}}}
+
+
+def test_unhandled_state_says_how():
+    with pytest.raises(fx.UnhandledEffectError, match=r"state `s`.*mutable"):
+        fx.local_state("s", lambda: 0.0)
+
+
+def test_frozen_state_read_only_is_equal_to_mutable_when_nothing_set():
+    def f():
+        return fx.local_state("s", lambda: jnp.ones(2)).get() * 2
+
+    v = {"state": {"s": jnp.full(2, 3.0)}}
+    t = fx.transform(f)
+    np.testing.assert_array_equal(t.apply(v), t.apply(v, mutable=True)[0])
+
+
+def test_jitted_set_and_get():
+    t = fx.transform(counter)
+    v = t.init(None)
+    out, up = jax.jit(lambda v: t.apply(v, mutable=True))(v)
+    assert out == 1 and up["counts"]["n"] == 1
