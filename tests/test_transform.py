@@ -179,3 +179,25 @@ def test_check_variables_lists_every_problem_at_once():
     assert report.mis_typed == ["stats:mean: model ['float32[3]'], variables ['int32[3]']"]
     assert fx.check_variables(t, v, x).ok
     assert "missing: params:dense/bias" in str(report)
+
+
+def test_threads_applying_models_at_once_get_their_own_results():
+    import threading
+
+    v = t.init(key, x)
+    expected = {i: t.apply(v, x * i, training=True, rngs={"dropout": jax.random.key(i)}, mutable=True) for i in range(4)}
+    barrier = threading.Barrier(4)
+    results = {}
+
+    def work(i):
+        barrier.wait(timeout=30)
+        for _ in range(3):
+            results[i] = t.apply(v, x * i, training=True, rngs={"dropout": jax.random.key(i)}, mutable=True)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(4):
+        jax.tree.map(np.testing.assert_array_equal, results[i], expected[i])
