@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,8 @@ from effax.core import (
     EffaxError,
     Handler,
     ParamConflictError,
-    flatten_paths,
     flatten_handlers,
+    flatten_paths,
     get_path,
     handle,
     hermetic,
@@ -186,14 +186,19 @@ class _Audit(Handler):
         (s_leaves, s_def), (f_leaves, f_def) = jax.tree.flatten(stored), jax.tree.flatten(fresh)
         show = lambda leaves: [f"{jnp.result_type(a).name}{list(jnp.shape(a))}" for a in leaves]
         found = f"{name}: model {show(f_leaves)}, variables {show(s_leaves)}"
-        if s_def != f_def or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(s_leaves, f_leaves)):
+        if s_def != f_def or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(s_leaves, f_leaves, strict=False)):
             self.report.mis_shaped.append(found)
-        elif any(jnp.result_type(a) != jnp.result_type(b) for a, b in zip(s_leaves, f_leaves)):
+        elif any(jnp.result_type(a) != jnp.result_type(b) for a, b in zip(s_leaves, f_leaves, strict=False)):
             self.report.mis_typed.append(found)
 
 
 def check_variables(
-    t: Transformed, variables: Mapping[str, Any], *args: Any, rngs: Any = None, training: bool | None = None, **kwargs: Any
+    t: Transformed,
+    variables: Mapping[str, Any],
+    *args: Any,
+    rngs: Any = None,
+    training: bool | None = None,
+    **kwargs: Any,
 ) -> VariablesReport:
     """Run the model abstractly on `variables` and list missing, unused, mis-shaped and mis-typed entries.
 

@@ -185,14 +185,15 @@ def test_threads_applying_models_at_once_get_their_own_results():
     import threading
 
     v = t.init(key, x)
-    expected = {i: t.apply(v, x * i, training=True, rngs={"dropout": jax.random.key(i)}, mutable=True) for i in range(4)}
+    run = lambda i: t.apply(v, x * i, training=True, rngs={"dropout": jax.random.key(i)}, mutable=True)
+    expected = {i: run(i) for i in range(4)}
     barrier = threading.Barrier(4)
     results = {}
 
     def work(i):
         barrier.wait(timeout=30)
         for _ in range(3):
-            results[i] = t.apply(v, x * i, training=True, rngs={"dropout": jax.random.key(i)}, mutable=True)
+            results[i] = run(i)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for th in threads:

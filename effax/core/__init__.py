@@ -29,6 +29,7 @@ from effax.core._interpreter import (
     send,
     trace_state,
 )
+from effax.core._naming import Names, current_names, pop_names, push_names
 from effax.core._tree import MISSING, PathTree, copy_scopes, flatten_paths, get_path, nearest_paths
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "UnhandledEffectError", "Handler", "Path", "Request", "at_path", "check_name", "check_trace",
     "current_path", "flatten_handlers", "handle", "hermetic", "iter_stack", "path_str", "scope",
     "send", "trace_state", "MISSING", "PathTree", "copy_scopes", "flatten_paths", "get_path", "nearest_paths",
+    "Names", "current_names", "push_names", "pop_names",
 ]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar
 
 from jax.extend.core import get_opaque_trace_state
 
@@ -22,6 +22,7 @@ from effax.core._errors import (
     TraceMismatchError,
     UnhandledEffectError,
 )
+from effax.core._naming import pop_names, push_names
 
 Path = tuple[str, ...]
 
@@ -44,7 +45,9 @@ def check_name(name: Any, kind: str) -> str:
         problem = "is empty"
     else:
         problem = "contains '/', which separates path components"
-    fix = f" Use {name.replace('/', '_')!r} or nest `fx.scope`s instead." if isinstance(name, str) and "/" in name else ""
+    fix = ""
+    if isinstance(name, str) and "/" in name:
+        fix = f" Use {name.replace('/', '_')!r} or nest `fx.scope`s instead."
     raise InvalidNameError(f"{kind} name {name!r} {problem}: names must be non-empty strings without '/'.{fix}")
 
 
@@ -131,15 +134,17 @@ class _Handling:
 
     def __init__(self, handlers: list[Any]):
         self._handlers = handlers
-        self._tokens: list[contextvars.Token] = []
+        self._tokens: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
-        self._tokens.append(_STACK.set(_STACK.get() + runs))
+        self._tokens.append((_STACK.set(_STACK.get() + runs), push_names(fresh=False)))
         return runs
 
     def __exit__(self, *exc: Any) -> None:
-        _STACK.reset(self._tokens.pop())
+        stack, names = self._tokens.pop()
+        pop_names(names)
+        _STACK.reset(stack)
 
 
 def handle(*handlers: Any) -> _Handling:
@@ -162,19 +167,20 @@ class _Hermetic:
     __slots__ = ("_tokens",)
 
     def __init__(self) -> None:
-        self._tokens: list[tuple[contextvars.Token, contextvars.Token]] = []
+        self._tokens: list[tuple[Any, ...]] = []
 
     def __enter__(self) -> None:
-        self._tokens.append((_STACK.set(()), _PATH.set(())))
+        self._tokens.append((_STACK.set(()), _PATH.set(()), push_names(fresh=True)))
 
     def __exit__(self, *exc: Any) -> None:
-        stack, path = self._tokens.pop()
+        stack, path, names = self._tokens.pop()
+        pop_names(names)
         _PATH.reset(path)
         _STACK.reset(stack)
 
 
 def hermetic() -> _Hermetic:
-    """A context with no handlers and the root path: discharge results depend only on arguments."""
+    """A context with no handlers, the root path and fresh module names: results depend only on arguments."""
     return _Hermetic()
 
 

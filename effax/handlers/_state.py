@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -22,7 +22,6 @@ from effax.core import (
     copy_scopes,
     get_path,
     nearest_paths,
-    path_str,
     trace_state,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
@@ -70,7 +69,7 @@ def _cast_like(new: Any, old: Any, describe: Any) -> Any:
     ok = new_def == old_def
     out = []
     if ok:
-        for n, o in zip(new_leaves, old_leaves):
+        for n, o in zip(new_leaves, old_leaves, strict=True):
             o_shape, o_dtype = jnp.shape(o), jnp.result_type(o)
             weak = isinstance(n, (int, float, complex, bool)) or getattr(
                 getattr(n, "aval", None), "weak_type", False

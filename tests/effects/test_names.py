@@ -32,7 +32,7 @@ def test_sow_may_not_use_params_collection():
 
 def test_request_is_frozen_and_describes_itself():
     r = fx.ParamRequest(("a", "b"), jax.nn.initializers.zeros, (2,), jax.numpy.float32)
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         r.path = ()
     assert r.describe() == "param `a/b` (shape (2,), float32)"
     assert r.name == "a/b"

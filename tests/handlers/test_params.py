@@ -92,7 +92,8 @@ def test_missing_param_names_path_and_nearest():
             fx.param("kernel", normal, (2,))
 
     stored = {"params": {"encoder": {"dense_0": {"kernel": jnp.ones(2)}}}}
-    with pytest.raises(fx.MissingVariableError, match=r"no param `encoder/dense/kernel`.*nearest: 'encoder/dense_0/kernel'"):
+    message = r"no param `encoder/dense/kernel`.*nearest: 'encoder/dense_0/kernel'"
+    with pytest.raises(fx.MissingVariableError, match=message):
         fx.transform(f).apply(stored)
 
 
@@ -106,7 +107,8 @@ def test_stored_shape_or_dtype_mismatch():
 
 def test_initializer_returning_wrong_shape_is_reported():
     bad = lambda key, shape, dtype: jnp.zeros((5,), dtype)
-    with pytest.raises(fx.ShapeMismatchError, match=r"`w` is declared with shape \(2,\).*initializer returned shape \(5,\)"):
+    message = r"`w` is declared with shape \(2,\).*initializer returned shape \(5,\)"
+    with pytest.raises(fx.ShapeMismatchError, match=message):
         fx.transform(lambda: fx.param("w", bad, (2,))).init(jax.random.key(0))
 
 
