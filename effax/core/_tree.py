@@ -62,7 +62,10 @@ class PathTree:
     def get(self, path: Path) -> Any:
         return get_path(self.root, path)
 
-    def set(self, path: Path, value: Any, describe: Callable[[], str] = lambda: "a value") -> None:
+    def set(
+        self, path: Path, value: Any, describe: Callable[[], str] = lambda: "a value", replace: bool = False
+    ) -> None:
+        """Put `value` at `path`. `replace=True` overwrites a known variable whose value may itself be a dict."""
         node = self.root
         for i, key in enumerate(path[:-1]):
             child = node.get(key, MISSING)
@@ -78,7 +81,7 @@ class PathTree:
                 child = node[key] = dict(child)
             node = child
         existing = node.get(path[-1], MISSING)
-        if existing is not MISSING and _is_scope(existing):
+        if existing is not MISSING and not replace and _is_scope(existing):
             raise ParamConflictError(
                 f"`{path_str(path)}` in {self.what} is a scope holding "
                 f"{sorted(existing)[:4]}, but {describe()} uses it as a leaf. A name is either a "

@@ -125,7 +125,7 @@ class FrozenState(FunctionalState):
 
 
 class _StateRun:
-    __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "trace")
+    __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "declared", "layout", "trace")
 
     def __init__(self, stored: dict[str, Any], mutable: frozenset[str] | bool):
         self.mutable = mutable
@@ -134,13 +134,25 @@ class _StateRun:
         self.owned: set[str] = set()
         self.created: dict[str, PathTree] = {}
         self.used: set[str] = set()
+        self.declared: set[tuple[str, tuple[str, ...]]] = set()
+        self.layout: dict[str, PathTree] = {}
         self.trace = trace_state()
 
     def _write(self, collection: str, path: tuple[str, ...], value: Any, describe: Any) -> None:
         if collection not in self.owned:
             self.current[collection] = copy_scopes(self.current.get(collection, {}))
             self.owned.add(collection)
-        PathTree(f"collection {collection!r}", self.current[collection]).set(path, value, describe)
+        PathTree(f"collection {collection!r}", self.current[collection]).set(path, value, describe, replace=True)
+
+    def _declare(self, request: Any) -> None:
+        """Record a declaration once per run, so one name is never both a variable and a scope."""
+        slot = (request.collection, request.path)
+        if slot not in self.declared:
+            layout = self.layout.get(request.collection)
+            if layout is None:
+                layout = self.layout[request.collection] = PathTree(f"collection {request.collection!r}")
+            layout.set(request.path, True, request.describe)
+            self.declared.add(slot)
 
     def _missing(self, request: Any) -> MissingVariableError:
         tree = self.current.get(request.collection, {})
@@ -177,6 +189,7 @@ class _StateRun:
         if kind is LocalStateRequest:
             c = request.collection
             self.used.add(c)
+            self._declare(request)
             if get_path(self.current.get(c, {}), request.path) is not MISSING:
                 return None
             if not is_mutable(self.mutable, c):

@@ -114,3 +114,27 @@ def test_jitted_set_and_get():
     v = t.init(None)
     out, up = jax.jit(lambda v: t.apply(v, mutable=True))(v)
     assert out == 1 and up["counts"]["n"] == 1
+
+
+def test_dict_valued_state_can_be_set_and_read():
+    def f():
+        s = fx.local_state("opt", lambda: {"m": jnp.zeros(2), "v": jnp.ones(2)})
+        s.set({"m": s.get()["m"] + 1, "v": s.get()["v"]})
+        return s.get()["m"]
+
+    t = fx.transform(f)
+    v = t.init(None)
+    out, up = t.apply(v, mutable=True)
+    np.testing.assert_array_equal(out, jnp.ones(2))
+    assert set(up["state"]["opt"]) == {"m", "v"}
+    assert fx.check_variables(t, v).ok
+
+
+def test_state_name_is_leaf_or_scope_never_both():
+    def f():
+        fx.local_state("a", lambda: 0.0)
+        with fx.scope("a"):
+            fx.local_state("b", lambda: 0.0)
+
+    with pytest.raises(fx.ParamConflictError, match=r"`a` in collection 'state' is a leaf.*`a/b`"):
+        fx.transform(f).init(None)
