@@ -4,13 +4,15 @@ import os
 
 import jax
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile(
     "ci",
     max_examples=25,
     deadline=None,
     derandomize=True,
+    # The explain phase traces every line JAX runs: a failing example would take minutes to report.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
