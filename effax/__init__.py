@@ -5,8 +5,12 @@ Model code requests what it needs (`fx.param`, `fx.local_state`,
 `fx.transform` discharges the model into pure `init` and `apply`.
 """
 
-from effax import handlers
+from effax import checkpoint, handlers, nn, sharding
+from effax._inventory import Effect, Effects, effects_of
+from effax._lift import StackedInit, remat, scan, vmap
+from effax._summary import Summary, summary
 from effax._transform import Transformed, VariablesReport, check_variables, transform
+from effax.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
 from effax.core import (
     EffaxError,
     FrozenStateError,
@@ -47,6 +51,10 @@ from effax.effects import (
     sow,
     stream_key,
 )
+from effax.effects._param import UninitializedParamError
+from effax.handlers._share import ShareBinding, share
+from effax.interop import from_flax, from_nnx
+from effax.sharding import ShardingError
 
 __all__ = [
     # effect operations
@@ -56,10 +64,19 @@ __all__ = [
     "LocalStateEffect", "RandomEffect", "SideInputEffect", "SideOutputEffect",
     "Request", "ParamRequest", "LocalStateRequest", "GetStateRequest", "SetStateRequest",
     "RandomRequest", "StreamKeyRequest", "SideInputRequest", "SideOutputRequest", "ModeRequest",
+    # lifted transforms
+    "scan", "vmap", "remat", "StackedInit",
     # handlers and discharge
-    "Handler", "handle", "handlers", "transform", "Transformed", "check_variables", "VariablesReport",
+    "Handler", "handle", "handlers", "nn", "transform", "Transformed", "check_variables", "VariablesReport",
+    # checkpoints, summary, sharding
+    "checkpoint", "sharding", "summary", "Summary",
+    "CheckpointMismatchError", "CheckpointNotFoundError", "ShardingError",
     # errors
     "EffaxError", "UnhandledEffectError", "MissingVariableError", "ShapeMismatchError",
     "ParamConflictError", "FrozenStateError", "MissingRngError", "ShareError", "InvalidNameError",
-    "TraceMismatchError",
+    "TraceMismatchError", "UninitializedParamError",
+    # weight tying and the effect inventory
+    "share", "ShareBinding", "effects_of", "Effect", "Effects",
+    # interop
+    "from_flax", "from_nnx",
 ]

@@ -31,6 +31,7 @@ from effax.handlers import (
     Mode,
 )
 from effax.handlers._mode import static_training
+from effax.handlers._presets import apply_options, init_options, split_presets
 from effax.handlers._state import normalize_mutable
 
 
@@ -60,14 +61,19 @@ class Transformed:
 
     fn: Callable[..., Any]
 
-    def init(self, rngs: Any, *args: Any, training: bool = False, handlers: Any = (), **kwargs: Any) -> dict:
-        """Create every param and state variable; returns `{"params": ..., <collection>: ...}`."""
+    def init(self, rngs: Any, *args: Any, training: bool | None = None, handlers: Any = (), **kwargs: Any) -> dict:
+        """Create every param and state variable; returns `{"params": ..., <collection>: ...}`.
+
+        `training` defaults to False, or to what a preset in `handlers` says.
+        """
         return self.init_with_output(rngs, *args, training=training, handlers=handlers, **kwargs)[1]
 
     def init_with_output(
-        self, rngs: Any, *args: Any, training: bool = False, handlers: Any = (), **kwargs: Any
+        self, rngs: Any, *args: Any, training: bool | None = None, handlers: Any = (), **kwargs: Any
     ) -> tuple[Any, dict]:
         """Like `init`, also returning the output of the initializing run."""
+        preset, handlers = split_presets(handlers)
+        training, rngs = init_options(preset, training, rngs)
         mode = Mode(training)
         extra = flatten_handlers((handlers,))
         with hermetic(), handle(mode, KeysFromRngs(rngs), FunctionalState({}, True), InitParams(), *extra) as runs:
@@ -85,15 +91,21 @@ class Transformed:
         handlers: Any = (),
         **kwargs: Any,
     ) -> Any:
-        """Run the model on `variables`; with `mutable` truthy, return `(out, updates)`."""
+        """Run the model on `variables`; with `mutable` truthy, return `(out, updates)`.
+
+        A preset in `handlers` (`fx.handlers.train(rngs, mutable=...)`, `fx.handlers.eval()`)
+        sets `training`, `rngs` and `mutable` in one argument.
+        """
         variables = _check_variables_arg(variables)
+        preset, handlers = split_presets(handlers)
+        training, keys, mutable = apply_options(preset, training, rngs, mutable)
         collections = normalize_mutable(mutable)
         mode = None if training is None else Mode(static_training(training))
         extra = flatten_handlers((handlers,))
         state = FunctionalState(variables, collections)
         sown = CollectSown(collections)
         params = LoadParams(variables.get("params", {}))
-        with hermetic(), handle(mode, KeysFromRngs(rngs), state, sown, params, *extra) as runs:
+        with hermetic(), handle(mode, keys, state, sown, params, *extra) as runs:
             out = self.fn(*args, **kwargs)
         offset = 0 if mode is None else 1
         state_run, sown_run = runs[offset + 1], runs[offset + 2]
@@ -224,6 +236,7 @@ def check_variables(
     for collection, tree in variables.items():
         if isinstance(tree, Mapping):
             for path, _ in flatten_paths(tree):
-                if (collection,) + path not in used:
+                slot = (collection,) + path
+                if not any(slot[:n] in used for n in range(2, len(slot) + 1)):
                     report.unused.append(f"{collection}:{path_str(path)}")
     return report

@@ -9,7 +9,16 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from effax.core import Request, ShapeMismatchError, check_name, current_path, path_str, send
+from effax.core import (
+    EffaxError,
+    Path,
+    Request,
+    ShapeMismatchError,
+    check_name,
+    current_path,
+    path_str,
+    send,
+)
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
@@ -23,13 +32,23 @@ def shape_dtype(value: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(shape), jax.dtypes.canonicalize_dtype(value.dtype)
 
 
+class UninitializedParamError(EffaxError):
+    """The value of a param request was read before any handler gave it one (Penzai's error)."""
+
+
+UninitializedParamError.__module__ = "effax"
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamRequest(Request):
     """Ask for the param at `path`: its initializer, shape, dtype and logical `axes`.
 
     It doubles as Penzai's uninitialized parameter: `initialize(key)`,
     `initialize_with_value(value)` and `as_empty()` build its value without
-    any handler.
+    any handler, and reading `value` raises `UninitializedParamError`.
+    `shared` is the tag of `fx.param(..., shared=tag)`; a `fx.share` pass that
+    moves the request to another path keeps where the model asked in `origin`
+    and the bindings that moved it in `via`.
 
     >>> import jax, jax.numpy as jnp
     >>> r = fx.ParamRequest(("dense", "bias"), jax.nn.initializers.zeros, (3,), jnp.float32)
@@ -43,6 +62,9 @@ class ParamRequest(Request):
     shape: tuple[int, ...]
     dtype: Any
     axes: tuple[str | None, ...] | None = None
+    shared: str | None = None
+    origin: Path | None = None
+    via: tuple[Any, ...] = ()
 
     hint: ClassVar[str] = (
         "discharge the model with `t = fx.transform(fn)` and call `t.init(key, ...)` or "
@@ -51,7 +73,8 @@ class ParamRequest(Request):
     )
 
     def describe(self) -> str:
-        return f"param `{path_str(self.path)}` ({self.spec()})"
+        moved = f", asked at `{path_str(self.origin)}`" if self.origin is not None else ""
+        return f"param `{path_str(self.path)}` ({self.spec()}{moved})"
 
     def spec(self) -> str:
         return f"shape {self.shape}, {jnp.dtype(self.dtype).name}"
@@ -65,6 +88,28 @@ class ParamRequest(Request):
     @property
     def initializer(self) -> Initializer:
         return self.init
+
+    @property
+    def original_path(self) -> Path:
+        """Where the model asked for this param, before any `fx.share` pass moved it."""
+        return self.path if self.origin is None else self.origin
+
+    @property
+    def unbound_tag(self) -> str | None:
+        """The `shared=` tag, unless a `fx.share` pass already bound it."""
+        tag = self.shared
+        if tag is None or any(getattr(b, "tag", None) == tag for b in self.via):
+            return None
+        return tag
+
+    @property
+    def value(self) -> Any:
+        """Always raises: a request has no value until a handler answers it (Penzai's rule)."""
+        raise UninitializedParamError(
+            f"{self.describe()} is a request, not a value: it has none until a handler answers "
+            "it. Run the model under `fx.transform(fn).init`/`apply`, or build a value yourself "
+            "with `request.initialize(key)` or `request.initialize_with_value(array)`."
+        )
 
     @property
     def value_structure(self) -> jax.ShapeDtypeStruct:
@@ -90,6 +135,11 @@ class ParamRequest(Request):
         return value
 
     def _check(self, value: Any, what: str, strict_dtype: bool) -> None:
+        if not hasattr(value, "shape") and not isinstance(value, (bool, int, float, complex)):
+            raise ShapeMismatchError(
+                f"param `{self.name}` is declared as one array ({self.spec()}), but {what} a "
+                f"{type(value).__name__}. Pass an array of that shape and dtype."
+            )
         shape, dtype = shape_dtype(value)
         if shape != self.shape or (strict_dtype and dtype != self.dtype):
             raise ShapeMismatchError(
@@ -117,8 +167,14 @@ def param(
     dtype: Any = jnp.float32,
     *,
     axes: tuple[str | None, ...] | None = None,
+    shared: str | None = None,
 ) -> jax.Array:
     """Request the param `name` at the current path; `init(key, shape, dtype)` makes it under init.
+
+    `shared=tag` declares the param shareable, as Penzai's `mark_shareable`:
+    every use with the same tag becomes one param once a `fx.share(fn,
+    tags=...)` pass binds the tag; unbound, two uses at different paths raise
+    `ParamConflictError`.
 
     >>> def f(x):
     ...     w = fx.param("w", jax.nn.initializers.ones, (2,))
@@ -128,6 +184,8 @@ def param(
     Array([1., 1.], dtype=float32)
     """
     check_name(name, "param")
+    if shared is not None:
+        check_name(shared, "shared tag")
     shape = canonical_shape(shape, name)
     if axes is not None:
         axes = tuple(axes)
@@ -137,6 +195,6 @@ def param(
                 "give one axis name (or None) per dimension."
             )
     request = ParamRequest(
-        current_path() + (name,), init, shape, jax.dtypes.canonicalize_dtype(dtype), axes
+        current_path() + (name,), init, shape, jax.dtypes.canonicalize_dtype(dtype), axes, shared
     )
     return send(request)

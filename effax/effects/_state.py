@@ -20,6 +20,8 @@ class LocalStateRequest(Request):
 
     collection: str
     init: Callable[[], Any]
+    origin: tuple[str, ...] | None = None  # where the model declared it, if a `fx.share` pass moved it
+    via: tuple[Any, ...] = ()  # the share bindings that moved it
 
     hint: ClassVar[str] = _STATE_HINT
 

@@ -28,11 +28,24 @@ from effax.handlers._random import as_typed_key, fold, h_path
 class _ParamRun:
     """What every params run shares: one path, one array, one spec within a run."""
 
-    __slots__ = ("seen", "trace")
+    __slots__ = ("seen", "trace", "tags")
 
     def __init__(self) -> None:
         self.seen: dict[tuple[str, ...], tuple[ParamRequest, Any]] = {}
         self.trace = trace_state()
+        self.tags: dict[str, ParamRequest] = {}
+
+    def check_tag(self, request: ParamRequest) -> None:
+        """Two unbound uses of one `shared=` tag at different paths would silently be two params."""
+        tag = request.unbound_tag
+        first = self.tags.setdefault(tag, request) if tag is not None else request
+        if first.path != request.path:
+            raise ParamConflictError(
+                f"params `{path_str(first.path)}` and `{path_str(request.path)}` are both declared "
+                f"shared={tag!r}, but no `fx.share` pass binds that tag, so they would be two "
+                f"separate params. Bind it around the model: `fx.share(fn, tags=[{tag!r}])` (or "
+                "`tags=True`), or drop `shared=` from one of them."
+            )
 
     def again(self, request: ParamRequest) -> Any:
         """The value already answered at this path, after checking the two specs agree; else MISSING."""
@@ -51,6 +64,8 @@ class _ParamRun:
     def handle(self, request: Any, forward: Any) -> Any:
         if type(request) is not ParamRequest:
             return forward(request)
+        if request.shared is not None:
+            self.check_tag(request)
         value = self.again(request)
         if value is MISSING:
             value = self.answer(request)

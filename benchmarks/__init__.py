@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of effax against hand-written JAX and its peers; run `python benchmarks/run.py`."""

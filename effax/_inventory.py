@@ -1,0 +1,239 @@
+"""The effect inventory: every request a model performs, found by running it abstractly.
+
+`fx.effects_of` is effax's analog of Penzai's `free_effect_types`: it answers
+"what does this model ask for?" without allocating a single parameter, and it
+is the basis of summaries (param counts, state, streams, tied weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effax._transform import Transformed
+from effax.core import Path, Request, flatten_handlers, handle, hermetic, path_str
+from effax.effects import (
+    GetStateRequest,
+    LocalStateRequest,
+    ModeRequest,
+    ParamRequest,
+    RandomRequest,
+    SetStateRequest,
+    SideInputRequest,
+    SideOutputRequest,
+    StreamKeyRequest,
+)
+from effax.handlers import AbstractParams, CollectSown, FunctionalState, KeysFromRngs, Mode
+
+_KINDS: dict[type, str] = {
+    ParamRequest: "param",
+    LocalStateRequest: "state",
+    GetStateRequest: "get",
+    SetStateRequest: "set",
+    RandomRequest: "key",
+    StreamKeyRequest: "stream_key",
+    SideInputRequest: "side_input",
+    SideOutputRequest: "sow",
+    ModeRequest: "mode",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """One request a model performed: its kind, where it went, and what it carries.
+
+    `path` is where the request was answered (for a tied param, the canonical
+    path); `origin` is where the model asked when a `fx.share` pass moved it,
+    and `binding` names the binding(s) that did. `shape`/`dtype` describe the
+    param, the state value, the drawn key or the sown value when it is one
+    array (else None); `structure` keeps the whole abstract value.
+    """
+
+    kind: str
+    path: Path
+    shape: tuple[int, ...] | None = None
+    dtype: Any = None
+    collection: str | None = None
+    stream: str | None = None
+    tag: str | None = None
+    origin: Path | None = None
+    binding: str | None = None
+    structure: Any = dataclasses.field(default=None, repr=False, compare=False)
+    request: Request | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        """The path as one string, `encoder/dense/kernel`."""
+        return path_str(self.path)
+
+    @property
+    def size(self) -> int | None:
+        """Number of elements of the array (None when it is not one array)."""
+        return None if self.shape is None else math.prod(self.shape)
+
+
+class Effects(list):
+    """A list of `Effect`s, in request order, that prints as a table.
+
+    >>> def model(x):
+    ...     return x * fx.param("w", jax.nn.initializers.ones, (3,))
+    >>> fx.effects_of(model, jnp.ones(3))
+    kind   path  shape  dtype    collection/stream  shared via
+    param  w     (3,)   float32  params
+    """
+
+    def of_kind(self, *kinds: str) -> Effects:
+        """The effects of the given kinds (`"param"`, `"state"`, `"key"`, ...)."""
+        return Effects(e for e in self if e.kind in kinds)
+
+    def table(self) -> str:
+        header = ("kind", "path", "shape", "dtype", "collection/stream", "shared via")
+        rows = [header] + [_row(e) for e in self]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    __str__ = __repr__
+
+
+def _row(e: Effect) -> tuple[str, ...]:
+    shape = "" if e.shape is None else str(e.shape)
+    dtype = "" if e.dtype is None else getattr(e.dtype, "name", str(e.dtype))
+    where = e.collection or e.stream or ""
+    if e.tag is not None and e.kind in ("sow", "side_input"):
+        where = f"{where}:{e.tag}" if where else e.tag
+    via = ""
+    if e.binding is not None:
+        via = f"{e.binding} (asked at {path_str(e.origin or ())})"
+    elif e.kind == "param" and e.tag is not None:
+        via = f"shared={e.tag!r} (unbound)"
+    return (e.kind, e.name, shape, dtype, where, via)
+
+
+def _spec(x: Any) -> Any:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    if isinstance(x, (bool, int, float, complex)):
+        return jax.ShapeDtypeStruct((), jnp.result_type(x))
+    return x
+
+
+def _abstract(value: Any) -> tuple[Any, tuple[int, ...] | None, Any]:
+    """`(structure, shape, dtype)` of a value; shape and dtype only when it is one array."""
+    structure = jax.tree.map(_spec, value)
+    if isinstance(structure, jax.ShapeDtypeStruct):
+        return structure, structure.shape, _dtype(structure.dtype)
+    return structure, None, None
+
+
+def _dtype(dtype: Any) -> Any:
+    """A numpy dtype (compares equal to its name: `np.dtype("float32") == "float32"`); key dtypes as they are."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return dtype
+    return jnp.dtype(dtype)
+
+
+def _effect(request: Any, answer: Any) -> Effect:
+    kind = _KINDS.get(type(request), type(request).__name__)
+    fields: dict[str, Any] = {}
+    if kind == "param":
+        fields = dict(
+            shape=request.shape,
+            dtype=_dtype(request.dtype),
+            collection="params",
+            tag=request.shared,
+            structure=request.as_empty(),
+        )
+    elif kind == "state":
+        structure, shape, dtype = _abstract(jax.eval_shape(request.init))
+        fields = dict(structure=structure, shape=shape, dtype=dtype, collection=request.collection)
+    elif kind in ("get", "set", "sow", "side_input", "key", "stream_key"):
+        value = request.value if kind in ("set", "sow") else answer
+        structure, shape, dtype = _abstract(value)
+        fields = dict(structure=structure, shape=shape, dtype=dtype)
+        fields["collection"] = getattr(request, "collection", None)
+        fields["stream"] = getattr(request, "stream", None)
+        fields["tag"] = getattr(request, "tag", None)
+    via = getattr(request, "via", ()) if kind in ("param", "state") else ()
+    if via:
+        fields["origin"] = request.origin
+        fields["binding"] = " ; ".join(str(b) for b in via)
+    return Effect(kind, request.path, request=request, **fields)
+
+
+class _Record:
+    """Forward every request, then note it with its answer."""
+
+    def __init__(self) -> None:
+        self.effects = Effects()
+
+    def begin(self) -> _Record:
+        return _Record()
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        answer = forward(request)
+        self.effects.append(_effect(request, answer))
+        return answer
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def effects_of(
+    fn: Callable[..., Any] | Transformed,
+    *args: Any,
+    rngs: Any = None,
+    training: bool = False,
+    handlers: Any = (),
+    **kwargs: Any,
+) -> Effects:
+    """Every request `fn(*args, **kwargs)` performs, found without allocating any parameter.
+
+    The model runs under `jax.eval_shape` as `init` would run it (params and
+    state created abstractly, every sow collected); arrays and
+    `jax.ShapeDtypeStruct`s in the arguments are traced, other values (Python
+    numbers, flags) stay static. Without `rngs`, a dummy key serves every
+    stream; `handlers=` answers side inputs or adds handlers, as in `t.init`.
+
+    >>> def model(x):
+    ...     with fx.scope("dense"):
+    ...         w = fx.param("kernel", jax.nn.initializers.ones, (x.shape[-1], 2))
+    ...     fx.sow("h", x @ w)
+    ...     return x @ w
+    >>> effects = fx.effects_of(model, jax.ShapeDtypeStruct((4, 3), jnp.float32))
+    >>> [(e.kind, e.name, e.tag, e.shape) for e in effects]
+    [('param', 'dense/kernel', None, (3, 2)), ('sow', '<root>', 'h', (4, 2))]
+    >>> sum(e.size for e in effects.of_kind("param"))
+    6
+    """
+    if isinstance(fn, Transformed):
+        fn = fn.fn
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    dynamic = [i for i, x in enumerate(leaves) if _is_array(x)]
+    record = _Record()
+    extra = flatten_handlers((handlers,))
+    keys = KeysFromRngs(jax.random.key(0) if rngs is None else rngs)
+    runs: list[Any] = []
+
+    def run(values: list[Any]) -> None:
+        full = list(leaves)
+        for i, v in zip(dynamic, values, strict=True):
+            full[i] = v
+        a, k = jax.tree.unflatten(treedef, full)
+        stack = (Mode(training), keys, FunctionalState({}, True), CollectSown(True), AbstractParams())
+        with hermetic(), handle(*stack, *extra, record) as entered:
+            runs.append(entered[-1])
+            fn(*a, **k)
+
+    jax.eval_shape(run, [leaves[i] for i in dynamic])
+    return runs[0].effects

@@ -1,0 +1,268 @@
+"""`fx.summary`: what a model holds and asks for, by path, computed without allocating anything.
+
+Built on the inventory (`fx.effects_of`, one abstract run of the model under
+`jax.eval_shape`): its requests are grouped by variable into rows, with sizes,
+bytes and totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effax._inventory import effects_of
+from effax.core import MISSING, PathTree, path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One thing a model asks for at one path: a row of `fx.summary`.
+
+    `collection` is the params or state collection, the sow collection, or
+    the random stream; `uses` counts requests (key draws for `rng`, values
+    for `sow`); `aliases` are the paths a `fx.share` pass tied to this param.
+    """
+
+    kind: str
+    path: tuple[str, ...]
+    collection: str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: Any = None
+    axes: tuple[str | None, ...] | None = None
+    uses: int = 1
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Number of elements (0 for entries without an array)."""
+        return 0 if self.shape is None else int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        if self.shape is None or self.dtype is None:
+            return 0
+        return self.size * getattr(self.dtype, "itemsize", 0)
+
+    @property
+    def shared(self) -> bool:
+        """A param reached from more than one place: tied by `fx.share`, or one layer called twice."""
+        return self.kind == "param" and (bool(self.aliases) or self.uses > 1)
+
+    def note(self) -> str:
+        if self.kind == "rng":
+            return f"{self.uses} draw{'s' * (self.uses != 1)}" if self.uses else "base key"
+        if self.kind == "sow":
+            return f"{self.uses} value{'s' * (self.uses != 1)}"
+        notes = []
+        if self.aliases:
+            notes.append("shared with " + ", ".join(self.aliases))
+        if self.uses > 1:
+            notes.append(f"{self.uses} uses")
+        if self.axes is not None:
+            notes.append("axes (" + ", ".join(str(a) for a in self.axes) + ")")
+        return "; ".join(notes)
+
+
+def _dtype(dtype: Any) -> Any:
+    """A numpy dtype where there is one (the inventory gives names); key dtypes stay as they are."""
+    try:
+        return None if dtype is None else jnp.dtype(dtype)
+    except TypeError:
+        return dtype
+
+
+def _dtype_name(dtype: Any) -> str:
+    return "" if dtype is None else getattr(dtype, "name", str(dtype))
+
+
+def entries_of(effects: Any) -> tuple[list[Entry], dict]:
+    """Group an inventory (`fx.effects_of`) by variable; also return the abstract variables it implies.
+
+    Params and state are one entry per array (a state variable holding a
+    tree gives one per leaf), keys one per stream and path, sows one per tag.
+    The variables are what `jax.eval_shape(t.init, ...)` gives.
+    """
+    rows: dict[tuple, Entry] = {}
+    params = PathTree("params")
+    state: dict[str, PathTree] = {}
+    for e in effects:
+        e = dataclasses.replace(e, dtype=_dtype(e.dtype))
+        if e.kind == "param":
+            key = ("param", e.path, "params")
+            old = rows.get(key)
+            alias = () if e.origin is None or e.origin == e.path else (path_str(e.origin),)
+            axes = getattr(e.request, "axes", None)
+            if old is None:
+                rows[key] = Entry("param", e.path, "params", e.shape, e.dtype, axes, 1, alias)
+                params.set(e.path, e.structure)
+            else:
+                aliases = old.aliases + tuple(a for a in alias if a not in old.aliases)
+                rows[key] = dataclasses.replace(old, uses=old.uses + 1, aliases=aliases, axes=old.axes or axes)
+        elif e.kind == "state":
+            tree = state.setdefault(e.collection, PathTree(f"collection {e.collection!r}"))
+            if tree.get(e.path) is MISSING:
+                tree.set(e.path, e.structure)
+            for sub, leaf in jax.tree.leaves_with_path(e.structure):
+                names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in sub)
+                key = ("state", e.path + names, e.collection)
+                old = rows.get(key)
+                uses = 1 if old is None else old.uses + 1
+                shape, dtype = tuple(leaf.shape), _dtype(leaf.dtype)
+                rows[key] = Entry("state", e.path + names, e.collection, shape, dtype, None, uses)
+        elif e.kind in ("key", "stream_key"):
+            key = ("rng", e.path, e.stream)
+            old = rows.get(key)
+            draws = (0 if old is None else old.uses) + (e.kind == "key")
+            rows[key] = Entry("rng", e.path, e.stream, None, None, None, draws)
+        elif e.kind == "sow":
+            key = ("sow", e.path + (e.tag,), e.collection)
+            old = rows.get(key)
+            rows[key] = Entry("sow", key[1], e.collection, e.shape, e.dtype, None, 1 if old is None else old.uses + 1)
+        elif e.kind == "side_input":
+            key = ("side input", e.path + (e.tag,), None)
+            rows[key] = Entry("side input", key[1], None, e.shape, e.dtype)
+    variables = {"params": params.root, **{c: tree.root for c, tree in state.items()}}
+    return list(rows.values()), variables
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Summary:
+    """What `fx.summary` returns: the entries by path, totals, and the abstract variables.
+
+    `str(summary)` is a text table; treescope renders it as an object;
+    `variables` is the tree `jax.eval_shape(t.init, ...)` would give, and
+    `logical_axes()` the logical axes of every variable (for
+    `fx.sharding.logical_to_mesh`).
+    """
+
+    entries: tuple[Entry, ...]
+    variables: dict
+
+    def of_kind(self, kind: str) -> tuple[Entry, ...]:
+        return tuple(e for e in self.entries if e.kind == kind)
+
+    @property
+    def param_count(self) -> int:
+        """Parameters, each tied param counted once."""
+        return sum(e.size for e in self.of_kind("param"))
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(e.nbytes for e in self.of_kind("param"))
+
+    @property
+    def state_count(self) -> int:
+        return sum(e.size for e in self.of_kind("state"))
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(e.nbytes for e in self.of_kind("state"))
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """`{collection: (elements, bytes)}` for params and every state collection."""
+        out: dict[str, tuple[int, int]] = {}
+        for e in self.entries:
+            if e.kind in ("param", "state"):
+                count, nbytes = out.get(e.collection, (0, 0))
+                out[e.collection] = (count + e.size, nbytes + e.nbytes)
+        return out
+
+    def logical_axes(self) -> dict:
+        """A tree mirroring `variables`: each param's logical `PartitionSpec`, state replicated."""
+        specs = {}
+        for collection, tree in self.variables.items():
+            specs[collection] = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), tree)
+        params = PathTree("params", specs["params"])
+        for e in self.of_kind("param"):
+            params.set(e.path, jax.sharding.PartitionSpec(*(e.axes or ())))
+        return specs
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """The table's cells, header first."""
+        rows = [("path", "kind", "collection", "shape", "dtype", "size", "bytes", "note")]
+        for e in self.entries:
+            array = e.shape is not None and e.kind in ("param", "state")
+            rows.append((
+                path_str(e.path),
+                e.kind,
+                e.collection or "",
+                "" if e.shape is None else str(e.shape),
+                _dtype_name(e.dtype),
+                f"{e.size:,}" if array else "",
+                _fmt_bytes(e.nbytes) if array else "",
+                e.note(),
+            ))
+        return rows
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        right = {5, 6}
+        lines = []
+        for n, r in enumerate(rows):
+            cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+            lines.append("  ".join(cells).rstrip())
+            if n == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.append("")
+        for collection, (count, nbytes) in self.totals().items():
+            lines.append(f"total {collection}: {count:,} ({_fmt_bytes(nbytes)})")
+        if not self.totals():
+            lines.append("total params: 0 (0 B)")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        import treescope
+
+        attributes = {
+            "entries": {f"{e.kind} {path_str(e.path)}": e for e in self.entries},
+            "totals": self.totals(),
+        }
+        return treescope.repr_lib.render_object_constructor(type(self), attributes, path, subtree_renderer)
+
+
+def summary(
+    t: Any, *args: Any, rngs: Any = None, training: bool = False, handlers: Any = (), **kwargs: Any
+) -> Summary:
+    """A table of everything a model holds and asks for, by path, computed abstractly.
+
+    Each row is a param, state variable, key stream, sown value or side input
+    with its shape, dtype, size and bytes; tied params are marked. Nothing is
+    allocated (`jax.eval_shape`), so it works for models larger than memory,
+    and array arguments may be `jax.ShapeDtypeStruct`s. `t` is a
+    `fx.transform` result or the effectful function; the other arguments are
+    those of `t.init` without the key.
+
+    >>> def model(x):
+    ...     with fx.scope("dense"):
+    ...         w = fx.param("kernel", jax.nn.initializers.lecun_normal(), (3, 4), axes=("in", "out"))
+    ...         b = fx.param("bias", jax.nn.initializers.zeros, (4,))
+    ...     return x @ w + b
+    >>> s = fx.summary(fx.transform(model), jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    >>> print(s)
+    path          kind   collection  shape   dtype    size  bytes  note
+    ------------  -----  ----------  ------  -------  ----  -----  --------------
+    dense/kernel  param  params      (3, 4)  float32    12   48 B  axes (in, out)
+    dense/bias    param  params      (4,)    float32     4   16 B
+    <BLANKLINE>
+    total params: 16 (64 B)
+    >>> s.param_count
+    16
+    """
+    effects = effects_of(t, *args, rngs=rngs, training=training, handlers=handlers, **kwargs)
+    entries, variables = entries_of(effects)
+    return Summary(tuple(entries), variables)

@@ -1,0 +1,178 @@
+"""Train and eval presets: the options of one mode (training flag, rngs, mutable collections) as one argument."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from effax.core import EffaxError, FrozenStateError, Handler, MissingRngError
+from effax.effects import RandomRequest, SetStateRequest, StreamKeyRequest
+from effax.handlers._mode import Mode, static_training
+from effax.handlers._random import KeysFromRngs
+from effax.handlers._state import normalize_mutable
+
+
+class _NoKeys(Handler):
+    """Refuse every key draw: eval draws no randomness."""
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is RandomRequest or type(request) is StreamKeyRequest:
+            raise MissingRngError(
+                f"{request.describe()} under the eval preset, which draws no randomness. Layers "
+                "that are random only in training (Dropout) check `fx.is_training()` first; if "
+                "this draw is meant, run with `fx.handlers.train(rngs)` or pass `rngs=` without "
+                "the eval preset."
+            )
+        return forward(request)
+
+
+class _NoWrites(Handler):
+    """Refuse every state write: eval writes no state."""
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is SetStateRequest:
+            raise FrozenStateError(
+                f"{request.describe()} under the eval preset, which writes no state. Guard the "
+                "update with `if fx.is_training():`, or run with `fx.handlers.train(rngs, "
+                f"mutable=[{request.collection!r}])`."
+            )
+        return forward(request)
+
+
+def _brief(rngs: Any) -> str:
+    """Keys print as `<key>`, so messages stay one line."""
+    if isinstance(rngs, Mapping):
+        return "{" + ", ".join(f"{s!r}: <key>" for s in rngs) + "}"
+    return "None" if rngs is None else "<key>"
+
+
+class Preset(tuple):
+    """A mode's options as one value: `training`, `rngs` (as a keys handler) and `mutable`.
+
+    Given to `t.apply(..., handlers=preset)` (or `t.init`), its options take
+    the place of `training=`, `rngs=` and `mutable=`, and the return shape
+    follows its mutable collections; an explicit argument that disagrees
+    raises `EffaxError`. A preset is also a tuple of handlers, so
+    `fx.handle(preset)` installs its mode and keys (and, for eval, refuses
+    draws and writes). Make them with `fx.handlers.train` and `fx.handlers.eval`.
+    """
+
+    training: bool
+    rngs: Any
+    mutable: frozenset[str] | bool | None
+    keys: Handler
+
+    def __new__(
+        cls, training: bool, keys: Handler, mutable: Any, rngs: Any = None, extra: tuple = ()
+    ) -> Preset:
+        training = static_training(training)
+        self = super().__new__(cls, (Mode(training), keys, *extra))
+        self.training, self.keys, self.rngs = training, keys, rngs
+        self.mutable = None if mutable is None else normalize_mutable(mutable)
+        return self
+
+    def __repr__(self) -> str:
+        if not self.training:
+            return "fx.handlers.eval()"
+        mutable = self.mutable if self.mutable is None or self.mutable is True else tuple(sorted(self.mutable))
+        return f"fx.handlers.train(rngs={_brief(self.rngs)}, mutable={mutable!r})"
+
+
+def train(rngs: Any, mutable: Any = None) -> Preset:
+    """The training preset: `training=True`, keys from `rngs`, and the `mutable` collections.
+
+    With `mutable=None` the preset leaves mutability to `apply`'s `mutable=`.
+
+    >>> def f(x):
+    ...     x = fx.nn.BatchNorm()(x)
+    ...     return fx.nn.Dropout(0.5)(x)
+    >>> t = fx.transform(f)
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> v = t.init(jax.random.key(0), x)
+    >>> y, updates = t.apply(v, x, handlers=fx.handlers.train(jax.random.key(1), mutable=["batch_stats"]))
+    >>> y = t.apply({**v, **updates}, x, handlers=fx.handlers.eval())   # same model, eval
+    """
+    return Preset(True, KeysFromRngs(rngs), mutable, rngs)
+
+
+def eval() -> Preset:  # noqa: A001 - the name users expect beside `train`
+    """The eval preset: `training=False`, no randomness drawn, no state written.
+
+    A draw raises `MissingRngError`, a `set` raises `FrozenStateError`; with
+    `apply` it returns only the output.
+
+    >>> def f(x):
+    ...     return fx.nn.Dropout(0.5)(x)
+    >>> fx.transform(f).apply({}, jnp.ones(2), handlers=fx.handlers.eval())
+    Array([1., 1.], dtype=float32)
+    >>> with fx.handle(fx.handlers.eval()):
+    ...     fx.is_training()
+    False
+    """
+    return Preset(False, _NoKeys(), (), None, (_NoWrites(),))
+
+
+def split_presets(handlers: Any) -> tuple[Preset | None, list[Any]]:
+    """Take the (at most one) preset out of nested `handlers`; return it and the other handlers."""
+    presets: list[Preset] = []
+    rest: list[Any] = []
+
+    def walk(h: Any) -> None:
+        if isinstance(h, Preset):
+            presets.append(h)
+        elif isinstance(h, (list, tuple)):
+            for x in h:
+                walk(x)
+        else:
+            rest.append(h)
+
+    walk(handlers)
+    if len(presets) > 1:
+        raise EffaxError(
+            f"handlers= holds {len(presets)} presets ({', '.join(map(repr, presets))}); a run has "
+            "one mode: pass one preset."
+        )
+    return (presets[0] if presets else None), rest
+
+
+def _conflict(preset: Preset, what: str, given: Any) -> EffaxError:
+    shown = _brief(given) if what == "rngs" else repr(given)
+    return EffaxError(
+        f"{what}={shown} conflicts with the preset {preset!r} in handlers=. A preset sets the "
+        f"run's training flag, rngs and mutable collections: drop `{what}=`, or drop the preset "
+        "and pass the options one by one."
+    )
+
+
+def apply_options(
+    preset: Preset | None, training: Any, rngs: Any, mutable: Any
+) -> tuple[Any, Handler, Any]:
+    """`(training, keys handler, mutable)` for `apply`, the preset's options in place of the arguments."""
+    if preset is None:
+        return training, KeysFromRngs(rngs), mutable
+    if training is not None and static_training(training) != preset.training:
+        raise _conflict(preset, "training", training)
+    if rngs is not None and rngs is not preset.rngs:
+        raise _conflict(preset, "rngs", rngs)
+    if preset.mutable is None:
+        return preset.training, preset.keys, mutable
+    if normalize_mutable(mutable) and normalize_mutable(mutable) != preset.mutable:
+        raise _conflict(preset, "mutable", mutable)
+    return preset.training, preset.keys, preset.mutable
+
+
+def init_options(preset: Preset | None, training: Any, rngs: Any) -> tuple[bool, Any]:
+    """`(training, rngs)` for `init`: the preset's mode; its rngs when `init` got none.
+
+    Init makes params, so it always takes keys (the eval preset's no-draw
+    rule is for `apply`), and it creates every collection whatever `mutable` says.
+    """
+    if preset is None:
+        return (False if training is None else training), rngs
+    if training is not None and static_training(training) != preset.training:
+        raise _conflict(preset, "training", training)
+    if preset.rngs is not None:
+        if rngs is not None and rngs is not preset.rngs:
+            raise _conflict(preset, "rngs", rngs)
+        rngs = preset.rngs
+    return preset.training, rngs

@@ -1,0 +1,350 @@
+"""Weight tying as a handler pass: requests under an alias path are answered at a canonical path.
+
+`fx.share(fn, {"decoder/embed": "encoder/embed"})` returns a function that
+runs `fn` under one more handler, innermost: it rewrites every param request
+whose path starts with an alias prefix to the canonical prefix before the
+storage handler sees it. Nothing in the model changes, the variables hold the
+canonical entry only, and the gradient of a tied weight is the sum over its
+uses because JAX sees one array read in several places.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import (
+    EffaxError,
+    Handler,
+    Path,
+    ShareError,
+    check_name,
+    current_path,
+    handle,
+    path_str,
+)
+from effax.effects import GetStateRequest, LocalStateRequest, ParamRequest, SetStateRequest
+
+StatePolicy = Literal["forbidden", "allowed", "unsafe"]
+_POLICIES = ("forbidden", "allowed", "unsafe")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareBinding:
+    """One binding of a share pass: requests under `alias` (or tagged `tag`) go to `canonical`.
+
+    >>> str(fx.ShareBinding(("decoder", "embed"), ("encoder", "embed")))
+    'decoder/embed -> encoder/embed'
+    """
+
+    alias: Path | None
+    canonical: Path
+    tag: str | None = None
+
+    def __str__(self) -> str:
+        source = f"shared={self.tag!r}" if self.tag is not None else path_str(self.alias or ())
+        return f"{source} -> {path_str(self.canonical)}"
+
+
+def _as_path(value: Any, what: str) -> Path:
+    """`"a/b"` or `("a", "b")` -> `("a", "b")`, every component a valid name."""
+    if isinstance(value, str):
+        parts = tuple(value.split("/"))
+    elif isinstance(value, (tuple, list)):
+        parts = tuple(value)
+    else:
+        raise ShareError(
+            f"{what} {value!r} is a {type(value).__name__}; a share path is a string like "
+            "'decoder/embed' or a tuple of names like ('decoder', 'embed')."
+        )
+    if not parts:
+        raise ShareError(f"{what} is the root path: a binding must name a scope or a param.")
+    for part in parts:
+        check_name(part, f"{what} path component")
+    return parts
+
+
+def _under(path: Path, prefix: Path) -> bool:
+    return path[: len(prefix)] == prefix
+
+
+def _structure(init: Callable[[], Any]) -> Any:
+    shapes = jax.eval_shape(init)
+    return jax.tree.structure(shapes), [(s.shape, jnp.dtype(s.dtype).name) for s in jax.tree.leaves(shapes)]
+
+
+class Share(Handler):
+    """The handler `fx.share` installs; it holds the bindings, checked once when made.
+
+    `fx.share` is the usual way in. Installed by hand, call the run's
+    `finish()` after the block: it raises `ShareError` for bindings that
+    matched nothing.
+
+    >>> stored = fx.handlers.LoadParams({"a": {"w": jnp.ones(2)}})
+    >>> with fx.handle(stored, fx.handlers.Share({"b": "a"})) as (_, run):
+    ...     with fx.scope("b"):
+    ...         w = fx.param("w", jax.nn.initializers.zeros, (2,))
+    >>> run.finish()
+    >>> w
+    Array([1., 1.], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        bindings: Mapping[Any, Any] | None = None,
+        *,
+        tags: Iterable[str] | Mapping[str, Any] | bool | None = None,
+        state: StatePolicy = "forbidden",
+        strict: bool = True,
+    ):
+        if state not in _POLICIES:
+            raise ShareError(
+                f"state={state!r} is not a state sharing policy: use 'forbidden' (tied scopes may "
+                "not hold local state), 'allowed' (tied state must agree on structure, shapes and "
+                "dtypes) or 'unsafe' (tied state is shared unchecked)."
+            )
+        if bindings is not None and not isinstance(bindings, Mapping):
+            raise ShareError(
+                f"share bindings must be a dict {{alias: canonical}}, got {type(bindings).__name__}: "
+                "e.g. `fx.share(fn, {'decoder/embed': 'encoder/embed'})`."
+            )
+        self.state = state
+        self.strict = bool(strict)
+        self.by_alias: dict[Path, ShareBinding] = {}
+        for alias, canonical in (bindings or {}).items():
+            binding = ShareBinding(_as_path(alias, "alias"), _as_path(canonical, "canonical"))
+            known = self.by_alias.setdefault(binding.alias, binding)
+            if known.canonical != binding.canonical:
+                raise ShareError(
+                    f"alias `{path_str(binding.alias)}` is bound twice, to "
+                    f"`{path_str(known.canonical)}` and to `{path_str(binding.canonical)}`: keep one."
+                )
+        self.all_tags = tags is True
+        self.tags: dict[str, Path | None] = {}
+        if isinstance(tags, Mapping):
+            self.tags = {check_name(t, "shared tag"): _as_path(c, "canonical") for t, c in tags.items()}
+        elif isinstance(tags, str):
+            self.tags = {check_name(tags, "shared tag"): None}
+        elif tags not in (None, False, True):
+            self.tags = {check_name(t, "shared tag"): None for t in tags}
+        self._cache: dict[Path, tuple[Path, tuple[ShareBinding, ...], frozenset[Path]]] = {}
+        for alias in self.by_alias:
+            self.resolve(alias)  # a cycle through an alias itself fails here, not mid-run
+        self._check_nested()
+
+    def _check_nested(self) -> None:
+        """An alias inside another alias must send its params where the outer binding would."""
+        for outer, b1 in self.by_alias.items():
+            for inner, b2 in self.by_alias.items():
+                if len(outer) < len(inner) and _under(inner, outer):
+                    by_outer = self.resolve(b1.canonical + inner[len(outer) :])[0]
+                    by_inner = self.resolve(b2.canonical)[0]
+                    if by_outer != by_inner:
+                        raise ShareError(
+                            f"bindings `{b1}` and `{b2}` conflict: `{path_str(inner)}` lies under "
+                            f"alias `{path_str(outer)}`, which sends it to `{path_str(by_outer)}`, "
+                            f"but its own binding sends it to `{path_str(by_inner)}`. Bind the "
+                            f"children of `{path_str(outer)}` one by one instead, or drop one binding."
+                        )
+
+    def resolve(self, path: Path) -> tuple[Path, tuple[ShareBinding, ...], frozenset[Path]]:
+        """`(final path, bindings applied, aliases matched)`; chains resolve, cycles raise."""
+        hit = self._cache.get(path)
+        if hit is not None:
+            return hit
+        applied: list[ShareBinding] = []
+        matched: set[Path] = set()
+        current = path
+        steps = [path]
+        while True:
+            binding = None
+            for i in range(len(current), 0, -1):
+                found = self.by_alias.get(current[:i])
+                if found is not None:
+                    matched.add(found.alias)  # type: ignore[arg-type]
+                    binding = binding or found
+            if binding is None:
+                break
+            applied.append(binding)
+            current = binding.canonical + current[len(binding.alias or ()) :]
+            steps.append(current)
+            if binding in applied[:-1]:
+                chain = " -> ".join(f"`{path_str(p)}`" for p in steps)
+                used = ", ".join(f"`{b}`" for b in dict.fromkeys(applied))
+                raise ShareError(
+                    f"share bindings form a cycle: {chain} never reaches a path outside every "
+                    f"alias (bindings {used}). A tied param must end at one canonical path: "
+                    "remove one of these bindings."
+                )
+        hit = self._cache[path] = (current, tuple(applied), frozenset(matched))
+        return hit
+
+    def begin(self) -> _ShareRun:
+        return _ShareRun(self, current_path())
+
+
+class _ShareRun:
+    """One run of a share pass: what matched, and the first request seen at each canonical path."""
+
+    __slots__ = ("share", "base", "matched", "tags_used", "params", "states")
+
+    def __init__(self, share: Share, base: Path):
+        self.share = share
+        self.base = base
+        self.matched: set[Path] = set()
+        self.tags_used: set[str] = set()
+        self.params: dict[Path, ParamRequest] = {}
+        self.states: dict[tuple[str, Path], LocalStateRequest] = {}
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        kind = type(request)
+        if kind is ParamRequest:
+            return forward(self.param(request))
+        if kind is LocalStateRequest:
+            return forward(self.declare(request))
+        if (kind is GetStateRequest or kind is SetStateRequest) and self.share.state != "forbidden":
+            path, applied, _ = self.share.resolve(request.path)
+            if applied:
+                request = dataclasses.replace(request, path=path)
+        return forward(request)
+
+    def _move(self, request: Any, tag_binding: ShareBinding | None) -> tuple[Path, tuple[ShareBinding, ...]]:
+        """Where `request` goes, and the bindings that send it there; records what matched."""
+        start = request.path if tag_binding is None else tag_binding.canonical
+        path, applied, matched = self.share.resolve(start)
+        if matched:
+            self.matched.update(matched)
+        for asked in (request.origin, request.path if tag_binding else None):
+            if asked is not None:  # a binding counts as matched on the path the model asked for too
+                self.matched.update(self.share.resolve(asked)[2])
+        return path, ((tag_binding,) if tag_binding else ()) + applied
+
+    def param(self, request: ParamRequest) -> ParamRequest:
+        tag_binding = None
+        tag = request.shared
+        if tag is not None and (self.share.all_tags or tag in self.share.tags):
+            self.tags_used.add(tag)
+            if request.unbound_tag is not None:
+                target = self.share.tags.get(tag) or self.base + (tag,)
+                tag_binding = ShareBinding(None, target, tag)
+        path, applied = self._move(request, tag_binding)
+        if applied:
+            request = dataclasses.replace(request, path=path, origin=request.original_path, via=request.via + applied)
+        first = self.params.setdefault(path, request)
+        if first is not request and (first.shape != request.shape or first.dtype != request.dtype):
+            if first.original_path != request.original_path:
+                binding = (request.via or first.via)[-1]
+                raise ShareError(
+                    f"share binding `{binding}` ties param `{path_str(request.original_path)}` "
+                    f"({request.spec()}) to `{path_str(first.original_path)}` ({first.spec()}) at "
+                    f"`{path_str(path)}`, but tied params must have one shape and dtype. Make the two "
+                    "layers the same size, or drop the binding."
+                )
+        return request
+
+    def declare(self, request: LocalStateRequest) -> LocalStateRequest:
+        path, applied = self._move(request, None)
+        if applied:
+            origin = request.path if request.origin is None else request.origin
+            if self.share.state == "forbidden":
+                raise ShareError(
+                    f"binding `{applied[0]}` would tie {request.describe()} to `{path_str(path)}`, "
+                    "but local state sharing is 'forbidden' (the default). Pass "
+                    "`fx.share(..., state='allowed')` to share it (both uses must agree on its "
+                    "structure), `state='unsafe'` to share it unchecked, or bind the tied layer's "
+                    "params one by one so its state stays separate."
+                )
+            request = dataclasses.replace(request, path=path, origin=origin, via=request.via + applied)
+        key = (request.collection, path)
+        first = self.states.setdefault(key, request)
+        if first is not request and self.share.state == "allowed":
+            a = first.path if first.origin is None else first.origin
+            b = request.path if request.origin is None else request.origin
+            if a != b and _structure(first.init) != _structure(request.init):
+                raise ShareError(
+                    f"state `{path_str(b)}` is tied to `{path_str(a)}` at `{path_str(path)}` in "
+                    f"collection {request.collection!r}, but their `init()` make different "
+                    f"structures: {_structure(request.init)[1]} vs {_structure(first.init)[1]}. "
+                    "With state='allowed' tied state must agree; make them agree, or use "
+                    "state='unsafe' to keep the first one."
+                )
+        return request
+
+    def finish(self) -> None:
+        """Raise `ShareError` for bindings and tags that matched nothing in this run."""
+        if not self.share.strict:
+            return
+        unmatched = [str(b) for a, b in self.share.by_alias.items() if a not in self.matched]
+        unmatched += [f"shared={t!r}" for t in self.share.tags if t not in self.tags_used]
+        if not unmatched:
+            return
+        asked = [r.original_path for r in self.params.values()]
+        asked += [r.path if r.origin is None else r.origin for r in self.states.values()]
+        seen = sorted({path_str(p[:i]) for p in asked for i in range(1, len(p) + 1)})
+        hints = []
+        for b in self.share.by_alias.values():
+            if str(b) in unmatched:
+                near = difflib.get_close_matches(path_str(b.alias or ()), seen, n=2, cutoff=0.6)
+                if near:
+                    hints.append(f"For `{path_str(b.alias or ())}`, did you mean {' or '.join(repr(n) for n in near)}?")
+        raise ShareError(
+            f"share binding(s) {', '.join(f'`{u}`' for u in unmatched)} matched nothing in this run: "
+            "no param or state lies under that alias (or carries that tag). "
+            + (" ".join(hints) + " " if hints else "")
+            + "Fix the path or tag, or pass `strict=False` to `fx.share` when some runs skip that part "
+            "of the model."
+        )
+
+
+def share(
+    fn: Callable[..., Any],
+    bindings: Mapping[Any, Any] | None = None,
+    *,
+    tags: Iterable[str] | Mapping[str, Any] | bool | None = None,
+    state: StatePolicy = "forbidden",
+    strict: bool = True,
+) -> Callable[..., Any]:
+    """Tie weights without touching the model: `fn` runs with alias paths answered at canonical ones.
+
+    `bindings` maps an alias path to a canonical path (`"a/b"` or a tuple of
+    names), for a whole sub-scope (a tied layer) or one param (a tied param);
+    chains resolve. `tags` binds params declared `fx.param(..., shared=tag)`:
+    a list (or `True`: every tag) puts each at `<path of this call>/<tag>`, a
+    dict `{tag: path}` where you say. `state` says whether local state under an
+    alias is refused (`"forbidden"`), shared when both uses agree on its
+    structure (`"allowed"`), or shared unchecked (`"unsafe"`); random keys and
+    sows are never tied. A binding that matches nothing in a run raises
+    `ShareError` (unless `strict=False`), as do cycles, conflicting bindings,
+    and tied params that disagree on shape or dtype.
+
+    >>> def model(x):
+    ...     with fx.scope("encoder"):
+    ...         e = fx.param("w", jax.nn.initializers.ones, (2, 2))
+    ...     with fx.scope("decoder"):
+    ...         d = fx.param("w", jax.nn.initializers.ones, (2, 2))
+    ...     return x @ e @ d.T
+    >>> t = fx.transform(fx.share(model, {"decoder": "encoder"}))
+    >>> jax.tree.map(jnp.shape, t.init(jax.random.key(0), jnp.ones(2)))
+    {'params': {'encoder': {'w': (2, 2)}}}
+    """
+    if not callable(fn):
+        raise EffaxError(
+            f"`fx.share` takes the effectful model function, got {type(fn).__name__}. Share inside "
+            "the transform: `fx.transform(fx.share(fn, bindings))`."
+        )
+    handler = Share(bindings, tags=tags, state=state, strict=strict)
+
+    @functools.wraps(fn)
+    def shared(*args: Any, **kwargs: Any) -> Any:
+        with handle(handler) as (run,):
+            out = fn(*args, **kwargs)
+        run.finish()
+        return out
+
+    return shared

@@ -1,0 +1,70 @@
+"""Combinators: `MLP` and `Sequential`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import EffaxError
+from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
+from effax.nn._module import Module
+
+
+class MLP(Module):
+    """Dense layers of sizes `features` with `activation` between them (and after the last if `activate_final`).
+
+    >>> t = fx.transform(lambda x: fx.nn.MLP([8, 2])(x))
+    >>> v = t.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> jax.tree.map(jnp.shape, v["params"]["MLP_0"])
+    {'Dense_0': {'bias': (8,), 'kernel': (3, 8)}, 'Dense_1': {'bias': (2,), 'kernel': (8, 2)}}
+    """
+
+    features: Sequence[int]
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
+    activate_final: bool = False
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = zeros
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        last = len(self.features) - 1
+        for i, n in enumerate(self.features):
+            x = Dense(
+                n,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                kernel_init=self.kernel_init,
+                bias_init=self.bias_init,
+                param_dtype=self.param_dtype,
+            )(x)
+            if i < last or self.activate_final:
+                x = self.activation(x)
+        return x
+
+
+class Sequential(Module):
+    """Call `layers` in order, each on the previous output; extra arguments go to the first layer.
+
+    Layers may be modules or plain functions (`jax.nn.relu`); modules are
+    named inside this one's scope (`Sequential_0/Dense_0`).
+
+    >>> model = fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu, fx.nn.Dense(1)])
+    >>> v = fx.transform(model).init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> sorted(v["params"]["Sequential_0"])
+    ['Dense_0', 'Dense_1']
+    """
+
+    layers: Sequence[Callable[..., Any]]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.layers:
+            raise EffaxError("Sequential needs at least one layer: `fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu])`.")
+        out = self.layers[0](*args, **kwargs)
+        for layer in self.layers[1:]:
+            out = layer(out)
+        return out

@@ -1,0 +1,56 @@
+"""`Dropout`: random zeroing that draws keys only when training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import EffaxError
+from effax.effects import is_training, next_key
+from effax.nn._module import Module
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array, broadcast_dims: Sequence[int] = ()) -> jax.Array:
+    """Zero each entry with probability `rate` and scale the rest by `1 / (1 - rate)`."""
+    if rate == 1.0:
+        return jnp.zeros_like(x)
+    keep = 1.0 - rate
+    shape = tuple(1 if d in {b % x.ndim for b in broadcast_dims} else n for d, n in enumerate(x.shape))
+    mask = jnp.broadcast_to(jax.random.bernoulli(key, keep, shape), x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(Module):
+    """Zero entries with probability `rate` when training; the identity (and no key drawn) in eval.
+
+    Keys come from the `stream` (`"dropout"`) at this layer's path, so each
+    dropout layer and each call draws a different mask. `deterministic`
+    (field or call argument) overrides the mode, as in Flax.
+
+    >>> t = fx.transform(lambda x: fx.nn.Dropout(0.5)(x))
+    >>> x = jnp.ones(4)
+    >>> t.apply({}, x, training=False)          # eval: no rngs needed
+    Array([1., 1., 1., 1.], dtype=float32)
+    >>> y = t.apply({}, x, training=True, rngs={"dropout": jax.random.key(0)})
+    >>> sorted(set(y.tolist())) in ([0.0, 2.0], [0.0], [2.0])
+    True
+    """
+
+    rate: float
+    broadcast_dims: Sequence[int] = ()
+    deterministic: bool | None = None
+    stream: str = "dropout"
+
+    def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        if not 0.0 <= self.rate <= 1.0:
+            raise EffaxError(f"Dropout rate must be in [0, 1], got {self.rate}.")
+        if deterministic is None:
+            deterministic = self.deterministic
+        if self.rate == 0.0 or (not is_training() if deterministic is None else deterministic):
+            return x
+        x = jnp.asarray(x)
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        return dropout(x, self.rate, next_key(self.stream), self.broadcast_dims)

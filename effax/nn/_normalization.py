@@ -1,0 +1,147 @@
+"""Normalization layers: `LayerNorm`, `RMSNorm`, `BatchNorm` (running stats as local state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.effects import is_training, local_state, param
+from effax.nn._linear import Initializer
+from effax.nn._module import Module
+
+ones: Initializer = jax.nn.initializers.ones
+zeros: Initializer = jax.nn.initializers.zeros
+
+
+def _axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _scale_shift(
+    module: Any, y: jax.Array, features: tuple[int, ...], bshape: tuple[int, ...]
+) -> jax.Array:
+    """Apply the learned `scale` and `bias` of shape `features`, broadcast as `bshape`."""
+    if getattr(module, "use_scale", True):
+        y = y * param("scale", module.scale_init, features, module.param_dtype).reshape(bshape)
+    if getattr(module, "use_bias", False):
+        y = y + param("bias", module.bias_init, features, module.param_dtype).reshape(bshape)
+    return y
+
+
+def _out_dtype(module: Any, x: jax.Array) -> Any:
+    return jnp.result_type(x.dtype, module.param_dtype) if module.dtype is None else module.dtype
+
+
+def _stats_dtype(x: jax.Array) -> Any:
+    return jnp.promote_types(x.dtype, jnp.float32)  # statistics at least in float32, as Flax
+
+
+class LayerNorm(Module):
+    """Normalize each example over its last axis (or `reduction_axes`), then scale and shift.
+
+    >>> t = fx.transform(lambda x: fx.nn.LayerNorm()(x))
+    >>> v = t.init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> jax.tree.map(jnp.shape, v["params"])
+    {'LayerNorm_0': {'bias': (3,), 'scale': (3,)}}
+    """
+
+    epsilon: float = 1e-6
+    use_bias: bool = True
+    use_scale: bool = True
+    reduction_axes: int | Sequence[int] = -1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    bias_init: Initializer = zeros
+    scale_init: Initializer = ones
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)
+        axes = _axes(self.reduction_axes, x.ndim)
+        xs = x.astype(_stats_dtype(x))
+        mean = xs.mean(axes, keepdims=True)
+        y = (xs - mean) * jax.lax.rsqrt(xs.var(axes, keepdims=True) + self.epsilon)
+        features = (x.shape[-1],)
+        y = _scale_shift(self, y, features, (1,) * (x.ndim - 1) + features)
+        return y.astype(_out_dtype(self, x))
+
+
+class RMSNorm(Module):
+    """Divide by the root mean square over the last axis (or `reduction_axes`), then scale; no centering.
+
+    >>> t = fx.transform(lambda x: fx.nn.RMSNorm()(x))
+    >>> v = t.init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> t.apply(v, jnp.array([[3.0, 4.0, 0.0]])).round(2)   # rms = sqrt(25 / 3)
+    Array([[1.04, 1.39, 0.  ]], dtype=float32)
+    """
+
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    reduction_axes: int | Sequence[int] = -1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: Initializer = ones
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)
+        axes = _axes(self.reduction_axes, x.ndim)
+        xs = x.astype(_stats_dtype(x))
+        y = xs * jax.lax.rsqrt(jnp.square(xs).mean(axes, keepdims=True) + self.epsilon)
+        features = (x.shape[-1],)
+        y = _scale_shift(self, y, features, (1,) * (x.ndim - 1) + features)
+        return y.astype(_out_dtype(self, x))
+
+
+class BatchNorm(Module):
+    """Normalize over the batch: batch statistics (and a running-stats update) when training, running stats when not.
+
+    The running `mean` and `var` live in the `batch_stats` collection, so a
+    training step passes `mutable=["batch_stats"]` (or the `train` preset)
+    and eval reads them frozen. `momentum` weights the old running value,
+    as in Flax. `use_running_average` (field or call argument) overrides the mode.
+
+    >>> t = fx.transform(lambda x: fx.nn.BatchNorm()(x))
+    >>> v = t.init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> sorted(v), sorted(v["batch_stats"]["BatchNorm_0"])
+    (['batch_stats', 'params'], ['mean', 'var'])
+    >>> y, upd = t.apply(v, jnp.arange(12.0).reshape(4, 3), training=True, mutable=["batch_stats"])
+    >>> upd["batch_stats"]["BatchNorm_0"]["mean"]
+    Array([0.045, 0.055, 0.065], dtype=float32)
+    """
+
+    use_running_average: bool | None = None
+    axis: int | Sequence[int] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    use_scale: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    bias_init: Initializer = zeros
+    scale_init: Initializer = ones
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        x = jnp.asarray(x)
+        feature_axes = _axes(self.axis, x.ndim)
+        reduce = tuple(a for a in range(x.ndim) if a not in feature_axes)
+        features = tuple(x.shape[a] for a in feature_axes)
+        bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+        mean_state = local_state("mean", lambda: jnp.zeros(features, jnp.float32), collection="batch_stats")
+        var_state = local_state("var", lambda: jnp.ones(features, jnp.float32), collection="batch_stats")
+        frozen = use_running_average if use_running_average is not None else self.use_running_average
+        if frozen is None:
+            frozen = not is_training()
+        xs = x.astype(_stats_dtype(x))
+        if frozen:
+            mean, var = mean_state.get(), var_state.get()
+        else:
+            mean, var = xs.mean(reduce), xs.var(reduce)
+            m = self.momentum
+            mean_state.set(m * mean_state.get() + (1 - m) * mean)
+            var_state.set(m * var_state.get() + (1 - m) * var)
+        y = (xs - mean.reshape(bshape)) * jax.lax.rsqrt(var.reshape(bshape) + self.epsilon)
+        y = _scale_shift(self, y, features, bshape)
+        return y.astype(_out_dtype(self, x))

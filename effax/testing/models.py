@@ -1,0 +1,320 @@
+"""Effectful models as data: a small tree of steps, an interpreter, and a readable listing.
+
+A law that fails on a generated model should show the model as the requests
+it makes, not as an object dump. So a model here is a frozen tree of steps
+(`Scope`, `Param`, `State`, `Draw`, `Sow`, `SideInput`, `Mode`); calling it
+on an input array performs each step's effect in order and mixes every answer
+into the output, so any handler that changes an answer changes the output.
+
+>>> from effax.testing.models import Model, Scope, Param, Draw
+>>> model = Model([Scope("blk0", [Param("w0", (2,)), Draw("dropout")])], in_size=2)
+>>> model
+Model(in_size=2), 2 requests in order:
+  param        blk0/w0  shape (2,) float32, init normal
+  next_key     blk0     stream 'dropout'
+>>> variables = fx.transform(model).init(jax.random.key(0), jnp.ones(2))
+>>> variables["params"]["blk0"]["w0"].shape
+(2,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+import effax as fx
+
+INITIALIZERS = {
+    "normal": jax.nn.initializers.normal(1.0),
+    "uniform": jax.nn.initializers.uniform(1.0),
+    "ones": jax.nn.initializers.ones,
+    "zeros": jax.nn.initializers.zeros,
+}
+"""The initializers a generated `Param` may name (by key, so the listing stays readable)."""
+
+EFFECTS = ("param", "state", "random", "sow", "side_input", "mode")
+"""The effect names the kit knows, one per kind of step."""
+
+Path = tuple[str, ...]
+
+
+def _where(path: Path) -> str:
+    return "/".join(path) if path else "<root>"
+
+
+def _mean(value: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.asarray(value, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """`fx.param(name, INITIALIZERS[init], shape, dtype)`; adds the mean of the param to the output."""
+
+    name: str
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    init: str = "normal"
+
+    effect: ClassVar[str] = "param"
+
+    def run(self, h: jax.Array) -> jax.Array:
+        w = fx.param(self.name, INITIALIZERS[self.init], self.shape, jnp.dtype(self.dtype))
+        return h + _mean(w)
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        return "param", _where(path + (self.name,)), f"shape {self.shape} {self.dtype}, init {self.init}"
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """`fx.local_state` in `collection`, starting at 0.5; reads it, then sets it `update` times and reads again.
+
+    `update` is `"none"` (read only), `"once"` or `"twice"` (two sets, the
+    last one must win).
+    """
+
+    name: str
+    collection: str = "state"
+    shape: tuple[int, ...] = ()
+    update: str = "once"
+
+    effect: ClassVar[str] = "state"
+
+    def run(self, h: jax.Array) -> jax.Array:
+        shape = self.shape
+        cell = fx.local_state(self.name, lambda: jnp.full(shape, 0.5, jnp.float32), collection=self.collection)
+        v = cell.get()
+        h = h + _mean(v)
+        if self.update == "none":
+            return h
+        cell.set(v + _mean(h))
+        if self.update == "twice":
+            cell.set(v * 0.5 + 0.25 * _mean(h))
+        return h + _mean(cell.get())
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        ops = {"none": "get", "once": "get, set, get", "twice": "get, set, set, get"}[self.update]
+        return "local_state", _where(path + (self.name,)), f"in {self.collection!r}, shape {self.shape}, {ops}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """`fx.next_key(stream)`; adds uniform noise drawn from the key to the output."""
+
+    stream: str = "dropout"
+
+    effect: ClassVar[str] = "random"
+
+    def run(self, h: jax.Array) -> jax.Array:
+        return h + jax.random.uniform(fx.next_key(self.stream), h.shape)
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        return "next_key", _where(path), f"stream {self.stream!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sow:
+    """`fx.sow(tag, h, collection=collection)`: reports the running value, leaves it unchanged."""
+
+    tag: str
+    collection: str = "intermediates"
+
+    effect: ClassVar[str] = "sow"
+
+    def run(self, h: jax.Array) -> jax.Array:
+        fx.sow(self.tag, h, collection=self.collection)
+        return h
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        return "sow", _where(path + (self.tag,)), f"into {self.collection!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SideInput:
+    """`fx.side_input(tag, default=default)`; adds the answer to the output."""
+
+    tag: str
+    default: float = 0.5
+
+    effect: ClassVar[str] = "side_input"
+
+    def run(self, h: jax.Array) -> jax.Array:
+        return h + _mean(fx.side_input(self.tag, default=self.default))
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        return "side_input", _where(path), f"tag {self.tag!r}, default {self.default}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """`fx.is_training()`; adds 1 to the output when training."""
+
+    effect: ClassVar[str] = "mode"
+
+    def run(self, h: jax.Array) -> jax.Array:
+        return h + 1.0 if fx.is_training() else h
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        return "is_training", _where(path), ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """`with fx.scope(name):` around its children."""
+
+    name: str
+    children: tuple[Step, ...] = ()
+
+    effect: ClassVar[str] = "scope"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "children", tuple(self.children))
+
+    def run(self, h: jax.Array) -> jax.Array:
+        with fx.scope(self.name):
+            for child in self.children:
+                h = child.run(h)
+        return h
+
+
+Step = Param | State | Draw | Sow | SideInput | Mode | Scope
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Model:
+    """An effectful function described as data: `model(x)` runs its steps on `x` of shape `(in_size,)`.
+
+    The output has the shape of `x` and depends on every answer the model
+    receives; `repr(model)` lists its requests in order, and `model.code()`
+    gives Python that rebuilds it.
+
+    >>> from effax.testing.models import Model, Param, State
+    >>> model = Model([Param("w0", init="ones"), State("s0", update="none")], in_size=1)
+    >>> t = fx.transform(model)
+    >>> t.apply(t.init(jax.random.key(0), jnp.zeros(1)), jnp.zeros(1))
+    Array([1.5], dtype=float32)
+    """
+
+    steps: tuple[Step, ...]
+    in_size: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+
+    def __call__(self, x: Any) -> jax.Array:
+        h = jnp.asarray(x, jnp.float32)
+        for step in self.steps:
+            h = step.run(h)
+        return h
+
+    # --- reading the description
+    def walk(self) -> list[tuple[Path, Step]]:
+        """Every step with the path of the scope it runs in, in order (a scope before its children)."""
+        out: list[tuple[Path, Step]] = []
+
+        def visit(steps: Iterable[Step], path: Path) -> None:
+            for step in steps:
+                out.append((path, step))
+                if isinstance(step, Scope):
+                    visit(step.children, path + (step.name,))
+
+        visit(self.steps, ())
+        return out
+
+    def requests(self) -> list[str]:
+        """One line per request the model makes, in order: operation, where, and what it asks."""
+        rows = [step.describe(path) for path, step in self.walk() if not isinstance(step, Scope)]
+        width = max((len(where) for _, where, _ in rows), default=0)
+        return [f"{op:<12} {where:<{width}}  {what}".rstrip() for op, where, what in rows]
+
+    def __repr__(self) -> str:
+        lines = self.requests()
+        head = f"Model(in_size={self.in_size}), {len(lines)} request{'s' * (len(lines) != 1)}"
+        return head + (" in order:\n  " + "\n  ".join(lines) if lines else " (none)")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))  # hypothesis prints falsifying examples with this
+
+    def code(self) -> str:
+        """Python that rebuilds this model (with `from effax.testing.models import *`)."""
+        return f"Model({list(self.steps)!r}, in_size={self.in_size})"
+
+    def effects(self) -> frozenset[str]:
+        """The effect names of the steps the model performs (see `EFFECTS`)."""
+        return frozenset(step.effect for _, step in self.walk() if not isinstance(step, Scope))
+
+    def param_specs(self) -> dict[Path, tuple[tuple[int, ...], str]]:
+        """`{path: (shape, dtype)}` of every param, in order."""
+        return {
+            path + (step.name,): (step.shape, step.dtype)
+            for path, step in self.walk()
+            if isinstance(step, Param)
+        }
+
+    def variable_specs(self) -> dict[str, Any]:
+        """What `t.init` returns, as `jax.ShapeDtypeStruct`s: `params` and every state collection."""
+        specs: dict[str, Any] = {"params": {}}
+        for path, step in self.walk():
+            if isinstance(step, Param):
+                collection, name = "params", step.name
+                spec = jax.ShapeDtypeStruct(step.shape, jnp.dtype(step.dtype))
+            elif isinstance(step, State):
+                collection, name = step.collection, step.name
+                spec = jax.ShapeDtypeStruct(step.shape, jnp.dtype(jnp.float32))
+            else:
+                continue
+            node = specs.setdefault(collection, {})
+            for key in path:
+                node = node.setdefault(key, {})
+            node[name] = spec
+        return specs
+
+    # --- deriving other models
+    def _rebuild(self, keep: Any) -> Model:
+        counter = iter(range(len(self.walk())))
+
+        def prune(steps: Iterable[Step]) -> list[Step]:
+            out = []
+            for step in steps:
+                index = next(counter)
+                if isinstance(step, Scope):
+                    children = prune(step.children)
+                    if keep(index, step):
+                        out.append(Scope(step.name, children))
+                elif keep(index, step):
+                    out.append(step)
+            return out
+
+        return Model(prune(self.steps), self.in_size)
+
+    def drop(self, indices: Iterable[int]) -> Model:
+        """The model without the steps at these positions of `walk()` (a dropped scope takes its children).
+
+        Every kept step keeps its path, so the result differs from this model
+        only by requests at other paths (what the locality law needs).
+        """
+        dropped = set(indices)
+        return self._rebuild(lambda i, step: i not in dropped)
+
+    def without(self, *effects: str) -> Model:
+        """The model without the steps of these effects (scopes stay)."""
+        return self._rebuild(lambda i, step: step.effect not in effects)
+
+    def read_only(self) -> Model:
+        """The same model with every state only read, never set."""
+
+        def freeze(steps: Iterable[Step]) -> list[Step]:
+            return [
+                Scope(s.name, freeze(s.children))
+                if isinstance(s, Scope)
+                else dataclasses.replace(s, update="none")
+                if isinstance(s, State)
+                else s
+                for s in steps
+            ]
+
+        return Model(freeze(self.steps), self.in_size)

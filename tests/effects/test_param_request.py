@@ -1,0 +1,150 @@
+"""The param request as Penzai's uninitialized parameter, and the `shared=` tag on `fx.param`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effax as fx
+
+KEY = jax.random.key(3)
+NORMAL = jax.nn.initializers.normal(1.0)
+
+
+def request(shape=(2, 3), dtype=jnp.float32, init=NORMAL, **kw):
+    return fx.ParamRequest(("dense", "kernel"), init, shape, dtype, **kw)
+
+
+def captured(fn):
+    """The param requests `fn` makes, answered with zeros."""
+    seen = []
+
+    class Capture(fx.Handler):
+        def handle(self, r, forward):
+            if isinstance(r, fx.ParamRequest):
+                seen.append(r)
+                return jnp.zeros(r.shape, r.dtype)
+            return forward(r)
+
+    with fx.handle(Capture()):
+        fn()
+    return seen
+
+
+def test_name_and_initializer():
+    init = jax.nn.initializers.zeros
+    r = request(init=init)
+    assert r.name == "dense/kernel"
+    assert r.initializer is init
+
+
+def test_value_structure_is_inferred_abstractly():
+    calls = []
+
+    def init(key, shape, dtype):
+        calls.append(isinstance(key, jax.core.Tracer))
+        return jnp.ones(shape, dtype)
+
+    r = request(init=init, dtype=jnp.bfloat16)
+    assert r.value_structure == jax.ShapeDtypeStruct((2, 3), jnp.bfloat16)
+    assert calls == [True]  # traced by jax.eval_shape, never run on a concrete key
+
+
+def test_value_structure_reports_what_the_initializer_makes():
+    r = request(init=lambda k, s, d: jnp.ones((7,), d))
+    assert r.value_structure.shape == (7,)
+
+
+def test_as_empty_does_not_run_the_initializer():
+    def init(key, shape, dtype):
+        raise AssertionError("called")
+
+    assert request(init=init).as_empty() == jax.ShapeDtypeStruct((2, 3), jnp.float32)
+
+
+def test_initialize_passes_the_key_as_given():
+    init = jax.nn.initializers.normal(1.0)
+    np.testing.assert_array_equal(request().initialize(KEY), init(KEY, (2, 3), jnp.float32))
+
+
+def test_initialize_checks_what_the_initializer_made():
+    r = request(init=lambda k, s, d: jnp.ones((3, 2), d))
+    with pytest.raises(fx.ShapeMismatchError) as e:
+        r.initialize(KEY)
+    msg = str(e.value)
+    assert "`dense/kernel`" in msg and "shape (2, 3), float32" in msg and "shape (3, 2)" in msg
+    assert "its initializer returned" in msg
+
+
+def test_initialize_checks_the_dtype_too():
+    r = request(init=lambda k, s, d: jnp.ones(s, jnp.int32))
+    with pytest.raises(fx.ShapeMismatchError, match="int32"):
+        r.initialize(KEY)
+
+
+def test_initialize_with_value_returns_the_value():
+    v = jnp.arange(6.0).reshape(2, 3)
+    assert request().initialize_with_value(v) is v
+
+
+def test_initialize_with_value_shape_mismatch():
+    with pytest.raises(fx.ShapeMismatchError) as e:
+        request().initialize_with_value(jnp.zeros((3, 3)))
+    msg = str(e.value)
+    assert "declared with shape (2, 3), float32" in msg and "given value has shape (3, 3)" in msg
+
+
+def test_initialize_with_value_strict_dtype():
+    v = jnp.zeros((2, 3), jnp.bfloat16)
+    with pytest.raises(fx.ShapeMismatchError, match="bfloat16"):
+        request().initialize_with_value(v)
+    assert request().initialize_with_value(v, strict_dtype=False) is v
+
+
+def test_initialize_with_value_without_checks_takes_anything():
+    v = {"not": "an array"}
+    assert request().initialize_with_value(v, check_structure=False) is v
+
+
+def test_initialize_with_value_refuses_a_tree():
+    with pytest.raises(fx.ShapeMismatchError, match="one array .* a dict"):
+        request().initialize_with_value({"w": jnp.zeros((2, 3))})
+
+
+def test_reading_the_value_of_a_request_raises():
+    with pytest.raises(fx.UninitializedParamError) as e:
+        _ = request().value
+    msg = str(e.value)
+    assert "`dense/kernel`" in msg and "initialize(key)" in msg and "fx.transform" in msg
+    assert isinstance(e.value, fx.EffaxError) and type(e.value).__module__ == "effax"
+
+
+def test_param_carries_its_shared_tag():
+    (r,) = captured(lambda: fx.param("w", jax.nn.initializers.zeros, (2,), shared="embed"))
+    assert r.shared == "embed" and r.unbound_tag == "embed"
+    assert r.origin is None and r.via == () and r.original_path == ("w",)
+
+
+def test_param_without_tag():
+    (r,) = captured(lambda: fx.param("w", jax.nn.initializers.zeros, (2,)))
+    assert r.shared is None and r.unbound_tag is None
+
+
+@pytest.mark.parametrize("tag", ["a/b", "", 3])
+def test_shared_tag_is_a_name(tag):
+    with pytest.raises(fx.InvalidNameError, match="shared tag"):
+        captured(lambda: fx.param("w", jax.nn.initializers.zeros, (2,), shared=tag))
+
+
+def test_a_moved_request_knows_where_it_was_asked():
+    binding = fx.ShareBinding(("decoder",), ("encoder",))
+    r = request(origin=("decoder", "kernel"), via=(binding,))
+    assert r.original_path == ("decoder", "kernel")
+    assert "asked at `decoder/kernel`" in r.describe()
+
+
+def test_a_tag_bound_by_a_pass_is_no_longer_unbound():
+    r = request(shared="embed", via=(fx.ShareBinding(None, ("embed",), "embed"),))
+    assert r.unbound_tag is None
+    other = request(shared="embed", via=(fx.ShareBinding(None, ("x",), "other"),))
+    assert other.unbound_tag == "embed"

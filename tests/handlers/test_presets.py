@@ -1,0 +1,163 @@
+"""Train/eval presets: one argument sets training, rngs and mutable; eval draws nothing and writes nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effax as fx
+
+KEY = jax.random.key(0)
+X = jnp.arange(12.0).reshape(4, 3)
+
+
+def model(x):
+    x = fx.nn.BatchNorm()(x)
+    return fx.nn.Dropout(0.5)(x)
+
+
+T = fx.transform(model)
+V = T.init(KEY, X)
+
+
+def counter():
+    n = fx.local_state("n", lambda: jnp.zeros((), jnp.int32))
+    n.set(n.get() + 1)
+    return n.get()
+
+
+def test_train_preset_equals_the_options_one_by_one():
+    preset = fx.handlers.train(jax.random.key(1), mutable=["batch_stats"])
+    y, updates = T.apply(V, X, handlers=preset)
+    y2, updates2 = T.apply(V, X, training=True, rngs=jax.random.key(1), mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, y2)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, updates, updates2))
+    assert sorted(updates) == ["batch_stats"]
+
+
+def test_train_preset_without_mutable_leaves_it_to_apply():
+    preset = fx.handlers.train(KEY)
+    with pytest.raises(fx.FrozenStateError, match="batch_stats"):
+        T.apply(V, X, handlers=preset)
+    y, updates = T.apply(V, X, mutable=["batch_stats"], handlers=preset)
+    assert sorted(updates) == ["batch_stats"]
+
+
+def test_eval_preset_returns_only_the_output_and_uses_running_stats():
+    y = T.apply(V, X, handlers=fx.handlers.eval())
+    assert isinstance(y, jax.Array)
+    np.testing.assert_allclose(y, T.apply(V, X, training=False), atol=1e-6)
+    np.testing.assert_allclose(y, X / np.sqrt(1 + 1e-5), atol=1e-5)  # initial running stats, no dropout
+
+
+def test_eval_preset_draws_no_randomness():
+    t = fx.transform(lambda: fx.next_key("noise"))
+    with pytest.raises(fx.MissingRngError, match="key draw from stream 'noise' at `<root>` under the eval preset"):
+        t.apply({}, handlers=fx.handlers.eval())
+    with pytest.raises(fx.MissingRngError, match="eval preset"):
+        fx.transform(lambda: fx.stream_key("noise")).apply({}, handlers=fx.handlers.eval())
+
+
+def test_eval_preset_writes_no_state():
+    t = fx.transform(counter)
+    v = t.init(None)
+    with pytest.raises(fx.FrozenStateError, match="collection 'state' is frozen"):
+        t.apply(v, handlers=fx.handlers.eval())
+
+
+def test_presets_under_a_plain_handle_block():
+    with fx.handle(fx.handlers.train({"noise": KEY})):
+        assert fx.is_training()
+        key = fx.next_key("noise")
+    with fx.handle(fx.handlers.KeysFromRngs({"noise": KEY})):
+        expected = fx.next_key("noise")
+    assert jnp.array_equal(jax.random.key_data(key), jax.random.key_data(expected))
+
+    with fx.handle(fx.handlers.FunctionalState({}, mutable=True), fx.handlers.eval()):
+        assert not fx.is_training()
+        n = fx.local_state("n", lambda: 0.0)  # reading and creating is fine
+        assert n.get() == 0.0
+        with pytest.raises(fx.FrozenStateError, match="under the eval preset"):
+            n.set(1.0)
+        with pytest.raises(fx.MissingRngError, match="under the eval preset"):
+            fx.next_key("dropout")
+    with fx.handle(fx.handlers.KeysFromRngs(KEY), fx.handlers.eval()):
+        with pytest.raises(fx.MissingRngError):  # eval wins over keys outside it
+            fx.next_key()
+
+
+def test_same_model_train_then_eval_is_a_one_line_swap():
+    step = jax.jit(lambda v, x, k: T.apply(v, x, handlers=fx.handlers.train(k, mutable=["batch_stats"])))
+    evaluate = jax.jit(lambda v, x: T.apply(v, x, handlers=fx.handlers.eval()))
+    _, updates = step(V, X, KEY)
+    v = {**V, **updates}
+    assert not np.allclose(v["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
+    np.testing.assert_allclose(evaluate(v, X), T.apply(v, X, training=False), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        (dict(training=False), "training=False"),
+        (dict(rngs=jax.random.key(3)), "rngs="),
+        (dict(mutable=["state"]), "mutable=\\['state'\\]"),
+    ],
+)
+def test_a_conflicting_explicit_argument_raises(kwargs, what):
+    with pytest.raises(fx.EffaxError, match=f"{what}.* conflicts with the preset fx.handlers.train"):
+        T.apply(V, X, handlers=fx.handlers.train(KEY, mutable=["batch_stats"]), **kwargs)
+
+
+def test_eval_conflicts_with_rngs_mutable_and_training():
+    for kwargs in (dict(rngs=KEY), dict(mutable=True), dict(training=True)):
+        with pytest.raises(fx.EffaxError, match=r"conflicts with the preset fx.handlers.eval\(\)"):
+            T.apply(V, X, handlers=fx.handlers.eval(), **kwargs)
+
+
+def test_agreeing_explicit_arguments_are_fine():
+    preset = fx.handlers.train(KEY, mutable=["batch_stats"])
+    y, _ = T.apply(V, X, training=True, rngs=preset.rngs, mutable="batch_stats", handlers=preset)
+    assert y.shape == X.shape
+    assert T.apply(V, X, training=False, mutable=False, handlers=fx.handlers.eval()).shape == X.shape
+
+
+def test_one_preset_per_run():
+    with pytest.raises(fx.EffaxError, match="2 presets"):
+        T.apply(V, X, handlers=[fx.handlers.eval(), [fx.handlers.train(KEY)]])
+
+
+def test_presets_sit_among_other_handlers():
+    t = fx.transform(lambda: fx.side_input("scale") * (2.0 if fx.is_training() else 1.0))
+    side = fx.handlers.SideInputs({"scale": 3.0})
+    assert t.apply({}, handlers=[side, fx.handlers.eval()]) == 3.0
+    assert t.apply({}, handlers=(fx.handlers.train(None), side)) == 6.0
+
+
+def test_init_takes_the_preset_mode_and_rngs():
+    def f():
+        return fx.param("w", jax.nn.initializers.zeros, (2 if fx.is_training() else 3,))
+
+    t = fx.transform(f)
+    assert t.init(KEY)["params"]["w"].shape == (3,)
+    assert t.init(KEY, handlers=fx.handlers.eval())["params"]["w"].shape == (3,)  # init still draws param keys
+    assert t.init(None, handlers=fx.handlers.train(KEY))["params"]["w"].shape == (2,)
+    with pytest.raises(fx.EffaxError, match="training=False conflicts"):
+        t.init(KEY, training=False, handlers=fx.handlers.train(KEY))
+    with pytest.raises(fx.EffaxError, match="rngs=.* conflicts"):
+        t.init(jax.random.key(5), handlers=fx.handlers.train(KEY))
+
+
+def test_init_with_the_train_preset_returns_initial_state():
+    v = fx.transform(counter).init(None, handlers=fx.handlers.train(None))
+    assert int(v["state"]["n"]) == 0
+
+
+def test_preset_is_a_tuple_of_handlers_with_its_options():
+    preset = fx.handlers.train(KEY, mutable=("b", "a"))
+    assert isinstance(preset, fx.handlers.Preset) and isinstance(preset, tuple)
+    assert preset.training and preset.mutable == frozenset({"a", "b"}) and preset.rngs is KEY
+    assert [type(h).__name__ for h in preset] == ["Mode", "KeysFromRngs"]
+    assert repr(preset).endswith("mutable=('a', 'b'))")
+    assert repr(fx.handlers.eval()) == "fx.handlers.eval()"
+    with pytest.raises(fx.InvalidNameError, match="params"):
+        fx.handlers.train(KEY, mutable=["params"])

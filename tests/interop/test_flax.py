@@ -1,0 +1,325 @@
+"""`fx.from_flax`: Flax linen modules run inside effax models, equal to `module.apply` on the same variables."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
+
+import effax as fx
+from effax.handlers._random import fold, h_path
+from effax.interop import _flax
+from tests.interop.flax_modules import (
+    Attention,
+    AutoEncoder,
+    Block,
+    ConvNet,
+    Losses,
+    Partitioned,
+    RematBlock,
+    ScanStack,
+    VmapJitShare,
+)
+
+K, KD = jax.random.key(0), jax.random.key(1)
+X = jax.random.normal(jax.random.key(2), (4, 5))
+IMAGES = jax.random.normal(jax.random.key(3), (2, 6, 6, 3))
+TOKENS = jax.random.normal(jax.random.key(4), (2, 4, 6))
+
+
+def assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+
+# module, input, static kwargs, collections it updates in train
+CASES = {
+    "dense-batchnorm-dropout-sow": (Block(), X, "train", ["batch_stats"]),
+    "conv-layernorm-batchnorm": (ConvNet(), IMAGES, "train", ["batch_stats"]),
+    "self-attention": (Attention(), TOKENS, "train", []),
+    "scan-stack": (ScanStack(), X, None, ["batch_stats"]),
+    "remat-block": (RematBlock(), X, "train", ["batch_stats"]),
+    "vmap-jit-share-scope": (VmapJitShare(), X, None, []),
+}
+
+
+def run_both(module, x, variables, *, mutable, rngs=None, **kwargs):
+    t = fx.transform(fx.from_flax(module))
+    ours = t.apply(variables, x, rngs=rngs, mutable=mutable, **kwargs)
+    theirs = module.apply(variables, x, rngs=rngs, mutable=mutable, **kwargs)
+    return ours, theirs
+
+
+MODES = [(case, train) for case in sorted(CASES) for train in (False, True) if train or CASES[case][2]]
+
+
+@pytest.mark.parametrize(("case", "train"), MODES, ids=[f"{c}-{'train' if t else 'eval'}" for c, t in MODES])
+def test_outputs_and_updates_equal_flax_on_the_same_variables(case, train):
+    module, x, flag, updated = CASES[case]
+    kwargs = {flag: train} if flag else {}
+    variables = module.init(K, x, **kwargs)
+    if train:
+        ours, theirs = run_both(module, x, variables, mutable=updated or False, rngs={"dropout": KD}, **kwargs)
+    else:
+        ours, theirs = run_both(module, x, variables, mutable=False, **kwargs)
+    assert_same(ours, theirs)
+    if train and updated:
+        assert set(ours[1]) == set(updated)
+
+
+def test_init_at_the_root_equals_flax_init():
+    t = fx.transform(fx.from_flax(Block()))
+    ours = t.init(K, X, train=False)
+    assert_same(ours, Block().init(K, X, train=False))
+    assert "intermediates" not in ours  # sown values are outputs, never state
+
+
+def test_init_nested_uses_the_params_key_at_the_module_scope():
+    block = fx.from_flax(ConvNet(), name="conv")
+
+    def model(x):
+        with fx.scope("body"):
+            return block(x, train=False)
+
+    got = fx.transform(model).init(K, IMAGES)
+    expected = ConvNet().init(fold(K, h_path(("body", "conv"))), IMAGES, train=False)
+    assert_same({c: v["body"]["conv"] for c, v in got.items()}, expected)
+
+
+def test_nested_in_scopes_next_to_effax_params_with_the_documented_keys():
+    block = fx.from_flax(Block(), name="block")
+
+    def model(x):
+        w = fx.param("w", jax.nn.initializers.ones, (x.shape[-1],))
+        with fx.scope("encoder"):
+            return block(x * w, train=fx.is_training())
+
+    t = fx.transform(model)
+    variables = t.init(K, X)
+    assert set(variables["params"]) == {"w", "encoder"}
+    inner = {c: v["encoder"]["block"] for c, v in variables.items() if c != "params"}
+    inner["params"] = variables["params"]["encoder"]["block"]
+    out, updates = t.apply(variables, X, training=True, rngs={"dropout": KD}, mutable=["batch_stats"])
+    nested_key = fold(KD, h_path(("encoder", "block")))
+    expected, flax_updates = Block().apply(inner, X, train=True, rngs={"dropout": nested_key}, mutable=["batch_stats"])
+    assert_same(out, expected)
+    assert_same(updates["batch_stats"]["encoder"]["block"], flax_updates["batch_stats"])
+
+
+def test_dropout_key_is_the_users_key_at_the_root():
+    t = fx.transform(fx.from_flax(nn.Dropout(0.5, deterministic=False)))
+    ours = t.apply({}, X, rngs={"dropout": KD})
+    assert_same(ours, nn.Dropout(0.5, deterministic=False).apply({}, X, rngs={"dropout": KD}))
+    # a raw PRNGKey works as well, giving the same mask
+    raw = jax.random.key_data(KD)
+    assert_same(t.apply({}, X, rngs={"dropout": raw}), ours)
+
+
+def test_sown_values_come_back_through_fx_sow():
+    module = Block()
+    variables = module.init(K, X, train=False)
+    ours, theirs = run_both(module, X, variables, mutable=["intermediates"], train=False)
+    assert_same(ours, theirs)
+    assert set(ours[1]) == {"intermediates"}
+    # not collected: only the output, as Flax
+    assert_same(fx.transform(fx.from_flax(module)).apply(variables, X, train=False), theirs[0])
+
+    def nested(x):
+        with fx.scope("outer"):
+            return fx.from_flax(module)(x, train=False)
+
+    _, sown = fx.transform(nested).apply(
+        {c: {"outer": v} for c, v in variables.items()}, X, mutable="intermediates"
+    )
+    assert_same(sown["intermediates"]["outer"], theirs[1]["intermediates"])
+
+
+def test_custom_sown_collection_and_custom_state_collection():
+    module = Losses()
+    t = fx.transform(fx.from_flax(module))
+    variables = t.init(K, X)
+    assert set(variables) == {"params", "counters"}  # 'losses' holds tuples: sown, not state
+    flax_variables = {c: v for c, v in module.init(K, X).items() if c != "losses"}
+    assert_same(variables, flax_variables)
+    ours, theirs = run_both(module, X, variables, mutable=["counters", "losses"])
+    assert_same(ours, theirs)
+    assert int(ours[1]["counters"]["calls"]) == 1
+
+
+def test_methods_other_than_call():
+    module = AutoEncoder()
+    f = fx.from_flax(module)
+    t = fx.transform(lambda x: f(f(x, method="encode"), method=AutoEncoder.decode))
+    variables = t.init(K, X)
+    assert set(variables["params"]) == {"encoder", "decoder"}
+    assert_same(t.apply(variables, X), module.apply(variables, X))
+    z = fx.transform(lambda x: f(x, method="encode")).apply(variables, X)
+    assert_same(z, module.apply(variables, X, method="encode"))
+
+
+def test_python_bool_arguments_stay_static_under_jit():
+    module = Block()
+    t = fx.transform(fx.from_flax(module))
+    variables = t.init(K, X, train=False)
+    expected = module.apply(variables, X, train=True, rngs={"dropout": KD}, mutable=["batch_stats"])
+    step = jax.jit(lambda v, x: t.apply(v, x, train=True, rngs={"dropout": KD}, mutable=["batch_stats"]))
+    assert_same(step(variables, X), expected)
+    static = jax.jit(t.apply, static_argnames=("train", "mutable"))
+    assert_same(static(variables, X, train=True, rngs={"dropout": KD}, mutable=("batch_stats",)), expected)
+    positional = fx.transform(fx.from_flax(RematBlock()))
+    v = positional.init(K, X, True)
+    assert_same(jax.jit(lambda v, x: positional.apply(v, x, False))(v, X), RematBlock().apply(v, X, False))
+
+
+def test_gradients_flow_and_equal_flax_gradients():
+    module = Block()
+    t = fx.transform(fx.from_flax(module))
+    variables = t.init(K, X, train=False)
+
+    def loss(apply):
+        def of(params):
+            v = {**variables, "params": params}
+            out, _ = apply(v, X, train=True, rngs={"dropout": KD}, mutable=["batch_stats"])
+            return jnp.sum(out**2)
+
+        return of
+
+    g = jax.grad(loss(t.apply))(variables["params"])
+    assert_same(g, jax.grad(loss(module.apply))(variables["params"]))
+    assert any(float(jnp.abs(leaf).sum()) > 0 for leaf in jax.tree.leaves(g))
+
+
+def test_calling_twice_at_one_scope_shares_weights_and_threads_state():
+    module = ConvNet()
+    f = fx.from_flax(module)
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            inner = ConvNet(name="inner")
+            return inner(x[..., :3].repeat(1, -1), train=True), inner(x, train=True)
+
+    t = fx.transform(lambda x: (f(x[..., :3].repeat(1, -1), train=True), f(x, train=True)))
+    variables = t.init(K, IMAGES)
+    ours = t.apply(variables, IMAGES, mutable=["batch_stats"])
+    theirs = Twice().apply({c: {"inner": v} for c, v in variables.items()}, IMAGES, mutable=["batch_stats"])
+    assert_same(ours[0], theirs[0])
+    assert_same(ours[1]["batch_stats"], theirs[1]["batch_stats"]["inner"])
+
+
+def test_a_frozen_collection_that_flax_writes_raises_frozen_state_error():
+    t = fx.transform(fx.from_flax(Block()))
+    variables = t.init(K, X, train=False)
+    with pytest.raises(fx.FrozenStateError, match=r"(?s)`<root>`.*'batch_stats'.*mutable=\['batch_stats'\]"):
+        t.apply(variables, X, train=True, rngs={"dropout": KD})
+
+
+def test_a_missing_stream_raises_missing_rng_error_without_falling_back_to_params():
+    t = fx.transform(fx.from_flax(Block()))
+    variables = t.init(K, X, train=False)
+    with pytest.raises(fx.MissingRngError, match=r"(?s)'dropout'.*\['params'\]"):
+        t.apply(variables, X, train=True, rngs={"params": KD}, mutable=["batch_stats"])
+    # eval draws nothing, so needs no rngs
+    assert_same(t.apply(variables, X, train=False), Block().apply(variables, X, train=False))
+
+
+def test_flax_variables_load_unchanged_and_pass_check_variables():
+    module = ScanStack()
+    variables = module.init({"params": K, "dropout": KD}, X)
+    t = fx.transform(fx.from_flax(module))
+    report = fx.check_variables(t, variables, X)
+    assert report.ok, str(report)
+    spec = lambda f: jax.tree.map(lambda a: (a.shape, a.dtype), jax.eval_shape(f, {"params": K, "dropout": KD}, X))
+    assert spec(t.init) == spec(module.init)
+
+
+def test_init_apply_agreement():
+    t = fx.transform(fx.from_flax(Block()))
+    out, variables = t.init_with_output(K, X, train=True)
+    again, _ = t.apply(variables, X, train=True, rngs=K, mutable=True)
+    assert_same(out, again)
+
+
+def test_partitioned_params_are_unboxed_and_keep_their_logical_axes():
+    seen = {}
+
+    class Record(fx.Handler):
+        def handle(self, request, forward):
+            if isinstance(request, fx.ParamRequest):
+                seen[request.path] = request.axes
+            return forward(request)
+
+    t = fx.transform(fx.from_flax(Partitioned()))
+    variables = t.init(K, X, handlers=[Record()])
+    assert seen[("Dense_0", "kernel")] == ("embed", "mlp")
+    assert seen[("Dense_0", "bias")] is None
+    assert_same(variables, nn.unbox(Partitioned().init(K, X)))
+
+
+def test_the_structure_is_traced_once_per_signature():
+    traces = []
+
+    class Counting(nn.Module):
+        @nn.compact
+        def __call__(self, x, scale: float):
+            traces.append(x.shape)
+            return nn.Dense(2)(x) * scale
+
+    f = fx.transform(fx.from_flax(Counting()))
+    variables = f.init(K, X, 2.0)
+    traces.clear()
+    f.apply(variables, X, 2.0)
+    f.apply(variables, X + 1, 2.0)
+    assert len(traces) == 2  # one apply each: the abstract init is memoized
+    f.apply(variables, X, 3.0)  # a new static value is a new signature
+    assert len(traces) == 4
+
+
+def test_refuses_what_it_cannot_run():
+    with pytest.raises(fx.EffaxError, match="fx.from_nnx"):
+        fx.from_flax(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(fx.EffaxError, match="linen module"):
+        fx.from_flax(lambda x: x)
+    with pytest.raises(fx.InvalidNameError, match="'a/b'"):
+        fx.from_flax(nn.Dense(2), name="a/b")
+    bound = nn.Dense(2).bind(nn.Dense(2).init(K, X))
+    with pytest.raises(fx.EffaxError, match="unbound"):
+        fx.from_flax(bound)
+
+
+def test_non_array_params_are_refused_with_the_path():
+    class TupleParam(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            a, b = self.param("pair", lambda k: (jnp.ones(2), jnp.zeros(2)))
+            return x[..., :2] * a + b
+
+    with pytest.raises(fx.EffaxError, match="`pair`.*tuple"):
+        fx.transform(fx.from_flax(TupleParam())).init(K, X)
+
+
+def test_memo_is_bounded():
+    assert len(_flax._SPECS) <= _flax._CACHE_SIZE
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    batch=st.sampled_from([1, 3]),
+    features=st.sampled_from([2, 5]),
+    scale=st.floats(0.1, 10.0),
+    train=st.booleans(),
+)
+def test_law_9_from_flax_returns_what_module_apply_returns(seed, batch, features, scale, train):
+    """Law 9: a Flax module run through `from_flax` returns what `module.apply` returns on the same variables."""
+    module = Block()
+    key = jax.random.key(seed)
+    x = scale * jax.random.normal(key, (batch, features))
+    variables = module.init(jax.random.fold_in(key, 1), x, train=False)
+    rngs = {"dropout": jax.random.fold_in(key, 2)} if train else None
+    mutable = ["batch_stats", "intermediates"] if train else False
+    ours, theirs = run_both(module, x, variables, mutable=mutable, rngs=rngs, train=train)
+    assert_same(ours, theirs)

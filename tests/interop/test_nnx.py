@@ -1,0 +1,177 @@
+"""`fx.from_nnx`: Flax NNX modules run inside effax models, equal to calling the NNX module."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import effax as fx
+from effax.handlers._random import fold, h_path
+
+X = jax.random.normal(jax.random.key(2), (4, 3))
+KD = jax.random.key(7)
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, momentum=0.5, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)])
+
+    def __call__(self, x):
+        h = self.drop(self.bn(self.lin(x)))
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def embed(self, x):
+        return self.lin(x)
+
+
+def assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+
+def reference(module, scope=()):
+    """A copy of `module` whose streams hold the keys `from_nnx` documents (count 0)."""
+    graphdef, state = nnx.split(nnx.clone(module))
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if isinstance(var, nnx.RngKey):
+            holder = scope + tuple(str(p) for p in path[:-1])
+            var = var.replace(fold(KD, h_path(holder)))
+        elif isinstance(var, nnx.RngCount):
+            var = var.replace(jnp.zeros_like(var.get_value()))
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def test_init_holds_the_modules_own_values_in_flax_collections():
+    net = Net(nnx.Rngs(params=0, dropout=1))
+    variables = fx.transform(fx.from_nnx(net)).init(jax.random.key(1), X)
+    assert set(variables) == {"params", "batch_stats"}
+    assert set(variables["params"]["layers"]) == {"0", "1"}
+    assert_same(variables["params"]["lin"]["kernel"], net.lin.kernel[...])
+    assert_same(variables["batch_stats"]["bn"]["var"], net.bn.var[...])
+
+
+def test_eval_output_equals_the_module_and_needs_no_rngs():
+    net = Net(nnx.Rngs(params=0, dropout=1))
+    net.eval()
+    t = fx.transform(fx.from_nnx(net))
+    variables = t.init(jax.random.key(1), X)
+    assert_same(t.apply(variables, X), net(X))
+    assert_same(jax.jit(t.apply)(variables, X), net(X))
+
+
+def test_train_output_and_batch_stats_equal_the_module_with_effax_keys():
+    net = Net(nnx.Rngs(params=0, dropout=1))
+    t = fx.transform(fx.from_nnx(net))
+    variables = t.init(jax.random.key(1), X)
+    out, updates = t.apply(variables, X, rngs={"dropout": KD}, mutable=["batch_stats"])
+    ref = reference(net)
+    assert_same(out, ref(X))
+    assert_same(updates["batch_stats"]["bn"]["mean"], ref.bn.mean[...])
+    assert not np.allclose(updates["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"])
+    # the module given is never mutated
+    assert_same(net.bn.mean[...], variables["batch_stats"]["bn"]["mean"])
+    assert int(net.drop.rngs.count[...]) == 0
+
+
+def test_nested_under_a_scope_and_name():
+    net = Net(nnx.Rngs(params=0, dropout=1))
+    f = fx.from_nnx(net, name="net")
+
+    def model(x):
+        with fx.scope("body"):
+            return f(x)
+
+    t = fx.transform(model)
+    variables = t.init(jax.random.key(1), X)
+    assert set(variables["params"]["body"]["net"]) == {"lin", "bn", "layers"}
+    out, _ = t.apply(variables, X, rngs={"dropout": KD}, mutable=True)
+    assert_same(out, reference(net, ("body", "net"))(X))
+
+
+def test_drawing_from_a_missing_stream_raises_missing_rng_error():
+    t = fx.transform(fx.from_nnx(Net(nnx.Rngs(params=0, dropout=1))))
+    variables = t.init(jax.random.key(1), X)
+    with pytest.raises(fx.MissingRngError, match=r"(?s)'dropout'.*`drop/rngs`"):
+        t.apply(variables, X, mutable=["batch_stats"])
+
+
+def test_writes_to_a_frozen_collection_are_dropped():
+    net = Net(nnx.Rngs(params=0, dropout=1))  # train mode: BatchNorm writes its stats
+    t = fx.transform(fx.from_nnx(net))
+    variables = t.init(jax.random.key(1), X)
+    out = t.apply(variables, X, rngs={"dropout": KD})
+    assert_same(out, reference(net)(X))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # NNX prefers nnx.capture to Module.sow
+def test_intermediates_come_back_through_fx_sow():
+    class Sowing(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            h = self.lin(x)
+            self.lin.sow(nnx.Intermediate, "h", h)
+            return 2 * h
+
+    module = Sowing()
+    t = fx.transform(fx.from_nnx(module))
+    variables = t.init(jax.random.key(1), X)
+    out, sown = t.apply(variables, X, mutable=["intermediates"])
+    assert_same(sown, {"intermediates": {"lin": {"h": (out / 2,)}}})
+
+
+def test_other_methods_and_gradients():
+    net = Net(nnx.Rngs(params=0, dropout=1))
+    net.eval()
+    f = fx.from_nnx(net)
+    t = fx.transform(lambda x: f(x, method="embed"))
+    variables = t.init(jax.random.key(1), X)
+    assert_same(t.apply(variables, X), net.embed(X))
+
+    def loss(params):
+        return jnp.sum(t.apply({**variables, "params": params}, X) ** 2)
+
+    grads = jax.grad(loss)(variables["params"])
+    kernel = net.lin.kernel[...]
+    expected = jax.grad(lambda k: jnp.sum((X @ k + net.lin.bias[...]) ** 2))(kernel)
+    assert_same(grads["lin"]["kernel"], expected)
+    assert_same(fx.transform(lambda x: f(x, method=type(net).embed)).apply(variables, X), net.embed(X))
+
+
+def test_sharding_names_become_logical_axes():
+    class Sharded(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((3, 2)), out_sharding=("embed", "mlp"), eager_sharding=False)
+
+        def __call__(self, x):
+            return x @ self.w[...]
+
+    seen = {}
+
+    class Record(fx.Handler):
+        def handle(self, request, forward):
+            if isinstance(request, fx.ParamRequest):
+                seen[request.path] = request.axes
+            return forward(request)
+
+    fx.transform(fx.from_nnx(Sharded())).init(jax.random.key(0), X, handlers=[Record()])
+    assert seen == {("w",): ("embed", "mlp")}
+
+
+def test_refuses_what_it_cannot_run():
+    import flax.linen as nn
+
+    with pytest.raises(fx.EffaxError, match="fx.from_flax"):
+        fx.from_nnx(nn.Dense(2))
+    with pytest.raises(fx.InvalidNameError):
+        fx.from_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), name="")

@@ -1,0 +1,231 @@
+"""fx.nn.Module: auto-names, explicit names, weight sharing, per-run counters, routing."""
+
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import effax as fx
+from effax.core import current_names
+
+KEY = jax.random.key(0)
+X = jnp.ones((2, 3))
+
+
+def shapes(tree):
+    return jax.tree.map(jnp.shape, tree)
+
+
+def init_params(fn, *args, **kwargs):
+    return fx.transform(fn).init(KEY, *args, **kwargs)["params"]
+
+
+class Block(fx.nn.Module):
+    features: int = 4
+
+    def __call__(self, x):
+        x = fx.nn.Dense(self.features)(x)
+        return fx.nn.Dense(self.features)(jax.nn.relu(x))
+
+
+def test_auto_names_count_per_class_within_the_parent_scope():
+    def f(x):
+        x = fx.nn.Dense(4)(x)
+        x = fx.nn.LayerNorm()(x)
+        x = fx.nn.Dense(5)(x)
+        with fx.scope("head"):
+            return fx.nn.Dense(2)(x)
+
+    params = init_params(f, X)
+    assert sorted(params) == ["Dense_0", "Dense_1", "LayerNorm_0", "head"]
+    assert params["Dense_1"]["kernel"].shape == (4, 5)
+    assert list(params["head"]) == ["Dense_0"]
+
+
+def test_init_and_apply_give_identical_names_and_apply_runs_repeatedly():
+    t = fx.transform(lambda x: Block()(Block(3)(x)))
+    v = t.init(KEY, X)
+    assert shapes(v["params"]) == {
+        "Block_0": {"Dense_0": {"bias": (3,), "kernel": (3, 3)}, "Dense_1": {"bias": (3,), "kernel": (3, 3)}},
+        "Block_1": {"Dense_0": {"bias": (4,), "kernel": (3, 4)}, "Dense_1": {"bias": (4,), "kernel": (4, 4)}},
+    }
+    first = t.apply(v, X)
+    assert jnp.array_equal(t.apply(v, X), first)  # counters start fresh each run
+    assert jnp.array_equal(jax.jit(t.apply)(v, X), first)
+    assert fx.check_variables(t, v, X).ok
+
+
+def test_explicit_name_wins():
+    params = init_params(lambda x: fx.nn.Dense(2, name="out")(fx.nn.Dense(4)(x)), X)
+    assert sorted(params) == ["Dense_0", "out"]
+
+
+def test_explicit_name_is_validated():
+    with pytest.raises(fx.InvalidNameError, match="contains '/'"):
+        init_params(lambda x: fx.nn.Dense(2, name="a/b")(x), X)
+
+
+def test_same_instance_called_twice_shares_its_weights():
+    def f(x):
+        layer = fx.nn.Dense(3)
+        return layer(layer(x))
+
+    t = fx.transform(f)
+    v = t.init(KEY, X)
+    assert list(v["params"]) == ["Dense_0"]
+    w, b = v["params"]["Dense_0"]["kernel"], v["params"]["Dense_0"]["bias"]
+    assert jnp.allclose(t.apply(v, X), (X @ w + b) @ w + b)
+
+
+def test_same_instance_keeps_its_first_path_when_called_from_another_scope():
+    def f(x):
+        layer = fx.nn.Dense(3)
+        with fx.scope("a"):
+            x = layer(x)
+        with fx.scope("b"):
+            return layer(x)
+
+    assert list(init_params(f, X)) == ["a"]
+
+
+def test_a_module_called_twice_recreates_its_inline_layers_under_the_same_names():
+    def f(x):
+        block = Block(3)
+        return block(block(x))
+
+    t = fx.transform(f)
+    v = t.init(KEY, X)
+    assert list(v["params"]) == ["Block_0"]
+    assert sorted(v["params"]["Block_0"]) == ["Dense_0", "Dense_1"]  # not Dense_2, Dense_3
+    once = fx.transform(lambda x: Block(3)(x))
+    assert jnp.allclose(t.apply(v, X), once.apply(v, once.apply(v, X)))
+
+
+def test_two_methods_creating_inline_layers_do_not_share_by_accident():
+    class AutoEncoder(fx.nn.Module):
+        def encode(self, x):
+            return fx.nn.Dense(2)(x)
+
+        def decode(self, z):
+            return fx.nn.Dense(2)(z)
+
+        def __call__(self, x):
+            return self.decode(self.encode(x))
+
+    def f(x):
+        ae = AutoEncoder()
+        return ae.decode(ae.encode(x)), ae.encode(x)
+
+    params = init_params(f, X)
+    assert sorted(params["AutoEncoder_0"]) == ["Dense_0", "Dense_1"]
+    assert params["AutoEncoder_0"]["Dense_0"]["kernel"].shape == (3, 2)  # encode's, reused on its 2nd call
+    assert params["AutoEncoder_0"]["Dense_1"]["kernel"].shape == (2, 2)
+
+
+def test_a_method_calling_another_stays_in_the_same_scope():
+    class Twice(fx.nn.Module):
+        def inner(self, x):
+            return fx.param("w", jax.nn.initializers.ones, (x.shape[-1],)) * x
+
+        def __call__(self, x):
+            return self.inner(self.inner(x))
+
+    assert shapes(init_params(lambda x: Twice()(x), X)) == {"Twice_0": {"w": (3,)}}
+
+
+def test_subclass_calling_super_stays_in_the_same_scope():
+    class Scaled(fx.nn.Dense):
+        def __call__(self, x):
+            return 2.0 * super().__call__(x)
+
+    assert shapes(init_params(lambda x: Scaled(2)(x), X)) == {"Scaled_0": {"bias": (2,), "kernel": (3, 2)}}
+
+
+def test_names_under_a_plain_handle_block_count_across_the_block():
+    with fx.handle(fx.handlers.InitParams(KEY)) as (run,):
+        fx.nn.Dense(4)(X)
+        fx.nn.Dense(2)(jnp.ones((2, 4)))
+    assert sorted(run.params) == ["Dense_0", "Dense_1"]
+    assert current_names() is None
+
+
+def test_a_nested_transform_is_a_run_of_its_own():
+    inner = fx.transform(lambda x: fx.nn.Dense(2)(x))
+
+    def outer(x):
+        fx.nn.Dense(3)(x)
+        return inner.init(KEY, x)["params"]
+
+    assert list(fx.transform(outer).init_with_output(KEY, X)[0]) == ["Dense_0"]
+
+
+def test_module_without_params_runs_outside_any_run():
+    y = fx.nn.Sequential([jax.nn.relu, jnp.negative])(jnp.array([-1.0, 2.0]))
+    assert jnp.array_equal(y, jnp.array([0.0, -2.0]))
+    assert current_names() is None
+
+
+def test_modules_are_frozen_dataclasses_with_a_keyword_only_name():
+    layer = fx.nn.Dense(3, name="d")
+    assert dataclasses.is_dataclass(layer) and (layer.features, layer.name) == (3, "d")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.features = 4
+    with pytest.raises(TypeError):
+        fx.nn.Dense(3, True, None, jnp.float32, None, None, "d")  # name is keyword-only
+    assert fx.nn.Dense(3) != fx.nn.Dense(3)  # identity, so two equal configs are two layers
+
+
+def test_function_valued_fields_are_not_wrapped_as_methods():
+    init = jax.nn.initializers.ones
+    layer = fx.nn.Dense(2, kernel_init=init)
+    assert layer.kernel_init is init
+    assert fx.nn.Dense(2).kernel_init(KEY, (1, 1), jnp.float32).shape == (1, 1)
+
+
+def test_every_module_call_goes_through_one_method(monkeypatch):
+    seen = []
+    original = fx.nn.Module._call
+
+    def spy(self, method, fn, args, kwargs):
+        seen.append((type(self).__name__, method))
+        return original(self, method, fn, args, kwargs)
+
+    monkeypatch.setattr(fx.nn.Module, "_call", spy)
+
+    def f(tokens):
+        embed = fx.nn.Embed(5, 3)
+        return embed.attend(fx.nn.MLP([3])(embed(tokens)))
+
+    init_params(f, jnp.array([1, 2]))
+    assert seen == [("Embed", "__call__"), ("MLP", "__call__"), ("Dense", "__call__"), ("Embed", "attend")]
+
+
+def test_names_do_not_leak_between_threads():
+    t = fx.transform(lambda x: Block()(x))
+    results = []
+
+    def work():
+        results.append(sorted(t.init(KEY, X)["params"]["Block_0"]))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results == [["Dense_0", "Dense_1"]] * 4
+
+
+def test_a_raising_module_restores_the_naming_state():
+    class Boom(fx.nn.Module):
+        def __call__(self, x):
+            raise RuntimeError("boom")
+
+    def f(x):
+        with pytest.raises(RuntimeError):
+            Boom()(x)
+        assert fx.current_path() == ()
+        return fx.nn.Dense(2)(x)
+
+    assert list(init_params(f, X)) == ["Dense_0"]

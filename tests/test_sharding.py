@@ -1,0 +1,155 @@
+"""fx.sharding: logical axes follow the rules, trees mirror the variables, sharded init places each param."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import effax as fx
+from effax.sharding import ShardingError, logical_to_spec
+
+init = jax.nn.initializers
+RULES = [("batch", "data"), ("embed", None), ("mlp", "model"), ("heads", "model")]
+
+
+def model(x):
+    with fx.scope("up"):
+        w = fx.param("kernel", init.lecun_normal(), (x.shape[-1], 8), axes=("embed", "mlp"))
+        b = fx.param("bias", init.zeros, (8,), axes=("mlp",))
+    with fx.scope("down"):
+        v = fx.param("kernel", init.lecun_normal(), (8, x.shape[-1]), axes=("mlp", "embed"))
+    n = fx.local_state("count", lambda: jnp.zeros((), jnp.int32))
+    n.set(n.get() + 1)
+    scale = fx.param("scale", init.ones, (x.shape[-1],))  # no axes: replicated
+    return jax.nn.relu(x @ w + b) @ v * scale
+
+
+X = jnp.ones((4, 6))
+
+
+def mesh_1x1():
+    return jax.make_mesh((1, 1), ("data", "model"))
+
+
+def test_spec_follows_rules_in_order():
+    assert logical_to_spec(("batch", "embed"), RULES) == P("data", None)
+    assert logical_to_spec(("embed", "mlp"), dict(RULES)) == P(None, "model")
+    assert logical_to_spec(None, RULES) == P()
+    assert logical_to_spec(("mlp", None), RULES) == P("model", None)
+    # a mesh axis serves one dim only: the second dim wanting "model" is replicated (Flax's rule)
+    assert logical_to_spec(("mlp", "heads"), RULES) == P("model", None)
+    # a later rule for the same name is the fallback when the first one's mesh axis is taken
+    rules = [("heads", "model"), ("mlp", "model"), ("mlp", "data")]
+    assert logical_to_spec(("mlp", "heads"), rules) == P("data", "model")
+    assert logical_to_spec(("mlp",), [("mlp", ("data", "model"))]) == P(("data", "model"))
+
+
+def test_unknown_logical_axis_is_an_error():
+    with pytest.raises(ShardingError, match=r"logical axis 'hidden'.*\('hidden', None\)"):
+        logical_to_spec(("batch", "hidden"), RULES)
+
+
+def test_rule_naming_a_missing_mesh_axis_is_an_error():
+    with pytest.raises(ShardingError, match=r"mesh axis 'tensor'.*\('data', 'model'\)"):
+        logical_to_spec(("mlp",), [("mlp", "tensor")], mesh=mesh_1x1())
+
+
+def test_malformed_rule_is_an_error():
+    with pytest.raises(ShardingError, match="not a pair"):
+        logical_to_spec(("mlp",), ["mlp"])
+
+
+def test_logical_to_mesh_mirrors_the_variables():
+    t = fx.transform(model)
+    mesh = mesh_1x1()
+    shardings = fx.sharding.logical_to_mesh(fx.summary(t, X), mesh, RULES)
+    abstract = jax.eval_shape(t.init, jax.random.key(0), X)
+    assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
+    params = shardings["params"]
+    assert params["up"]["kernel"] == NamedSharding(mesh, P(None, "model"))
+    assert params["up"]["bias"].spec == P("model")
+    assert params["down"]["kernel"].spec == P("model", None)
+    assert params["scale"].spec == P()
+    assert shardings["state"]["count"].spec == P()
+    variables = jax.jit(t.init, out_shardings=shardings)(jax.random.key(0), X)
+    assert variables["params"]["up"]["kernel"].sharding == params["up"]["kernel"]
+
+
+def test_inventory_and_axes_trees_give_the_same_shardings():
+    t = fx.transform(model)
+    mesh = mesh_1x1()
+    expected = fx.sharding.logical_to_mesh(fx.summary(t, X), mesh, RULES)
+    assert fx.sharding.logical_to_mesh(fx.effects_of(t, X), mesh, RULES) == expected
+    axes = fx.sharding.logical_axes(fx.summary(t, X))
+    assert axes["params"]["up"]["kernel"] == P("embed", "mlp")
+    assert fx.sharding.logical_to_mesh(axes, mesh, RULES) == expected
+    plain = {"params": {"w": ("embed", "mlp"), "b": None}}
+    out = fx.sharding.logical_to_mesh(plain, mesh, RULES)
+    assert (out["params"]["w"].spec, out["params"]["b"].spec) == (P(None, "model"), P())
+
+
+def test_abstract_arrays_without_axes_are_refused():
+    abstract = jax.eval_shape(fx.transform(model).init, jax.random.key(0), X)
+    with pytest.raises(ShardingError, match=r"do not carry logical axes.*fx.summary"):
+        fx.sharding.logical_to_mesh(abstract, mesh_1x1(), RULES)
+
+
+def test_error_names_the_param_path():
+    def f(x):
+        return x @ fx.param("w", init.ones, (6, 2), axes=("embed", "vocab"))
+
+    with pytest.raises(ShardingError, match=r"variable `params:w` has logical axis 'vocab'"):
+        fx.sharding.logical_to_mesh(fx.summary(fx.transform(f), X), mesh_1x1(), RULES)
+
+
+EIGHT_DEVICES = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    import effax as fx
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from tests.test_sharding import RULES, X, model
+
+    assert len(jax.devices()) == 8
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    t = fx.transform(model)
+    x = jnp.ones((8, 6))
+    shardings = fx.sharding.logical_to_mesh(fx.summary(t, x), mesh, RULES)
+    variables = jax.jit(t.init, out_shardings=shardings)(jax.random.key(0), x)
+    reference = jax.jit(t.init)(jax.random.key(0), x)
+    for (path, a), s, r in zip(jax.tree.leaves_with_path(variables), jax.tree.leaves(shardings),
+                               jax.tree.leaves(reference)):
+        assert a.sharding == s, (path, a.sharding, s)
+        assert {sh.data.shape for sh in a.addressable_shards} == {s.shard_shape(a.shape)}, path
+        assert np.array_equal(np.asarray(a), np.asarray(r)), path
+    kernel = variables["params"]["up"]["kernel"]
+    assert {sh.data.shape for sh in kernel.addressable_shards} == {(6, 4)}  # half of (6, 8) per device
+
+    def odd(x):
+        return x @ fx.param("w", jax.nn.initializers.ones, (6, 7), axes=("embed", "mlp"))
+    try:
+        fx.sharding.logical_to_mesh(fx.summary(fx.transform(odd), x), mesh, RULES)
+    except fx.sharding.ShardingError as e:
+        assert "dimension 1 (logical axis 'mlp') has size 7" in str(e), e
+    else:
+        raise AssertionError("no error for a dimension that does not divide")
+    print("OK")
+    """
+)
+
+
+def run_on_eight_devices(script):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
+def test_sharded_init_on_eight_devices():
+    run_on_eight_devices(EIGHT_DEVICES)

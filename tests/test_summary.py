@@ -1,0 +1,143 @@
+"""fx.summary: rows by path and kind, real counts, totals, tied params marked, nothing allocated."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import effax as fx
+
+init = jax.nn.initializers
+
+
+def model(x):
+    with fx.scope("enc"):
+        w = fx.param("w", init.lecun_normal(), (3, 4), axes=("embed", "mlp"))
+        b = fx.param("b", init.zeros, (4,), jnp.bfloat16)
+    stats = fx.local_state("stats", lambda: (jnp.zeros(4), jnp.zeros((), jnp.int32)), collection="batch_stats")
+    y = x @ w + b
+    if fx.is_training():
+        stats.set((y.mean(0), stats.get()[1] + 1))
+        with fx.scope("drop"):
+            y = y * jax.random.bernoulli(fx.next_key("dropout"), 0.5, y.shape)
+            fx.next_key("dropout")
+    fx.sow("h", y)
+    return y * fx.side_input("scale", default=jnp.ones(4))
+
+
+X = jnp.ones((2, 3))
+
+
+def by_path(summary):
+    return {(e.kind, "/".join(e.path)): e for e in summary.entries}
+
+
+def test_rows_cover_every_kind_with_shapes_dtypes_and_sizes():
+    s = fx.summary(fx.transform(model), X, training=True)
+    rows = by_path(s)
+    assert set(rows) == {
+        ("param", "enc/w"), ("param", "enc/b"), ("state", "stats/0"), ("state", "stats/1"),
+        ("rng", "drop"), ("sow", "h"), ("side input", "scale"),
+    }
+    w, b = rows["param", "enc/w"], rows["param", "enc/b"]
+    assert (w.shape, w.dtype, w.size, w.nbytes, w.axes) == ((3, 4), jnp.float32, 12, 48, ("embed", "mlp"))
+    assert (b.dtype, b.nbytes) == (jnp.bfloat16, 8)
+    assert rows["state", "stats/1"].collection == "batch_stats"
+    assert (rows["rng", "drop"].collection, rows["rng", "drop"].uses) == ("dropout", 2)
+    assert (rows["sow", "h"].collection, rows["sow", "h"].shape) == ("intermediates", (2, 4))
+    assert rows["side input", "scale"].shape == (4,)
+    assert (s.param_count, s.param_bytes, s.state_count, s.state_bytes) == (16, 56, 5, 20)
+    assert s.totals() == {"params": (16, 56), "batch_stats": (5, 20)}
+
+
+def test_eval_mode_draws_no_keys():
+    kinds = {e.kind for e in fx.summary(fx.transform(model), X).entries}
+    assert "rng" not in kinds
+
+
+def test_text_table():
+    text = str(fx.summary(fx.transform(model), X, training=True))
+    lines = text.splitlines()
+    assert lines[0].split() == ["path", "kind", "collection", "shape", "dtype", "size", "bytes", "note"]
+    row = next(line for line in lines if line.startswith("enc/w"))
+    assert row.split()[:8] == ["enc/w", "param", "params", "(3,", "4)", "float32", "12", "48"]
+    assert "axes (embed, mlp)" in row
+    assert "2 draws" in next(line for line in lines if line.startswith("drop"))
+    assert "total params: 16 (56 B)" in lines
+    assert "total batch_stats: 5 (20 B)" in lines
+    assert repr(fx.summary(fx.transform(model), X)) == str(fx.summary(fx.transform(model), X))
+
+
+def test_counts_and_variables_equal_real_init():
+    t = fx.transform(lambda x: fx.nn.MLP([32, 16, 4])(x))
+    s = fx.summary(t, X)
+    variables = jax.jit(t.init)(jax.random.key(0), X)
+    assert s.param_count == sum(a.size for a in jax.tree.leaves(variables["params"]))
+    assert s.param_bytes == sum(a.nbytes for a in jax.tree.leaves(variables["params"]))
+    assert s.variables == jax.eval_shape(t.init, jax.random.key(0), X)
+
+
+def test_state_variables_equal_real_init():
+    t = fx.transform(model)
+    assert fx.summary(t, X).variables == jax.eval_shape(t.init, jax.random.key(0), X)
+
+
+def test_allocates_nothing():
+    """A 4 TiB param: any concrete allocation would fail; the summary only reads shapes."""
+
+    def huge(x):
+        return x @ fx.param("w", init.normal(), (1 << 20, 1 << 20))[:3, :3]
+
+    s = fx.summary(fx.transform(huge), jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    assert s.param_count == 1 << 40
+    assert "4.0 TiB" in str(s)
+
+
+def test_abstract_inputs_and_static_arguments():
+    def f(x, width):
+        return x @ fx.param("w", init.ones, (x.shape[-1], width))
+
+    s = fx.summary(fx.transform(f), jax.ShapeDtypeStruct((5, 7), jnp.float32), width=3)
+    assert by_path(s)["param", "w"].shape == (7, 3)
+
+
+def test_tied_params_are_marked_and_counted_once():
+    def tied(x):
+        with fx.scope("encoder"):
+            e = fx.param("w", init.ones, (3, 3))
+        with fx.scope("decoder"):
+            d = fx.param("w", init.ones, (3, 3))
+        return x @ e @ d
+
+    s = fx.summary(fx.transform(fx.share(tied, {"decoder": "encoder"})), X)
+    (entry,) = s.entries
+    assert entry.path == ("encoder", "w") and entry.aliases == ("decoder/w",) and entry.shared
+    assert s.param_count == 9
+    assert "shared with decoder/w" in str(s)
+
+
+def test_a_layer_called_twice_is_shared():
+    def twice(x):
+        dense = fx.nn.Dense(3)
+        return dense(dense(x))
+
+    s = fx.summary(fx.transform(twice), X)
+    assert all(e.shared and e.uses == 2 for e in s.entries)
+    assert s.param_count == 12
+    assert not by_path(fx.summary(fx.transform(model), X))["param", "enc/w"].shared
+
+
+def test_side_inputs_given_through_handlers():
+    def f():
+        return fx.side_input("mask") * fx.param("w", init.ones, (2,))
+
+    with pytest.raises(fx.UnhandledEffectError, match="mask"):
+        fx.summary(fx.transform(f))
+    s = fx.summary(fx.transform(f), handlers=[fx.handlers.SideInputs({"mask": jnp.ones(2, jnp.int32)})])
+    assert by_path(s)["side input", "mask"].dtype == jnp.int32
+
+
+def test_treescope_rendering():
+    treescope = pytest.importorskip("treescope")
+    text = treescope.render_to_text(fx.summary(fx.transform(model), X))
+    assert text.startswith("Summary(")
+    assert "'param enc/w': Entry(" in text and "totals=" in text

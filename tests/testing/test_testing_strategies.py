@@ -1,0 +1,90 @@
+"""effax.testing.strategies: generated models are valid, bounded, and come with matching data."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import effax as fx
+from effax.testing import strategies as s
+from effax.testing.models import EFFECTS, Scope
+
+
+def _depth(steps, depth=0):
+    return max([depth] + [_depth(x.children, depth + 1) for x in steps if isinstance(x, Scope)])
+
+
+@given(s.models(max_steps=4, max_depth=1, require=("state", "sow")))
+def test_models_respect_their_bounds_and_requirements(model):
+    assert len([step for _, step in model.walk()]) <= 4 + 2
+    assert _depth(model.steps) <= 1
+    assert {"state", "sow"} <= model.effects()
+
+
+@given(s.models(effects=("param", "mode")))
+def test_models_use_only_the_effects_asked_for(model):
+    assert model.effects() <= {"param", "mode"}
+
+
+@settings(max_examples=15)
+@given(s.models_and_inputs(), s.keys())
+def test_generated_models_run_and_init_makes_the_variables_they_describe(model_and_x, key):
+    model, x = model_and_x
+    assert x.shape == (model.in_size,) and x.dtype == jnp.float32
+    variables = fx.transform(model).init(key, x)
+    specs = model.variable_specs()
+    assert jax.tree.structure(variables) == jax.tree.structure(specs)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), variables, specs)))
+
+
+@settings(max_examples=15)
+@given(st.data())
+def test_variables_are_accepted_by_apply_and_reported_complete(data):
+    model, x = data.draw(s.models_and_inputs())
+    variables = data.draw(s.variables(model))
+    t = fx.transform(model)
+    assert fx.check_variables(t, variables, x, training=False).ok
+    t.apply(variables, x, rngs=jax.random.key(0), training=False, mutable=True)
+
+
+@given(st.data())
+def test_removals_are_positions_of_the_model(data):
+    model = data.draw(s.models())
+    drop = data.draw(s.removals(model))
+    assert all(0 <= i < len(model.walk()) for i in drop)
+
+
+@given(st.data())
+def test_share_bindings_tie_params_of_one_spec_without_chains(data):
+    model = data.draw(s.models(effects=("param",), require=("param",), max_steps=6))
+    bindings = data.draw(s.share_bindings(model))
+    specs = {"/".join(p): spec for p, spec in model.param_specs().items()}
+    for alias, canonical in bindings.items():
+        assert specs[alias] == specs[canonical]
+        assert canonical not in bindings
+        assert alias != canonical
+
+
+def test_share_bindings_find_ties_when_params_agree():
+    from effax.testing.models import Model, Param
+
+    model = Model([Param("w0", (2,)), Scope("blk0", [Param("w1", (2,)), Param("w2", (3,))])])
+
+    @given(s.share_bindings(model))
+    def draws(bindings):
+        assert bindings in ({}, {"blk0/w1": "w0"}, {"w0": "blk0/w1"})
+
+    draws()
+
+
+@given(s.keys(), s.keys(raw=True))
+def test_keys_are_typed_or_raw(typed, raw):
+    assert jax.dtypes.issubdtype(typed.dtype, jax.dtypes.prng_key)
+    assert raw.shape == (2,) and raw.dtype == jnp.uint32
+
+
+def test_unknown_effects_are_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown effects \['params'\]; the kit knows \['param'"):
+        s.models(require=("params",))
+    assert set(EFFECTS) == {"param", "state", "random", "sow", "side_input", "mode"}
