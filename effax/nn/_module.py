@@ -10,6 +10,8 @@ from typing import Any
 
 from effax.core import at_path, check_name, current_names, current_path, pop_names, push_names
 
+_EXPLICIT = ("explicit name",)
+
 
 def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
@@ -48,7 +50,7 @@ class Module:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        fields = vars(cls).get("__annotations__", {})  # a field's default may be a function
+        fields = inspect.get_annotations(cls)  # a field's default may be a function: not a method
         for attr, fn in list(vars(cls).items()):
             if attr in fields or not inspect.isfunction(fn):
                 continue
@@ -72,6 +74,7 @@ class Module:
                 path = parent + (names.auto_name(parent, type(self).__name__),)
             else:
                 path = parent + (check_name(self.name, "module"),)
+                names.owners.setdefault(path, _EXPLICIT)  # auto-names skip it
             names.bound[self] = path
         elif current_path() == path:  # a method of this module calling another one
             return fn(self, *args, **kwargs)

@@ -159,5 +159,6 @@ def test_preset_is_a_tuple_of_handlers_with_its_options():
     assert [type(h).__name__ for h in preset] == ["Mode", "KeysFromRngs"]
     assert repr(preset).endswith("mutable=('a', 'b'))")
     assert repr(fx.handlers.eval()) == "fx.handlers.eval()"
+    assert repr(fx.handlers.train({"dropout": KEY})) == "fx.handlers.train(rngs={'dropout': <key>}, mutable=None)"
     with pytest.raises(fx.InvalidNameError, match="params"):
         fx.handlers.train(KEY, mutable=["params"])

@@ -62,6 +62,11 @@ def test_explicit_name_wins():
     assert sorted(params) == ["Dense_0", "out"]
 
 
+def test_auto_names_skip_an_explicit_name_taken_before_them():
+    params = init_params(lambda x: fx.nn.Dense(3)(fx.nn.Dense(4, name="Dense_0")(x)), X)
+    assert shapes(params) == {"Dense_0": {"bias": (4,), "kernel": (3, 4)}, "Dense_1": {"bias": (3,), "kernel": (4, 3)}}
+
+
 def test_explicit_name_is_validated():
     with pytest.raises(fx.InvalidNameError, match="contains '/'"):
         init_params(lambda x: fx.nn.Dense(2, name="a/b")(x), X)
