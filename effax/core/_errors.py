@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class EffaxError(Exception):
-    """Base class of every error effax raises on purpose."""
+    """Base class of every error effax raises on purpose; every subclass reports module `effax`."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__module__ = "effax"
 
 
 class UnhandledEffectError(EffaxError):
@@ -43,17 +47,5 @@ class TraceMismatchError(EffaxError):
     """An effect that creates or consumes something arrived from another JAX trace."""
 
 
-for _cls in (
-    EffaxError,
-    UnhandledEffectError,
-    MissingVariableError,
-    ShapeMismatchError,
-    ParamConflictError,
-    FrozenStateError,
-    MissingRngError,
-    ShareError,
-    InvalidNameError,
-    TraceMismatchError,
-):
-    _cls.__module__ = "effax"
-del _cls
+
+EffaxError.__module__ = "effax"

@@ -184,7 +184,24 @@ def hermetic() -> _Hermetic:
     return _Hermetic()
 
 
-class scope:
+class _PathContext:
+    """Set the scope path for a block; `_path()` says which."""
+
+    __slots__ = ("_tokens",)
+
+    def _path(self) -> Path:
+        raise NotImplementedError
+
+    def __enter__(self) -> Path:
+        path = self._path()
+        self._tokens.append(_PATH.set(path))
+        return path
+
+    def __exit__(self, *exc: Any) -> None:
+        _PATH.reset(self._tokens.pop())
+
+
+class scope(_PathContext):
     """Name a sub-scope: requests inside get `name` appended to their path.
 
     >>> with fx.scope("encoder"):
@@ -192,19 +209,30 @@ class scope:
     ('encoder',)
     """
 
-    __slots__ = ("name", "_tokens")
+    __slots__ = ("name",)
 
     def __init__(self, name: str):
         self.name = check_name(name, "scope")
         self._tokens: list[contextvars.Token] = []
 
-    def __enter__(self) -> Path:
-        path = _PATH.get() + (self.name,)
-        self._tokens.append(_PATH.set(path))
-        return path
+    def _path(self) -> Path:
+        return _PATH.get() + (self.name,)
 
-    def __exit__(self, *exc: Any) -> None:
-        _PATH.reset(self._tokens.pop())
+
+class _AtPath(_PathContext):
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path):
+        self.path = tuple(path)
+        self._tokens: list[contextvars.Token] = []
+
+    def _path(self) -> Path:
+        return self.path
+
+
+def at_path(path: Path) -> _AtPath:
+    """Set the current path outright (for lifted transforms and interop that re-enter a scope)."""
+    return _AtPath(path)
 
 
 def current_path() -> Path:
@@ -214,26 +242,6 @@ def current_path() -> Path:
     ()
     """
     return _PATH.get()
-
-
-def at_path(path: Path) -> Any:
-    """Set the current path outright (for lifted transforms and interop that re-enter a scope)."""
-    return _AtPath(path)
-
-
-class _AtPath:
-    __slots__ = ("path", "_tokens")
-
-    def __init__(self, path: Path):
-        self.path = tuple(path)
-        self._tokens: list[contextvars.Token] = []
-
-    def __enter__(self) -> Path:
-        self._tokens.append(_PATH.set(self.path))
-        return self.path
-
-    def __exit__(self, *exc: Any) -> None:
-        _PATH.reset(self._tokens.pop())
 
 
 def trace_state() -> Any:
