@@ -61,15 +61,16 @@ class Transformed:
 
     fn: Callable[..., Any]
 
-    def init(self, rngs: Any, *args: Any, training: bool | None = None, handlers: Any = (), **kwargs: Any) -> dict:
+    def init(self, rngs: Any, *args: Any, training: bool = False, handlers: Any = (), **kwargs: Any) -> dict:
         """Create every param and state variable; returns `{"params": ..., <collection>: ...}`.
 
-        `training` defaults to False, or to what a preset in `handlers` says.
+        `training` defaults to False; a preset in `handlers` sets it instead (`training=True`
+        beside the eval preset is a conflict).
         """
         return self.init_with_output(rngs, *args, training=training, handlers=handlers, **kwargs)[1]
 
     def init_with_output(
-        self, rngs: Any, *args: Any, training: bool | None = None, handlers: Any = (), **kwargs: Any
+        self, rngs: Any, *args: Any, training: bool = False, handlers: Any = (), **kwargs: Any
     ) -> tuple[Any, dict]:
         """Like `init`, also returning the output of the initializing run."""
         preset, handlers = split_presets(handlers)

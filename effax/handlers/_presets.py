@@ -168,8 +168,8 @@ def init_options(preset: Preset | None, training: Any, rngs: Any) -> tuple[bool,
     rule is for `apply`), and it creates every collection whatever `mutable` says.
     """
     if preset is None:
-        return (False if training is None else training), rngs
-    if training is not None and static_training(training) != preset.training:
+        return training, rngs
+    if static_training(training) and not preset.training:  # False is init's default: the preset decides
         raise _conflict(preset, "training", training)
     if preset.rngs is not None:
         if rngs is not None and rngs is not preset.rngs:

@@ -141,8 +141,8 @@ def test_init_takes_the_preset_mode_and_rngs():
     assert t.init(KEY)["params"]["w"].shape == (3,)
     assert t.init(KEY, handlers=fx.handlers.eval())["params"]["w"].shape == (3,)  # init still draws param keys
     assert t.init(None, handlers=fx.handlers.train(KEY))["params"]["w"].shape == (2,)
-    with pytest.raises(fx.EffaxError, match="training=False conflicts"):
-        t.init(KEY, training=False, handlers=fx.handlers.train(KEY))
+    with pytest.raises(fx.EffaxError, match="training=True conflicts"):
+        t.init(KEY, training=True, handlers=fx.handlers.eval())
     with pytest.raises(fx.EffaxError, match="rngs=.* conflicts"):
         t.init(jax.random.key(5), handlers=fx.handlers.train(KEY))
 
