@@ -9,7 +9,14 @@ from effax import checkpoint, handlers, nn, sharding
 from effax._inventory import Effect, Effects, effects_of
 from effax._lift import StackedInit, remat, scan, vmap
 from effax._summary import Summary, summary
-from effax._transform import Transformed, VariablesReport, check_variables, transform
+from effax._transform import (
+    MultiTransformed,
+    Transformed,
+    VariablesReport,
+    check_variables,
+    multi_transform,
+    transform,
+)
 from effax.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
 from effax.core import (
     EffaxError,
@@ -33,6 +40,7 @@ from effax.effects import (
     LocalStateEffect,
     LocalStateRequest,
     ModeRequest,
+    ModuleCallRequest,
     ParamRequest,
     RandomEffect,
     RandomRequest,
@@ -64,10 +72,12 @@ __all__ = [
     "LocalStateEffect", "RandomEffect", "SideInputEffect", "SideOutputEffect",
     "Request", "ParamRequest", "LocalStateRequest", "GetStateRequest", "SetStateRequest",
     "RandomRequest", "StreamKeyRequest", "SideInputRequest", "SideOutputRequest", "ModeRequest",
+    "ModuleCallRequest",
     # lifted transforms
     "scan", "vmap", "remat", "StackedInit",
     # handlers and discharge
-    "Handler", "handle", "handlers", "nn", "transform", "Transformed", "check_variables", "VariablesReport",
+    "Handler", "handle", "handlers", "nn", "transform", "Transformed", "check_variables",
+    "multi_transform", "MultiTransformed", "VariablesReport",
     # checkpoints, summary, sharding
     "checkpoint", "sharding", "summary", "Summary",
     "CheckpointMismatchError", "CheckpointNotFoundError", "ShardingError",

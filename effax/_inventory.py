@@ -173,6 +173,8 @@ def _effect(request: Any, answer: Any) -> Effect:
 class _Record:
     """Forward every request, then note it with its answer."""
 
+    module_calls = False  # never looks at module calls: they skip it
+
     def __init__(self) -> None:
         self.effects = Effects()
 

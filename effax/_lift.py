@@ -73,6 +73,8 @@ class _Needs:
 class _Record:
     """Answer a body's requests abstractly and note what it needs (runs under `jax.eval_shape`)."""
 
+    module_calls = False  # never looks at module calls: they skip it
+
     def __init__(self) -> None:
         self.needs = _Needs()
         self.values: dict[Slot, Any] = {}  # tracers of the abstract trace; dropped with the run

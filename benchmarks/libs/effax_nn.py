@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 import effax as fx
-from benchmarks.common import DROP_RATE, EPS, MOMENTUM, Bench, Spec, attention, loss_of, sgd
+from benchmarks.common import DROP_RATE, EPS, MOMENTUM, Bench, Spec, attention
 from benchmarks.libs.effax_raw import build as build_raw
 
 

@@ -1,4 +1,4 @@
-"""effax with raw effect calls (`fx.param`, `fx.local_state`, `fx.next_key`, `fx.scope`), discharged by `fx.transform`."""
+"""effax with raw effect calls (`fx.param`, `fx.local_state`, `fx.next_key`, `fx.scope`) and `fx.transform`."""
 
 from __future__ import annotations
 

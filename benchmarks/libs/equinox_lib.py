@@ -41,7 +41,7 @@ class MLP(eqx.Module):
 
     def __call__(self, h, state=None, key=None, training=False):
         keys = jax.random.split(key, len(self.layers)) if training and key is not None else [None] * len(self.layers)
-        for layer, k in zip(self.layers, keys):
+        for layer, k in zip(self.layers, keys, strict=False):
             h, state = layer(h, state, k, training)
         return h, state
 

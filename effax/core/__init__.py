@@ -20,6 +20,7 @@ from effax.core._interpreter import (
     check_name,
     check_trace,
     current_path,
+    current_stack,
     flatten_handlers,
     handle,
     hermetic,
@@ -28,6 +29,7 @@ from effax.core._interpreter import (
     scope,
     send,
     trace_state,
+    under_stack,
 )
 from effax.core._naming import Names, current_names, pop_names, push_names
 from effax.core._tree import MISSING, PathTree, copy_scopes, flatten_paths, get_path, nearest_paths
@@ -36,7 +38,8 @@ __all__ = [
     "EffaxError", "FrozenStateError", "InvalidNameError", "MissingRngError", "MissingVariableError",
     "ParamConflictError", "ShapeMismatchError", "ShareError", "TraceMismatchError",
     "UnhandledEffectError", "Handler", "Path", "Request", "at_path", "check_name", "check_trace",
-    "current_path", "flatten_handlers", "handle", "hermetic", "iter_stack", "path_str", "scope",
+    "current_path", "current_stack", "under_stack", "flatten_handlers", "handle", "hermetic", "iter_stack",
+    "path_str", "scope",
     "send", "trace_state", "MISSING", "PathTree", "copy_scopes", "flatten_paths", "get_path", "nearest_paths",
     "Names", "current_names", "push_names", "pop_names",
 ]

@@ -111,6 +111,24 @@ def send(request: Request) -> Any:
     return _dispatch(stack, len(stack), request)
 
 
+def current_stack() -> tuple[Any, ...]:
+    """The runs installed now, outermost first; `under_stack` reinstates it."""
+    return _STACK.get()
+
+
+def under_stack(stack: tuple[Any, ...], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Call `fn` under the handler stack `stack` (a `current_stack()`).
+
+    A request whose default runs model code (a module call's body) runs it
+    under every handler of its call site, not the empty stack `unhandled()` sees.
+    """
+    token = _STACK.set(stack)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _STACK.reset(token)
+
+
 def flatten_handlers(handlers: Iterable[Any]) -> list[Any]:
     """Flatten nested lists/tuples of handlers, so a preset can be a tuple."""
     flat: list[Any] = []

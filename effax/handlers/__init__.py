@@ -1,5 +1,6 @@
 """The built-in handlers, one module per family."""
 
+from effax.handlers._intercept import CaptureIntermediates, InterceptMethods
 from effax.handlers._mode import Mode
 from effax.handlers._params import AbstractParams, InitParams, LoadParams
 from effax.handlers._presets import Preset, eval, train  # noqa: A004
@@ -12,4 +13,5 @@ from effax.handlers._state import FrozenState, FunctionalState
 __all__ = [
     "AbstractParams", "CollectSown", "FrozenState", "FunctionalState", "InitParams",
     "KeysFromRngs", "LoadParams", "Mode", "SideInputs", "Preset", "train", "eval", "Share", "ShareBinding", "share",
+    "InterceptMethods", "CaptureIntermediates",
 ]

@@ -32,6 +32,8 @@ class Mode(Handler):
     False
     """
 
+    module_calls = False  # never looks at module calls: they skip it
+
     def __init__(self, training: bool):
         self.training = static_training(training)
 

@@ -28,6 +28,8 @@ from effax.handlers._random import as_typed_key, fold, h_path
 class _ParamRun:
     """What every params run shares: one path, one array, one spec within a run."""
 
+    module_calls = False  # never looks at module calls: they skip it
+
     __slots__ = ("seen", "trace", "tags")
 
     def __init__(self) -> None:

@@ -15,6 +15,8 @@ from effax.handlers._state import normalize_mutable
 class _NoKeys(Handler):
     """Refuse every key draw: eval draws no randomness."""
 
+    module_calls = False  # never looks at module calls: they skip it
+
     def handle(self, request: Any, forward: Any) -> Any:
         if type(request) is RandomRequest or type(request) is StreamKeyRequest:
             raise MissingRngError(
@@ -28,6 +30,8 @@ class _NoKeys(Handler):
 
 class _NoWrites(Handler):
     """Refuse every state write: eval writes no state."""
+
+    module_calls = False  # never looks at module calls: they skip it
 
     def handle(self, request: Any, forward: Any) -> Any:
         if type(request) is SetStateRequest:

@@ -67,6 +67,8 @@ class KeysFromRngs(Handler):
 
 
 class _KeysRun:
+    module_calls = False  # never looks at module calls: they skip it
+
     __slots__ = ("rngs", "trace", "roots", "bases", "counts")
 
     def __init__(self, rngs: Any):

@@ -192,6 +192,8 @@ class Share(Handler):
 class _ShareRun:
     """One run of a share pass: what matched, and the first request seen at each canonical path."""
 
+    module_calls = False  # never looks at module calls: they skip it
+
     __slots__ = ("share", "base", "matched", "tags_used", "params", "states")
 
     def __init__(self, share: Share, base: Path):

@@ -17,6 +17,8 @@ class SideInputs(Handler):
     True
     """
 
+    module_calls = False  # never looks at module calls: they skip it
+
     def __init__(self, values: Mapping[str, Any]):
         for tag in values:
             check_name(tag, "side input tag")

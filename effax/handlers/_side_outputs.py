@@ -29,6 +29,8 @@ class CollectSown(Handler):
 
 
 class _SownRun:
+    module_calls = False  # never looks at module calls: they skip it
+
     __slots__ = ("wanted", "trees", "trace")
 
     def __init__(self, wanted: Any):

@@ -125,6 +125,8 @@ class FrozenState(FunctionalState):
 
 
 class _StateRun:
+    module_calls = False  # never looks at module calls: they skip it
+
     __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "declared", "layout", "trace")
 
     def __init__(self, stored: dict[str, Any], mutable: frozenset[str] | bool):

@@ -20,6 +20,9 @@ zeros: Initializer = jax.nn.initializers.zeros
 
 def promote(dtype: Any, *arrays: Any) -> tuple[jax.Array, ...]:
     """Cast `arrays` to `dtype`, or to their common type when `dtype` is None (Flax's rule)."""
+    dtypes = {getattr(a, "dtype", None) for a in arrays if a is not None}
+    if len(dtypes) == 1 and None not in dtypes and (dtype is None or dtypes.pop() == dtype):
+        return arrays  # already one dtype: no cast, and no trace-time cost for the common case
     dtype = jnp.result_type(*arrays) if dtype is None else dtype
     return tuple(None if a is None else jnp.asarray(a, dtype) for a in arrays)
 

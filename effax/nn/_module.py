@@ -8,7 +8,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import at_path, check_name, current_names, current_path, pop_names, push_names
+from effax.core import check_name, current_names, current_path, pop_names, push_names
+from effax.effects import call_module
 
 _EXPLICIT = ("explicit name",)
 
@@ -59,7 +60,10 @@ class Module:
         dataclasses.dataclass(frozen=True, eq=False)(cls)
 
     def _call(self, method: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """Run `fn(self, *args, **kwargs)` in this module's scope: the one path every module call takes."""
+        """Run `fn(self, *args, **kwargs)` in this module's scope: the one path every module call takes.
+
+        The call is a module-call request (`fx.ModuleCallRequest`), so handlers can intercept it.
+        """
         names = current_names()
         if names is None:  # called outside any run: this call is the run
             token = push_names(fresh=True)
@@ -76,11 +80,6 @@ class Module:
                 path = parent + (check_name(self.name, "module"),)
                 names.owners.setdefault(path, _EXPLICIT)  # auto-names skip it
             names.bound[self] = path
-        elif current_path() == path:  # a method of this module calling another one
-            return fn(self, *args, **kwargs)
-        saved = names.enter((path, method))
-        try:
-            with at_path(path):
-                return fn(self, *args, **kwargs)
-        finally:
-            names.leave(saved)
+        elif current_path() == path:  # a method of this module calling another one: same naming frame
+            return call_module(path, self, method, fn, args, kwargs, None)
+        return call_module(path, self, method, fn, args, kwargs, names)
