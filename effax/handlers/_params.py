@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -14,6 +16,7 @@ from effax.core import (
     ParamConflictError,
     PathTree,
     ShapeMismatchError,
+    TraceMismatchError,
     check_trace,
     get_path,
     nearest_paths,
@@ -98,6 +101,30 @@ class InitParams(Handler):
         return _InitRun(None if self.key is None else as_typed_key(self.key, "params"))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _jitted_init(init: Any, shape: tuple[int, ...], dtype: Any, key: Any) -> Any:
+    return init(key, shape, dtype)
+
+
+def _initialize(request: ParamRequest, key: Any) -> Any:
+    """`request.initialize(key)`; while tracing, as one cached jitted call.
+
+    Layers that share an initializer, shape and dtype then trace it once,
+    which makes `jax.eval_shape(t.init, ...)` of a deep model about twice as
+    fast. XLA inlines the call, so values and compiled programs are unchanged.
+    An unhashable initializer, or one that performs effects (which the inner
+    trace refuses before anything is created), runs as a plain call.
+    """
+    if isinstance(key, jax.core.Tracer) and isinstance(request.init, Hashable):
+        try:
+            value = _jitted_init(request.init, request.shape, request.dtype, key)
+        except TraceMismatchError:
+            return request.initialize(key)
+        request._check(value, "its initializer returned", strict_dtype=True)
+        return value
+    return request.initialize(key)
+
+
 class _InitRun(_ParamRun):
     __slots__ = ("key", "tree")
 
@@ -116,7 +143,7 @@ class _InitRun(_ParamRun):
             key = send(StreamKeyRequest(request.path, "params"))
         else:
             key = fold(self.key, h_path(request.path))
-        value = request.initialize(key)
+        value = _initialize(request, key)
         self.tree.set(request.path, value, request.describe)
         return value
 

@@ -27,10 +27,19 @@ def h_stream(stream: str) -> int:
     return _digest(stream, b"effax-stream")
 
 
+@jax.jit
+def fold_words(key: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(key, low), high)
+
+
 def fold(key: jax.Array, h: int) -> jax.Array:
-    """Fold a 64-bit hash into `key`: the low little-endian 32-bit word, then the high one."""
-    key = jax.random.fold_in(key, np.uint32(h & 0xFFFFFFFF))
-    return jax.random.fold_in(key, np.uint32(h >> 32))
+    """Fold a 64-bit hash into `key`: the low little-endian 32-bit word, then the high one.
+
+    One jitted function serves every path (the words are arguments), so while
+    tracing a fold is one cached call, not two traced `fold_in`s; XLA inlines
+    it, so the compiled program is unchanged.
+    """
+    return fold_words(key, np.uint32(h & 0xFFFFFFFF), np.uint32(h >> 32))
 
 
 def as_typed_key(key: Any, stream: str) -> jax.Array:

@@ -150,3 +150,30 @@ def test_param_shape_and_axes_are_validated():
 def test_param_unhandled_says_how_to_discharge():
     with pytest.raises(fx.UnhandledEffectError, match=r"param `w`.*fx.transform"):
         fx.param("w", normal, (2,))
+
+
+def test_traced_init_equals_eager_init_for_any_initializer():
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, key, shape, dtype):
+            return jax.random.normal(key, shape, dtype)
+
+    def f():
+        with fx.scope("a"):
+            x = fx.param("w", normal, (3,))
+        return x + fx.param("u", Unhashable(), (3,))
+
+    t = fx.transform(f)
+    eager = t.init(jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(t.init)(jax.random.key(0)), eager)
+    assert jax.eval_shape(t.init, jax.random.key(0))["params"]["u"].shape == (3,)
+
+
+def test_initializer_that_performs_effects_runs_in_the_models_trace():
+    def effectful_init(key, shape, dtype):
+        return jax.random.normal(fx.stream_key("params"), shape, dtype)
+
+    t = fx.transform(lambda: fx.param("w", effectful_init, (2,)))
+    eager = t.init(jax.random.key(0))
+    np.testing.assert_array_equal(jax.jit(t.init)(jax.random.key(0))["params"]["w"], eager["params"]["w"])
