@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from jax.extend.core import get_opaque_trace_state
@@ -282,8 +282,3 @@ def check_trace(entered: Any, request: Request, action: str) -> None:
             "Use the lifted transforms `fx.scan`, `fx.vmap` or `fx.remat` inside models, and put "
             "`jax.jit` around the discharged function (`jax.jit(t.apply)`), not around effect calls."
         )
-
-
-def iter_stack() -> Iterator[Any]:
-    """The runs currently installed, outermost first (for debugging and tests)."""
-    return iter(_STACK.get())

@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 
 import effax as fx
-from effax.core import Request, hermetic, iter_stack, send
+from effax.core import Request, current_stack, hermetic, send
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +66,11 @@ def test_effects_a_handler_performs_go_outward():
 
 
 def test_stack_restored_when_model_raises():
-    before = tuple(iter_stack())
+    before = current_stack()
     with pytest.raises(RuntimeError):
         with fx.handle(Pong("a")), fx.scope("s"):
             raise RuntimeError("boom")
-    assert tuple(iter_stack()) == before
+    assert current_stack() == before
     assert fx.current_path() == ()
 
 

@@ -1,23 +1,12 @@
 """examples/activation_patching.py: patching the positions the model uses moves its output; the others do not."""
 
 import contextlib
-import importlib.util
 import io
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from example_loader import load
 
 patching = load("activation_patching")
 

@@ -1,18 +1,6 @@
 """examples/from_flax.py runs small: the Flax block trains inside effax and its batch stats move."""
 
-import importlib.util
-import pathlib
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Flax modules are dataclasses, which look their module up here
-    spec.loader.exec_module(module)
-    return module
+from example_loader import load
 
 
 def test_from_flax_example_trains_and_switches_modes():

@@ -1,22 +1,11 @@
 """examples/lora.py: only the "lora" collection trains, the base stays bit-identical, and the loss goes down."""
 
 import contextlib
-import importlib.util
 import io
-import pathlib
 
 import jax
 import jax.numpy as jnp
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from example_loader import load
 
 lora = load("lora")
 

@@ -1,20 +1,8 @@
 """examples/tiny_lm.py runs end to end for a few steps: tied embeddings, loss report, a sample."""
 
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look up the module of a class's annotations
-    spec.loader.exec_module(module)
-    return module
+from example_loader import load
 
 
 def test_tiny_lm_smoke(capsys):

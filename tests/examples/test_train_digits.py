@@ -1,18 +1,6 @@
 """examples/train_digits.py runs end to end for a few steps and reports what it promises."""
 
-import importlib.util
-import pathlib
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look up the module of a class's annotations
-    spec.loader.exec_module(module)
-    return module
+from example_loader import load
 
 
 def test_train_digits_trains_evaluates_and_plots(tmp_path, capsys):

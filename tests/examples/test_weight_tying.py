@@ -1,21 +1,11 @@
 """The weight-tying example runs, lists each tied weight once, and trains."""
 
 import contextlib
-import importlib.util
 import io
-import pathlib
 
 import jax
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_loader import load
 
 
 def paths(tree):
