@@ -105,9 +105,14 @@ class Effects(list):
     __str__ = __repr__
 
 
+def dtype_name(dtype: Any) -> str:
+    """`float32`, a key dtype's name, or "" for no dtype: how tables print a dtype."""
+    return "" if dtype is None else getattr(dtype, "name", str(dtype))
+
+
 def _row(e: Effect) -> tuple[str, ...]:
     shape = "" if e.shape is None else str(e.shape)
-    dtype = "" if e.dtype is None else getattr(e.dtype, "name", str(e.dtype))
+    dtype = dtype_name(e.dtype)
     where = e.collection or e.stream or ""
     if e.tag is not None and e.kind in ("sow", "side_input"):
         where = f"{where}:{e.tag}" if where else e.tag

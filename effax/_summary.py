@@ -11,10 +11,9 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from effax._inventory import effects_of
+from effax._inventory import dtype_name, effects_of
 from effax.core import MISSING, PathTree, path_str
 
 
@@ -67,18 +66,6 @@ class Entry:
         return "; ".join(notes)
 
 
-def _dtype(dtype: Any) -> Any:
-    """A numpy dtype where there is one (the inventory gives names); key dtypes stay as they are."""
-    try:
-        return None if dtype is None else jnp.dtype(dtype)
-    except TypeError:
-        return dtype
-
-
-def _dtype_name(dtype: Any) -> str:
-    return "" if dtype is None else getattr(dtype, "name", str(dtype))
-
-
 def entries_of(effects: Any) -> tuple[list[Entry], dict]:
     """Group an inventory (`fx.effects_of`) by variable; also return the abstract variables it implies.
 
@@ -90,7 +77,6 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
     params = PathTree("params")
     state: dict[str, PathTree] = {}
     for e in effects:
-        e = dataclasses.replace(e, dtype=_dtype(e.dtype))
         if e.kind == "param":
             key = ("param", e.path, "params")
             old = rows.get(key)
@@ -111,7 +97,7 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
                 key = ("state", e.path + names, e.collection)
                 old = rows.get(key)
                 uses = 1 if old is None else old.uses + 1
-                shape, dtype = tuple(leaf.shape), _dtype(leaf.dtype)
+                shape, dtype = tuple(leaf.shape), leaf.dtype
                 rows[key] = Entry("state", e.path + names, e.collection, shape, dtype, None, uses)
         elif e.kind in ("key", "stream_key"):
             key = ("rng", e.path, e.stream)
@@ -199,7 +185,7 @@ class Summary:
                 e.kind,
                 e.collection or "",
                 "" if e.shape is None else str(e.shape),
-                _dtype_name(e.dtype),
+                dtype_name(e.dtype),
                 f"{e.size:,}" if array else "",
                 _fmt_bytes(e.nbytes) if array else "",
                 e.note(),
