@@ -271,6 +271,9 @@ def write_markdown(data: dict, path: Path, plot_name: str | None) -> None:
             lines += [f"## {title}", ""] + table + [""]
     for name, title in COUNTS.items():
         lines += [f"## {title}", "", "Difference to pure JAX in parentheses.", ""] + count_table(data, name) + [""]
+    from benchmarks.decode import section  # the decoding rows, measured apart by benchmarks/decode.py
+
+    lines += section(path.parent)
     path.write_text("\n".join(lines))
 
 

@@ -5,19 +5,16 @@ Model code requests what it needs (`fx.param`, `fx.local_state`,
 `fx.transform` discharges the model into pure `init` and `apply`.
 """
 
-from effax import checkpoint, handlers, nn, sharding
-from effax._inventory import Effect, Effects, effects_of
-from effax._lift import StackedInit, remat, scan, vmap
-from effax._summary import Summary, summary
-from effax._transform import (
-    MultiTransformed,
-    Transformed,
-    VariablesReport,
-    check_variables,
-    multi_transform,
-    transform,
+from effax import checkpoint, handlers, inspect, lift, nn, sharding
+from effax.lift import StackedInit, remat, scan, vmap
+from effax._transform import MultiTransformed, Transformed, multi_transform, transform
+from effax.inspect import Effect, Effects, Summary, VariablesReport, check_variables, effects_of, summary
+from effax.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointIOError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
 )
-from effax.checkpoint import CheckpointMismatchError, CheckpointNotFoundError
 from effax.core import (
     EffaxError,
     FrozenStateError,
@@ -36,7 +33,9 @@ from effax.core import (
     scope,
 )
 from effax.effects import (
+    CaptureRequest,
     GetStateRequest,
+    InitializingRequest,
     LocalStateEffect,
     LocalStateRequest,
     ModeRequest,
@@ -50,6 +49,7 @@ from effax.effects import (
     SideOutputEffect,
     SideOutputRequest,
     StreamKeyRequest,
+    is_initializing,
     is_training,
     local_state,
     next_key,
@@ -67,12 +67,12 @@ from effax.sharding import ShardingError
 __all__ = [
     # effect operations
     "param", "local_state", "next_key", "random_stream", "stream_key", "side_input", "sow",
-    "is_training", "scope", "current_path",
+    "is_training", "is_initializing", "scope", "current_path",
     # effect protocols and requests
     "LocalStateEffect", "RandomEffect", "SideInputEffect", "SideOutputEffect",
     "Request", "ParamRequest", "LocalStateRequest", "GetStateRequest", "SetStateRequest",
     "RandomRequest", "StreamKeyRequest", "SideInputRequest", "SideOutputRequest", "ModeRequest",
-    "ModuleCallRequest",
+    "ModuleCallRequest", "InitializingRequest", "CaptureRequest",
     # lifted transforms
     "scan", "vmap", "remat", "StackedInit",
     # handlers and discharge
@@ -80,7 +80,8 @@ __all__ = [
     "multi_transform", "MultiTransformed", "VariablesReport",
     # checkpoints, summary, sharding
     "checkpoint", "sharding", "summary", "Summary",
-    "CheckpointMismatchError", "CheckpointNotFoundError", "ShardingError",
+    "CheckpointMismatchError", "CheckpointNotFoundError", "CheckpointCorruptError", "CheckpointIOError",
+    "ShardingError",
     # errors
     "EffaxError", "UnhandledEffectError", "MissingVariableError", "ShapeMismatchError",
     "ParamConflictError", "FrozenStateError", "MissingRngError", "ShareError", "InvalidNameError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -35,7 +36,8 @@ from effax.handlers import (
 )
 from effax.handlers._mode import static_training
 from effax.handlers._presets import apply_options, init_options, split_presets
-from effax.handlers._state import ALL, normalize_mutable
+from effax.handlers._random import check_key
+from effax.handlers._state import ALL, InitState, normalize_mutable
 
 
 def _check_variables_arg(variables: Any) -> Mapping[str, Any]:
@@ -59,7 +61,14 @@ def _check_overlap(state_run: Any, sown_run: Any) -> None:
 
 
 def _method_of(owner: Any, method: Any) -> Callable[..., Any]:
-    """The entry point `method=` names: `owner.<method>` for a name, `method(owner, ...)` for a function."""
+    """The entry point `method=` names: `owner.<method>` for a name, `method(owner, ...)` for a function.
+
+    An owner that resolves its own entry points (what `fx.from_flax` returns:
+    Flax calls `method` with the bound Flax module) does so through `_effax_entry`.
+    """
+    own = getattr(type(owner), "_effax_entry", None)
+    if own is not None:
+        return own(owner, method)
     if isinstance(method, str):
         target = getattr(owner, method, None)
         if callable(target):
@@ -68,8 +77,8 @@ def _method_of(owner: Any, method: Any) -> Callable[..., Any]:
         raise EffaxError(
             f"method={method!r}: {type(owner).__name__} {getattr(owner, '__name__', '')} has no method "
             f"{method!r} (its public methods: {methods or 'none'}). Name one of them, or pass a function "
-            "`method=lambda m, *a: m.encode(*a)`; for plain functions with several entry points use "
-            "`fx.multi_transform`."
+            "called with the module, `method=lambda m, *a: m.encode(*a)`; for plain functions with "
+            "several entry points use `fx.multi_transform`."
         )
     if inspect.ismethod(method) and method.__self__ is owner:
         return method
@@ -78,6 +87,93 @@ def _method_of(owner: Any, method: Any) -> Callable[..., Any]:
     raise EffaxError(
         f"method= takes a method name or a function called as `method(module, *args)`, got {type(method).__name__}."
     )
+
+
+def _entry_point(owner: Any, method: Any) -> Callable[..., Any]:
+    """What `fx.transform(owner, method=...)` runs; a module runs at the root scope (`_effax_at_root`),
+    as Flax's top-level module: its layers are `Dense_0`, not `Classifier_0/Dense_0`."""
+    fn = owner if method is None else _method_of(owner, method)
+    at_root = getattr(type(owner), "_effax_at_root", None)
+    return fn if at_root is None else at_root(owner, fn)
+
+
+OPTIONS = ("training", "rngs", "mutable", "handlers", "method", "capture_intermediates")
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyword_options(fn: Any, bound: bool) -> tuple[tuple[str, int | None], ...]:
+    """The options of `init`/`apply` that `fn` also takes by keyword, with their positional index (or None).
+
+    Read once per function: the signature is inspected here, never per call.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): nothing can clash
+        return ()
+    if bound:
+        params = params[1:]
+    given = fn.keywords if isinstance(fn, functools.partial) else {}  # bound by the user: not taken
+    found = []
+    for i, p in enumerate(params):
+        if p.name in OPTIONS and p.name not in given and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            found.append((p.name, i if p.kind is p.POSITIONAL_OR_KEYWORD else None))
+    return tuple(found)
+
+
+def _check_options(entry: Callable[..., Any], args: tuple, call: str) -> None:
+    """Refuse a model keyword named like an option: effax would take it, and the model would never see it."""
+    bound = inspect.ismethod(entry)
+    try:
+        clashes = _keyword_options(entry.__func__ if bound else entry, bound)
+    except TypeError:  # unhashable: inspect it now
+        clashes = _keyword_options.__wrapped__(entry, False)
+    for name, position in clashes:
+        if position is not None and position < len(args):
+            continue  # given positionally: it reaches the model, nothing is taken
+        fix = (
+            "ask for the mode inside the model, "
+            "`fx.transform(lambda x: model(x, training=fx.is_training()))`, and pass `training=` to "
+            f"`{call}` as usual"
+            if name == "training"
+            else f"bind it in a wrapper, `fx.transform(functools.partial(model, {name}=...))`"
+        )
+        raise EffaxError(
+            f"`{call}`: the model {getattr(entry, '__name__', type(entry).__name__)} takes a keyword "
+            f"argument {name!r}, which is also an option of `t.init`/`t.apply` ({', '.join(OPTIONS)}): "
+            f"effax would take `{name}=` itself and the model would never see it. Feed it another "
+            f"way: {fix}; or pass it positionally."
+        )
+
+
+# Which call (`t.init`/`t.apply`) is running a model in this context; None outside models.
+_RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar("effax_running", default=None)
+
+
+def _refuse_nested(call: str) -> None:
+    """A transform's `init`/`apply` inside a model another one runs would be hermetic: refuse it."""
+    outer = _RUNNING.get()
+    if outer is not None:
+        raise EffaxError(
+            f"`{call}` of a transformed model was called inside a model that `{outer}` is running. "
+            "The inner call is hermetic: its params would be made afresh (or read from a constant "
+            "tree) on every call, never join the outer variables, and never be trained. Call the "
+            "inner model's function directly, `fx.transform(lambda x: outer(inner_fn(x)))`, so its "
+            "params land in the outer variables (under `with fx.scope('inner'):` if you like), or "
+            "build it from `fx.nn` modules."
+        )
+
+
+def _check_init_rngs(rngs: Any, args: tuple) -> None:
+    """`t.init(x)` without a key takes `x` for the key: say so, rather than fail on a missing argument."""
+    if rngs is None or isinstance(rngs, Mapping):
+        return
+    try:
+        check_key(rngs, None)
+    except EffaxError as e:
+        raise EffaxError(
+            f"`t.init(rngs, *args)` takes the key first; {e} If you passed the model's input first, "
+            "pass the key before it: `t.init(jax.random.key(0), x)`."
+        ) from None
 
 
 def _with_intermediates(collections: frozenset[str] | bool) -> frozenset[str] | bool:
@@ -110,7 +206,7 @@ class Transformed:
     def _entry(self, method: Any) -> Callable[..., Any]:
         if method is None:
             return self.fn
-        return _method_of(self.fn if self.owner is None else self.owner, method)
+        return _entry_point(self.fn if self.owner is None else self.owner, method)
 
     def init(
         self,
@@ -168,17 +264,24 @@ class Transformed:
         **kwargs: Any,
     ) -> tuple[Any, dict]:
         """Like `init`, also returning the output of the initializing run."""
+        _refuse_nested("t.init")
         preset, handlers = split_presets(handlers)
         training, rngs = init_options(preset, training, rngs)
+        _check_init_rngs(rngs, args)
         state_collections, sown_collections = _init_mutable(mutable)
         extra = flatten_handlers((handlers,))
         if capture_intermediates:
             sown_collections = _with_intermediates(sown_collections)
             extra.append(CaptureIntermediates(capture_intermediates))
         entry = self._entry(method)
-        state, sown = FunctionalState({}, state_collections), CollectSown(sown_collections)
+        _check_options(entry, args, "t.init")
+        state, sown = InitState({}, state_collections), CollectSown(sown_collections)
         with hermetic(), handle(Mode(training), KeysFromRngs(rngs), state, sown, InitParams(), *extra) as runs:
-            out = entry(*args, **kwargs)
+            token = _RUNNING.set("t.init")
+            try:
+                out = entry(*args, **kwargs)
+            finally:
+                _RUNNING.reset(token)
         state_run, sown_run, params_run = runs[2], runs[3], runs[4]
         _check_overlap(state_run, sown_run)
         return out, {"params": params_run.params, **state_run.initial(), **sown_run.collections()}
@@ -213,6 +316,7 @@ class Transformed:
         >>> jax.tree.map(jnp.shape, updates)
         {'intermediates': {'Dense_0': {'__call__': ((1, 2),)}}}
         """
+        _refuse_nested("t.apply")
         variables = _check_variables_arg(variables)
         preset, handlers = split_presets(handlers)
         training, keys, mutable = apply_options(preset, training, rngs, mutable)
@@ -223,11 +327,16 @@ class Transformed:
             collections = _with_intermediates(collections)
             extra.append(CaptureIntermediates(capture_intermediates))
         entry = self._entry(method)
+        _check_options(entry, args, "t.apply")
         state = FunctionalState(variables, collections)
         sown = CollectSown(collections)
         params = LoadParams(variables.get("params", {}))
         with hermetic(), handle(mode, keys, state, sown, params, *extra) as runs:
-            out = entry(*args, **kwargs)
+            token = _RUNNING.set("t.apply")
+            try:
+                out = entry(*args, **kwargs)
+            finally:
+                _RUNNING.reset(token)
         offset = 0 if mode is None else 1
         state_run, sown_run = runs[offset + 1], runs[offset + 2]
         _check_overlap(state_run, sown_run)
@@ -240,12 +349,21 @@ class Transformed:
 def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     """Discharge an effectful function into pure `init` and `apply`.
 
-    `fn` may be an `fx.nn.Module`; `method` picks its entry point (a name,
-    or a function called as `method(module, *args)`), and `init`/`apply` take
-    `method=` to run another one, as in Flax. Give the submodules that two
-    entry points share explicit names (`Dense(2, name="encoder")`): a module
-    is named when a run first calls it, so an inline `Dense` reached from
-    `decode` alone would otherwise be counted afresh.
+    `fn` may be an `fx.nn.Module`; it runs at the root scope, as Flax's
+    top-level module (its layers are `Dense_0`, not `Classifier_0/Dense_0`),
+    so the variables of the equivalent linen model apply unchanged. `method`
+    picks its entry point (a name, or a function called as
+    `method(module, *args)`), and `init`/`apply` take `method=` to run
+    another one, as in Flax. Give the submodules that two entry points share
+    explicit names (`Dense(2, name="encoder")`): an inline `Dense` reached
+    from `decode` alone would otherwise be counted afresh.
+
+    A keyword argument of `fn` named like an option of `init`/`apply`
+    (`training`, `rngs`, `mutable`, `handlers`, `method`,
+    `capture_intermediates`) would be taken by effax and never reach `fn`,
+    so calls refuse it with an `EffaxError`: read the mode inside the model
+    (`fx.transform(lambda x: model(x, training=fx.is_training()))`), bind it
+    with `functools.partial`, or pass it positionally.
 
     >>> def model(x):
     ...     w = fx.param("w", jax.nn.initializers.ones, (x.shape[-1], 2))
@@ -257,9 +375,9 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     """
     if not callable(fn):
         raise EffaxError(f"`fx.transform` takes a function, got {type(fn).__name__}.")
-    if method is None:
+    if method is None and getattr(type(fn), "_effax_at_root", None) is None:
         return Transformed(fn)
-    return Transformed(_method_of(fn, method), fn)
+    return Transformed(_entry_point(fn, method), fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,10 +397,10 @@ def multi_transform(f: Callable[[], tuple[Callable[..., Any], Any]]) -> MultiTra
     `entries` is a tree (dict, tuple) of functions, and `apply` is the same
     tree of `apply` functions, each `apply(variables, *args, rngs=...,
     mutable=..., training=..., handlers=..., ...)` as `fx.transform`'s. `f` is
-    called once here to learn the entries, and afresh in every run. Name the
-    shared modules (`name="encoder"`) or scope the code (`fx.scope`): names
-    are given when a run first calls a module, so an entry that skips one
-    would otherwise count the next one's auto-name from zero.
+    called once here to learn the entries, and afresh in every run, where the
+    modules it builds are named as built. Name the shared modules
+    (`name="encoder"`) or scope the code (`fx.scope`), so an entry's names do
+    not depend on what else `f` builds.
 
     >>> def f():
     ...     encoder = fx.nn.Dense(2, name="encoder")
@@ -324,115 +442,3 @@ def multi_transform(f: Callable[[], tuple[Callable[..., Any], Any]]) -> MultiTra
     t = Transformed(template)
     applies = [Transformed(entry(i)).apply for i in range(len(leaves))]
     return MultiTransformed(t.init, t.init_with_output, jax.tree.unflatten(treedef, applies))
-
-
-@dataclasses.dataclass
-class VariablesReport:
-    """What `fx.check_variables` found: every problem at once, paths as `collection:a/b/c`."""
-
-    missing: list[str] = dataclasses.field(default_factory=list)
-    unused: list[str] = dataclasses.field(default_factory=list)
-    mis_shaped: list[str] = dataclasses.field(default_factory=list)
-    mis_typed: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unused or self.mis_shaped or self.mis_typed)
-
-    def __str__(self) -> str:
-        if self.ok:
-            return "variables match the model"
-        parts = []
-        for label, items in (
-            ("missing", self.missing),
-            ("unused", self.unused),
-            ("mis-shaped", self.mis_shaped),
-            ("mis-typed", self.mis_typed),
-        ):
-            parts.extend(f"{label}: {item}" for item in items)
-        return "\n".join(parts)
-
-
-class _Audit(Handler):
-    """Answer params from `variables` leniently and record every mismatch (for `check_variables`)."""
-
-    module_calls = False  # never looks at module calls: they skip it
-
-    def __init__(self, variables: Mapping[str, Any], report: VariablesReport, used: set):
-        self.variables, self.report, self.used = variables, report, used
-
-    def handle(self, request: Any, forward: Any) -> Any:
-        if type(request) is ParamRequest:
-            name = f"params:{path_str(request.path)}"
-            slot = ("params",) + request.path
-            if slot in self.used:
-                return jnp.zeros(request.shape, request.dtype)
-            self.used.add(slot)
-            stored = get_path(self.variables.get("params", {}), request.path)
-            if stored is MISSING:
-                self.report.missing.append(f"{name} ({request.spec()})")
-            else:
-                shape, dtype = jnp.shape(stored), jax.dtypes.canonicalize_dtype(jnp.result_type(stored))
-                if shape != request.shape:
-                    self.report.mis_shaped.append(f"{name}: model {request.shape}, variables {shape}")
-                if dtype != request.dtype:
-                    self.report.mis_typed.append(
-                        f"{name}: model {jnp.dtype(request.dtype).name}, variables {jnp.dtype(dtype).name}"
-                    )
-            return jnp.zeros(request.shape, request.dtype)
-        if type(request) is LocalStateRequest:
-            self.used.add((request.collection,) + request.path)
-            name = f"{request.collection}:{path_str(request.path)}"
-            stored = get_path(self.variables.get(request.collection, {}), request.path)
-            if stored is MISSING:
-                self.report.missing.append(name)
-            else:
-                self._compare_state(name, stored, request.init())
-        return forward(request)
-
-    def _compare_state(self, name: str, stored: Any, fresh: Any) -> None:
-        (s_leaves, s_def), (f_leaves, f_def) = jax.tree.flatten(stored), jax.tree.flatten(fresh)
-        show = lambda leaves: [f"{jnp.result_type(a).name}{list(jnp.shape(a))}" for a in leaves]
-        found = f"{name}: model {show(f_leaves)}, variables {show(s_leaves)}"
-        if s_def != f_def or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(s_leaves, f_leaves, strict=False)):
-            self.report.mis_shaped.append(found)
-        elif any(jnp.result_type(a) != jnp.result_type(b) for a, b in zip(s_leaves, f_leaves, strict=False)):
-            self.report.mis_typed.append(found)
-
-
-def check_variables(
-    t: Transformed,
-    variables: Mapping[str, Any],
-    *args: Any,
-    rngs: Any = None,
-    training: bool | None = None,
-    **kwargs: Any,
-) -> VariablesReport:
-    """Run the model abstractly on `variables` and list missing, unused, mis-shaped and mis-typed entries.
-
-    Nothing is computed or allocated (`jax.eval_shape`). Without `rngs`, a
-    dummy key serves every stream; without `training`, the model runs in eval.
-
-    >>> t = fx.transform(lambda: fx.param("w", jax.nn.initializers.zeros, (2,)))
-    >>> print(fx.check_variables(t, {"params": {"v": jnp.zeros(2)}}))
-    missing: params:w (shape (2,), float32)
-    unused: params:v
-    """
-    variables = _check_variables_arg(variables)
-    report, used = VariablesReport(), set()
-    keys = KeysFromRngs(jax.random.key(0) if rngs is None else rngs)
-    mode = Mode(False if training is None else training)
-
-    def run(variables: Any) -> None:
-        state = FunctionalState(variables, True)
-        with hermetic(), handle(mode, keys, state, CollectSown(()), _Audit(variables, report, used)):
-            t.fn(*args, **kwargs)
-
-    jax.eval_shape(run, variables)
-    for collection, tree in variables.items():
-        if isinstance(tree, Mapping):
-            for path, _ in flatten_paths(tree):
-                slot = (collection,) + path
-                if not any(slot[:n] in used for n in range(2, len(slot) + 1)):
-                    report.unused.append(f"{collection}:{path_str(path)}")
-    return report

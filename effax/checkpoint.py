@@ -1,33 +1,68 @@
-"""Save and restore variables with Orbax, checked against the model before any array is read.
+"""Save and restore variables with Orbax: nothing lost, nothing silent.
 
 `save(path, variables, step=...)` writes an Orbax PyTree checkpoint (the
 format Flax users write with `ocp.StandardCheckpointer` or a
-`CheckpointManager`, so theirs load here too). It writes beside the target
-and renames into place, so a save that fails midway leaves the previous
-checkpoint as it was. `restore(path, like=...)` compares the checkpoint with
-`like` (from `jax.eval_shape(t.init, ...)`) and reports every missing,
-unexpected, mis-shaped and mis-typed entry at once in a
-`CheckpointMismatchError`; it places each array on the sharding its `like`
-leaf carries. Orbax is imported only when these functions run
+`CheckpointManager`, so theirs load here too) with a checksum of every array
+beside it, in Orbax's own metadata. `restore(path, like=...)` compares the
+checkpoint with `like` (from `jax.eval_shape(t.init, ...)`), reports every
+missing, unexpected, mis-shaped and mis-typed entry at once in a
+`CheckpointMismatchError`, places each array on the sharding its `like` leaf
+carries, and verifies each checksum (`CheckpointCorruptError` names the
+entry). Orbax is imported only when these functions run
 (`pip install effax[checkpoint]`).
+
+What a save may touch, and when (the contract's "Checkpoints lose nothing"):
+
+- A save writes only the step it names (`path/<step>`, or `path` itself
+  without `step=`). It refuses a target that holds anything but an effax
+  checkpoint, and `save(path, v)` without `step=` where `path` holds steps:
+  existing files are never deleted.
+- A checkpoint is written to `<target>.effax-tmp-<pid>-<host>` and renamed
+  into place; an overwrite first moves the previous one to
+  `<target>.effax-old-<pid>-<host>`. The rename of the new one is the commit.
+  At every instant `steps()` lists exactly the complete steps: a step whose
+  directory is missing while its `.effax-old-...` exists (a crash between the
+  two renames) is listed, and restored, from there.
+- The next save or restore of that directory cleans what crashed saves left
+  behind (temp directories, a previous version whose replacement is in place)
+  and moves an `.effax-old-...` back where its replacement never arrived. The
+  leftovers of a save still running on this host are left alone.
 """
 
 from __future__ import annotations
 
 import difflib
+import gc
+import json
 import os
+import re
+import shutil
+import socket
+import sys
+import threading
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effax.core import EffaxError
 
-__all__ = ["CheckpointMismatchError", "CheckpointNotFoundError", "restore", "save", "steps"]
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointIOError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "restore",
+    "save",
+    "steps",
+]
 
-_TMP = ".effax-tmp"  # the new checkpoint is written here, then renamed into place
-_OLD = ".effax-old"  # the previous checkpoint while the rename happens
+_FORMAT = 1  # the version of the effax metadata written beside Orbax's
+_LEFTOVER = re.compile(r"^(?P<target>.+)\.effax-(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})(?P<rest>.*)$")
+_ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "checkpoint")
 
 
 class CheckpointMismatchError(EffaxError, ValueError):
@@ -35,6 +70,10 @@ class CheckpointMismatchError(EffaxError, ValueError):
 
     The lists are also attributes (`missing`, `unexpected`, `mis_shaped`,
     `mis_typed`), entries written `collection:path`.
+
+    >>> e = fx.CheckpointMismatchError("...", ["params:w (float32[2])"], [], [], [])
+    >>> e.missing
+    ['params:w (float32[2])']
     """
 
     def __init__(self, message: str, missing: list[str], unexpected: list[str],
@@ -45,10 +84,43 @@ class CheckpointMismatchError(EffaxError, ValueError):
 
 
 class CheckpointNotFoundError(EffaxError, FileNotFoundError):
-    """No checkpoint at the path (or at the step) asked for."""
+    """No checkpoint at the path (or at the step) asked for.
+
+    >>> import tempfile
+    >>> fx.checkpoint.restore(tempfile.mkdtemp() + "/none", like={})
+    Traceback (most recent call last):
+    effax.CheckpointNotFoundError: no checkpoint at `.../none`. Check the path ...
+    """
 
 
-CheckpointMismatchError.__module__ = CheckpointNotFoundError.__module__ = "effax"
+class CheckpointCorruptError(EffaxError, ValueError):
+    """The stored data is damaged: a checksum differs, or a file is missing, truncated or garbled.
+
+    `entry` names the array whose checksum failed (`collection:path`), or is
+    None when the damage could not be pinned to one array; `path` is the
+    checkpoint directory. Restore an earlier step, or save again.
+
+    >>> e = fx.CheckpointCorruptError("checksum of `params:w` differs", entry="params:w", path="/ckpt")
+    >>> e.entry
+    'params:w'
+    """
+
+    def __init__(self, message: str, *, entry: str | None = None, path: Any = None):
+        super().__init__(message)
+        self.entry, self.path = entry, None if path is None else os.fspath(path)
+
+
+class CheckpointIOError(EffaxError, OSError):
+    """The storage layer failed (a permission, a full disk, a path that is a file) at the path named.
+
+    It is also an `OSError`, so `except OSError` keeps working.
+
+    >>> import tempfile
+    >>> f = tempfile.mkstemp()[1]
+    >>> fx.checkpoint.save(f + "/ckpt", {"params": {}})
+    Traceback (most recent call last):
+    effax.CheckpointIOError: cannot create the checkpoint directory `...`: ...
+    """
 
 
 def _orbax() -> Any:
@@ -61,6 +133,13 @@ def _orbax() -> Any:
     return ocp
 
 
+def _fault(point: str) -> None:
+    """Called at each step of a save; the fault-injection tests replace it to kill the process there."""
+
+
+# --- paths: local paths go through `os`; `gs://...` and other URLs through `etils.epath`
+
+
 def _path(path: Any) -> Any:
     from etils import epath
 
@@ -68,22 +147,230 @@ def _path(path: Any) -> Any:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def _local(p: Any) -> bool:
+    return "://" not in os.fspath(p)
+
+
+def _storage(action: str, p: Any, error: BaseException) -> CheckpointIOError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointIOError(f"cannot {action} `{p}`: {detail}. Check the path and its permissions (and free space).")
+
+
+def _exists(p: Any) -> bool:
+    try:
+        return p.exists()
+    except OSError as e:
+        raise _storage("read", p, e) from e
+
+
+def _listdir(p: Any) -> list[Any]:
+    try:
+        return list(p.iterdir()) if _exists(p) and p.is_dir() else []
+    except OSError as e:
+        raise _storage("list", p, e) from e
+
+
+def _remove(p: Any) -> None:
+    if not _exists(p):
+        return
+    if _local(p):
+        shutil.rmtree(os.fspath(p), ignore_errors=False)
+    else:  # pragma: no cover - remote storage
+        p.rmtree()
+
+
+def _rename(src: Any, dst: Any) -> None:
+    if _local(src):
+        os.rename(os.fspath(src), os.fspath(dst))
+    else:  # pragma: no cover - remote storage
+        src.rename(dst)
+
+
+def _fsync_tree(p: Any) -> None:
+    """Flush a freshly written checkpoint to disk before it is renamed into place (local paths only)."""
+    if not _local(p):  # pragma: no cover - remote storage commits on write
+        return
+    root = os.fspath(p)
+    for where, dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(where, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(where)
+
+
+def _fsync_dir(where: Any) -> None:
+    if not _local(where):  # pragma: no cover - remote storage
+        return
+    try:
+        fd = os.open(os.fspath(where), os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- who owns a leftover: the saving process, by pid and host
+
+
+def _host() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()) & 0xFFFFFFFF:08x}"
+
+
+def _owner() -> str:
+    """`<pid>-<host>` of process 0, the one that renames (the same string on every process)."""
+    pid, host = os.getpid(), int(_host(), 16)
+    if jax.process_count() > 1:  # pragma: no cover - multi-process runs
+        from jax.experimental import multihost_utils
+
+        words = multihost_utils.broadcast_one_to_all(np.array([pid, host], np.uint32))
+        pid, host = int(words[0]), int(words[1])
+    return f"{pid}-{host:08x}"
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether the save that left a leftover may still be running (always True for another host)."""
+    if host != _host():
+        return True
+    if pid == os.getpid():
+        return True  # another thread's save in progress (a failed save of ours cleans up after itself)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _leftovers(parent: Any) -> dict[str, dict[str, list[tuple[Any, re.Match]]]]:
+    """`{target name: {"tmp": [(path, match)], "old": [...]}}` of the effax leftovers in `parent`."""
+    found: dict[str, dict[str, list[tuple[Any, re.Match]]]] = {}
+    for child in _listdir(parent):
+        m = _LEFTOVER.match(child.name)
+        if m:
+            found.setdefault(m["target"], {"tmp": [], "old": []})[m["kind"]].append((child, m))
+    return found
+
+
+def _is_complete_old(m: re.Match) -> bool:
+    return m["rest"] == ""  # an Orbax temp dir inside our name (`...-<host>.orbax-checkpoint-tmp-1`) never is
+
+
+def _recover(parent: Any, only: str | None = None, force: bool = False) -> None:
+    """Clean the leftovers of crashed saves in `parent` (for target `only`, or all).
+
+    Temp directories go; a previous version moved aside goes once its
+    replacement is in place, and moves back where the replacement never
+    arrived. Leftovers of a save still running here are kept, unless `force`
+    (a save of that very target: two saves of one step at once are a race).
+    """
+    for target, kinds in _leftovers(parent).items():
+        if only is not None and target != only:
+            continue
+        dead = lambda m: force or not _alive(int(m["pid"]), m["host"])  # noqa: E731
+        final = parent / target
+        olds = sorted((p for p, m in kinds["old"] if dead(m) and _is_complete_old(m)), key=lambda p: p.name)
+        try:
+            if olds and not _exists(final):
+                _rename(olds.pop(), final)  # roll back: the new version was never renamed in
+                _fsync_dir(parent)
+            for p, m in kinds["tmp"] + kinds["old"]:
+                if dead(m) and _exists(p) and p != final:
+                    _remove(p)
+        except OSError as e:
+            raise _storage("clean up the leftovers of an interrupted save beside", final, e) from e
+
+
+# --- what a directory is
+
+
+def _read_metadata(d: Any) -> dict | None:
+    """Orbax's `_METADATA` JSON of checkpoint `d`, or None when there is none."""
+    f = d / "_METADATA"
+    if not _exists(f):
+        return None
+    try:
+        text = f.read_text()
+    except OSError as e:
+        raise _storage("read", f, e) from e
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise CheckpointCorruptError(
+            f"the checkpoint metadata `{f}` is not valid JSON (truncated or overwritten). The checkpoint "
+            "is damaged: restore an earlier step, or save again.",
+            path=d,
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointCorruptError(f"the checkpoint metadata `{f}` is not a JSON object: the checkpoint is damaged.",
+                                     path=d)
+    return meta
+
+
+def _effax_meta(meta: dict | None) -> dict | None:
+    custom = (meta or {}).get("custom_metadata")
+    found = custom.get("effax") if isinstance(custom, dict) else None
+    return found if isinstance(found, dict) else None
+
+
 def _is_checkpoint(d: Any) -> bool:
-    return any((d / name).exists() for name in ("_METADATA", "manifest.ocdbt", "checkpoint"))
+    return any(_exists(d / name) for name in _ORBAX_FILES)
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        _orbax().multihost.sync_global_processes(name)
+def _is_step_dir(d: Any) -> bool:
+    """An effax or Orbax checkpoint, or a `CheckpointManager` step holding checkpoint items."""
+    if not d.is_dir():
+        return False
+    return _is_checkpoint(d) or any(c.is_dir() and _is_checkpoint(c) for c in _listdir(d))
 
 
-def _name(key_path: tuple) -> str:
-    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in key_path]
-    return names[0] if len(names) == 1 else f"{names[0]}:{'/'.join(names[1:])}"
+def _step_names(root: Any) -> dict[int, Any]:
+    """`{step: directory}`: complete step directories, and previous versions standing in for missing ones."""
+    found: dict[int, Any] = {}
+    children = _listdir(root)
+    names = {c.name for c in children}
+    for child in children:
+        if child.name.isdigit() and child.name.isascii() and _is_step_dir(child):
+            found[int(child.name)] = child
+    for target, kinds in _leftovers(root).items():
+        if target.isdigit() and target.isascii() and target not in names:
+            olds = sorted((p for p, m in kinds["old"] if _is_complete_old(m)), key=lambda p: p.name)
+            if olds:
+                found[int(target)] = olds[-1]  # a crash between the two renames of an overwrite
+    return dict(sorted(found.items()))
+
+
+def _check_step(step: Any, what: str = "step") -> int | None:
+    if step is None:
+        return None
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise EffaxError(
+            f"`{what}={step!r}`: a step is a non-negative int (the training step, e.g. `step=1000`), "
+            f"got {type(step).__name__}. Pass `step=int(n)`; to restore the latest, leave `step` out."
+        )
+    return int(step)
+
+
+def _not_a_dir(root: Any) -> None:
+    if _exists(root) and not root.is_dir():
+        raise CheckpointIOError(
+            f"`{root}` is a file, not a checkpoint directory. Pass the directory that "
+            "`fx.checkpoint.save` wrote (effax never replaces a file with a checkpoint)."
+        )
 
 
 def steps(path: str | os.PathLike) -> list[int]:
-    """The steps saved under `path` with `save(..., step=n)`, in increasing order.
+    """The steps saved under `path` with `save(..., step=n)`, in increasing order; each one restores.
+
+    A step interrupted while being overwritten is listed (its previous
+    version is complete); a save that never finished is not.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -93,18 +380,149 @@ def steps(path: str | os.PathLike) -> list[int]:
     [2, 10]
     """
     root = _path(path)
-    if not root.exists():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+    _not_a_dir(root)
+    return list(_step_names(root))
+
+
+# --- checksums: position-weighted sums of mixed 32-bit words, computed where the array lives
+
+
+def _fmix(h: jax.Array) -> jax.Array:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as a flat uint32 vector (each element widened, or split into words)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag], axis=-1)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    if size in (1, 2):
+        unsigned = jnp.uint8 if size == 1 else jnp.uint16
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8 bytes: two words each
+
+
+@jax.jit
+def _digest(x: jax.Array) -> jax.Array:
+    """Two independent 32-bit sums; each term is a bijection of its word, so any one changed word shows."""
+    w = _words(x)
+    i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+    a = jnp.sum(_fmix(w + _fmix(i * np.uint32(0x9E3779B9) + np.uint32(0x7F4A7C15))), dtype=jnp.uint32)
+    b = jnp.sum(_fmix((w ^ _fmix(i * np.uint32(0x85EBCA77) + np.uint32(0x165667B1))) * np.uint32(0x27D4EB2F)),
+                dtype=jnp.uint32)
+    return jnp.stack([a, b])
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _checksums(leaves: dict[str, Any]) -> dict[str, str]:
+    """`{entry: 16 hex digits}`; every process computes them (a sharded array's sum spans processes)."""
+    sums = {name: _digest(x) for name, x in leaves.items()}
+    out = {}
+    for name, s in sums.items():
+        words = np.asarray(s.addressable_data(0) if hasattr(s, "addressable_data") else s)
+        out[name] = f"{int(words[0]):08x}{int(words[1]):08x}"
+    return out
+
+
+def _name(key_path: tuple) -> str:
+    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in key_path]
+    return names[0] if len(names) == 1 else f"{names[0]}:{'/'.join(names[1:])}"
+
+
+def _prepare(variables: Any) -> tuple[dict, dict]:
+    """The tree Orbax writes (typed keys as their key data) and the effax metadata beside it."""
+    if not isinstance(variables, Mapping):
+        raise EffaxError(
+            f"`variables` must be a dict like {{'params': {{...}}}}, got {type(variables).__name__}. "
+            "Pass what `t.init` returned (merged with the updates of later runs)."
+        )
+    keys: dict[str, str] = {}
+    data: dict[str, Any] = {}
+
+    def leaf(key_path: tuple, x: Any) -> Any:
+        name = _name(key_path)
+        if _is_key(x):
+            keys[name] = str(jax.random.key_impl(x))
+            x = jax.random.key_data(x)
+        elif isinstance(x, (bool, int, float, complex, np.number, np.bool_)) or (
+            isinstance(x, np.ndarray) and x.dtype != object
+        ):
+            x = jnp.asarray(x)
+        elif not isinstance(x, jax.Array):
+            raise EffaxError(
+                f"`{name}` in `variables` is {type(x).__name__} {x!r:.60}, not an array: a checkpoint "
+                "holds arrays only. Drop it, or convert it (`jnp.asarray(...)`)."
+            )
+        data[name] = x
+        return x
+
+    tree = jax.tree_util.tree_map_with_path(leaf, dict(variables), is_leaf=lambda x: x is None)
+    meta = {"version": _FORMAT, "checksums": _checksums(data), "keys": keys}
+    return tree, meta
+
+
+# --- save
+
+
+def _refuse(target: Any, why: str) -> EffaxError:
+    return EffaxError(
+        f"refusing to save to `{target}`: {why}. effax never deletes files it did not write: save to "
+        "a new path, or into a directory of steps with `step=n`."
+    )
+
+
+def _check_target(root: Any, target: Any, step: int | None) -> None:
+    """Refuse any target whose present contents are not an effax checkpoint this save may replace."""
+    _not_a_dir(root)
+    if step is not None and _exists(root) and _is_checkpoint(root):
+        raise _refuse(root, "it is itself a single checkpoint, so it cannot hold steps")
+    if not _exists(target):
+        return
+    if not target.is_dir():
+        raise _refuse(target, "it is a file")
+    children = _listdir(target)
+    if not children:
+        return  # an empty directory: replaced by the rename
+    if step is None:
+        found = list(_step_names(target))
+        if found:
+            raise EffaxError(
+                f"`{target}` holds the steps {found}; saving there without `step=` would replace "
+                f"them all. Pass the step: `fx.checkpoint.save(path, variables, step={found[-1] + 1})`."
+            )
+    try:
+        ours = _effax_meta(_read_metadata(target)) is not None
+    except CheckpointCorruptError:
+        raise _refuse(target, "it holds a checkpoint whose metadata is unreadable; delete it yourself "
+                      "if it is no longer needed") from None
+    if not ours:
+        shown = ", ".join(sorted(c.name + ("/" if c.is_dir() else "") for c in children)[:5])
+        what = "an Orbax checkpoint that effax did not write" if _is_checkpoint(target) else f"files ({shown})"
+        raise _refuse(target, f"it holds {what}")
 
 
 def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | None = None) -> Any:
     """Write `variables` as an Orbax checkpoint at `path` (or `path/<step>`); returns the directory.
 
-    The checkpoint is written beside the target and renamed into place, so a
-    save that fails midway leaves the previous checkpoint there intact.
-    Sharded arrays are saved shard by shard; on several hosts every process
-    calls `save` (as with Orbax).
+    The checkpoint is written beside the target and renamed into place, so
+    a save that fails or is killed at any instant leaves the previous
+    checkpoint there intact and listed; every array's checksum is stored
+    beside it. It refuses a target holding anything but an effax checkpoint,
+    and a save without `step=` where steps exist. Typed PRNG keys are saved
+    as their key data and come back as keys. Sharded arrays are saved shard
+    by shard; on several hosts every process calls `save` (as with Orbax).
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -114,79 +532,114 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
     {'params': {'w': Array([1., 1.], dtype=float32)}}
     """
     ocp = _orbax()
-    if not isinstance(variables, Mapping):
-        raise EffaxError(
-            f"`variables` must be a dict like {{'params': {{...}}}}, got {type(variables).__name__}. "
-            "Pass what `t.init` returned (merged with the updates of later runs)."
-        )
+    step = _check_step(step)
+    tree, meta = _prepare(variables)
     root = _path(path)
     target = root / str(step) if step is not None else root
-    tmp = target.parent / (target.name + _TMP)
-    old = target.parent / (target.name + _OLD)
     primary = jax.process_index() == 0
-
-    def clean() -> None:
-        for leftover in target.parent.glob(target.name + _TMP + "*"):  # ours and Orbax's own temp dirs
-            leftover.rmtree()
-
+    owner = _owner()
+    tmp = target.parent / f"{target.name}.effax-tmp-{owner}"
+    old = target.parent / f"{target.name}.effax-old-{owner}"
+    _check_target(root, target, step)  # on every process (read only), so a refusal never leaves one waiting
     if primary:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        clean()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _storage("create the checkpoint directory", target.parent, e) from e
+        _recover(target.parent)
+        _recover(target.parent, only=target.name, force=True)
+    _fault("start")
     _sync("effax_checkpoint_save_start")
     try:
-        ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(tmp, args=ocp.args.PyTreeSave(dict(variables)))
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(
+            tmp, args=ocp.args.PyTreeSave(tree, custom_metadata={"effax": meta})
+        )
+        _fault("written")
+        if primary:
+            _fsync_tree(tmp)
+        _fault("synced")
+    except Exception as e:
+        if primary:
+            _recover(target.parent, only=target.name, force=True)
+        if isinstance(e, EffaxError):
+            raise
+        raise _storage("write the checkpoint", target, e) from e
     except BaseException:
         if primary:
-            clean()
+            _recover(target.parent, only=target.name, force=True)
         raise
     if primary:
-        if old.exists():
-            old.rmtree()
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        if old.exists():
-            old.rmtree()
+        try:
+            if _exists(target) and _listdir(target):
+                _rename(target, old)
+                _fault("moved_old")
+            _rename(tmp, target)  # the commit (over an empty directory, if one was there)
+            _fsync_dir(target.parent)
+            _fault("committed")
+            _remove(old)
+        except BaseException as e:
+            _recover(target.parent, only=target.name, force=True)  # the previous one back, or the new one kept
+            if isinstance(e, OSError):
+                raise _storage("move the new checkpoint into place at", target, e) from e
+            raise
+    _fault("done")
     _sync("effax_checkpoint_save_done")
     return target
 
 
-def _resolve(path: Any, step: int | None) -> Any:
-    """The directory holding the PyTree: `path`, its `step` (default: the latest), or the one item in it."""
-    root = _path(path)
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:  # pragma: no cover - multi-process runs
+        _orbax().multihost.sync_global_processes(name)
+
+
+# --- restore
+
+
+def _resolve(root: Any, step: int | None) -> Any:
+    """The directory holding the PyTree: `root`, its `step` (default: the latest), or a step's one item."""
+    _not_a_dir(root)
+    found = _step_names(root) if _exists(root) else {}
     if step is not None:
-        d = root / str(step)
-    elif _is_checkpoint(root) or (root.parent / (root.name + _OLD)).exists():
+        d = found.get(step, root / str(step))
+    elif _exists(root) and _is_checkpoint(root):
         d = root
+    elif found:
+        d = found[max(found)]
     else:
-        found = steps(root)
-        d = root / str(found[-1]) if found else root
-    if not d.exists() and (d.parent / (d.name + _OLD)).exists():
-        d = d.parent / (d.name + _OLD)  # a save was interrupted while swapping: the previous one is here
-    if not d.exists():
-        found = steps(root)
+        d = root
+        olds = [p for p, m in _leftovers(root.parent).get(root.name, {}).get("old", []) if _is_complete_old(m)]
+        if not _exists(root) and olds:
+            d = olds[-1]  # a crash between the two renames of an overwrite, its save still running
+    if not _exists(d):
         raise CheckpointNotFoundError(
             f"no checkpoint at `{d}`"
-            + (f"; steps saved under `{root}`: {found}" if found else "")
+            + (f"; steps saved under `{root}`: {list(found)}" if found else "")
             + ". Check the path (and `step=`), or write one with `fx.checkpoint.save`."
         )
-    if not _is_checkpoint(d):
-        items = sorted(c.name for c in d.iterdir() if c.is_dir() and _is_checkpoint(c))
-        if len(items) != 1:
-            raise CheckpointNotFoundError(
-                f"`{d}` is not an Orbax PyTree checkpoint"
-                + (f"; it holds the items {items}: pass the one to restore, e.g. `{d / items[0]}`." if items
-                   else " and holds none. Check the path.")
-            )
-        d = d / items[0]  # a CheckpointManager step with one item (`default`, `state`, ...)
-    return d
+    if _is_checkpoint(d):
+        return d
+    items = sorted(c.name for c in _listdir(d) if c.is_dir() and _is_checkpoint(c))
+    step_dir = d is not root or (d.name.isdigit() and d.name.isascii())
+    if step_dir and len(items) == 1:
+        return d / items[0]  # a CheckpointManager step with one item (`default`, `state`, ...)
+    if items:
+        raise CheckpointNotFoundError(
+            f"`{d}` is not a checkpoint; it holds the checkpoints {items}. Pass the one to restore, "
+            f"e.g. `fx.checkpoint.restore('{d / items[0]}', like=...)`."
+        )
+    raise CheckpointNotFoundError(
+        f"`{d}` is not a checkpoint and holds neither checkpoints nor steps. Check the path, or "
+        "write one with `fx.checkpoint.save`."
+    )
 
 
 def _spec(x: Any) -> str:
     return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
 
 
-def _compare(where: Any, like: dict, stored: dict, strict: bool) -> None:
+def _compare(where: Any, like: dict, stored: dict, strict: bool, kinds: tuple[dict, dict | None]) -> None:
+    # entry -> "key<impl>" for typed keys; None: the checkpoint does not say (not written by effax)
+    like_kind, stored_kind = kinds
     missing, unexpected, mis_shaped, mis_typed = [], [], [], []
     for name, want in like.items():
         have = stored.get(name)
@@ -196,8 +649,12 @@ def _compare(where: Any, like: dict, stored: dict, strict: bool) -> None:
             continue
         if tuple(have.shape) != tuple(want.shape):
             mis_shaped.append(f"{name}: like {tuple(want.shape)}, checkpoint {tuple(have.shape)}")
-        if jnp.dtype(have.dtype) != jnp.dtype(want.dtype):
-            mis_typed.append(f"{name}: like {jnp.dtype(want.dtype).name}, checkpoint {jnp.dtype(have.dtype).name}")
+        want_type = like_kind.get(name, jnp.dtype(want.dtype).name)
+        have_type = (stored_kind or {}).get(name, jnp.dtype(have.dtype).name)
+        if jnp.dtype(have.dtype) != jnp.dtype(want.dtype) or (
+            stored_kind is not None and want_type != have_type
+        ):
+            mis_typed.append(f"{name}: like {want_type}, checkpoint {have_type}")
     if strict:
         unexpected = [f"{name} ({_spec(have)})" for name, have in stored.items() if name not in like]
     problems = len(missing) + len(unexpected) + len(mis_shaped) + len(mis_typed)
@@ -215,6 +672,117 @@ def _compare(where: Any, like: dict, stored: dict, strict: bool) -> None:
     raise CheckpointMismatchError("\n".join(lines), missing, unexpected, mis_shaped, mis_typed)
 
 
+def _key_dtype(impl: str, data: Any) -> str:
+    """The dtype name (`key<fry>`) of keys of implementation `impl` stored as `data`."""
+    try:
+        spec = jax.ShapeDtypeStruct(tuple(data.shape), jnp.uint32)
+        return str(jax.eval_shape(lambda d: jax.random.wrap_key_data(d, impl=impl), spec).dtype)
+    except Exception:  # an unknown implementation, or data of the wrong shape: shown as saved
+        return f"key<{impl}>"
+
+
+def _key_impl(x: Any) -> str:
+    try:
+        return str(jax.random.key_impl(x))
+    except TypeError:  # a jax.ShapeDtypeStruct of keys
+        return str(getattr(x.dtype, "_impl", "threefry2x32"))
+
+
+def _abstract_like(like: Any) -> tuple[dict, dict]:
+    """`like` as `jax.ShapeDtypeStruct`s of what is stored (key data for keys); and `{entry: key dtype}`."""
+    keys: dict[str, Any] = {}
+
+    def leaf(key_path: tuple, x: Any) -> Any:
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            if x is None or isinstance(x, str):
+                raise EffaxError(
+                    f"`like` entry `{_name(key_path)}` is {x!r}, not an array or its shape: pass "
+                    "`like=jax.eval_shape(t.init, key, x)` (or real variables)."
+                )
+            x = jnp.asarray(x)
+        sharding = getattr(x, "sharding", None)
+        if _is_key(x):
+            keys[_name(key_path)] = x
+            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, dict(like), is_leaf=lambda x: x is None), keys
+
+
+class _quiet_orbax:
+    """Keep the echoes of a failed read off stderr: Orbax's other reads fail after the first one and
+    report "Event loop is closed" and "Exception ignored in <coroutine>" when they are collected."""
+
+    def __init__(self, collect: bool = False):
+        self.collect = collect
+
+    def __enter__(self) -> None:
+        self.hooks = sys.unraisablehook, threading.excepthook
+        sys.unraisablehook = lambda *a: None
+        threading.excepthook = lambda *a: None
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.collect:
+                gc.collect()  # collect the abandoned coroutines while their echoes are silenced
+        finally:
+            sys.unraisablehook, threading.excepthook = self.hooks
+
+
+def _orbax_read(d: Any, read: Any, damaged: Any = None) -> Any:
+    """`read()`, with any failure raised as a `CheckpointCorruptError` naming `d` (and the entry `damaged()` finds)."""
+    failure = None
+    try:
+        with _quiet_orbax():
+            return read()
+    except Exception as e:  # dropped here, so Orbax's abandoned reads are collected while silenced
+        failure = type(e).__name__, str(e)
+    with _quiet_orbax(collect=True):
+        pass
+    raise _corrupt(d, failure, None if damaged is None else damaged())
+
+
+def _damaged_entry(ocp: Any, d: Any, item: dict) -> str | None:
+    """After a failed read, the first entry that cannot be read alone (None if each one can)."""
+    leaves = jax.tree_util.tree_leaves_with_path(item)
+    if len(leaves) > 256:
+        return None  # too many to try one by one; the message names the directory
+    for key_path, leaf in leaves:
+        one: Any = leaf
+        for k in reversed(key_path):
+            one = {k.key: one}
+        failed = False
+        try:
+            with _quiet_orbax():
+                ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                    d,
+                    args=ocp.args.PyTreeRestore(
+                        item=one, restore_args=ocp.checkpoint_utils.construct_restore_args(one), partial_restore=True
+                    ),
+                )
+        except Exception:
+            failed = True
+        if failed:
+            with _quiet_orbax(collect=True):
+                pass
+            return _name(key_path)
+    return None
+
+
+def _corrupt(d: Any, error: BaseException | tuple[str, str], entry: str | None = None) -> CheckpointCorruptError:
+    kind, text = error if isinstance(error, tuple) else (type(error).__name__, str(error))
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    detail = re.split(r" See full TensorStore details| \[tensorstore_spec", lines[0])[0][:300] if lines else kind
+    where = f"entry `{entry}` of " if entry else ""
+    return CheckpointCorruptError(
+        f"cannot read {where}the checkpoint at `{d}`: its files are missing, truncated or damaged "
+        f"({kind}: {detail}). Restore an earlier step, or save again.",
+        entry=entry,
+        path=d,
+    )
+
+
 def restore(
     path: str | os.PathLike, like: Mapping[str, Any], *, step: int | None = None, strict: bool = True
 ) -> Any:
@@ -226,6 +794,9 @@ def restore(
     device. Every mismatch is reported at once in a `CheckpointMismatchError`
     before anything is read; with `strict=False` entries that `like` does not
     name are skipped. Under a directory of steps, `step=None` reads the latest.
+    Each array written by `save` is checked against its checksum
+    (`CheckpointCorruptError` names the entry); damaged or unreadable files
+    raise `CheckpointCorruptError` too, never wrong values.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -237,24 +808,71 @@ def restore(
     ...
     """
     ocp = _orbax()
-    d = _resolve(path, step)
-    tree = ocp.PyTreeCheckpointHandler().metadata(d)
+    if not isinstance(like, Mapping):
+        raise EffaxError(
+            f"`like` must be the variables to restore into, a dict like {{'params': {{...}}}}, got "
+            f"{type(like).__name__}. Pass `like=jax.eval_shape(t.init, key, x)` (no memory is "
+            "allocated) or real variables of the same model."
+        )
+    step = _check_step(step)
+    root = _path(path)
+    _not_a_dir(root)
+    if jax.process_index() == 0 and _exists(root.parent):
+        _recover(root.parent, only=root.name)
+        if _exists(root) and root.is_dir():
+            _recover(root)
+    _sync("effax_checkpoint_restore_start")
+    d = _resolve(root, step)
+    meta = _read_metadata(d)
+    ours = _effax_meta(meta)
+    tree = _orbax_read(d, lambda: ocp.PyTreeCheckpointHandler().metadata(d))
     tree = getattr(tree, "tree", tree)
-    is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
     stored = {_name(p): m for p, m in jax.tree.leaves_with_path(tree, is_leaf=is_meta) if is_meta(m)}
-    like = jax.tree.map(lambda x: x if hasattr(x, "shape") and hasattr(x, "dtype") else jnp.asarray(x), dict(like))
-    wanted = {_name(p): x for p, x in jax.tree.leaves_with_path(like)}
-    _compare(d, wanted, stored, strict)
+    item, like_keys = _abstract_like(like)
+    wanted = {_name(p): x for p, x in jax.tree.leaves_with_path(item)}
+    stored_keys = ours.get("keys", {}) if ours else {}
+    kinds = (
+        {n: str(k.dtype) for n, k in like_keys.items()},
+        {n: _key_dtype(impl, stored.get(n)) for n, impl in stored_keys.items()} if ours else None,
+    )
+    _compare(d, wanted, stored, strict, kinds)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target(x: Any) -> jax.ShapeDtypeStruct:
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding or device)
-
-    item = jax.tree.map(target, like)
+    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device), item)
     args = ocp.args.PyTreeRestore(
         item=item,
         restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=not strict and len(stored) > len(wanted),
     )
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(d, args=args)
+    restored = _orbax_read(
+        d, lambda: ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(d, args=args),
+        lambda: _damaged_entry(ocp, d, item),
+    )
+    if ours is not None:
+        sums = ours.get("checksums", {})
+        got = _checksums({_name(p): x for p, x in jax.tree.leaves_with_path(restored)})
+        for name, digest in got.items():
+            if name in sums and sums[name] != digest:
+                raise CheckpointCorruptError(
+                    f"entry `{name}` of the checkpoint at `{d}` is damaged: its checksum is {digest}, "
+                    f"but {sums[name]} was saved. Its files changed after the save (a disk or copy "
+                    "error): restore an earlier step, or save again.",
+                    entry=name,
+                    path=d,
+                )
+            if name not in sums:
+                raise CheckpointCorruptError(
+                    f"entry `{name}` of the checkpoint at `{d}` has no checksum in its metadata: the "
+                    "metadata was changed after the save. Restore an earlier step, or save again.",
+                    entry=name,
+                    path=d,
+                )
+
+    def rekey(key_path: tuple, x: Any) -> Any:
+        name = _name(key_path)
+        if name in like_keys:
+            impl = stored_keys.get(name) or _key_impl(like_keys[name])
+            return jax.random.wrap_key_data(x, impl=impl)
+        return x
+
+    return jax.tree_util.tree_map_with_path(rekey, restored)

@@ -107,8 +107,8 @@ def _is_axes_leaf(x: Any) -> bool:
 
 def _as_summary(source: Any) -> Any:
     """An inventory (`fx.effects_of`) becomes the `Summary` it implies; anything else stays."""
-    from effax._inventory import Effects
-    from effax._summary import Summary, entries_of
+    from effax.inspect._inventory import Effects
+    from effax.inspect._summary import Summary, entries_of
 
     if isinstance(source, Effects):
         entries, variables = entries_of(source)

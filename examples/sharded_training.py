@@ -1,11 +1,13 @@
 """Train a small MLP data + model parallel on 8 devices, and check it matches one device.
 
-The model names each param's dimensions once (`fx.param(..., axes=("embed",
-"mlp"))`); rules map those names to a mesh of 4 (data) x 2 (model) devices.
-`jax.jit(t.init, out_shardings=...)` creates every param directly on its
-shards, so no device ever holds the whole model; batches are split over
-"data". JAX's SPMD partitioner does the rest. Runs on a laptop: the 8 devices
-are simulated CPU devices.
+The model is built from `fx.nn` layers; each names its params' dimensions
+once, through its initializer (`fx.nn.with_logical_partitioning(init,
+("embed", "mlp"))`, Flax's spelling; a bias takes its kernel's output axis).
+`fx.summary` records those names, and rules map them to a mesh of 4 (data)
+x 2 (model) devices. `jax.jit(t.init, out_shardings=...)` creates every
+param directly on its shards, so no device ever holds the whole model;
+batches are split over "data". JAX's SPMD partitioner does the rest. Runs
+on a laptop: the 8 devices are simulated CPU devices.
 
     python examples/sharded_training.py --steps 100
 """
@@ -28,20 +30,16 @@ D_IN, HIDDEN, D_OUT, BATCH = 16, 64, 8, 64
 RULES = [("batch", "data"), ("embed", None), ("mlp", "model")]
 
 
-def model(x: jax.Array) -> jax.Array:
-    """A two-layer MLP written with raw effects; the hidden ("mlp") dimension is split over "model"."""
-    init = jax.nn.initializers
-    with fx.scope("up"):
-        w = fx.param("kernel", init.lecun_normal(), (x.shape[-1], HIDDEN), axes=("embed", "mlp"))
-        b = fx.param("bias", init.zeros, (HIDDEN,), axes=("mlp",))
-    h = jax.nn.gelu(x @ w + b)
-    with fx.scope("down"):
-        w = fx.param("kernel", init.lecun_normal(), (HIDDEN, D_OUT), axes=("mlp", "embed"))
-        b = fx.param("bias", init.zeros, (D_OUT,), axes=("embed",))
-    return h @ w + b
+class MLP(fx.nn.Module):
+    """A two-layer MLP of `fx.nn.Dense`; the hidden ("mlp") dimension is split over "model"."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lecun, axes = jax.nn.initializers.lecun_normal(), fx.nn.with_logical_partitioning
+        h = fx.nn.Dense(HIDDEN, kernel_init=axes(lecun, ("embed", "mlp")), name="up")(x)
+        return fx.nn.Dense(D_OUT, kernel_init=axes(lecun, ("mlp", "embed")), name="down")(jax.nn.gelu(h))
 
 
-t = fx.transform(model)
+t = fx.transform(MLP())
 
 
 def data(step: int) -> tuple[np.ndarray, np.ndarray]:

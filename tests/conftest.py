@@ -21,6 +21,22 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow", action="store_true", default=False,
+        help="also run tests marked slow (CI does; the README's command skips them to stay under 5 minutes)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("EFFAX_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: runs in CI (`.ci/run`), or here with `--run-slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])
 def maybe_jit(request):
     """Run a function eagerly and under `jax.jit` (NumPyro/Haiku-style `use_jit` parametrization)."""

@@ -28,6 +28,9 @@ Path = tuple[str, ...]
 
 _STACK: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("effax_handlers", default=())
 _PATH: contextvars.ContextVar[Path] = contextvars.ContextVar("effax_path", default=())
+# ids of installed handlers that are their own run (`begin()` returned self): stateless, so a lifted
+# transform may run them again inside its body; a run object that `begin()` made is never in here.
+_OWN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("effax_own_runs", default=frozenset())
 
 
 def path_str(path: Path) -> str:
@@ -152,17 +155,26 @@ class _Handling:
 
     def __init__(self, handlers: list[Any]):
         self._handlers = handlers
-        self._tokens: list[tuple[Any, Any]] = []
+        self._tokens: list[tuple[Any, Any, Any]] = []
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
-        self._tokens.append((_STACK.set(_STACK.get() + runs), push_names(fresh=False)))
+        own = frozenset(id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h)
+        token = _OWN.set(_OWN.get() | own) if own else None
+        self._tokens.append((_STACK.set(_STACK.get() + runs), push_names(fresh=False), token))
         return runs
 
     def __exit__(self, *exc: Any) -> None:
-        stack, names = self._tokens.pop()
+        stack, names, own = self._tokens.pop()
         pop_names(names)
+        if own is not None:
+            _OWN.reset(own)
         _STACK.reset(stack)
+
+
+def is_stateless(run: Any) -> bool:
+    """Whether an installed run is its handler itself (`begin()` returned self): it holds no per-run state."""
+    return id(run) in _OWN.get()
 
 
 def handle(*handlers: Any) -> _Handling:
@@ -188,11 +200,12 @@ class _Hermetic:
         self._tokens: list[tuple[Any, ...]] = []
 
     def __enter__(self) -> None:
-        self._tokens.append((_STACK.set(()), _PATH.set(()), push_names(fresh=True)))
+        self._tokens.append((_STACK.set(()), _PATH.set(()), push_names(fresh=True), _OWN.set(frozenset())))
 
     def __exit__(self, *exc: Any) -> None:
-        stack, path, names = self._tokens.pop()
+        stack, path, names, own = self._tokens.pop()
         pop_names(names)
+        _OWN.reset(own)
         _PATH.reset(path)
         _STACK.reset(stack)
 

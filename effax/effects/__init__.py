@@ -1,5 +1,7 @@
 """Effect requests and the operations model code calls; one module per effect."""
 
+from effax.effects._capture import CaptureRequest, capture_filter
+from effax.effects._initializing import InitializingRequest, is_initializing
 from effax.effects._mode import ModeRequest, is_training
 from effax.effects._module_call import ModuleCallRequest, call_module, sees_module_calls
 from effax.effects._param import ParamRequest, param
@@ -26,5 +28,6 @@ __all__ = [
     "StreamKeyRequest", "next_key", "random_stream", "stream_key", "SideInputEffect",
     "SideInputRequest", "side_input", "SideOutputEffect", "SideOutputRequest", "sow",
     "GetStateRequest", "LocalStateEffect", "LocalStateRequest", "SetStateRequest", "local_state",
-    "ModuleCallRequest", "call_module", "sees_module_calls",
+    "ModuleCallRequest", "call_module", "sees_module_calls", "InitializingRequest", "is_initializing",
+    "CaptureRequest", "capture_filter",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -150,14 +151,28 @@ class ParamRequest(Request):
 
 
 def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
-    if isinstance(shape, int):
-        return (shape,)
+    """`shape` as a tuple of non-negative ints; a bare int is one dimension.
+
+    Each dimension goes through `operator.index`, so ints and NumPy ints pass
+    and a float (`2.5`), a string (`"ab"`, `"4"`) or a bool is refused, never
+    truncated or split into characters.
+    """
+    if type(shape) is tuple:  # the usual case, kept cheap: it runs on every `fx.param`
+        given = shape
+    else:
+        one = isinstance(shape, str) or not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0
+        given = (shape,) if one else shape
     try:
-        return tuple(int(d) for d in shape)
+        dims = tuple(map(operator.index, given))
     except TypeError:
+        dims = None
+    if dims is None or isinstance(shape, str) or bool in map(type, given) or (dims and min(dims) < 0):
         raise ShapeMismatchError(
-            f"param {name!r}: shape must be a tuple of ints, got {shape!r}."
-        ) from None
+            f"param {name!r}: shape must be a tuple of non-negative ints, got {shape!r} "
+            f"({type(shape).__name__}). Pass e.g. `fx.param({name!r}, init, (3, 4))`; sizes read from "
+            "config or strings need `int(...)` first."
+        )
+    return dims
 
 
 def param(
@@ -184,6 +199,12 @@ def param(
     Array([1., 1.], dtype=float32)
     """
     check_name(name, "param")
+    if not callable(init):
+        raise EffaxError(
+            f"param {name!r}: `init` must be a function `init(key, shape, dtype) -> array`, got "
+            f"{type(init).__name__} {init!r:.40}. Pass an initializer: `jax.nn.initializers.zeros`, "
+            "or `jax.nn.initializers.constant(value)` for a fixed starting value."
+        )
     if shared is not None:
         check_name(shared, "shared tag")
     shape = canonical_shape(shape, name)

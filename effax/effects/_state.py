@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import InvalidNameError, Request, check_name, current_path, path_str, send
+from effax.core import EffaxError, InvalidNameError, Request, check_name, current_path, path_str, send
 
 _STATE_HINT = (
     "discharge the model with `fx.transform(fn)` (`t.init`, or `t.apply(..., mutable=[collection])`), "
@@ -95,6 +95,12 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
     variable does not exist yet (under init, or when its collection is mutable).
     """
     check_name(name, "state")
+    if not callable(init):
+        raise EffaxError(
+            f"state {name!r}: `init` must be a function `init() -> initial value`, called only when "
+            f"the variable does not exist yet; got {type(init).__name__} {init!r:.40}. Wrap the value: "
+            f"`fx.local_state({name!r}, lambda: jnp.zeros(()))`."
+        )
     check_collection(collection, f"state {name!r}")
     path = current_path() + (name,)
     send(LocalStateRequest(path, collection, init))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from effax.core import EffaxError, Handler
-from effax.effects import ModuleCallRequest, sow
+from effax.effects import CaptureRequest, ModuleCallRequest, sow
 
 Interceptor = Callable[[Callable[..., Any], tuple, dict, ModuleCallRequest], Any]
 CallFilter = Callable[[Any, str], bool]
@@ -21,7 +21,11 @@ class InterceptMethods(Handler):
     `context` is the `fx.ModuleCallRequest` (`.path`, `.module`, `.method`).
     The interceptor may change the arguments or the result, or return
     without calling `next_fun` to replace the call. With nested handlers the
-    innermost intercepts first, so it wraps the others.
+    innermost intercepts first, so it wraps the others: effax's one
+    precedence rule. Flax and Haiku call the *outermost* interceptor first,
+    so `with nn.intercept_methods(a): with nn.intercept_methods(b): ...`
+    translates to `handlers=[InterceptMethods(b), InterceptMethods(a)]`
+    (reverse the order: the last handler is innermost and runs first).
 
     >>> def double_dense(next_fun, args, kwargs, context):
     ...     out = next_fun(*args, **kwargs)
@@ -61,7 +65,9 @@ class CaptureIntermediates(Handler):
 
     The output lands at the module's path under the method's name, as a
     tuple with one entry per call: `{"Dense_0": {"__call__": (y,)}}`, Flax's
-    layout. `filter=True` picks every `__call__` (Flax's default). It records
+    layout. `filter=True` picks every `__call__` (Flax's default). It also
+    answers `fx.effects.capture_filter()`, so `fx.from_flax` modules capture
+    Flax's own intermediates with the same filter, under the module's path. It records
     what the caller receives, after the handlers inside it. This is what
     `t.init`/`t.apply(..., capture_intermediates=...)` install; the sown
     values are collected when `"intermediates"` is mutable.
@@ -88,6 +94,8 @@ class CaptureIntermediates(Handler):
         self.filter = filter
 
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
+        if type(request) is CaptureRequest:  # code running another library's modules captures their calls too
+            return self.filter
         out = forward(request)
         if type(request) is ModuleCallRequest and self.filter(request.module, request.method):
             sow(request.method, out)  # sent from the module's path, to the handlers outside this one

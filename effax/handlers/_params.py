@@ -24,7 +24,7 @@ from effax.core import (
     send,
     trace_state,
 )
-from effax.effects import ParamRequest, StreamKeyRequest
+from effax.effects import InitializingRequest, ParamRequest, StreamKeyRequest
 from effax.handlers._random import as_typed_key, fold, h_path
 
 
@@ -32,6 +32,7 @@ class _ParamRun:
     """What every params run shares: one path, one array, one spec within a run."""
 
     module_calls = False  # never looks at module calls: they skip it
+    creating: bool | None = None  # the answer to `fx.is_initializing()`; None forwards it
 
     __slots__ = ("seen", "trace", "tags")
 
@@ -68,6 +69,8 @@ class _ParamRun:
 
     def handle(self, request: Any, forward: Any) -> Any:
         if type(request) is not ParamRequest:
+            if type(request) is InitializingRequest and self.creating is not None:
+                return self.creating
             return forward(request)
         if request.shared is not None:
             self.check_tag(request)
@@ -106,6 +109,18 @@ def _jitted_init(init: Any, shape: tuple[int, ...], dtype: Any, key: Any) -> Any
     return init(key, shape, dtype)
 
 
+def _hashable(init: Any) -> bool:
+    """Whether `init` can be a jit static argument: `isinstance(x, Hashable)` is not enough
+    (a frozen dataclass holding an unhashable field claims to be hashable)."""
+    if not isinstance(init, Hashable):
+        return False
+    try:
+        hash(init)
+    except TypeError:
+        return False
+    return True
+
+
 def _initialize(request: ParamRequest, key: Any) -> Any:
     """`request.initialize(key)`; while tracing, as one cached jitted call.
 
@@ -115,7 +130,7 @@ def _initialize(request: ParamRequest, key: Any) -> Any:
     An unhashable initializer, or one that performs effects (which the inner
     trace refuses before anything is created), runs as a plain call.
     """
-    if isinstance(key, jax.core.Tracer) and isinstance(request.init, Hashable):
+    if isinstance(key, jax.core.Tracer) and _hashable(request.init):
         try:
             value = _jitted_init(request.init, request.shape, request.dtype, key)
         except TraceMismatchError:
@@ -127,6 +142,7 @@ def _initialize(request: ParamRequest, key: Any) -> Any:
 
 class _InitRun(_ParamRun):
     __slots__ = ("key", "tree")
+    creating = True
 
     def __init__(self, key: Any):
         super().__init__()
@@ -148,6 +164,24 @@ class _InitRun(_ParamRun):
         return value
 
 
+def _unboxed(value: Any, request: ParamRequest) -> Any:
+    """A stored value without `shape`/`dtype`: a boxed Flax value (`nn.Partitioned`) is unboxed; a
+    Python number becomes an array; anything else is refused in one line (never a dump of it)."""
+    unbox = getattr(value, "unbox", None)
+    if callable(unbox):  # Flax's `AxisMetadata` protocol: the array inside, its axis names aside
+        value = unbox()
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            return value
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):  # a str, None, an object
+        raise ShapeMismatchError(
+            f"param `{path_str(request.path)}`: variables['params'] holds a {type(value).__name__}, "
+            f"not an array (the model asks for {request.spec()}). Store arrays; unbox Flax "
+            "values first: `flax.linen.unbox(variables)`."
+        ) from None
+
+
 class LoadParams(Handler):
     """Answer each param from a nested dict, checking its shape and dtype.
 
@@ -165,6 +199,7 @@ class LoadParams(Handler):
 
 class _LoadRun(_ParamRun):
     __slots__ = ("params",)
+    creating = False
 
     def __init__(self, params: Any):
         super().__init__()
@@ -183,7 +218,7 @@ class _LoadRun(_ParamRun):
         shape = getattr(value, "shape", None)
         dtype = getattr(value, "dtype", None)
         if shape is None or dtype is None:
-            value = jnp.asarray(value)
+            value = _unboxed(value, request)
             shape, dtype = value.shape, value.dtype
         if tuple(shape) != request.shape or (
             dtype != request.dtype and jax.dtypes.canonicalize_dtype(dtype) != request.dtype
@@ -210,6 +245,7 @@ class AbstractParams(Handler):
 
 class _AbstractRun(_ParamRun):
     __slots__ = ("tree",)
+    creating = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -29,16 +29,23 @@ class _NoKeys(Handler):
 
 
 class _NoWrites(Handler):
-    """Refuse every state write: eval writes no state."""
+    """Refuse every state write outside the inference-state collections `allowed`: eval writes no training state."""
 
     module_calls = False  # never looks at module calls: they skip it
 
+    def __init__(self, allowed: frozenset[str] = frozenset()):
+        self.allowed = allowed
+
     def handle(self, request: Any, forward: Any) -> Any:
-        if type(request) is SetStateRequest:
+        if type(request) is SetStateRequest and request.collection not in self.allowed:
+            c = request.collection
+            allowed = f" (it allows only {sorted(self.allowed)})" if self.allowed else ""
             raise FrozenStateError(
-                f"{request.describe()} under the eval preset, which writes no state. Guard the "
-                "update with `if fx.is_training():`, or run with `fx.handlers.train(rngs, "
-                f"mutable=[{request.collection!r}])`."
+                f"{request.describe()} under the eval preset{allowed}, which writes no training "
+                f"state. If {c!r} is inference state (a decode cache), name it: "
+                f"`fx.handlers.eval(mutable=[{c!r}])` writes it and returns `(out, updates)`. If it "
+                "is training state, guard the update with `if fx.is_training():`, or run with "
+                f"`fx.handlers.train(rngs, mutable=[{c!r}])`."
             )
         return forward(request)
 
@@ -77,7 +84,8 @@ class Preset(tuple):
 
     def __repr__(self) -> str:
         if not self.training:
-            return "fx.handlers.eval()"
+            mutable = tuple(sorted(self.mutable))  # type: ignore[arg-type]
+            return f"fx.handlers.eval(mutable={mutable!r})" if self.mutable else "fx.handlers.eval()"
         mutable = self.mutable if self.mutable is None or self.mutable is True else tuple(sorted(self.mutable))
         return f"fx.handlers.train(rngs={_brief(self.rngs)}, mutable={mutable!r})"
 
@@ -99,11 +107,14 @@ def train(rngs: Any, mutable: Any = None) -> Preset:
     return Preset(True, KeysFromRngs(rngs), mutable, rngs)
 
 
-def eval() -> Preset:  # noqa: A001 - the name users expect beside `train`
-    """The eval preset: `training=False`, no randomness drawn, no state written.
+def eval(mutable: Any = ()) -> Preset:  # noqa: A001 - the name users expect beside `train`
+    """The eval preset: `training=False`, no randomness drawn, no training state written.
 
     A draw raises `MissingRngError`, a `set` raises `FrozenStateError`; with
-    `apply` it returns only the output.
+    `apply` it returns only the output. Inference has state of its own (a
+    decode cache): `mutable` names those collections, which may then be
+    written (and created when missing), and `apply` returns `(out, updates)`
+    with them, as `mutable=` does; every other collection stays frozen.
 
     >>> def f(x):
     ...     return fx.nn.Dropout(0.5)(x)
@@ -112,8 +123,25 @@ def eval() -> Preset:  # noqa: A001 - the name users expect beside `train`
     >>> with fx.handle(fx.handlers.eval()):
     ...     fx.is_training()
     False
+
+    A step counter kept as inference state:
+
+    >>> def step(x):
+    ...     n = fx.local_state("n", lambda: 0, collection="cache")
+    ...     n.set(n.get() + 1)
+    ...     return x
+    >>> t = fx.transform(step)
+    >>> t.apply({}, 1.0, handlers=fx.handlers.eval(mutable=["cache"]))
+    (1.0, {'cache': {'n': Array(1, dtype=int32)}})
     """
-    return Preset(False, _NoKeys(), (), None, (_NoWrites(),))
+    if mutable is True:
+        raise EffaxError(
+            "fx.handlers.eval(mutable=True) would let eval write every collection, training state "
+            "(batch_stats) included. Name the inference-state collections it may write: "
+            "`fx.handlers.eval(mutable=['cache'])`."
+        )
+    allowed = normalize_mutable(mutable)
+    return Preset(False, _NoKeys(), allowed, None, (_NoWrites(allowed),))  # type: ignore[arg-type]
 
 
 def split_presets(handlers: Any) -> tuple[Preset | None, list[Any]]:

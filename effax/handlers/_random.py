@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -42,16 +43,45 @@ def fold(key: jax.Array, h: int) -> jax.Array:
     return fold_words(key, np.uint32(h & 0xFFFFFFFF), np.uint32(h >> 32))
 
 
+@functools.lru_cache(maxsize=8)
+def _raw_key_shape(impl: str) -> tuple[int, ...]:
+    """The shape of one raw key's data under the default PRNG implementation (`(2,)` for threefry)."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+
+
+def check_key(key: Any, stream: str | None) -> bool:
+    """Raise unless `key` is one key (typed, or raw key data); return whether it is typed. No op runs."""
+    dtype = getattr(key, "dtype", None)
+    shape = tuple(getattr(key, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    where = "`rngs`" if stream is None else f"rngs for stream {stream!r}"
+    if not typed and (dtype is None or not np.issubdtype(dtype, np.integer)):
+        spec = f"{np.dtype(dtype).name}{list(shape)}" if dtype is not None else f"{type(key).__name__} {key!r:.40}"
+        raise EffaxError(
+            f"{where} is {spec}, not a key: pass `jax.random.key(seed)` (or a raw "
+            "`jax.random.PRNGKey(seed)`), or a dict {stream: key}."
+        )
+    want = () if typed else _raw_key_shape(str(jax.config.jax_default_prng_impl))
+    if shape != want:
+        extra = shape[: len(shape) - len(want)] if shape[len(shape) - len(want):] == want else None
+        spec = str(dtype) if typed else f"{np.dtype(dtype).name}"
+        if extra:
+            raise EffaxError(
+                f"{where} is a batch of {int(np.prod(extra))} keys ({spec}{list(shape)}), but effax "
+                "takes one key and derives a key per path, stream and draw from it. Pass one key; "
+                "for per-example keys, map the call: `jax.vmap(lambda k, x: t.apply(v, x, rngs=k))(keys, xs)`."
+            )
+        raise EffaxError(
+            f"{where} is {spec}{list(shape)}, not a key: a raw key is {spec}{list(want)} "
+            "(`jax.random.PRNGKey(seed)`), a typed key has shape () (`jax.random.key(seed)`)."
+        )
+    return typed
+
+
 def as_typed_key(key: Any, stream: str) -> jax.Array:
     """Accept a raw `PRNGKey` (uint32 data) or a typed `jax.random.key`; return a typed key."""
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if check_key(key, stream):
         return key
-    if dtype is None or not np.issubdtype(dtype, np.integer):
-        raise EffaxError(
-            f"rngs for stream {stream!r} is {type(key).__name__} {key!r}, not a key: pass "
-            "`jax.random.key(seed)` (or a raw `jax.random.PRNGKey(seed)`), or a dict {stream: key}."
-        )
     return jax.random.wrap_key_data(key)
 
 
@@ -67,8 +97,11 @@ class KeysFromRngs(Handler):
 
     def __init__(self, rngs: Any):
         if isinstance(rngs, Mapping):
-            for stream in rngs:
+            for stream, key in rngs.items():
                 check_name(stream, "stream")
+                check_key(key, stream)
+        elif rngs is not None:
+            check_key(rngs, None)
         self.rngs = rngs
 
     def begin(self) -> _KeysRun:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effax.core import (
     MISSING,
@@ -40,7 +42,26 @@ def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
             "`mutable` is a JAX tracer, but it changes which program runs, so it must be a Python "
             "value. Mark it static: `jax.jit(t.apply, static_argnames=('mutable',))` with a tuple."
         )
-    names = (mutable,) if isinstance(mutable, str) else tuple(mutable)
+    if isinstance(mutable, str):
+        names: tuple[Any, ...] = (mutable,)
+    elif isinstance(mutable, (list, tuple, AbstractSet)):  # a set, frozenset, `dict.keys()`
+        names = tuple(mutable)
+    elif isinstance(mutable, np.bool_):
+        return normalize_mutable(bool(mutable))
+    else:
+        if isinstance(mutable, Mapping):
+            chosen = [c for c, on in mutable.items() if on]
+            fix = (
+                "a dict would make every key mutable, whatever its value: name the collections, "
+                f"`mutable={chosen if chosen else False!r}`"
+            )
+        else:
+            fix = "`mutable=True` updates every collection, `mutable=['batch_stats']` just that one"
+        raise EffaxError(
+            f"`mutable={mutable!r:.60}` ({type(mutable).__name__}) is not an option: `mutable` takes True "
+            f"(every collection but 'params'), False or None (none), a collection name, or a list of "
+            f"names. {fix[0].upper()}{fix[1:]}."
+        )
     for name in names:
         check_name(name, "collection")
         if name == "params":
@@ -179,7 +200,8 @@ class _StateRun:
                 raise FrozenStateError(
                     f"{request.describe()}: collection {c!r} is frozen in this run, so `set` is "
                     f"not allowed. To update it, pass `mutable=[{c!r}]` to `t.apply` (and use the "
-                    "returned updates); in eval, do not call `set`."
+                    "returned updates). In eval, inference state such as a decode cache is written "
+                    f"with `handlers=fx.handlers.eval(mutable=[{c!r}])`; training state is not set."
                 )
             check_trace(self.trace, request, "writes state")
             old = get_path(self.current.get(c, {}), request.path)
@@ -219,3 +241,20 @@ class _StateRun:
         }
 
 
+class InitState(FunctionalState):
+    """What `t.init` installs: `FunctionalState` starting empty, whose errors speak of `t.init`'s `mutable`."""
+
+    def begin(self) -> _StateRun:
+        return _InitStateRun(self.variables, self.mutable)
+
+
+class _InitStateRun(_StateRun):
+    __slots__ = ()
+
+    def _missing(self, request: Any) -> MissingVariableError:
+        c = request.collection
+        return MissingVariableError(
+            f"{request.describe()} is not created: `t.init(..., mutable=...)` leaves collection "
+            f"{c!r} out. Add it, `mutable=[..., {c!r}]`, or leave `mutable` out: by default "
+            "`t.init` creates every state collection."
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from effax.core import (
     path_str,
     scope,
 )
-from effax.effects import local_state, param, stream_key
+from effax.effects import capture_filter, is_initializing, local_state, param, stream_key
 from effax.interop._common import is_mutable, request_tree, sow_tree
 
 _RNG_STREAM = re.compile(r'needs PRNG for "([^"]+)"')
@@ -147,11 +148,13 @@ def _spec(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> _Spec
 
 
 class _FlaxInit:
-    """Flax's own `module.init`, run at most once per call and only when a variable is created.
+    """Flax's own `module.init`: the variables of one init, made at most once per call.
 
     Its key is `fx.stream_key("params")` at the module's scope, so under
     `t.init` the module gets Flax's real initializers, and at the root path
-    exactly the key the user passed.
+    exactly the key the user passed. Under `t.init` the call keeps what its
+    `init_with_output` made; under `t.apply` the init runs only if a state
+    variable is missing from a mutable collection.
     """
 
     def __init__(self, nn: Any, module: Any, method: Any, args: tuple, kwargs: dict, path: tuple):
@@ -160,17 +163,35 @@ class _FlaxInit:
         )
         self.variables: Any = None
 
+    def keep(self, variables: Any) -> None:
+        self.variables = self.nn.meta.unbox(variables)
+
     def value(self, where: tuple[str, ...]) -> Any:
         if self.variables is None:
             with at_path(self.path):
                 key = stream_key("params")
-            made = self.module.init({"params": key}, *self.args, method=self.method, **self.kwargs)
-            self.variables = self.nn.meta.unbox(made)
+            self.keep(self.module.init({"params": key}, *self.args, method=self.method, **self.kwargs))
         return get_path(self.variables, where)
 
 
+class _Stored:
+    """A param initializer that returns the value Flax's init made at `where`.
+
+    Unhashable on purpose: effax runs it as a plain call in the current trace,
+    never as a cached jitted initializer (its value comes from Flax's init, not the key).
+    """
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, init: _FlaxInit, where: tuple[str, ...]):
+        self.init, self.where = init, where
+
+    def __call__(self, key: Any, shape: Any, dtype: Any) -> Any:
+        return self.init.value(self.where)
+
+
 def _apply(nn: Any, module: Any, spec: _Spec, variables: dict, frozen: set[str], method: Any,
-           args: tuple, kwargs: dict) -> tuple[Any, dict]:
+           args: tuple, kwargs: dict, capture: Any) -> tuple[Any, dict]:
     """`module.apply`, giving Flax a key for each stream it draws from (learned on first use)."""
     import flax.errors
 
@@ -181,7 +202,10 @@ def _apply(nn: Any, module: Any, spec: _Spec, variables: dict, frozen: set[str],
         for stream in sorted(streams - keys.keys()):
             keys[stream] = stream_key(stream)
         try:
-            out = module.apply(variables, *args, rngs=keys or None, method=method, mutable=mutable, **kwargs)
+            out = module.apply(
+                variables, *args, rngs=keys or None, method=method, mutable=mutable,
+                capture_intermediates=capture, **kwargs,
+            )
             break
         except flax.errors.InvalidRngError as e:
             found = _RNG_STREAM.search(str(e))
@@ -194,8 +218,10 @@ def _apply(nn: Any, module: Any, spec: _Spec, variables: dict, frozen: set[str],
             raise FrozenStateError(
                 f"the Flax module at `{path_str(path)}` writes collection {c!r}, which is frozen in "
                 f"this run (Flax: {str(e).split(' (https')[0]}). To update it, pass `mutable=[{c!r}]` "
-                "to `t.apply` and use the returned updates; in eval, run the module in eval mode "
-                "(e.g. `train=False`, `use_running_average=True`)."
+                "to `t.apply` and use the returned updates (with the eval preset, "
+                f"`fx.handlers.eval(mutable=[{c!r}])` for inference state such as a decode cache); "
+                "for training state in eval, run the module in eval mode (e.g. `train=False`, "
+                "`use_running_average=True`)."
             ) from None
     if streams != spec.streams:
         spec.streams = frozenset(streams)
@@ -206,14 +232,22 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
     path = current_path()
     spec = _spec(nn, module, method, args, kwargs)
     init = _FlaxInit(nn, module, method, args, kwargs, path)
+    capture = capture_filter() or False
+    initializing = is_initializing()
+    if initializing:  # Flax's own init, in Flax's init mode: its variables and its output
+        with at_path(path):
+            key = stream_key("params")
+        out, made = module.init_with_output(
+            {"params": key}, *args, method=method, mutable=True, capture_intermediates=capture, **kwargs
+        )
+        init.keep(made)
 
     def relative(name: str) -> tuple[str, ...]:
         return current_path()[len(path):] + (name,)
 
     def one_param(name: str, node: tuple[jax.ShapeDtypeStruct, Any]) -> jax.Array:
         struct, axes = node
-        where = ("params",) + relative(name)
-        return param(name, lambda key, shape, dtype: init.value(where), struct.shape, struct.dtype, axes=axes)
+        return param(name, _Stored(init, ("params",) + relative(name)), struct.shape, struct.dtype, axes=axes)
 
     variables: dict[str, Any] = {"params": request_tree(spec.params, one_param)}
     cells: dict[str, list] = {}
@@ -228,22 +262,109 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
             return value
 
         variables[collection] = request_tree(tree, one_state)
+    if initializing:  # init creates, it does not step: no state is written back
+        _sow_rest(init.variables, spec)
+        return out
     frozen = {c for c, held in cells.items() if held and not is_mutable(held[0][1], held[0][2])}
 
-    out, updates = _apply(nn, module, spec, variables, frozen, method, args, kwargs)
+    out, updates = _apply(nn, module, spec, variables, frozen, method, args, kwargs, capture)
     for collection, tree in updates.items():
-        if collection in spec.state:
-            if collection not in frozen:
-                for where, cell, old in cells[collection]:
-                    new = get_path(tree, where)
-                    if new is not old:
-                        cell.set(new)
-        elif collection != "params":
-            sow_tree(tree, collection)
+        if collection in spec.state and collection not in frozen:
+            for where, cell, old in cells[collection]:
+                new = get_path(tree, where)
+                if new is not old:
+                    cell.set(new)
+    _sow_rest(updates, spec)
     return out
 
 
-def from_flax(module: Any, *, name: str | None = None) -> Callable[..., Any]:
+def _sow_rest(collections: Mapping[str, Any], spec: _Spec) -> None:
+    """Re-sow what Flax sowed (every collection that is neither params nor state) through `fx.sow`."""
+    for collection, tree in collections.items():
+        if collection != "params" and collection not in spec.state:
+            sow_tree(tree, collection)
+
+
+@functools.cache
+def _linen_api(nn: Any) -> frozenset[str]:
+    """Names every linen module has (`init`, `apply`, `param`, ...): not entry points of the model."""
+    return frozenset(dir(nn.Module))
+
+
+class FlaxFunction:
+    """What `fx.from_flax` returns: the linen module as an effectful function, one entry point per method.
+
+    Calling it runs the module's `__call__` (or the method `from_flax` was
+    given); `f.encode` is the same function for the module's `encode`, so
+    `fx.transform(f).apply(v, x, method="encode")` runs it, as Flax's
+    `module.apply(v, x, method="encode")` does. Its signature is the Flax
+    method's, which `fx.transform` reads to refuse keywords that clash with its
+    own options.
+    """
+
+    def __init__(self, nn: Any, module: Any, name: str | None, method: Any = None):
+        self._nn, self._module, self._name, self._method = nn, module, name, method
+        self._signature: Any = None
+        label = method if isinstance(method, str) or method is None else getattr(method, "__name__", "method")
+        self.__name__ = self.__qualname__ = f"from_flax({type(module).__name__})" + (
+            f".{label}" if method is not None else ""
+        )
+
+    def __call__(self, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        method = self._method if method is None else method
+        if self._name is None:
+            return _run(self._nn, self._module, method, args, kwargs)
+        with scope(self._name):
+            return _run(self._nn, self._module, method, args, kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        if (attr.startswith("_") or attr in _linen_api(self._nn)
+                or not callable(getattr(type(self._module), attr, None))):
+            raise AttributeError(
+                f"{self.__name__} has no method {attr!r}: {type(self._module).__name__} defines no such method."
+            )
+        return FlaxFunction(self._nn, self._module, self._name, attr)
+
+    def _effax_entry(self, method: Any) -> FlaxFunction:
+        """The entry point `method=` names (a method name, or a function called with the bound
+        Flax module as Flax calls it), for `fx.transform(f, method=...)` and `t.apply(..., method=...)`."""
+        if isinstance(method, str) and not callable(getattr(type(self._module), method, None)):
+            methods = sorted(
+                m for m in dir(type(self._module))
+                if not m.startswith("_") and m not in _linen_api(self._nn)
+                and callable(getattr(type(self._module), m, None))
+            )
+            raise EffaxError(
+                f"method={method!r}: the Flax module {type(self._module).__name__} has no method "
+                f"{method!r} (its methods: {methods or 'none'}). Name one of them, or pass a function "
+                "called with the bound Flax module, as Flax's `apply` takes it: "
+                "`method=lambda m, *a: m.encode(*a)`."
+            )
+        return FlaxFunction(self._nn, self._module, self._name, method)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        if self._signature is None:
+            method = "__call__" if self._method is None else self._method
+            try:
+                if isinstance(method, str):
+                    sig = inspect.signature(getattr(self._module, method))
+                else:  # `method(module, *args)`: drop the module
+                    sig = inspect.signature(method)
+                    sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+            except (TypeError, ValueError):
+                sig = inspect.Signature(
+                    [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+                     inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+                )
+            self._signature = sig
+        return self._signature
+
+    def __repr__(self) -> str:
+        return f"<{self.__name__}>"
+
+
+def from_flax(module: Any, *, name: str | None = None) -> FlaxFunction:
     """A Flax linen module as an effectful function, so existing Flax code runs inside effax models.
 
     Called under effax handlers, the function requests every variable of the
@@ -251,15 +372,22 @@ def from_flax(module: Any, *, name: str | None = None) -> Callable[..., Any]:
     of every other collection through `fx.local_state(..., collection=c)`,
     in Flax's own nesting under the current scope (plus `name`). A Flax
     checkpoint of the whole model therefore loads unchanged into `t.apply`
-    (unbox `nn.Partitioned` values first; their names become `axes`). It
-    then runs Flax's own `module.apply` on them, writes the collections Flax
-    changed back with `set`, and re-sows Flax's sown values (`intermediates`,
-    and any collection whose variables are all tuples) through `fx.sow`.
-    Call it like the module: `f(x, train=True)`, `f(x, method="encode")`;
-    non-array arguments reach Flax as Python values, also under `jax.jit`.
+    (boxed values such as `nn.Partitioned` are unboxed; under init their
+    names become `axes`). It then runs Flax's own `module.apply` on them,
+    writes the collections Flax changed back with `set`, and re-sows Flax's
+    sown values (`intermediates`, and any collection whose variables are all
+    tuples) through `fx.sow`. With `capture_intermediates=` in effax, Flax
+    captures its own submodules' outputs (same filter), under the module's path.
+    Call it like the module: `f(x, train=True)`, `f(x, method="encode")` or
+    `f.encode(x)`; non-array arguments reach Flax as Python values, also
+    under `jax.jit`. A keyword of the module named like an option of
+    `t.init`/`t.apply` (`training`, `rngs`, `mutable`, `handlers`, `method`,
+    `capture_intermediates`) cannot be passed through them: feed it
+    from inside the model, `fx.transform(lambda x: f(x, training=fx.is_training()))`.
 
     Mutability follows the run: a collection frozen in effax is immutable in
-    Flax, and a Flax write to it raises `FrozenStateError`.
+    Flax, and a Flax write to it raises `FrozenStateError`. A decode cache
+    is inference state: `t.apply(..., handlers=fx.handlers.eval(mutable=["cache"]))`.
 
     Keys: Flax gets, for each stream `s` it draws from, `fx.stream_key(s)`
     at the module's scope. At the root path that is exactly the key the user
@@ -273,12 +401,17 @@ def from_flax(module: Any, *, name: str | None = None) -> Callable[..., Any]:
     independent dropout). Flax never falls back to the `"params"` stream for a
     missing stream: a stream absent from `rngs` raises `MissingRngError`.
 
-    Init: every variable comes from one run of Flax's own `module.init`
-    (its real initializers) with key `fx.stream_key("params")` at the
-    module's scope; the per-path key effax hands each `fx.param` initializer
-    is not used. So at the root `t.init(k, x)` equals `module.init(k, x)`;
-    nested, the values differ from Flax's by that key, with Flax's structure,
-    shapes and dtypes.
+    Init: under `t.init` (`fx.is_initializing()`, also abstractly in
+    `jax.eval_shape(t.init)` and `fx.summary`) the module runs Flax's own
+    `init_with_output`, in Flax's init mode, with key
+    `fx.stream_key("params")` at the module's scope (as Flax's `init(key)`,
+    other streams drawn there fall back to that key). Modules that branch on
+    `is_initializing()` or `has_variable` (BatchNorm with `axis_name`,
+    decode caches) initialize as in Flax, every variable is Flax's, and the
+    init output is Flax's; the per-path key effax hands each `fx.param`
+    initializer is not used. So at the root `t.init_with_output(k, x)`
+    equals `module.init_with_output(k, x)`; nested, the values differ from
+    Flax's by that key, with Flax's structure, shapes and dtypes.
 
     The structure comes from `jax.eval_shape(module.init, ...)`, memoized per
     module and argument signature (shapes, dtypes, static values) when those
@@ -308,12 +441,5 @@ def from_flax(module: Any, *, name: str | None = None) -> Callable[..., Any]:
         )
     if name is not None:
         check_name(name, "scope")
+    return FlaxFunction(nn, module, name)
 
-    def flax_module(*args: Any, method: Any = None, **kwargs: Any) -> Any:
-        if name is None:
-            return _run(nn, module, method, args, kwargs)
-        with scope(name):
-            return _run(nn, module, method, args, kwargs)
-
-    flax_module.__qualname__ = flax_module.__name__ = f"from_flax({type(module).__name__})"
-    return flax_module

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -164,4 +166,12 @@ def from_nnx(module: Any, *, name: str | None = None) -> Callable[..., Any]:
             return _run(nnx, graphdef, entries, method, args, kwargs)
 
     nnx_module.__qualname__ = nnx_module.__name__ = f"from_nnx({type(module).__name__})"
+    try:  # the module's own signature: `fx.transform` reads it to refuse keywords named like its options
+        nnx_module.__signature__ = inspect.signature(module.__call__)  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        pass
+    api = set(dir(nnx.Module))
+    for attr in dir(type(module)):  # `f.encode`, so `t.apply(v, x, method="encode")` reaches the method
+        if not attr.startswith("_") and attr not in api and callable(getattr(type(module), attr, None)):
+            setattr(nnx_module, attr, functools.partial(nnx_module, method=attr))
     return nnx_module

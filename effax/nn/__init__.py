@@ -8,11 +8,17 @@ swap (`fx.handlers.train(...)` / `fx.handlers.eval()`).
 from effax.nn._attention import MultiHeadAttention
 from effax.nn._combinators import MLP, Sequential
 from effax.nn._dropout import Dropout
-from effax.nn._linear import Conv, Dense, Embed
+from effax.nn._group_norm import GroupNorm
+from effax.nn._linear import Conv, ConvTranspose, Dense, DenseGeneral, Embed
 from effax.nn._module import Module
 from effax.nn._normalization import BatchNorm, LayerNorm, RMSNorm
+from effax.nn._partitioning import LogicalInit, with_logical_partitioning
+from effax.nn._pooling import avg_pool, max_pool, min_pool, pool
+from effax.nn._recurrent import RNN, GRUCell, LSTMCell, flip_sequences
 
 __all__ = [
     "Module", "Dense", "Conv", "Embed", "LayerNorm", "RMSNorm", "BatchNorm", "Dropout",
     "MultiHeadAttention", "MLP", "Sequential",
+    "DenseGeneral", "ConvTranspose", "GroupNorm", "pool", "max_pool", "avg_pool", "min_pool",
+    "LSTMCell", "GRUCell", "RNN", "flip_sequences", "with_logical_partitioning", "LogicalInit",
 ]

@@ -20,6 +20,16 @@ class MLP(Module):
     >>> v = t.init(jax.random.key(0), jnp.ones((1, 3)))
     >>> jax.tree.map(jnp.shape, v["params"]["MLP_0"])
     {'Dense_0': {'bias': (8,), 'kernel': (3, 8)}, 'Dense_1': {'bias': (2,), 'kernel': (8, 2)}}
+
+    `kernel_init` may also be a sequence, one initializer per layer, so each
+    layer's kernel can carry its own logical axes (a transformer's MLP goes
+    `("embed", "mlp")` then `("mlp", "embed")`):
+
+    >>> part, lecun = fx.nn.with_logical_partitioning, jax.nn.initializers.lecun_normal()
+    >>> mlp = fx.nn.MLP([8, 3], kernel_init=[part(lecun, ("embed", "mlp")), part(lecun, ("mlp", "embed"))])
+    >>> axes = fx.sharding.logical_axes(fx.summary(fx.transform(mlp), jnp.ones((1, 3))))
+    >>> axes["params"]["Dense_1"]
+    {'bias': P('embed',), 'kernel': P('mlp', 'embed')}
     """
 
     features: Sequence[int]
@@ -28,17 +38,23 @@ class MLP(Module):
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
-    kernel_init: Initializer = default_kernel_init
+    kernel_init: Initializer | Sequence[Initializer] = default_kernel_init
     bias_init: Initializer = zeros
 
     def __call__(self, x: jax.Array) -> jax.Array:
         last = len(self.features) - 1
+        inits = self.kernel_init if isinstance(self.kernel_init, Sequence) else [self.kernel_init] * len(self.features)
+        if len(inits) != len(self.features):
+            raise EffaxError(
+                f"MLP: {len(inits)} kernel initializers for {len(self.features)} layers; give one per layer, "
+                "or a single one for all."
+            )
         for i, n in enumerate(self.features):
             x = Dense(
                 n,
                 use_bias=self.use_bias,
                 dtype=self.dtype,
-                kernel_init=self.kernel_init,
+                kernel_init=inits[i],
                 bias_init=self.bias_init,
                 param_dtype=self.param_dtype,
             )(x)

@@ -1,4 +1,4 @@
-"""Linear layers: `Dense`, `Conv`, `Embed`; param names and layouts as in Flax linen."""
+"""Linear layers: `Dense`, `DenseGeneral`, `Conv`, `ConvTranspose`, `Embed`; names and layouts as in Flax linen."""
 
 from __future__ import annotations
 
@@ -12,10 +12,30 @@ import numpy as np
 from effax.core import EffaxError
 from effax.effects import param
 from effax.nn._module import Module
+from effax.nn._partitioning import axes_of, layer_param, output_axes
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 default_kernel_init: Initializer = jax.nn.initializers.lecun_normal()
 zeros: Initializer = jax.nn.initializers.zeros
+
+
+def check_sizes(module: Any, *fields: str, several: tuple[str, ...] = ()) -> None:
+    """Refuse a layer size that is not a positive int (`Dense("4")`, `Dense(2.5)`); `several` may be sequences.
+
+    Run once when the layer is built (`__post_init__`), never per call.
+    """
+    for field in fields + several:
+        value = getattr(module, field)
+        seq = field in several and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
+        dims = tuple(value) if seq else (value,)
+        if dims and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in dims):
+            continue
+        kind = "a positive int" + (" or a sequence of them" if field in several else "")
+        name = type(module).__name__
+        raise EffaxError(
+            f"{name}({field}={value!r}): `{field}` must be {kind}, got {type(value).__name__}. Write "
+            f"e.g. `{name}({field}=4)`; a size read from a config file or a string needs `int(...)` first."
+        )
 
 
 def promote(dtype: Any, *arrays: Any) -> tuple[jax.Array, ...]:
@@ -45,12 +65,114 @@ class Dense(Module):
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        check_sizes(self, "features")
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
-        bias = param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        kernel = layer_param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias_axes = output_axes(self.kernel_init, 1)
+            bias = layer_param("bias", self.bias_init, (self.features,), self.param_dtype, bias_axes)
         x, kernel, bias = promote(self.dtype, x, kernel, bias)
         y = jnp.matmul(x, kernel)
         return y if bias is None else y + bias
+
+
+def _as_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+class _Flattened:
+    """Run `init` on the flat 2-D (or, for a bias, 1-D) shape of a param and reshape: Flax's `DenseGeneral` rule.
+
+    Hashable by value, so layers with equal settings share one cached initializer trace.
+    """
+
+    __slots__ = ("init", "n_in")
+
+    def __init__(self, init: Initializer, n_in: int | None):
+        self.init, self.n_in = init, n_in
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Flattened and (self.init, self.n_in) == (other.init, other.n_in)
+
+    def __hash__(self) -> int:
+        return hash((_Flattened, self.init, self.n_in))
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        if self.n_in is None:
+            flat: tuple[int, ...] = (int(np.prod(shape)),)
+        else:
+            flat = (int(np.prod(shape[: self.n_in])), int(np.prod(shape[self.n_in :])))
+        return jnp.reshape(self.init(key, flat, dtype), shape)
+
+
+def _flat_param(name: str, init: Initializer, shape: tuple[int, ...], dtype: Any, n_in: int | None, axes: Any) -> Any:
+    """A `DenseGeneral` param: initialized on its flat shape, named with the axes of `init` (else `axes`)."""
+    flat = (int(np.prod(shape)),) if n_in is None else (int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:])))
+    own = axes_of(init)
+    axes = own if own is not None else (axes if axes is not None and len(axes) == len(shape) else None)
+    return param(name, init if flat == shape else _Flattened(init, n_in), shape, dtype, axes=axes)
+
+
+class DenseGeneral(Module):
+    """A linear map over several axes at once (`axis`) to several output axes (`features`), as Flax's.
+
+    The kernel is `(*batch_shape, *contracted input dims, *features)` and the
+    bias `(*batch_shape, *features)`; initializers see the flat 2-D shape
+    `(inputs, outputs)`, as in Flax, so `lecun_normal` has the right fan-in.
+    `batch_dims` (leading axes, each with its own kernel) are Flax's too.
+
+    >>> t = fx.transform(lambda x: fx.nn.DenseGeneral((2, 3), axis=(-2, -1))(x))
+    >>> v = t.init(jax.random.key(0), jnp.ones((5, 4, 6)))
+    >>> jax.tree.map(jnp.shape, v["params"])
+    {'DenseGeneral_0': {'bias': (2, 3), 'kernel': (4, 6, 2, 3)}}
+    >>> t.apply(v, jnp.ones((5, 4, 6))).shape
+    (5, 2, 3)
+    """
+
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
+    batch_dims: Sequence[int] = ()
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = zeros
+
+    def __post_init__(self) -> None:
+        check_sizes(self, several=("features",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)
+        features, ndim = _as_tuple(self.features), x.ndim
+        batch_dims = tuple(sorted(d % ndim for d in _as_tuple(self.batch_dims)))
+        if batch_dims and batch_dims != tuple(range(len(batch_dims))):
+            raise EffaxError(
+                f"DenseGeneral: batch_dims {tuple(self.batch_dims)} must be consecutive leading axes "
+                f"starting from 0, e.g. `batch_dims=(0, 1)`."
+            )
+        axis = tuple(a % ndim for a in _as_tuple(self.axis))
+        if set(axis) & set(batch_dims):
+            raise EffaxError(f"DenseGeneral: axis {self.axis} and batch_dims {self.batch_dims} overlap.")
+        nb, na, nf = len(batch_dims), len(axis), len(features)
+        batch_shape = tuple(x.shape[d] for d in batch_dims)
+        kernel_shape = batch_shape + tuple(x.shape[a] for a in axis) + features
+        kernel = _flat_param("kernel", self.kernel_init, kernel_shape, self.param_dtype, nb + na, None)
+        bias = None
+        if self.use_bias:
+            bias_axes = output_axes(self.kernel_init, nf)
+            if bias_axes is not None and nb:
+                bias_axes = axes_of(self.kernel_init)[:nb] + bias_axes  # type: ignore[index]
+            bias = _flat_param("bias", self.bias_init, batch_shape + features, self.param_dtype, None, bias_axes)
+        x, kernel, bias = promote(self.dtype, x, kernel, bias)
+        contract = tuple(range(nb, nb + na))
+        y = jax.lax.dot_general(x, kernel, ((axis, contract), (batch_dims, tuple(range(nb)))))
+        if bias is None:
+            return y
+        expanded = tuple(x.shape[a] if a in batch_dims else 1 for a in range(ndim) if a not in axis)
+        return y + jnp.reshape(bias, expanded + features)
 
 
 def _tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
@@ -100,6 +222,9 @@ class Conv(Module):
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        check_sizes(self, "features", several=() if isinstance(self.kernel_size, int) else ("kernel_size",))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if isinstance(self.kernel_size, int):
             raise EffaxError(
@@ -121,8 +246,11 @@ class Conv(Module):
                 f"Conv: {in_features} input features are not divisible by feature_group_count={groups}."
             )
         kernel_shape = kernel_size + (in_features // groups, self.features)
-        kernel = param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        kernel = layer_param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias_axes = output_axes(self.kernel_init, 1)
+            bias = layer_param("bias", self.bias_init, (self.features,), self.param_dtype, bias_axes)
         x, kernel, bias = promote(self.dtype, x, kernel, bias)
         batch = x.shape[: x.ndim - n - 1]
         x = x.reshape((int(np.prod(batch)),) + x.shape[len(batch) :])
@@ -143,6 +271,114 @@ class Conv(Module):
         return y.reshape(batch + y.shape[1:])
 
 
+def _conv_padding(padding: Any, n: int) -> Any:
+    """Flax's `canonicalize_padding`: a string, or `n` `(low, high)` pairs."""
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, int):
+        return [(padding, padding)] * n
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    if len(pads) == 1 and n > 1:
+        pads = pads * n
+    if len(pads) != n:
+        raise EffaxError(f"ConvTranspose: padding {padding!r} has {len(pads)} entries for {n} spatial dims.")
+    return pads
+
+
+class ConvTranspose(Module):
+    """A transposed ("deconvolution") N-D convolution over channels-last inputs, as Flax's `ConvTranspose`.
+
+    The kernel is `(*kernel_size, in_features, features)` (`(*kernel_size,
+    features, in_features)` with `transpose_kernel=True`, which makes it the
+    exact gradient of a `Conv` with the same kernel). Strides upsample:
+    `'SAME'` padding with stride 2 doubles each spatial dim. `'CIRCULAR'`
+    padding wraps the output periodically, as in Flax.
+
+    >>> t = fx.transform(lambda x: fx.nn.ConvTranspose(3, (2, 2), strides=2)(x))
+    >>> v = t.init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+    >>> v["params"]["ConvTranspose_0"]["kernel"].shape, t.apply(v, jnp.ones((1, 4, 4, 2))).shape
+    ((2, 2, 2, 3), (1, 8, 8, 3))
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] | None = None
+    padding: str | int | Sequence[Any] = "SAME"
+    kernel_dilation: int | Sequence[int] | None = None
+    use_bias: bool = True
+    mask: Any = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = zeros
+    transpose_kernel: bool = False
+
+    def __post_init__(self) -> None:
+        check_sizes(self, "features", several=("kernel_size",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_size = _as_tuple(self.kernel_size)
+        n = len(kernel_size)
+        broadcast = lambda v, what: (1,) * n if v is None else _tuple(v, n, what)
+        x = jnp.asarray(x)
+        if x.ndim < n + 1:
+            raise EffaxError(
+                f"ConvTranspose with kernel_size {kernel_size} needs inputs (batch..., {n} spatial dims, "
+                f"features), got shape {x.shape}."
+            )
+        batch = x.shape[: x.ndim - n - 1]
+        x = x.reshape((-1,) + x.shape[len(batch) :])
+        strides = broadcast(self.strides, "strides")
+        dilation = broadcast(self.kernel_dilation, "kernel_dilation")
+        in_features = x.shape[-1]
+        if self.transpose_kernel:
+            kernel_shape = kernel_size + (self.features, in_features)
+        else:
+            kernel_shape = kernel_size + (in_features, self.features)
+        if self.mask is not None and tuple(self.mask.shape) != kernel_shape:
+            raise EffaxError(
+                f"ConvTranspose: mask has shape {tuple(self.mask.shape)}, but the kernel is {kernel_shape}."
+            )
+        kernel = layer_param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        if self.mask is not None:
+            kernel = kernel * self.mask
+        padding = _conv_padding(self.padding, n)
+        circular = padding == "CIRCULAR"
+        bias = None
+        if self.use_bias:
+            out_axes = output_axes(self.kernel_init, 2)
+            bias_axes = None if out_axes is None else (out_axes[0 if self.transpose_kernel else 1],)
+            bias = layer_param("bias", self.bias_init, (self.features,), self.param_dtype, bias_axes)
+        x, kernel, bias = promote(self.dtype, x, kernel, bias)
+        y = jax.lax.conv_transpose(
+            x,
+            kernel,
+            strides,
+            "VALID" if circular else padding,
+            rhs_dilation=dilation,
+            transpose_kernel=self.transpose_kernel,
+        )
+        if circular:
+            y = _wrap_circular(y, x.shape[1:-1], strides, self.transpose_kernel)
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y.reshape(batch + y.shape[1:])
+
+
+def _wrap_circular(y: jax.Array, in_dims: tuple[int, ...], strides: tuple[int, ...], transposed: bool) -> jax.Array:
+    """Flax's `'CIRCULAR'` transposed convolution: pad to whole periods, then fold each spatial dim."""
+    periods = [d * s for d, s in zip(in_dims, strides, strict=True)]
+    diffs = [-(yd - p) % (2 * p) for yd, p in zip(y.shape[1:-1], periods, strict=True)]
+    if transposed:
+        pads = [(d // 2, (d + 1) // 2) for d in diffs]
+    else:
+        pads = [((d + 1) // 2, d // 2) for d in diffs]
+    y = jnp.pad(y, [(0, 0)] + pads + [(0, 0)])
+    for i in range(1, y.ndim - 1):
+        y = y.reshape(y.shape[:i] + (-1, periods[i - 1]) + y.shape[i + 1 :]).sum(axis=i)
+    return y
+
+
 class Embed(Module):
     """A lookup table `embedding` of shape `(num_embeddings, features)`; `attend` is the tied output layer.
 
@@ -161,9 +397,12 @@ class Embed(Module):
     param_dtype: Any = jnp.float32
     embedding_init: Initializer = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
+    def __post_init__(self) -> None:
+        check_sizes(self, "num_embeddings", "features")
+
     def _table(self) -> jax.Array:
         shape = (self.num_embeddings, self.features)
-        return param("embedding", self.embedding_init, shape, self.param_dtype)
+        return layer_param("embedding", self.embedding_init, shape, self.param_dtype)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         inputs = jnp.asarray(inputs)

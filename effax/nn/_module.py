@@ -8,10 +8,44 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import check_name, current_names, current_path, pop_names, push_names
+from effax.core import InvalidNameError, Names, check_name, current_names, current_path, path_str, pop_names, push_names
 from effax.effects import call_module
 
 _EXPLICIT = ("explicit name",)
+
+
+def _claim(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, ...]:
+    """The path of `module` under `parent`: `name=`, else the next `<Class>_<n>` of this call.
+
+    An explicit name equal to an auto-name given earlier in the same call
+    would silently share that layer's weights; it raises, as Flax's
+    `NameInUseError` does. (An explicit name taken first is skipped by the
+    auto-names that follow.)
+    """
+    if module.name is None:
+        return parent + (names.auto_name(parent, type(module).__name__),)
+    name = check_name(module.name, "module")
+    path = parent + (name,)
+    base, _, n = name.rpartition("_")
+    taken = names.frame.get(parent, {}).get(base, 0)
+    if n.isdigit() and taken > int(n) and names.owners.get(path, _EXPLICIT) == names.owner:
+        raise InvalidNameError(
+            f"module name {name!r} at `{path_str(parent)}` is the auto-name of an earlier {base} "
+            f"created in the same call, so the two layers would share `{path_str(path)}` (Flax "
+            f"raises NameInUseError here). Give this one another name, e.g. name={name + '_out'!r}, "
+            f"or name the earlier {base} explicitly too."
+        )
+    names.owners.setdefault(path, _EXPLICIT)  # auto-names skip it
+    return path
+
+
+def _name_at_construction(module: Module) -> None:
+    """Inside a run, a module is named where it is constructed, as Flax and Haiku name it:
+    `Dense(2)(relu(Dense(3)(x)))` makes the 2-unit layer `Dense_0`. Outside a run it is
+    named at its first call."""
+    names = current_names()
+    if names is not None:
+        names.bound[module] = _claim(names, current_path(), module)
 
 
 def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,12 +61,18 @@ class Module:
     """Base class of layers: dataclass fields configure it; calling it runs inside its own scope.
 
     Subclasses become frozen dataclasses by themselves (do not decorate them).
-    An instance is named on its first call in a run: `name=` if given, else
-    `<Class>_<n>` counted within the parent scope (`Dense_0`, `Dense_1`).
-    Calling the same instance again uses the same path, so it shares its
-    weights; a module called twice that creates layers inline re-creates the
-    same names, so those share too. `__call__` and every public method run
-    in the module's scope (`Embed.attend` reads the same `embedding`).
+    An instance built inside a run is named where it is built, as Flax and
+    Haiku name modules: `name=` if given, else `<Class>_<n>` counted within
+    the parent scope (`Dense_0`, `Dense_1`), so `Dense(2)(relu(Dense(3)(x)))`
+    makes the 3-unit layer `Dense_1`. One built outside any run is named at
+    its first call; `fx.transform(module)` runs it at the root scope, as
+    Flax's top-level module. An explicit `name=` equal to an earlier
+    auto-name of the same call raises `InvalidNameError` (Flax's
+    `NameInUseError`). Calling the same instance again uses the same path,
+    so it shares its weights; a module called twice that creates layers
+    inline re-creates the same names, so those share too. `__call__` and
+    every public method run in the module's scope (`Embed.attend` reads the
+    same `embedding`).
 
     >>> class Affine(fx.nn.Module):
     ...     features: int
@@ -58,6 +98,32 @@ class Module:
             if attr == "__call__" or not attr.startswith("_"):
                 setattr(cls, attr, _routed(attr, fn))
         dataclasses.dataclass(frozen=True, eq=False)(cls)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Module, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            if type(self) is cls:  # the most derived class names it, once
+                _name_at_construction(self)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def _effax_at_root(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` (this module or one of its methods) run as the whole model: the module sits at the
+        root scope, as Flax's top-level module, so its layers are `Dense_0`, not `Classifier_0/Dense_0`.
+        `fx.transform(module)` runs it this way."""
+
+        @functools.wraps(fn)
+        def at_root(*args: Any, **kwargs: Any) -> Any:
+            token = push_names(fresh=False)
+            try:
+                current_names().bound.setdefault(self, ())  # type: ignore[union-attr]
+                return fn(*args, **kwargs)
+            finally:
+                pop_names(token)
+
+        at_root.__name__ = at_root.__qualname__ = type(self).__name__
+        return at_root
 
     def _call(self, method: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Run `fn(self, *args, **kwargs)` in this module's scope: the one path every module call takes.
@@ -72,14 +138,8 @@ class Module:
             finally:
                 pop_names(token)
         path = names.bound.get(self)
-        if path is None:
-            parent = current_path()
-            if self.name is None:
-                path = parent + (names.auto_name(parent, type(self).__name__),)
-            else:
-                path = parent + (check_name(self.name, "module"),)
-                names.owners.setdefault(path, _EXPLICIT)  # auto-names skip it
-            names.bound[self] = path
+        if path is None:  # made outside this run: named at its first call
+            path = names.bound[self] = _claim(names, current_path(), self)
         elif current_path() == path:  # a method of this module calling another one: same naming frame
             return call_module(path, self, method, fn, args, kwargs, None)
         return call_module(path, self, method, fn, args, kwargs, names)

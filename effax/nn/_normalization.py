@@ -8,9 +8,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.effects import is_training, local_state, param
+from effax.core import ShapeMismatchError, path_str
+from effax.effects import is_training, local_state
 from effax.nn._linear import Initializer
 from effax.nn._module import Module
+from effax.nn._partitioning import layer_param
 
 ones: Initializer = jax.nn.initializers.ones
 zeros: Initializer = jax.nn.initializers.zeros
@@ -26,9 +28,9 @@ def _scale_shift(
 ) -> jax.Array:
     """Apply the learned `scale` and `bias` of shape `features`, broadcast as `bshape`."""
     if getattr(module, "use_scale", True):
-        y = y * param("scale", module.scale_init, features, module.param_dtype).reshape(bshape)
+        y = y * layer_param("scale", module.scale_init, features, module.param_dtype).reshape(bshape)
     if getattr(module, "use_bias", False):
-        y = y + param("bias", module.bias_init, features, module.param_dtype).reshape(bshape)
+        y = y + layer_param("bias", module.bias_init, features, module.param_dtype).reshape(bshape)
     return y
 
 
@@ -38,6 +40,22 @@ def _out_dtype(module: Any, x: jax.Array) -> Any:
 
 def _stats_dtype(x: jax.Array) -> Any:
     return jnp.promote_types(x.dtype, jnp.float32)  # statistics at least in float32, as Flax
+
+
+def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
+    """A running statistic as stored, checked: stats of another shape or dtype name their path
+    (not a reshape error deep inside, nor silently used at another precision)."""
+    value = state.get()
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and tuple(shape) == features and dtype == jnp.float32:
+        return value
+    have = f"{jnp.dtype(dtype).name}{list(shape)}" if shape is not None and dtype is not None else type(value).__name__
+    raise ShapeMismatchError(
+        f"state `{path_str(state.path)}` in collection {state.collection!r} holds {have}, but this "
+        f"BatchNorm needs float32{list(features)}, the size of its input's feature axes. The variables "
+        "were made for another model or input width: re-run `t.init` for this model, or list every "
+        "mismatch at once with `fx.check_variables(t, variables, x)`."
+    )
 
 
 class LayerNorm(Module):
@@ -136,12 +154,12 @@ class BatchNorm(Module):
             frozen = not is_training()
         xs = x.astype(_stats_dtype(x))
         if frozen:
-            mean, var = mean_state.get(), var_state.get()
+            mean, var = _running(mean_state, features), _running(var_state, features)
         else:
             mean, var = xs.mean(reduce), xs.var(reduce)
             m = self.momentum
-            mean_state.set(m * mean_state.get() + (1 - m) * mean)
-            var_state.set(m * var_state.get() + (1 - m) * var)
+            mean_state.set(m * _running(mean_state, features) + (1 - m) * mean)
+            var_state.set(m * _running(var_state, features) + (1 - m) * var)
         y = (xs - mean.reshape(bshape)) * jax.lax.rsqrt(var.reshape(bshape) + self.epsilon)
         y = _scale_shift(self, y, features, bshape)
         return y.astype(_out_dtype(self, x))

@@ -3,14 +3,22 @@
 Each `check_*` runs a model (see `effax.testing.models`) through
 `fx.transform` with your handler innermost (`handlers=`), the way users run
 it, and raises `AssertionError` when the law does not hold. The message names
-the law, shows what differed, and lists the model's requests, so the smallest
-counterexample hypothesis finds reads as a short list of requests. Any error
-raised while the model runs is reported the same way.
+the law that failed, the request involved, and what differed in the terms of
+the model (`variables after init['params'] at `blk0/w0``), then lists the
+model's requests, so the smallest counterexample hypothesis finds reads as a
+short list of requests.
+
+Every run of every check also watches each request the model makes, just
+inside your handler: an answer of another shape, dtype or kind than its
+request (law 10), a key drawn twice in one run (law 11), a request changed
+while it was handled (law 12), a `get` that misses the last `set` (law 5)
+fail at once, under their own law, whichever check was running.
 
 `handler` is a handler, a class or zero-argument factory (called once per
 check, so state a buggy handler keeps on itself shows up within the check),
 `None` (the built-in handlers alone), or a sequence of those (outermost
-first).
+first). `LAWS` lists the laws once, in the order `assert_handler_laws` runs
+them, with what each needs.
 
 >>> from effax.testing import laws
 >>> from effax.testing.models import Model, Param, SideInput
@@ -28,7 +36,12 @@ AssertionError: effax law `forwarding identity` does not hold: the handler under
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
+import copy
+import dataclasses
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -43,7 +56,9 @@ from effax.testing.models import EFFECTS, Model
 __all__ = [
     "check_determinism", "check_locality", "check_init_apply_agreement", "check_abstract_init",
     "check_state_laws", "check_forwarding_identity", "check_commutes_with", "check_associativity",
-    "check_sharing_laws", "check_purity_under_jit", "partner",
+    "check_sharing_laws", "check_purity_under_jit", "check_answers_match_requests", "check_fresh_keys",
+    "check_reuse", "check_reference", "performed_effects", "effect_of", "difference", "tolerance",
+    "partner", "resolve", "fresh_copies", "Law", "LAWS",
 ]
 
 HandlerLike = Any
@@ -70,36 +85,157 @@ def resolve(handler: HandlerLike) -> tuple[Any, ...]:
     return (handler,)
 
 
+def fresh_copies(handler: HandlerLike) -> Callable[[], tuple[Any, ...]]:
+    """A maker of fresh handler instances: deep copies of `handler` as it is now, before any run.
+
+    Copies are taken of a pristine instance, so state a handler shares with
+    its siblings (a mutable default argument, a class attribute) is not
+    shared with the copies; a handler that cannot be copied is made again
+    by its factory (or, for an instance, reused as it is).
+
+    >>> fresh = fresh_copies(lambda: fx.handlers.SideInputs({"mask": 1.0}))
+    >>> a, b = fresh(), fresh()
+    >>> a[0] is not b[0] and a[0].values == b[0].values
+    True
+    """
+    template = resolve(handler)
+    try:
+        pristine: tuple[Any, ...] | None = copy.deepcopy(template)
+    except Exception:
+        pristine = None
+
+    def fresh() -> tuple[Any, ...]:
+        if pristine is not None:
+            with contextlib.suppress(Exception):
+                return copy.deepcopy(pristine)
+        return resolve(handler)
+
+    return fresh
+
+
 def _name(h: Any) -> str:
     if type(h).__repr__ is not object.__repr__:
         return repr(h)
     return f"{type(h).__name__}()"
 
 
+_KINDS: dict[type, str] = {
+    fx.ParamRequest: "param",
+    fx.LocalStateRequest: "state",
+    fx.GetStateRequest: "state",
+    fx.SetStateRequest: "state",
+    fx.RandomRequest: "random",
+    fx.StreamKeyRequest: "random",
+    fx.SideOutputRequest: "sow",
+    fx.SideInputRequest: "side_input",
+    fx.ModeRequest: "mode",
+}
+
+
+def effect_of(request: Any) -> str | None:
+    """The kit's effect name (see `effax.testing.models.EFFECTS`) of a request, or None for others.
+
+    >>> effect_of(fx.ModeRequest(()))
+    'mode'
+    """
+    for cls in type(request).__mro__:
+        if cls in _KINDS:
+            return _KINDS[cls]
+    return None
+
+
 # --- comparing results ---------------------------------------------------------------------------
 
 
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def _spec(x: Any) -> tuple[tuple[int, ...], str]:
+    if _is_key(x):
+        return tuple(np.shape(x)), str(x.dtype)
     dtype = getattr(x, "dtype", None)
     dtype = np.asarray(x).dtype if dtype is None else dtype
-    is_key = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    return tuple(np.shape(x)), str(dtype) if is_key else jnp.dtype(dtype).name
+    return tuple(np.shape(x)), jnp.dtype(jax.dtypes.canonicalize_dtype(dtype)).name
+
+
+def _show_spec(x: Any) -> str:
+    shape, dtype = _spec(x)
+    return f"shape {shape}, {dtype}"
 
 
 def _leaf(x: Any) -> np.ndarray:
-    dtype = getattr(x, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if _is_key(x):
         return np.asarray(jax.random.key_data(x))
     return np.asarray(x)
 
 
+_PRECISION = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
+_TOLERANCE = {0: (1e-7, 1e-9), 1: (1e-5, 1e-6), 2: (2e-3, 2e-3), 3: (3e-2, 3e-2)}
+
+
+def tolerance(*dtypes: Any) -> tuple[float, float]:
+    """`(rtol, atol)` for values computed at the lowest float precision among `dtypes` (bfloat16 is not float32).
+
+    >>> tolerance("float32")
+    (1e-05, 1e-06)
+    >>> tolerance("float32", jnp.bfloat16)
+    (0.03, 0.03)
+    """
+    worst = 1
+    for d in dtypes:
+        with contextlib.suppress(TypeError):
+            worst = max(worst, _PRECISION.get(jnp.dtype(d).name, 1))
+    return _TOLERANCE[worst]
+
+
+def _float_dtypes(tree: Any) -> set[str]:
+    out = set()
+    for x in jax.tree.leaves(tree):
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and not _is_key(x) and jnp.issubdtype(dtype, jnp.floating):
+            out.add(jnp.dtype(dtype).name)
+    return out
+
+
+_RESULTS = ("output of init", "variables after init", "output of apply", "updates after apply")
+
+
+def _labeled(labels: Sequence[str], values: Sequence[Any]) -> collections.OrderedDict:
+    """Results under their names, in run order (an `OrderedDict` keeps it when flattened)."""
+    return collections.OrderedDict(zip(labels, values, strict=True))
+
+
 def _where(path: Any) -> str:
-    return jax.tree_util.keystr(path) or "<the whole value>"
+    """A key path in user terms: `variables after init['params'] at `blk0/w0``, never `[0][0]`."""
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    if not keys:
+        return "the whole value"
+    head, rest = keys[0], keys[1:]
+    if head in _RESULTS:
+        if not rest:
+            return str(head)
+        if head.startswith("output"):
+            return f"{head} at {list(rest)}"
+        collection, rest = rest[0], rest[1:]
+        names = [str(k) for k in rest if isinstance(k, str)]
+        count = [k for k in rest if isinstance(k, int)]
+        where = f"{head}[{collection!r}]" + (f" at `{'/'.join(names)}`" if names else "")
+        return where + (f", value {count[0]} sown" if count else "")
+    text = "/".join(str(k) for k in keys)
+    return text if "`" in text else f"`{text}`"
 
 
 def _paths(leaves: Sequence[Any]) -> str:
     names = [_where(p) for p, _ in leaves]
     return ", ".join(names[:8]) + (f", ... ({len(names)} leaves)" if len(names) > 8 else "") or "(no leaves)"
+
+
+def _short(x: np.ndarray) -> str:
+    flat = x.reshape(-1)
+    text = np.array2string(flat[:6], precision=6, separator=", ")
+    return text[:-1] + ", ...]" if flat.size > 6 else text
 
 
 def difference(
@@ -115,7 +251,7 @@ def difference(
 
     >>> from effax.testing.laws import difference
     >>> difference({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, names=("init", "apply"))
-    "at ['w']: [0.0, 0.0] (init) vs [1.0, 1.0] (apply)"
+    'at `w`: [0., 0.] (init) vs [1., 1.] (apply)'
     """
     la, ta = jax.tree_util.tree_flatten_with_path(a)
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
@@ -131,8 +267,174 @@ def difference(
         if x.dtype.kind == "V" or jnp.issubdtype(x.dtype, jnp.floating):
             x, y = x.astype(np.float64), y.astype(np.float64)
         if not np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True):
-            return f"at {_where(path)}: {x.tolist()} ({names[0]}) vs {y.tolist()} ({names[1]})"
+            return f"at {_where(path)}: {_short(x)} ({names[0]}) vs {_short(y)} ({names[1]})"
     return None
+
+
+# --- the watch: laws 5, 10, 11 and 12 checked on every request of every run -----------------------
+
+
+class _Violation(AssertionError):
+    """Raised inside a run by the watch; the running check reports it under `law`."""
+
+    def __init__(self, law: str, what: str, detail: str | None = None):
+        super().__init__(f"effax law `{law}` does not hold: {what}")
+        self.law, self.what, self.detail = law, what, detail
+
+
+def _concrete(x: Any) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
+
+
+def _snapshot(request: Any) -> list[tuple[str, Any, list[Any]]]:
+    """Each field of a request with the identity of what it holds (its pytree leaves)."""
+    out = []
+    for field in dataclasses.fields(request):
+        value = getattr(request, field.name)
+        leaves, treedef = jax.tree.flatten(value)
+        out.append((field.name, treedef, leaves))
+    return out
+
+
+def _changed(request: Any, before: list[tuple[str, Any, list[Any]]]) -> str | None:
+    for name, treedef, leaves in before:
+        now, now_def = jax.tree.flatten(getattr(request, name))
+        if now_def != treedef or len(now) != len(leaves) or any(a is not b for a, b in zip(now, leaves)):
+            return name
+    return None
+
+
+class _Watch(fx.Handler):
+    """Innermost in every run of every check; keeps its runs so a check can read them afterwards."""
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep  # not under `jax.jit`: a kept run would hold its tracers
+        self.runs: list[_WatchRun] = []
+
+    def begin(self) -> _WatchRun:
+        run = _WatchRun()
+        if self.keep:
+            self.runs.append(run)
+        return run
+
+
+class _WatchRun:
+    module_calls = False
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, str] = {}
+        self.draws: dict[tuple[str, Any], int] = {}
+        self.declared: dict[tuple[str, Any], Any] = {}
+        self.last_set: dict[tuple[str, Any], Any] = {}
+        self.answers: list[tuple[str, Any]] = []
+        self.dtypes: set[str] = set()
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        before = _snapshot(request)
+        kind = type(request)
+        set_value = request.value if kind is fx.SetStateRequest else None
+        out = forward(request)
+        field = _changed(request, before)
+        if field is not None:
+            raise _Violation(
+                "reuse",
+                f"the handler under test changed {request.describe()} while handling it (its field "
+                f"`{field}`)",
+                "a request is shared with the model and every other handler: never change it in place; "
+                "forward a new one, `forward(dataclasses.replace(request, ...))`",
+            )
+        if kind is fx.ParamRequest:
+            self._param(request, out)
+        elif kind is fx.LocalStateRequest:
+            self._declare(request)
+        elif kind is fx.GetStateRequest:
+            self._get(request, out)
+        elif kind is fx.SetStateRequest:
+            self.last_set[(request.collection, request.path)] = set_value
+        elif kind is fx.RandomRequest or kind is fx.StreamKeyRequest:
+            self._key(request, out)
+        elif kind is fx.ModeRequest and not isinstance(out, (bool, np.bool_)):
+            raise _Violation(
+                "answers match requests",
+                f"{request.describe()} was answered with {type(out).__name__} {out!r}, not a Python bool",
+                "`fx.is_training()` decides which program runs: answer it with True or False",
+            )
+        if kind in (fx.ParamRequest, fx.GetStateRequest, fx.RandomRequest, fx.StreamKeyRequest,
+                    fx.SideInputRequest, fx.ModeRequest):
+            self.answers.append((request.describe(), out))
+        return out
+
+    def _param(self, request: Any, out: Any) -> None:
+        want = (tuple(request.shape), jnp.dtype(jax.dtypes.canonicalize_dtype(request.dtype)).name)
+        if not hasattr(out, "shape") or _is_key(out) or _spec(out) != want:
+            got = _show_spec(out) if hasattr(out, "shape") else type(out).__name__
+            raise _Violation(
+                "answers match requests",
+                f"{request.describe()} was answered with {got}",
+                f"the model asked for shape {want[0]}, {want[1]}: a param answer must have the shape and "
+                "dtype of its request (cast or reshape inside the handler)",
+            )
+        self.dtypes.add(want[1])
+
+    def _declare(self, request: Any) -> None:
+        slot = (request.collection, request.path)
+        if slot not in self.declared:
+            try:
+                self.declared[slot] = jax.eval_shape(request.init)
+            except Exception:
+                self.declared[slot] = None
+
+    def _get(self, request: Any, out: Any) -> None:
+        slot = (request.collection, request.path)
+        declared = self.declared.get(slot)
+        if declared is not None:
+            diff = difference(declared, out, names=("declared by its init()", "answered"), values=False)
+            if diff is not None:
+                raise _Violation(
+                    "answers match requests",
+                    f"{request.describe()} was answered with a value unlike the variable's `init()`",
+                    diff.replace("at the whole value: ", ""),
+                )
+        if slot in self.last_set:
+            last = self.last_set[slot]
+            if out is last or not (_concrete(out) and _concrete(last)):
+                return
+            diff = difference(last, out, names=("last set", "got"), **dict(zip(("rtol", "atol"), tolerance(
+                *_float_dtypes(last)))))
+            if diff is not None:
+                raise _Violation(
+                    "state",
+                    f"`get` of `{'/'.join(request.path)}` in {request.collection!r} after a `set` returned "
+                    "another value than the last set",
+                    diff.replace("at the whole value: ", ""),
+                )
+
+    def _key(self, request: Any, out: Any) -> None:
+        if not _is_key(out) or np.shape(out) != ():
+            got = _show_spec(out) if hasattr(out, "shape") else type(out).__name__
+            raise _Violation(
+                "answers match requests",
+                f"{request.describe()} was answered with {got}, not one typed key",
+                "answer key requests with a scalar `jax.random.key` (wrap raw uint32 data with "
+                "`jax.random.wrap_key_data`)",
+            )
+        if type(request) is not fx.RandomRequest:
+            return
+        slot = (request.stream, request.path)
+        n = self.draws.get(slot, 0)
+        self.draws[slot] = n + 1
+        if not _concrete(out):
+            return
+        data = np.asarray(jax.random.key_data(out)).tobytes()
+        where = f"draw {n} from stream {request.stream!r} at `{'/'.join(request.path) or '<root>'}`"
+        if data in self.keys:
+            raise _Violation(
+                "fresh keys",
+                f"{where} returned the same key as {self.keys[data]}",
+                "every `next_key` of a run must be new: fold in the path, the stream and a per-run "
+                "draw counter (`jax.random.fold_in(base, n)`)",
+            )
+        self.keys[data] = where
 
 
 # --- running a model and reporting a failure -----------------------------------------------------
@@ -144,42 +446,53 @@ class _Case:
     def __init__(self, law: str, model: Model, x: Any, key: Any, handlers: tuple[Any, ...], training: bool):
         self.law, self.model, self.x, self.key = law, model, x, key
         self.handlers, self.training = handlers, training
-
-    def transform(self, fn: Callable[..., Any] | None = None) -> fx.Transformed:
-        return fx.transform(self.model if fn is None else fn)
+        self.notes: list[str] = []
+        self.watch = _Watch()
 
     def init(self, handlers: Any = None, fn: Any = None) -> tuple[Any, dict]:
-        hs = self.handlers if handlers is None else handlers
-        return self.transform(fn).init_with_output(self.key, self.x, training=self.training, handlers=hs)
+        hs = tuple(self.handlers if handlers is None else handlers) + (self.watch,)
+        t = fx.transform(self.model if fn is None else fn)
+        return t.init_with_output(self.key, self.x, training=self.training, handlers=hs)
 
     def apply(self, variables: Any, mutable: Any = True, handlers: Any = None, fn: Any = None) -> Any:
-        hs = self.handlers if handlers is None else handlers
-        return self.transform(fn).apply(
-            variables, self.x, rngs=self.key, mutable=mutable, training=self.training, handlers=hs
-        )
+        hs = tuple(self.handlers if handlers is None else handlers) + (self.watch,)
+        t = fx.transform(self.model if fn is None else fn)
+        return t.apply(variables, self.x, rngs=self.key, mutable=mutable, training=self.training, handlers=hs)
 
-    def fail(self, what: str, detail: str | None = None) -> AssertionError:
+    def results(self, handlers: Any = None, fn: Any = None, what: str = "", apply_handlers: Any = None) -> dict:
+        """Output and variables of `init_with_output`, then output and updates of `apply` on them."""
+        with self.running(f"running the model{' ' + what if what else ''}"):
+            out, variables = self.init(handlers=handlers, fn=fn)
+            hs = handlers if apply_handlers is None else apply_handlers
+            applied, updates = self.apply(variables, handlers=hs, fn=fn)
+        return _labeled(_RESULTS, (out, variables, applied, updates))
+
+    def fail(self, what: str, detail: str | None = None, law: str | None = None) -> AssertionError:
         key = _leaf(self.key).tolist() if self.key is not None else None
         handlers = ", ".join(_name(h) for h in self.handlers) or "none (the built-in handlers alone)"
         lines = [
-            f"effax law `{self.law}` does not hold: {what}",
-            *([f"  {detail}"] if detail else []),
+            f"effax law `{law or self.law}` does not hold: {what}",
+            *[f"  {line}" for line in (detail or "").splitlines() if line],
             f"model: {self.model!r}".replace("\n", "\n  "),
             f"x = {np.asarray(self.x).tolist()}, key data = {key}, training = {self.training}",
             f"handlers under test (innermost last): {handlers}",
+            *self.notes,
             f"rebuild the model: {self.model.code()}",
         ]
         return AssertionError("\n".join(lines))
 
     @contextlib.contextmanager
     def running(self, what: str) -> Iterator[None]:
-        """Report an error raised while running the model as a failure of this law."""
+        """Report a violation the watch saw, or an error raised while running, as a failure."""
         try:
             yield
+        except _Violation as v:
+            raise self.fail(v.what, v.detail, law=v.law) from None
         except AssertionError:
             raise
         except Exception as e:
-            raise self.fail(f"{what} raised {type(e).__name__}", "\n  ".join(str(e).splitlines()[:6])) from e
+            detail = "\n".join(str(e).splitlines()[:6])
+            raise self.fail(f"{what} raised {type(e).__name__}", detail) from e
 
     def expect_same(self, a: Any, b: Any, what: str, names: tuple[str, str], **tolerance: Any) -> None:
         diff = difference(a, b, names=names, **tolerance)
@@ -211,13 +524,15 @@ def check_determinism(
     with case.running("`t.init_with_output`"):
         first, second = case.init(), case.init()
     case.expect_same(
-        first, second, "two runs of `t.init_with_output` with the same key and input differ", ("run 1", "run 2")
+        _labeled(_RESULTS[:2], first), _labeled(_RESULTS[:2], second),
+        "two runs of `t.init_with_output` with the same key and input differ", ("run 1", "run 2"),
     )
     variables = first[1] if variables is None else variables
     with case.running("`t.apply(..., mutable=True)`"):
         first, second = case.apply(variables), case.apply(variables)
     case.expect_same(
-        first, second, "two runs of `t.apply` with the same variables, inputs and keys differ", ("run 1", "run 2")
+        _labeled(_RESULTS[2:], first), _labeled(_RESULTS[2:], second),
+        "two runs of `t.apply` with the same variables, inputs and keys differ", ("run 1", "run 2"),
     )
 
 
@@ -239,6 +554,8 @@ class _Kept(fx.Handler):
 class _Recording:
     """Innermost: records the param values and keys the model receives, by path (and draw order)."""
 
+    module_calls = False
+
     def __init__(self) -> None:
         self.params: dict[Any, Any] = {}
         self.keys: dict[Any, list[Any]] = {}
@@ -246,9 +563,10 @@ class _Recording:
     def handle(self, request: Any, forward: Any) -> Any:
         out = forward(request)
         if isinstance(request, fx.ParamRequest):
-            self.params.setdefault("/".join(request.path), out)
+            self.params.setdefault(f"param `{'/'.join(request.path)}`", out)
         elif isinstance(request, (fx.RandomRequest, fx.StreamKeyRequest)):
-            slot = f"{type(request).__name__} {request.stream!r} at {'/'.join(request.path) or '<root>'}"
+            op = "next_key" if isinstance(request, fx.RandomRequest) else "stream_key"
+            slot = f"{op}({request.stream!r}) at `{'/'.join(request.path) or '<root>'}`"
             self.keys.setdefault(slot, []).append(out)
         return out
 
@@ -289,14 +607,15 @@ def check_locality(
     case = _case("locality", model, x, key, handler, training)
     drop = sorted(range(0, len(model.walk()), 2) if drop is None else drop)
     smaller = model.drop(drop)
+    case.notes.append(f"removed: steps {drop} of `model.walk()`, leaving {smaller.requests() or 'no requests'}")
     big, small = _recorded(case, model), _recorded(case, smaller)
-    what = f"removing steps {drop} of `model.walk()` (leaving {smaller.requests() or 'no requests'}) changed"
+    what = "removing requests at other paths changed"
     names = ("whole model", "steps removed")
     for label, b, s in (("init", big[0], small[0]), ("apply", big[1], small[1])):
         params = _common(b.params, s.params)
-        case.expect_same(*params, f"{what} the param values the model received in {label}", names)
+        case.expect_same(*params, f"{what} a param value the model received in {label}", names)
         keys = _common(b.keys, s.keys, same_length=True)
-        case.expect_same(*keys, f"{what} the keys drawn at the paths kept, in {label}", names)
+        case.expect_same(*keys, f"{what} a key drawn at a path that was kept, in {label}", names)
 
 
 # --- law 3: init/apply agreement -----------------------------------------------------------------
@@ -334,52 +653,26 @@ def check_abstract_init(model: Model, x: Any, key: Any, handler: HandlerLike = N
     with case.running("`t.init`"):
         _, concrete = case.init()
     with case.running("`jax.eval_shape` of `t.init`"):
-        t = case.transform()
-        abstract = jax.eval_shape(
-            lambda k, x: t.init(k, x, training=case.training, handlers=case.handlers), case.key, case.x
-        )
+        t = fx.transform(case.model)
+        hs = case.handlers + (case.watch,)
+        abstract = jax.eval_shape(lambda k, x: t.init(k, x, training=case.training, handlers=hs), case.key, case.x)
     case.expect_same(
-        concrete, abstract, "`jax.eval_shape(t.init, ...)` disagrees with `t.init`", ("t.init", "eval_shape"),
-        values=False,
+        {"variables after init": concrete}, {"variables after init": abstract},
+        "`jax.eval_shape(t.init, ...)` disagrees with `t.init`", ("t.init", "eval_shape"), values=False,
     )
 
 
 # --- law 5: state --------------------------------------------------------------------------------
 
 
-class _StateProbe:
-    """Innermost: remembers every `set` and checks that each later `get` of that variable returns it."""
-
-    def __init__(self) -> None:
-        self.last: dict[Any, Any] = {}
-        self.violations: list[str] = []
-
-    def handle(self, request: Any, forward: Any) -> Any:
-        slot = (getattr(request, "collection", None), request.path)
-        if isinstance(request, fx.SetStateRequest):
-            out = forward(request)
-            self.last[slot] = request.value
-            return out
-        if isinstance(request, fx.GetStateRequest):
-            got = forward(request)
-            if slot in self.last:
-                diff = difference(self.last[slot], got, names=("set", "got"))
-                if diff is not None:
-                    where = "/".join(request.path)
-                    self.violations.append(
-                        f"`get` of `{where}` in {request.collection!r} after a `set` returned another "
-                        f"value than the last set\n  {diff}"
-                    )
-            return got
-        return forward(request)
-
-
 def check_state_laws(model: Model, x: Any, key: Any, handler: HandlerLike = None, *, training: bool = False) -> None:
     """Get after set returns the set value, the last of two sets wins, and frozen runs equal mutable ones.
 
-    A probe innermost checks every `get` after a `set`, and `updates` holds
-    the last value set; on `model.read_only()` (nothing set), `t.apply` with
-    state frozen gives the output and state of a mutable run.
+    Every `get` after a `set` is compared with the value the model set (as
+    it was when the model set it, not as the request holds it afterwards),
+    and `updates` holds the last value set; on `model.read_only()` (nothing
+    set), `t.apply` with state frozen gives the output and state of a
+    mutable run.
 
     >>> from effax.testing.models import State
     >>> check_state_laws(Model([State("s0", update="twice")]), jnp.ones(2), jax.random.key(0))
@@ -387,15 +680,11 @@ def check_state_laws(model: Model, x: Any, key: Any, handler: HandlerLike = None
     case = _case("state", model, x, key, handler, training)
     with case.running("`t.init_with_output`"):
         _, variables = case.init()
-    probe = _Kept(_StateProbe)
     with case.running("`t.apply(..., mutable=True)`"):
-        _, updates = case.apply(variables, handlers=case.handlers + (probe,))
-    run = probe.runs[-1]
-    if run.violations:
-        raise case.fail(run.violations[0])
-    for (collection, path), value in run.last.items():
+        _, updates = case.apply(variables)
+    for (collection, path), value in case.watch.runs[-1].last_set.items():
         stored = get_path(updates.get(collection, {}), path)
-        if stored is not MISSING:  # a handler keeping state itself reports it elsewhere
+        if stored is not MISSING:  # a handler keeping state itself answers the gets, checked above
             what = f"`updates[{collection!r}]` at `{'/'.join(path)}` is not the last value set"
             case.expect_same(value, stored, what, ("last set", "updates"))
     frozen_model = model.read_only()
@@ -416,12 +705,6 @@ def check_state_laws(model: Model, x: Any, key: Any, handler: HandlerLike = None
 # --- law 6: handler algebra ----------------------------------------------------------------------
 
 
-def _results(case: _Case, handlers: tuple, fn: Any = None, what: str = "") -> tuple:
-    with case.running(f"running the model {what}".rstrip()):
-        out, variables = case.init(handlers=handlers, fn=fn)
-        return (out, variables), case.apply(variables, handlers=handlers, fn=fn)
-
-
 def check_forwarding_identity(
     model: Model, x: Any, key: Any, handler: HandlerLike = None, *, effects: Sequence[str] = (), training: bool = False
 ) -> None:
@@ -438,18 +721,19 @@ def check_forwarding_identity(
         raise ValueError(f"unknown effects {unknown}; the kit knows {list(EFFECTS)}.")
     model = model.without(*effects)
     case = _case("forwarding identity", model, x, key, handler, training)
-    reference = _results(case, case.handlers)
+    reference = case.results()
     forward = fx.Handler()
     for hs, where in (
         ((forward,) + case.handlers, "outside the handlers under test"),
         (case.handlers + (forward,), "inside the handlers under test"),
     ):
         what = f"a forwarding `fx.Handler()` {where} changed the results"
-        case.expect_same(reference, _results(case, hs), what, ("without it", "with it"))
+        case.expect_same(reference, case.results(hs, what=f"with `fx.Handler()` {where}"), what,
+                         ("without it", "with it"))
     if case.handlers:
         claimed = f"answers only {tuple(effects)}" if effects else "claims no effect"
         case.expect_same(
-            _results(case, ()), reference,
+            case.results((), what="without the handlers under test"), reference,
             f"the handler under test {claimed}, yet on a model without those effects it changed the results; "
             "it must return `forward(request)` unchanged for requests it does not answer, or pass `effects=` "
             "naming what it answers",
@@ -462,6 +746,10 @@ def check_commutes_with(
 ) -> None:
     """Handlers of disjoint effects commute: `handlers=(other, handler)` gives what `(handler, other)` gives.
 
+    Disjoint means neither answers, nor performs, what the other answers
+    (`performed_effects` finds what a handler performs; `assert_handler_laws`
+    picks partners accordingly).
+
     >>> from effax.testing.models import Mode, SideInput
     >>> mask, mode = fx.handlers.SideInputs({"mask": 0.0}), fx.handlers.Mode(True)
     >>> check_commutes_with(Model([SideInput("mask"), Mode()]), jnp.ones(2), jax.random.key(0), mask, mode)
@@ -469,12 +757,12 @@ def check_commutes_with(
     case = _case("commutation", model, x, key, None, training)
     h, o = resolve(handler), resolve(other)
     case.handlers = h + o
-    a = _results(case, h + o, what="with the other handler innermost")
-    b = _results(case, o + h, what="with the handler under test innermost")
+    a = case.results(h + o, what="with the other handler innermost")
+    b = case.results(o + h, what="with the handler under test innermost")
     case.expect_same(
         a, b,
         f"swapping the handler under test with {', '.join(_name(x) for x in o)} changed the results; they "
-        "must answer disjoint effects, and neither may answer or perform the other's",
+        "must answer disjoint effects, and neither may answer what the other performs",
         ("other innermost", "handler under test innermost"),
     )
 
@@ -515,14 +803,88 @@ def check_associativity(
     i = resolve(inner) or (fx.Handler(),)
     h = case.handlers
     case.handlers = o + h + i
-    flat = _results(case, o + h + i, what="with (outer, handler, inner) in one `fx.handle`")
+    flat = case.results(o + h + i, what="with (outer, handler, inner) in one `fx.handle`")
     for label, hs, groups in (
         ("(outer), then (handler, inner)", o, [h + i]),
         ("(outer, handler), then (inner)", o + h, [i]),
         ("(outer), then (handler), then (inner)", (), [o, h, i]),
     ):
-        nested = _results(case, hs, fn=_nested(model, groups), what=f"grouped {label}")
+        nested = case.results(hs, fn=_nested(model, groups), what=f"grouped {label}")
         case.expect_same(flat, nested, f"grouping the handlers as {label} changed the results", ("one group", label))
+
+
+_FORWARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("effax_testing_forwarded", default=False)
+
+
+class _Marked(fx.Handler):
+    """Wraps a handler under test: what it forwards is marked, so `_Performed` tells it from what it performs."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def begin(self) -> Any:
+        run = self.inner.begin() if hasattr(self.inner, "begin") else self.inner
+        return _MarkedRun(run)
+
+
+class _MarkedRun:
+    def __init__(self, run: Any):
+        self.run = run
+        self.module_calls = getattr(run, "module_calls", True)
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        def marked(r: Any) -> Any:
+            token = _FORWARDED.set(True)
+            try:
+                return forward(r)
+            finally:
+                _FORWARDED.reset(token)
+
+        return self.run.handle(request, marked)
+
+
+class _Performed(fx.Handler):
+    """Just outside a `_Marked` handler: records the effects of the requests that handler performs itself."""
+
+    module_calls = False
+
+    def __init__(self, sink: set[str]):
+        self.sink = sink
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if not _FORWARDED.get():
+            effect = effect_of(request)
+            if effect is not None:
+                self.sink.add(effect)
+        token = _FORWARDED.set(False)
+        try:
+            return forward(request)
+        finally:
+            _FORWARDED.reset(token)
+
+
+def performed_effects(
+    model: Model, x: Any, key: Any, handler: HandlerLike, *, training: bool = False
+) -> frozenset[str]:
+    """The effects the handlers perform themselves while the model runs (not those they forward).
+
+    A handler's `effects` name what it answers; what it performs (`fx.is_training()`
+    or `fx.next_key` inside `handle`, a LoRA adapter's own `fx.param`) is
+    answered further out, so it must not be commuted with a handler of that effect.
+
+    >>> class TrainOnlyScale(fx.Handler):
+    ...     def handle(self, request, forward):
+    ...         out = forward(request)
+    ...         return out * 2 if isinstance(request, fx.ParamRequest) and fx.is_training() else out
+    >>> from effax.testing.models import Param
+    >>> sorted(performed_effects(Model([Param("w0")]), jnp.ones(2), jax.random.key(0), TrainOnlyScale))
+    ['mode']
+    """
+    case = _case("commutation", model, x, key, handler, training)
+    sink: set[str] = set()
+    wrapped = tuple(w for h in case.handlers for w in (_Performed(sink), _Marked(h)))
+    case.results(wrapped, what="to learn which effects the handler under test performs")
+    return frozenset(sink)
 
 
 # --- law 7: sharing ------------------------------------------------------------------------------
@@ -532,20 +894,67 @@ def _path(name: str) -> tuple[str, ...]:
     return tuple(name.split("/"))
 
 
-def _with(tree: dict, path: tuple[str, ...], value: Any) -> dict:
-    """A copy of nested dicts `tree` with `value` at `path`."""
-    head, rest = path[0], path[1:]
-    return {**tree, head: _with(tree.get(head, {}), rest, value) if rest else value}
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(str(k.key) for k in path): value for path, value in leaves}
+
+
+def _unflat(flat: dict[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+class _Untie(fx.Handler):
+    """Outermost of the handlers under test: each use a share pass moved gets a storage slot of its own.
+
+    The handlers under test still see the request as `fx.share` made it (the
+    canonical path), so the untied run differs from the tied one only in
+    where the params are stored: the reference for per-use gradients.
+    """
+
+    module_calls = False
+
+    def __init__(self) -> None:
+        self.own: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is fx.ParamRequest and request.via:
+            own = request.path[:-1] + (request.path[-1] + "@" + "|".join(request.original_path),)
+            self.own[own] = request.path
+            return forward(dataclasses.replace(request, path=own, origin=None, via=()))
+        return forward(request)
+
+
+class _Stored(fx.Handler):
+    """Outermost of the handlers under test: records the param requests that reach the storage."""
+
+    module_calls = False
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is fx.ParamRequest:
+            self.requests.append(request)
+        return forward(request)
 
 
 def check_sharing_laws(
     model: Model, x: Any, key: Any, bindings: Any, handler: HandlerLike = None, *, training: bool = False
 ) -> None:
-    """A tied param appears once, its gradient is the sum of its per-use gradients, sharing twice equals once.
+    """A tied param is stored once, its gradient is the sum of its per-use gradients, sharing twice equals once.
 
-    `bindings` ties params of `model` (`strategies.share_bindings(model)`
-    draws valid ones). The per-use gradients come from the untied model run
-    on variables where each alias holds a copy of its canonical value.
+    `bindings` ties params of `model` (`strategies.sharing_cases()` draws
+    models with valid ones). The per-use gradients come from the same shared
+    model with each use stored apart (every handler under test sees the very
+    requests it sees when tied, canonical paths included), holding a copy of
+    the tied value; so handlers that depend on the path, prefix it, keep
+    params of their own or answer without forwarding are compared fairly.
 
     >>> from effax.testing.models import Param, Scope
     >>> model = Model([Param("w0", (2,)), Scope("blk0", [Param("w1", (2,))])])
@@ -553,61 +962,66 @@ def check_sharing_laws(
     """
     case = _case("sharing", model, x, key, handler, training)
     bindings = dict(bindings)
+    case.notes.append(f"share bindings: {bindings}")
     shared = fx.share(model, bindings)
+    stored = _Stored()
     with case.running("`t.init` of `fx.share(model, bindings)`"):
-        _, variables = case.init(fn=shared)
-    params = variables["params"]
-    for alias, canonical in bindings.items():
-        if get_path(params, _path(alias)) is not MISSING:
-            raise case.fail(f"the tied param `{alias}` appears in variables['params'] beside `{canonical}`")
-        if get_path(params, _path(canonical)) is MISSING:
-            raise case.fail(f"the canonical param `{canonical}` of `{alias}` is missing from variables['params']")
-    once = _results(case, case.handlers, fn=shared, what="shared once")
-    twice = _results(case, case.handlers, fn=fx.share(shared, bindings), what="shared twice")
+        _, variables = case.init(handlers=(stored,) + case.handlers, fn=shared)
+    aliases = [_path(a) for a in bindings]
+    for request in stored.requests:
+        if any(request.path[: len(a)] == a for a in aliases):
+            raise case.fail(
+                f"a param reached the params storage at the alias path `{'/'.join(request.path)}`, which the "
+                "bindings tie to another: the handler under test undid the tie",
+                "forward what `fx.share` made (`request.path` is the canonical path), not `request.original_path`",
+            )
+    once = case.results(fn=shared, what="shared once")
+    twice = case.results(fn=fx.share(shared, bindings), what="shared twice")
     case.expect_same(once, twice, "sharing twice with the same bindings differs from sharing once", ("once", "twice"))
 
-    untied = params
-    for alias, canonical in bindings.items():
-        untied = _with(untied, _path(alias), get_path(params, _path(canonical)))
+    untie = _Untie()
+    untied_handlers = (untie,) + case.handlers
+    with case.running("`t.init` of the shared model with each use stored apart"):
+        _, untied_variables = case.init(handlers=untied_handlers, fn=shared)
+    tied = _flat(variables["params"])
+    try:
+        untied = {p: tied[untie.own.get(p, p)] for p in _flat(untied_variables["params"])}
+    except KeyError as e:
+        raise case.fail(
+            f"the untied run stored param `{'/'.join(e.args[0])}`, which the tied run did not make"
+        ) from None
+    untied_params = _unflat(untied)
+    low = tolerance(*_float_dtypes(variables["params"]), *(d for _, d in model.param_specs().values()))
 
-    def loss(fn: Any) -> Callable[[Any], Any]:
-        t = fx.transform(fn)
-        return lambda p: jnp.sum(
-            t.apply({**variables, "params": p}, case.x, rngs=case.key, mutable=True, training=case.training,
-                    handlers=case.handlers)[0]
-        )
+    def loss(handlers: Any, params: Any, base: Any) -> Any:
+        t = fx.transform(shared)
+        hs = tuple(handlers) + (case.watch,)
+        out, _ = t.apply({**base, "params": params}, case.x, rngs=case.key, mutable=True, training=case.training,
+                         handlers=hs)
+        return jnp.sum(out.astype(jnp.float32)), out
 
-    with case.running("`jax.grad` of the shared and the untied model"):
-        got = jax.grad(loss(shared))(params)
-        per_use = jax.grad(loss(model))(untied)
-    expected = jax.tree.map(lambda g: g.astype(jnp.float32), per_use)
-    for alias in bindings:
-        expected = _strip(expected, _path(alias))
-    for alias, canonical in bindings.items():
-        c = _path(canonical)
-        total = get_path(expected, c) + get_path(per_use, _path(alias)).astype(jnp.float32)
-        expected = _with(expected, c, total)
-    expected = jax.tree.map(lambda e, g: e.astype(g.dtype), expected, got)
-    low = any(jnp.dtype(d) != jnp.float32 for _, d in model.param_specs().values())
+    with case.running("`jax.grad` of the tied model and of the model with each use stored apart"):
+        (_, out_tied), got = jax.value_and_grad(
+            lambda p: loss(case.handlers, p, variables), has_aux=True)(variables["params"])
+        (_, out_untied), per_use = jax.value_and_grad(
+            lambda p: loss(untied_handlers, p, untied_variables), has_aux=True)(untied_params)
+    rtol, atol = low
     case.expect_same(
-        expected, got, "the gradient of a tied param is not the sum of its per-use gradients",
-        ("sum over the untied uses", "tied"), rtol=2e-2 if low else 1e-5, atol=2e-2 if low else 1e-6,
+        {"output of apply": out_tied}, {"output of apply": out_untied},
+        "the tied model and the model with each use stored apart (holding equal values) give other outputs",
+        ("tied", "stored apart"), rtol=rtol, atol=atol,
     )
-
-
-def _strip(tree: dict, path: tuple[str, ...]) -> dict:
-    """A copy of nested dicts `tree` without the leaf at `path` (and scopes it leaves empty)."""
-    head, rest = path[0], path[1:]
-    out = dict(tree)
-    if rest:
-        child = _strip(tree[head], rest)
-        if child:
-            out[head] = child
-        else:
-            del out[head]
-    else:
-        del out[head]
-    return out
+    expected: dict[tuple[str, ...], Any] = {}
+    for path, g in _flat(per_use).items():
+        slot = untie.own.get(path, path)
+        expected[slot] = expected.get(slot, 0.0) + np.asarray(g, np.float64)
+    got_flat = {p: np.asarray(g, np.float64) for p, g in _flat(got).items()}
+    scale = max([1.0] + [float(np.max(np.abs(g))) for g in got_flat.values() if g.size])
+    case.expect_same(
+        {"gradient": _unflat(expected)}, {"gradient": _unflat(got_flat)},
+        "the gradient of a tied param is not the sum of its per-use gradients",
+        ("sum over the uses stored apart", "tied"), rtol=rtol, atol=atol * scale,
+    )
 
 
 # --- law 8: purity -------------------------------------------------------------------------------
@@ -620,12 +1034,14 @@ def check_purity_under_jit(
     handler: HandlerLike = None,
     *,
     training: bool = False,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> None:
     """`jax.jit(t.apply)` equals `t.apply`, no tracer leaks under `jax.checking_leaks()`, and a later eager run agrees.
 
-    The one law that compiles; keep its `max_examples` small.
+    `rtol`/`atol` default to `tolerance` of the lowest float precision among
+    the model's params and the results (bfloat16 is compared at bfloat16's
+    precision). The one law that compiles.
 
     >>> from effax.testing.models import Draw, Param
     >>> check_purity_under_jit(Model([Param("w0"), Draw()]), jnp.ones(2), jax.random.key(0))
@@ -635,20 +1051,253 @@ def check_purity_under_jit(
         _, variables = case.init()
     with case.running("eager `t.apply`"):
         eager = case.apply(variables)
-    t = case.transform()
+    t = fx.transform(case.model)
+    hs = case.handlers + (_Watch(keep=False),)
 
     def apply(v: Any, x: Any, k: Any) -> Any:
-        return t.apply(v, x, rngs=k, mutable=True, training=case.training, handlers=case.handlers)
+        return t.apply(v, x, rngs=k, mutable=True, training=case.training, handlers=hs)
 
     with case.running("`jax.jit(t.apply)` under `jax.checking_leaks()`"):
         with jax.checking_leaks():
             jitted = jax.jit(apply)(variables, case.x, case.key)
     with case.running("eager `t.apply` after the jitted run"):
         again = case.apply(variables)
+    default = tolerance(*_float_dtypes(variables), *(d for _, d in model.param_specs().values()),
+                        *case.watch.runs[0].dtypes)
+    rtol = default[0] if rtol is None else rtol
+    atol = default[1] if atol is None else atol
+    names = _RESULTS[2:]
     what = "`jax.jit(t.apply)` gives other results than eager `t.apply`"
-    case.expect_same(eager, jitted, what, ("eager", "jit"), rtol=rtol, atol=atol)
+    case.expect_same(_labeled(names, eager), _labeled(names, jitted), what, ("eager", "jit"), rtol=rtol, atol=atol)
     what = "an eager `t.apply` after a jitted one gives other results than before it"
-    case.expect_same(eager, again, what, ("before", "after"))
+    case.expect_same(_labeled(names, eager), _labeled(names, again), what, ("before", "after"))
+
+
+# --- law 10: answers match requests --------------------------------------------------------------
+
+
+def check_answers_match_requests(
+    model: Model, x: Any, key: Any, handler: HandlerLike = None, *, training: bool = False
+) -> None:
+    """Every answer to a param, state, key or mode request has the request's shape, dtype and kind.
+
+    A param answer has the requested shape and dtype; a `get` has the
+    structure, shapes and dtypes of the variable's `init()`; a key is one
+    typed key; `is_training` is a Python bool. (Every other check watches
+    the same, on every run.)
+
+    >>> from effax.testing.models import Param
+    >>> class Transposed(fx.Handler):
+    ...     def handle(self, request, forward):
+    ...         out = forward(request)
+    ...         return out.T if isinstance(request, fx.ParamRequest) else out
+    >>> check_answers_match_requests(Model([Param("w0", (2, 3))]), jnp.ones(2), jax.random.key(0), Transposed)
+    Traceback (most recent call last):
+    AssertionError: effax law `answers match requests` does not hold: param `w0` (shape (2, 3), float32) was answered with shape (3, 2), float32
+    ...
+    """
+    case = _case("answers match requests", model, x, key, handler, training)
+    case.results()
+
+
+# --- law 11: fresh keys --------------------------------------------------------------------------
+
+
+def check_fresh_keys(model: Model, x: Any, key: Any, handler: HandlerLike = None, *, training: bool = False) -> None:
+    """No two `next_key` draws of one run return the same key, across paths, streams and draw indices.
+
+    >>> from effax.testing.models import Draw
+    >>> class SameKey(fx.Handler):
+    ...     def handle(self, request, forward):
+    ...         return jax.random.key(0) if isinstance(request, fx.RandomRequest) else forward(request)
+    >>> check_fresh_keys(Model([Draw(times=2)]), jnp.ones(2), jax.random.key(0), SameKey)
+    Traceback (most recent call last):
+    AssertionError: effax law `fresh keys` does not hold: draw 1 from stream 'dropout' at `<root>` returned the same key as draw 0 from stream 'dropout' at `<root>`
+    ...
+    """
+    case = _case("fresh keys", model, x, key, handler, training)
+    case.results()
+
+
+# --- law 12: reuse -------------------------------------------------------------------------------
+
+
+def check_reuse(
+    model: Model,
+    x: Any,
+    key: Any,
+    handler: HandlerLike = None,
+    *,
+    other: Model | None = None,
+    fresh: Callable[[], tuple[Any, ...]] | None = None,
+    training: bool = False,
+) -> None:
+    """One handler instance, entered for several runs, models and threads, gives what fresh instances give.
+
+    Every single run (an `init`, an `apply`) with a fresh instance is the
+    reference. One instance then runs `model`, `other` (default: `model`),
+    `model` again, `model` in another thread, and `other` while a run of
+    `model` is paused half-way; each must match its reference. A
+    handler that keeps a run's state on itself (a counter, a `seen` set, a
+    flag set in `begin()`) or shares it between instances (a mutable default
+    argument) fails here. `fresh` makes fresh instances (default:
+    `fresh_copies(handler)`). Every run also checks that no request is
+    changed by handling it.
+
+    >>> from effax.testing.models import Sow
+    >>> class SowOnce(fx.Handler):      # keeps `seen` on the handler, not on a run
+    ...     def __init__(self):
+    ...         self.seen = set()
+    ...     def handle(self, request, forward):
+    ...         if isinstance(request, fx.SideOutputRequest):
+    ...             if request.tag in self.seen:
+    ...                 return None
+    ...             self.seen.add(request.tag)
+    ...         return forward(request)
+    >>> check_reuse(Model([Sow("h0")]), jnp.ones(2), jax.random.key(0), SowOnce)
+    Traceback (most recent call last):
+    AssertionError: effax law `reuse` does not hold: the instance ... gave other results in its 2nd run (apply of the model) than a fresh instance
+    ...
+    """
+    case = _case("reuse", model, x, key, None, training)
+    fresh = fresh_copies(handler) if fresh is None else fresh
+    other = model if other is None else other
+    if other is not model:
+        case.notes.append(f"the other model: {other!r}".replace("\n", "\n  "))
+    reference: dict[int, tuple[Any, Any]] = {}
+    for m in (model, other):
+        if id(m) not in reference:
+            with case.running("a fresh instance"):
+                out, variables = case.init(handlers=fresh(), fn=m)
+                reference[id(m)] = ((out, variables), case.apply(variables, handlers=fresh(), fn=m))
+    one = fresh()
+    case.handlers = one
+    runs = 0
+
+    def expect(m: Model, got: Any, which: int, where: str) -> None:
+        nonlocal runs
+        runs += 1
+        name = "the model" if m is model else "the other model"
+        label = ("init", "apply")[which]
+        names = _RESULTS[2 * which: 2 * which + 2]
+        want = _labeled(names, reference[id(m)][which])
+        diff = difference(want, _labeled(names, got), names=("fresh instance", "reused instance"))
+        if diff is not None:
+            nth = {1: "1st", 2: "2nd", 3: "3rd"}.get(runs, f"{runs}th")
+            raise case.fail(
+                f"the instance {', '.join(_name(h) for h in one)} gave other results in its {nth} run "
+                f"({label} of {name}{where}) than a fresh instance",
+                diff + "\n  a handler holds configuration; what one run accumulates belongs on the object "
+                "`begin()` returns, fresh each time (and never in a mutable default argument)",
+            )
+
+    def both(m: Model, where: str = "") -> None:
+        with case.running(f"the reused instance ({where.strip(', ') or 'in sequence'})"):
+            out, variables = case.init(handlers=one, fn=m)
+            expect(m, (out, variables), 0, where)
+            expect(m, case.apply(reference[id(m)][0][1], handlers=one, fn=m), 1, where)
+
+    both(model)
+    both(other)
+    both(model, ", again")
+    box: dict[str, Any] = {}
+
+    def in_thread() -> None:
+        try:
+            both(model, ", in another thread")
+        except BaseException as e:  # re-raised in the calling thread
+            box["error"] = e
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+
+    # Interleaved: the run of `model` begins, pauses in another thread while a whole run of `other`
+    # uses the same instance here, then finishes.
+    started, resume, outer = threading.Event(), threading.Event(), {}
+
+    def paused(x: Any) -> Any:
+        started.set()
+        resume.wait(60)
+        return model(x)
+
+    def run_outer() -> None:
+        try:
+            outer["out"] = fx.transform(paused).init_with_output(
+                case.key, case.x, training=case.training, handlers=one + (case.watch,))
+        except BaseException as e:
+            outer["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run_outer)
+    thread.start()
+    started.wait(60)
+    try:
+        with case.running("the reused instance, during a run of the model in another thread"):
+            inner = case.init(handlers=one, fn=other)
+    finally:
+        resume.set()
+        thread.join()
+    with case.running("the reused instance, with a run of the other model while its run was paused"):
+        if "error" in outer:
+            raise outer["error"]
+    expect(other, inner, 0, ", while a run of the model was in progress")
+    expect(model, (outer["out"][0], reference[id(model)][0][1]), 0, ", around a run of the other model")
+
+
+# --- law 13: reference ---------------------------------------------------------------------------
+
+
+def check_reference(
+    model: Model, x: Any, key: Any, handler: HandlerLike, reference: HandlerLike, *, training: bool = False
+) -> None:
+    """A drop-in replacement for a built-in handler gives the built-in's answers and results.
+
+    Runs the model with `handler`, then with `reference` in its place, and
+    compares the answer to every request (in order) and the results, at the
+    precision of their dtypes.
+
+    >>> from effax.testing.models import SideInput
+    >>> class MyInputs(fx.Handler):
+    ...     def __init__(self, values):
+    ...         self.values = values
+    ...     def handle(self, request, forward):
+    ...         if isinstance(request, fx.SideInputRequest):
+    ...             return self.values.get(request.tag, 0.0)    # forgets the model's default
+    ...         return forward(request)
+    >>> model = Model([SideInput("mask"), SideInput("ctx", default=2.0)])
+    >>> check_reference(model, jnp.ones(2), jax.random.key(0), MyInputs({"mask": 1.0}),
+    ...                 fx.handlers.SideInputs({"mask": 1.0}))
+    Traceback (most recent call last):
+    AssertionError: effax law `reference` does not hold: the answer to side input 'ctx' at `<root>` in init differs from the reference handler's
+    ...
+    """
+    case = _case("reference", model, x, key, handler, training)
+    ref = resolve(reference)
+    case.notes.append(f"reference: {', '.join(_name(h) for h in ref)}")
+    mine = case.results(what="with the handler under test")
+    mine_answers = [run.answers for run in case.watch.runs]
+    case.watch = _Watch()
+    theirs = case.results(ref, what="with the reference handler")
+    their_answers = [run.answers for run in case.watch.runs]
+    for label, a, b in zip(("init", "apply"), mine_answers, their_answers, strict=True):
+        if [d for d, _ in a] != [d for d, _ in b]:
+            raise case.fail(
+                f"the model made other requests in {label} with the handler under test than with the reference",
+                f"handler under test: {[d for d, _ in a]}\n  reference: {[d for d, _ in b]}",
+            )
+        for (what, x_), (_, y_) in zip(a, b, strict=True):
+            rtol, atol = tolerance(*_float_dtypes(x_), *_float_dtypes(y_))
+            diff = difference(x_, y_, names=("handler under test", "reference"), rtol=rtol, atol=atol)
+            if diff is not None:
+                raise case.fail(f"the answer to {what} in {label} differs from the reference handler's",
+                                diff.replace("at the whole value: ", ""))
+    rtol, atol = tolerance(*_float_dtypes(mine), *_float_dtypes(theirs))
+    case.expect_same(mine, theirs, "the results differ from the reference handler's",
+                     ("handler under test", "reference"), rtol=rtol, atol=atol)
 
 
 # --- partners for the algebra laws ---------------------------------------------------------------
@@ -674,3 +1323,161 @@ def partner(effect: str) -> fx.Handler:
     if effect == "mode":
         return fx.handlers.Mode(True)
     raise ValueError(f"unknown effect {effect!r}; the kit knows {list(EFFECTS)}.")
+
+
+# --- the registry: every law once, with what it needs ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """What `assert_handler_laws` tests: the handler, the effects it answers, and how to draw cases.
+
+    >>> from effax.testing import strategies
+    >>> subject = Subject(fx.Handler, (), strategies.models_and_inputs(), fresh_copies(fx.Handler))
+    >>> [name for name, law in LAWS.items() if law.applies(subject)][:3]
+    ['answers match requests', 'fresh keys', 'determinism']
+    """
+
+    handler: HandlerLike
+    effects: tuple[str, ...]
+    models: Any
+    fresh: Callable[[], tuple[Any, ...]]
+    reference: HandlerLike = None
+    custom_models: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Law:
+    """One law of DESIGN.md as the kit runs it.
+
+    `applies(effects)` says whether it concerns a handler answering
+    `effects`; `run(subject, data, key, training)` draws what the law needs
+    from hypothesis's `data` and calls `check`; `budget` scales the kit's
+    `max_examples` for this law.
+
+    >>> LAWS["purity under jit"].number, LAWS["purity under jit"].budget
+    (8, 0.5)
+    """
+
+    name: str
+    number: int
+    check: Callable[..., None]
+    run: Callable[[Subject, Any, Any, bool], None]
+    applies: Callable[[Subject], bool] = lambda subject: True
+    budget: float = 1.0
+
+
+def _draw_model(subject: Subject, data: Any, label: str = "model, x") -> tuple[Model, Any]:
+    return data.draw(subject.models, label=label)
+
+
+def _run_simple(check: Callable[..., None]) -> Callable[[Subject, Any, Any, bool], None]:
+    def run(subject: Subject, data: Any, key: Any, training: bool) -> None:
+        model, x = _draw_model(subject, data)
+        check(model, x, key, subject.handler, training=training)
+
+    return run
+
+
+def _run_locality(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    from effax.testing.strategies import models_and_inputs, removals
+
+    answered = tuple(e for e in subject.effects if e in ("param", "random"))
+    if subject.custom_models:
+        model, x = _draw_model(subject, data)
+    else:  # two requests of an answered effect, so one can go before the other
+        twice = answered[:1] * 2 + tuple(e for e in subject.effects if e not in answered[:1])
+        model, x = data.draw(models_and_inputs(require=twice), label="model, x")
+    drop = data.draw(removals(model, effects=answered), label="drop")
+    check_locality(model, x, key, subject.handler, drop=drop, training=training)
+
+
+def _run_forwarding(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    model, x = _draw_model(subject, data)
+    check_forwarding_identity(model, x, key, subject.handler, effects=subject.effects, training=training)
+
+
+def _partners(subject: Subject, model: Model, x: Any, key: Any, training: bool) -> list[str]:
+    """Effects of built-in partners that commute with the handler: neither answered nor performed by it."""
+    performed = performed_effects(model, x, key, subject.handler, training=training)
+    return [e for e in EFFECTS if e not in subject.effects and e not in performed]
+
+
+def _run_commutation(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    from hypothesis import strategies as st
+
+    model, x = _draw_model(subject, data)
+    others = _partners(subject, model, x, key, training)
+    if others:
+        other = data.draw(st.sampled_from(others), label="partner effect")
+        check_commutes_with(model, x, key, subject.handler, partner(other), training=training)
+
+
+def _run_associativity(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    from hypothesis import strategies as st
+
+    model, x = _draw_model(subject, data)
+    others = [e for e in EFFECTS if e not in subject.effects]
+    outer = data.draw(st.permutations(others), label="outer partner effects") if others else []
+    inner = data.draw(st.lists(st.sampled_from(others), unique=True, max_size=2), label="inner partner effects") \
+        if others else []
+    check_associativity(model, x, key, subject.handler, outer=[partner(e) for e in outer],
+                        inner=[partner(e) for e in inner], training=training)
+
+
+def _run_sharing(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    from effax.testing.strategies import share_bindings, sharing_cases
+
+    if subject.custom_models:
+        model, x = _draw_model(subject, data)
+        bindings = data.draw(share_bindings(model), label="bindings")
+    else:
+        model, x, bindings = data.draw(sharing_cases(require=subject.effects), label="model, x, bindings")
+    check_sharing_laws(model, x, key, bindings, subject.handler, training=training)
+
+
+def _run_fresh_keys(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    from effax.testing.strategies import models_and_inputs
+
+    if subject.custom_models:
+        model, x = _draw_model(subject, data)
+    else:
+        model, x = data.draw(models_and_inputs(require=tuple(dict.fromkeys(subject.effects + ("random",)))),
+                             label="model, x")
+    check_fresh_keys(model, x, key, subject.handler, training=training)
+
+
+def _run_reuse(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    model, x = _draw_model(subject, data)
+    other, _ = _draw_model(subject, data, label="other model")
+    other = Model(other.steps, model.in_size)
+    check_reuse(model, x, key, subject.handler, other=other, fresh=subject.fresh, training=training)
+
+
+def _run_reference(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    model, x = _draw_model(subject, data)
+    check_reference(model, x, key, subject.handler, subject.reference, training=training)
+
+
+LAWS: dict[str, Law] = {
+    law.name: law
+    for law in (
+        Law("answers match requests", 10, check_answers_match_requests, _run_simple(check_answers_match_requests)),
+        Law("fresh keys", 11, check_fresh_keys, _run_fresh_keys),
+        Law("determinism", 1, check_determinism, _run_simple(check_determinism)),
+        Law("locality", 2, check_locality, _run_locality, lambda s: bool({"param", "random"} & set(s.effects))),
+        Law("init/apply agreement", 3, check_init_apply_agreement, _run_simple(check_init_apply_agreement)),
+        Law("abstract init", 4, check_abstract_init, _run_simple(check_abstract_init)),
+        Law("state", 5, check_state_laws, _run_simple(check_state_laws), lambda s: "state" in s.effects),
+        Law("forwarding identity", 6, check_forwarding_identity, _run_forwarding),
+        Law("commutation", 6, check_commutes_with, _run_commutation),
+        Law("associativity", 6, check_associativity, _run_associativity),
+        Law("sharing", 7, check_sharing_laws, _run_sharing, lambda s: "param" in s.effects),
+        Law("reuse", 12, check_reuse, _run_reuse),
+        Law("reference", 13, check_reference, _run_reference, lambda s: s.reference is not None),
+        Law("purity under jit", 8, check_purity_under_jit, _run_simple(check_purity_under_jit), budget=0.5),
+        # Law 14, lifting (fx.scan / fx.vmap / fx.remat of a generated model equals the unrolled or
+        # mapped model), is registered here once the lifted transforms are rewritten.
+    )
+}
+"""Every law the kit runs, by the name its failures use, in the order `assert_handler_laws` runs them."""

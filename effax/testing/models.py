@@ -71,10 +71,11 @@ class Param:
 
 @dataclasses.dataclass(frozen=True)
 class State:
-    """`fx.local_state` in `collection`, starting at 0.5; reads it, then sets it `update` times and reads again.
+    """`fx.local_state` in `collection`, starting at 0.5; reads it, sets it `update` times, then reads it twice.
 
     `update` is `"none"` (read only), `"once"` or `"twice"` (two sets, the
-    last one must win).
+    last one must win). Both reads after the sets reach the output, so a
+    handler that keeps a set for one read only is seen.
     """
 
     name: str
@@ -94,26 +95,31 @@ class State:
         cell.set(v + _mean(h))
         if self.update == "twice":
             cell.set(v * 0.5 + 0.25 * _mean(h))
-        return h + _mean(cell.get())
+        h = h + _mean(cell.get())
+        return h + 0.5 * _mean(cell.get())
 
     def describe(self, path: Path) -> tuple[str, str, str]:
-        ops = {"none": "get", "once": "get, set, get", "twice": "get, set, set, get"}[self.update]
+        ops = {"none": "get", "once": "get, set, get, get", "twice": "get, set, set, get, get"}[self.update]
         return "local_state", _where(path + (self.name,)), f"in {self.collection!r}, shape {self.shape}, {ops}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Draw:
-    """`fx.next_key(stream)`; adds uniform noise drawn from the key to the output."""
+    """`fx.next_key(stream)`, `times` times at one path; adds uniform noise drawn from each key to the output."""
 
     stream: str = "dropout"
+    times: int = 1
 
     effect: ClassVar[str] = "random"
 
     def run(self, h: jax.Array) -> jax.Array:
-        return h + jax.random.uniform(fx.next_key(self.stream), h.shape)
+        for _ in range(self.times):
+            h = h + jax.random.uniform(fx.next_key(self.stream), h.shape)
+        return h
 
     def describe(self, path: Path) -> tuple[str, str, str]:
-        return "next_key", _where(path), f"stream {self.stream!r}"
+        draws = f", {self.times} draws" if self.times != 1 else ""
+        return "next_key", _where(path), f"stream {self.stream!r}{draws}"
 
 
 @dataclasses.dataclass(frozen=True)

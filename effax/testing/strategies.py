@@ -76,7 +76,7 @@ def _step(effect: str, *, param_dtypes: Sequence[str], state_updates: Sequence[s
             update=st.sampled_from(tuple(state_updates)),
         )
     if effect == "random":
-        return st.builds(Draw, stream=st.sampled_from(STREAMS))
+        return st.builds(Draw, stream=st.sampled_from(STREAMS), times=st.sampled_from((1, 2, 3)))
     if effect == "sow":
         return st.builds(Sow, tag=st.just(""), collection=st.sampled_from(SOW_COLLECTIONS))
     if effect == "side_input":
@@ -103,32 +103,66 @@ def _fold(items: Sequence[tuple[int, Step]], max_depth: int) -> list[Step]:
 
 
 def _name(tree: list[Any]) -> list[Step]:
-    """Give every scope, param, state and sow a name unique in the model, in order."""
-    counts = {"blk": 0, "w": 0, "s": 0, "h": 0}
+    """Give every scope, param, state and sow a name, in order.
 
-    def fresh(prefix: str) -> str:
-        counts[prefix] += 1
-        return f"{prefix}{counts[prefix] - 1}"
+    Scopes, params and sow tags are unique in the model; states are counted
+    per scope and collection, so two collections at one scope reuse names
+    (`s0` in 'state' beside `s0` in 'stats'): one path, two variables.
+    """
+    counts: dict[Any, int] = {}
 
-    def visit(items: list[Any]) -> list[Step]:
+    def fresh(prefix: str, slot: Any = None) -> str:
+        n = counts.get((prefix, slot), 0)
+        counts[(prefix, slot)] = n + 1
+        return f"{prefix}{n}"
+
+    def visit(items: list[Any], path: Path) -> list[Step]:
         out: list[Step] = []
         for item in items:
             if isinstance(item, tuple):
                 scope, children = item
-                out.append(Scope(fresh("blk"), visit(children)))
+                name = fresh("blk")
+                out.append(Scope(name, visit(children, path + (name,))))
             elif isinstance(item, Scope):
                 out.append(Scope(fresh("blk")))
             elif isinstance(item, Param):
                 out.append(dataclasses.replace(item, name=fresh("w")))
             elif isinstance(item, State):
-                out.append(dataclasses.replace(item, name=fresh("s")))
+                out.append(dataclasses.replace(item, name=fresh("s", (path, item.collection))))
             elif isinstance(item, Sow):
                 out.append(dataclasses.replace(item, tag=fresh("h")))
             else:
                 out.append(item)
         return out
 
-    return visit(tree)
+    return visit(tree, ())
+
+
+def _items(
+    effects: Iterable[str],
+    require: Iterable[str],
+    max_steps: int,
+    max_depth: int,
+    param_dtypes: Sequence[str],
+    state_updates: Sequence[str],
+) -> st.SearchStrategy[list[tuple[int, Step]]]:
+    """The `(depth, step)` list a model is folded from; each required effect appears as often as `require` names it."""
+    effects = _check_effects(effects, "models(effects=...)")
+    require = _check_effects(require, "models(require=...)")
+    kinds = effects + require + (("scope",) if max_depth > 0 else ())  # required effects weigh double
+    opts = dict(param_dtypes=param_dtypes, state_updates=state_updates)
+    item = st.one_of([st.tuples(st.integers(0, max_depth), _step(k, **opts)) for k in kinds])
+
+    @st.composite
+    def draw_items(draw: Any) -> list[tuple[int, Step]]:
+        items = draw(st.lists(item, max_size=max_steps))
+        for effect in dict.fromkeys(require):
+            for _ in range(require.count(effect) - sum(step.effect == effect for _, step in items)):
+                at = draw(st.integers(0, len(items)))
+                items.insert(at, (draw(st.integers(0, max_depth)), draw(_step(effect, **opts))))
+        return items
+
+    return draw_items()
 
 
 def models(
@@ -143,34 +177,48 @@ def models(
 ) -> st.SearchStrategy[Model]:
     """Models of at most `max_steps` steps (plus one per required effect) mixing `effects`, scopes up to `max_depth`.
 
-    Every effect in `require` appears at least once, so a law about a
-    handler of that effect always has something to check.
+    Every effect in `require` appears at least once (as often as it is
+    named there), so a law about a handler of that effect always has
+    something to check. Draws come one to
+    three at a path, states are read twice after their sets, and state names
+    repeat across collections at one scope.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(models(require=("state",)))
+    ... def test(model):
+    ...     assert "state" in model.effects()
+    >>> test()
     """
-    effects = _check_effects(effects, "models(effects=...)")
-    require = _check_effects(require, "models(require=...)")
-    kinds = effects + require + (("scope",) if max_depth > 0 else ())  # required effects weigh double
-    opts = dict(param_dtypes=param_dtypes, state_updates=state_updates)
-    item = st.one_of([st.tuples(st.integers(0, max_depth), _step(k, **opts)) for k in kinds])
-
-    @st.composite
-    def draw_model(draw: Any) -> Model:
-        items = draw(st.lists(item, max_size=max_steps))
-        for effect in require:
-            if all(step.effect != effect for _, step in items):
-                at = draw(st.integers(0, len(items)))
-                items.insert(at, (draw(st.integers(0, max_depth)), draw(_step(effect, **opts))))
-        return Model(_name(_fold(items, max_depth)), in_size=draw(st.sampled_from(tuple(in_sizes))))
-
-    return draw_model()
+    items = _items(effects, require, max_steps, max_depth, param_dtypes, state_updates)
+    sizes = st.sampled_from(tuple(in_sizes))
+    return st.builds(lambda i, n: Model(_name(_fold(i, max_depth)), in_size=n), items, sizes)
 
 
 def inputs(model: Model) -> st.SearchStrategy[np.ndarray]:
-    """Input arrays for `model`: float32 of shape `(model.in_size,)`, small finite values."""
+    """Input arrays for `model`: float32 of shape `(model.in_size,)`, small finite values.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=3, deadline=None, database=None)
+    ... @given(inputs(Model([], in_size=3)))
+    ... def test(x):
+    ...     assert x.shape == (3,)
+    >>> test()
+    """
     return hnp.arrays(np.float32, (model.in_size,), elements=st.floats(-2, 2, width=32))
 
 
 def models_and_inputs(*args: Any, **kwargs: Any) -> st.SearchStrategy[tuple[Model, np.ndarray]]:
-    """`(model, x)` pairs; takes the arguments of `models`."""
+    """`(model, x)` pairs; takes the arguments of `models`.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=3, deadline=None, database=None)
+    ... @given(models_and_inputs(require=("param",)))
+    ... def test(model_and_x):
+    ...     model, x = model_and_x
+    ...     assert x.shape == (model.in_size,)
+    >>> test()
+    """
     model_strategy = models(*args, **kwargs)
 
     @st.composite
@@ -182,13 +230,26 @@ def models_and_inputs(*args: Any, **kwargs: Any) -> st.SearchStrategy[tuple[Mode
 
 
 def keys(*, raw: bool = False) -> st.SearchStrategy[jax.Array]:
-    """Typed keys (`jax.random.key(seed)`), or raw `PRNGKey`s with `raw=True`."""
+    """Typed keys (`jax.random.key(seed)`), or raw `PRNGKey`s with `raw=True`.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=3, deadline=None, database=None)
+    ... @given(keys(raw=True))
+    ... def test(key):
+    ...     assert key.shape == (2,)
+    >>> test()
+    """
     make = jax.random.PRNGKey if raw else jax.random.key
     return st.integers(0, 2**32 - 1).map(make)
 
 
 def trainings() -> st.SearchStrategy[bool]:
-    """The `training` flag, both ways."""
+    """The `training` flag, both ways.
+
+    >>> from hypothesis import find
+    >>> find(trainings(), lambda training: training)
+    True
+    """
     return st.booleans()
 
 
@@ -198,38 +259,165 @@ def _array(spec: jax.ShapeDtypeStruct) -> st.SearchStrategy[jax.Array]:
 
 
 def variables(model: Model) -> st.SearchStrategy[dict[str, Any]]:
-    """Variable trees `t.apply` accepts for `model`: every param and state, right shapes and dtypes."""
+    """Variable trees `t.apply` accepts for `model`: every param and state, right shapes and dtypes.
+
+    >>> from hypothesis import given, settings
+    >>> from effax.testing.models import Param
+    >>> model = Model([Param("w0", (2,))])
+    >>> @settings(max_examples=3, deadline=None, database=None)
+    ... @given(variables(model))
+    ... def test(v):
+    ...     assert v["params"]["w0"].shape == (2,)
+    >>> test()
+    """
     specs = model.variable_specs()
     return st.builds(lambda *leaves: jax.tree.unflatten(jax.tree.structure(specs), leaves),
                      *[_array(s) for s in jax.tree.leaves(specs)])
 
 
-def removals(model: Model) -> st.SearchStrategy[frozenset[int]]:
-    """Sets of positions in `model.walk()` to remove with `model.drop(...)` (for the locality law)."""
+def _requests_at(model: Model, effects: Sequence[str] | None) -> list[set[int]]:
+    """For each position of `model.walk()`, the positions of the requests it removes (itself, or a scope's)."""
+    walk = model.walk()
+    out = []
+    for i, (_, step) in enumerate(walk):
+        inside = {j for j in range(len(walk)) if j == i or _contains(model, i, j)}
+        out.append({j for j in inside if not isinstance(walk[j][1], Scope)
+                    and (effects is None or walk[j][1].effect in effects)})
+    return out
+
+
+def removals(model: Model, effects: Sequence[str] | None = None) -> st.SearchStrategy[frozenset[int]]:
+    """Sets of positions in `model.walk()` to remove with `model.drop(...)` (for the locality law).
+
+    Nine in ten removals drop a request before a request that stays (the
+    case that shifts a call-order counter), both of `effects` when given;
+    the rest are any subset.
+
+    >>> from hypothesis import given, settings
+    >>> from effax.testing.models import Param
+    >>> model = Model([Param("w0"), Param("w1")])
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(removals(model, effects=("param",)))
+    ... def test(drop):
+    ...     assert drop <= {0, 1}
+    >>> test()
+    """
     n = len(model.walk())
-    return st.frozensets(st.integers(0, n - 1), max_size=n) if n else st.just(frozenset())
+    if not n:
+        return st.just(frozenset())
+    anywhere = st.frozensets(st.integers(0, n - 1), max_size=n)
+    removes = _requests_at(model, effects)
+    pivots = [
+        (i, later) for i in range(n) if removes[i]
+        for later in [[j for j in range(i + 1, n) if j not in removes[i] and removes[j] == {j}]]
+        if later
+    ]
+    if not pivots:
+        return anywhere
+
+    @st.composite
+    def before_a_kept_one(draw: Any) -> frozenset[int]:
+        i, later = draw(st.sampled_from(pivots))
+        kept = draw(st.sampled_from(later))
+        more = draw(st.frozensets(st.integers(0, n - 1), max_size=n))
+        return frozenset({i} | {j for j in more if j != kept and not _contains(model, j, kept)})
+
+    return st.integers(0, 9).flatmap(lambda k: before_a_kept_one() if k else anywhere)
 
 
-def share_bindings(model: Model) -> st.SearchStrategy[dict[str, str]]:
-    """`{alias: canonical}` param paths valid for `fx.share` on `model`: same shape and dtype, no chains.
+def _contains(model: Model, scope_at: int, at: int) -> bool:
+    """Whether position `at` of `model.walk()` lies inside the scope at position `scope_at`."""
+    walk = model.walk()
+    path, step = walk[scope_at]
+    if not isinstance(step, Scope):
+        return False
+    inside = path + (step.name,)
+    return walk[at][0][: len(inside)] == inside
 
-    Only params of one spec are tied; each group gets one canonical path and
-    some aliases, so no binding is a cycle, a chain, or matches nothing. A
-    model without two params of one spec gets `{}`.
+
+def share_bindings(model: Model, *, chains: bool = True) -> st.SearchStrategy[dict[str, str]]:
+    """`{alias: canonical}` param paths valid for `fx.share` on `model`: params of one shape and dtype, no cycle.
+
+    Each group of params of one spec gets one canonical path; every other
+    member may be tied to it, or (with `chains`) to a member already tied,
+    so `c -> b -> a` chains occur and are resolved by `fx.share`. A model
+    without two params of one spec gets `{}`.
+
+    >>> from hypothesis import given, settings
+    >>> from effax.testing.models import Param
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(share_bindings(Model([Param("w0", (2,)), Param("w1", (2,))])))
+    ... def test(bindings):
+    ...     assert bindings in ({}, {"w1": "w0"}, {"w0": "w1"})
+    >>> test()
     """
     groups: dict[Any, list[Path]] = {}
     for path, spec in model.param_specs().items():
         groups.setdefault(spec, []).append(path)
     tie = [paths for paths in groups.values() if len(paths) > 1]
+    if not tie:
+        return st.just({})
 
     @st.composite
     def bindings(draw: Any) -> dict[str, str]:
         out: dict[str, str] = {}
         for paths in tie:
             canonical = draw(st.sampled_from(paths))
-            others = [p for p in paths if p != canonical]
-            for alias in draw(st.lists(st.sampled_from(others), unique=True)):
-                out["/".join(alias)] = "/".join(canonical)
+            tied = [canonical]
+            for alias in draw(st.permutations([p for p in paths if p != canonical])):
+                if not draw(st.booleans()):
+                    continue
+                target = draw(st.sampled_from(tied)) if chains else canonical
+                out["/".join(alias)] = "/".join(target)
+                tied.append(alias)
         return out
 
     return bindings()
+
+
+def sharing_cases(
+    effects: Iterable[str] = EFFECTS, *, require: Iterable[str] = ("param",), **model_options: Any
+) -> st.SearchStrategy[tuple[Model, np.ndarray, dict[str, str]]]:
+    """`(model, x, bindings)` for the sharing law: the one generator the kit and effax's own tests use.
+
+    In three examples of four the model gets a twin of one of its params (same
+    shape, dtype and initializer, at another path) and the bindings tie at
+    least one pair, so the law has a tied param to check; otherwise the
+    bindings are whatever `share_bindings` draws (often `{}`).
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(sharing_cases())
+    ... def test(case):
+    ...     model, x, bindings = case
+    ...     fx.transform(fx.share(model, bindings)).init(jax.random.key(0), x)
+    >>> test()
+    """
+    require = tuple(dict.fromkeys(("param",) + tuple(require)))
+    options = dict(max_steps=6, max_depth=2, param_dtypes=("float32", "bfloat16"),
+                   state_updates=("none", "once", "twice"))
+    in_sizes = tuple(model_options.pop("in_sizes", (1, 2, 3)))
+    options.update(model_options)
+    items_strategy = _items(effects, require, **options)
+
+    @st.composite
+    def case(draw: Any) -> tuple[Model, np.ndarray, dict[str, str]]:
+        items = draw(items_strategy)
+        twin = draw(st.integers(0, 3)) > 0
+        if twin:
+            params = [step for _, step in items if isinstance(step, Param)]
+            original = draw(st.sampled_from(params))
+            at = draw(st.integers(0, len(items)))
+            items.insert(at, (draw(st.integers(0, options["max_depth"])), original))
+        model = Model(_name(_fold(items, options["max_depth"])), in_size=draw(st.sampled_from(in_sizes)))
+        bindings = draw(share_bindings(model))
+        if twin and not bindings:
+            groups: dict[Any, list[Path]] = {}
+            for path, spec in model.param_specs().items():
+                groups.setdefault(spec, []).append(path)
+            pairs = [paths for paths in groups.values() if len(paths) > 1]
+            alias, canonical = draw(st.sampled_from(pairs))[:2]
+            bindings = {"/".join(alias): "/".join(canonical)}
+        return model, draw(inputs(model)), bindings
+
+    return case()

@@ -1,6 +1,7 @@
 """Small Flax linen modules that exercise the features `fx.from_flax` must map."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -121,3 +122,55 @@ class Partitioned(nn.Module):
     def __call__(self, x):
         init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
         return nn.Dense(4, kernel_init=init)(x)
+
+
+class Decoder(nn.Module):
+    """A small decoder-only Transformer written like Flax's lm1b: learned positions (a `cache_index`
+    in decode mode, created under `has_variable`), causal self-attention with a decode cache."""
+
+    vocab: int = 11
+    features: int = 16
+    max_len: int = 8
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.features, name="embed")(tokens)
+        table = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.features))
+        if self.decode:
+            is_initialized = self.has_variable("cache", "cache_index")
+            index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            if is_initialized:
+                i = index.value
+                index.value = i + 1
+                x = x + jax.lax.dynamic_slice_in_dim(table, i, 1)[None]
+            else:
+                x = x + table[None, : tokens.shape[1]]
+            mask = None
+        else:
+            x = x + table[None, : tokens.shape[1]]
+            mask = nn.make_causal_mask(tokens)
+        h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.features, decode=self.decode)(
+            nn.LayerNorm()(x), mask=mask
+        )
+        x = x + h
+        x = x + nn.Dense(self.features)(nn.gelu(nn.Dense(2 * self.features)(nn.LayerNorm()(x))))
+        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+class Critic(nn.Module):
+    """An RL critic whose `__call__` takes a `training` keyword, like many real codebases."""
+
+    @nn.compact
+    def __call__(self, x, training: bool = False):
+        x = nn.relu(nn.Dense(8)(x))
+        x = nn.Dropout(0.5, deterministic=not training)(x)
+        return nn.Dense(1)(x)
+
+
+class Classifier(nn.Module):
+    """Two Dense layers, used as a whole model (Flax's top-level module has no scope of its own)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.relu(nn.Dense(6)(x)))

@@ -237,10 +237,16 @@ def test_flax_variables_load_unchanged_and_pass_check_variables():
     assert spec(t.init) == spec(module.init)
 
 
-def test_init_apply_agreement():
+def test_init_with_output_is_flax_init_with_output():
+    # Flax's init mode: Dropout draws fall back to the params key, exactly as `module.init(K, ...)` does
     t = fx.transform(fx.from_flax(Block()))
-    out, variables = t.init_with_output(K, X, train=True)
-    again, _ = t.apply(variables, X, train=True, rngs=K, mutable=True)
+    assert_same(t.init_with_output(K, X, train=True), Block().init_with_output(K, X, train=True))
+
+
+def test_init_apply_agreement_when_init_draws_only_params():
+    t = fx.transform(fx.from_flax(Block()))
+    out, variables = t.init_with_output(K, X, train=False)
+    again, _ = t.apply(variables, X, train=False, rngs=K, mutable=True)
     assert_same(out, again)
 
 

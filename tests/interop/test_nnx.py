@@ -146,6 +146,10 @@ def test_other_methods_and_gradients():
     expected = jax.grad(lambda k: jnp.sum((X @ k + net.lin.bias[...]) ** 2))(kernel)
     assert_same(grads["lin"]["kernel"], expected)
     assert_same(fx.transform(lambda x: f(x, method=type(net).embed)).apply(variables, X), net.embed(X))
+    # `method=` on the transform reaches the NNX method too, by name or as the advised function
+    whole = fx.transform(f)
+    assert_same(whole.apply(variables, X, method="embed"), net.embed(X))
+    assert_same(whole.apply(variables, X, method=lambda m, x: m.embed(x)), net.embed(X))
 
 
 def test_sharding_names_become_logical_axes():

@@ -21,4 +21,4 @@ BUILTINS = {
 @pytest.mark.parametrize("name", sorted(BUILTINS))
 def test_builtin_handler_passes_its_laws(name):
     factory, effects = BUILTINS[name]
-    assert_handler_laws(factory, effects, max_examples=4)
+    assert_handler_laws(factory, effects, max_examples=4, seed=0)

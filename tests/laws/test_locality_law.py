@@ -12,8 +12,9 @@ from effax.testing.models import Draw, Model, Param, Scope
 
 @given(st.data(), s.keys(), s.trainings())
 def test_removing_requests_at_other_paths_changes_no_param_or_key(data, key, training):
-    model, x = data.draw(s.models_and_inputs(require=("param", "random")), label="model, x")
-    laws.check_locality(model, x, key, drop=data.draw(s.removals(model), label="drop"), training=training)
+    model, x = data.draw(s.models_and_inputs(require=("param", "param", "random", "random")), label="model, x")
+    drop = data.draw(s.removals(model, effects=("param", "random")), label="drop")
+    laws.check_locality(model, x, key, drop=drop, training=training)
 
 
 def test_inserting_a_layer_before_keeps_the_later_layers_weights_and_keys():

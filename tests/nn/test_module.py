@@ -45,11 +45,13 @@ def test_auto_names_count_per_class_within_the_parent_scope():
 
 
 def test_init_and_apply_give_identical_names_and_apply_runs_repeatedly():
+    # named at construction, as Flax: the outer `Block()` is built first, so it is Block_0
+    # (this test asserted first-call order, Block_1 for the outer one, before names followed Flax)
     t = fx.transform(lambda x: Block()(Block(3)(x)))
     v = t.init(KEY, X)
     assert shapes(v["params"]) == {
-        "Block_0": {"Dense_0": {"bias": (3,), "kernel": (3, 3)}, "Dense_1": {"bias": (3,), "kernel": (3, 3)}},
-        "Block_1": {"Dense_0": {"bias": (4,), "kernel": (3, 4)}, "Dense_1": {"bias": (4,), "kernel": (4, 4)}},
+        "Block_0": {"Dense_0": {"bias": (4,), "kernel": (3, 4)}, "Dense_1": {"bias": (4,), "kernel": (4, 4)}},
+        "Block_1": {"Dense_0": {"bias": (3,), "kernel": (3, 3)}, "Dense_1": {"bias": (3,), "kernel": (3, 3)}},
     }
     first = t.apply(v, X)
     assert jnp.array_equal(t.apply(v, X), first)  # counters start fresh each run
@@ -63,8 +65,41 @@ def test_explicit_name_wins():
 
 
 def test_auto_names_skip_an_explicit_name_taken_before_them():
-    params = init_params(lambda x: fx.nn.Dense(3)(fx.nn.Dense(4, name="Dense_0")(x)), X)
+    # the explicit layer is built first here (it was inline in one expression before, where the
+    # outer Dense is now built, and so auto-named, first: see the next test)
+    def f(x):
+        h = fx.nn.Dense(4, name="Dense_0")(x)
+        return fx.nn.Dense(3)(h)
+
+    params = init_params(f, X)
     assert shapes(params) == {"Dense_0": {"bias": (4,), "kernel": (3, 4)}, "Dense_1": {"bias": (3,), "kernel": (4, 3)}}
+
+
+def test_an_explicit_name_equal_to_an_earlier_auto_name_raises_as_flax():
+    with pytest.raises(fx.InvalidNameError, match=r"(?s)'Dense_0'.*auto-name of an earlier Dense.*NameInUseError"):
+        init_params(lambda x: fx.nn.Dense(3)(fx.nn.Dense(4, name="Dense_0")(x)), X)
+    flax = pytest.importorskip("flax.linen")
+
+    class Clash(flax.Module):
+        @flax.compact
+        def __call__(self, x):
+            return flax.Dense(3)(flax.Dense(4, name="Dense_0")(x))
+
+    with pytest.raises(Exception, match="Dense_0"):  # Flax's NameInUseError
+        Clash().init(KEY, X)
+
+
+def test_names_are_given_at_construction_as_flax_gives_them():
+    flax = pytest.importorskip("flax.linen")
+
+    class Linen(flax.Module):
+        @flax.compact
+        def __call__(self, x):
+            return flax.Dense(2)(jax.nn.relu(flax.Dense(3)(x)))
+
+    ours = init_params(lambda x: fx.nn.Dense(2)(jax.nn.relu(fx.nn.Dense(3)(x))), X)
+    assert shapes(ours) == shapes(Linen().init(KEY, X)["params"])
+    assert shapes(ours)["Dense_1"] == {"bias": (3,), "kernel": (3, 3)}  # the 3-unit layer, built second
 
 
 def test_explicit_name_is_validated():
@@ -84,7 +119,9 @@ def test_same_instance_called_twice_shares_its_weights():
     assert jnp.allclose(t.apply(v, X), (X @ w + b) @ w + b)
 
 
-def test_same_instance_keeps_its_first_path_when_called_from_another_scope():
+def test_same_instance_keeps_the_path_where_it_was_built_when_called_from_another_scope():
+    # named where it is built (Flax and Haiku); this test asserted the scope of its first call
+    # (`a`) before names were given at construction
     def f(x):
         layer = fx.nn.Dense(3)
         with fx.scope("a"):
@@ -92,7 +129,17 @@ def test_same_instance_keeps_its_first_path_when_called_from_another_scope():
         with fx.scope("b"):
             return layer(x)
 
-    assert list(init_params(f, X)) == ["a"]
+    assert list(init_params(f, X)) == ["Dense_0"]
+
+
+def test_a_module_built_outside_any_run_is_named_at_its_first_call():
+    layer = fx.nn.Dense(3)
+
+    def f(x):
+        with fx.scope("a"):
+            return layer(x)
+
+    assert shapes(init_params(f, X)) == {"a": {"Dense_0": {"bias": (3,), "kernel": (3, 3)}}}
 
 
 def test_a_module_called_twice_recreates_its_inline_layers_under_the_same_names():

@@ -1,4 +1,5 @@
-"""effax.testing.laws and assert_handler_laws: readable failures, shrunk counterexamples, factories."""
+"""effax.testing.laws and assert_handler_laws: readable failures under the right law, shrunk
+counterexamples, factories, seeds and budgets, and the registry."""
 
 import subprocess
 import sys
@@ -7,19 +8,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import Phase, given, settings
-from hypothesis import strategies as st
+from zoo import ClipsSetsInPlace, PathScaledParams, SwallowsSets, TransposedParams, UndoesSharing
 
 import effax as fx
 from effax.testing import LAWS, assert_handler_laws, laws
 from effax.testing import strategies as s
-from effax.testing.models import Draw, Model, Param, Scope, SideInput, State
+from effax.testing.models import Draw, Mode, Model, Param, Scope, SideInput, State
 
 X, KEY = jnp.ones(2), jax.random.key(0)
-
-
-class SwallowsSets(fx.Handler):
-    def handle(self, request, forward):
-        return None if isinstance(request, fx.SetStateRequest) else forward(request)
 
 
 class FreshKeys(fx.Handler):
@@ -35,6 +31,14 @@ class FreshKeys(fx.Handler):
         return forward(request)
 
 
+class TrainOnlyScale(fx.Handler):
+    """Answers params, and performs `is_training` itself (answered further out)."""
+
+    def handle(self, request, forward):
+        out = forward(request)
+        return out * 2 if isinstance(request, fx.ParamRequest) and fx.is_training() else out
+
+
 def test_a_failure_names_the_law_shows_the_difference_the_requests_and_how_to_rebuild():
     model = Model([Scope("blk0", [State("s0", update="once")])], in_size=2)
     with pytest.raises(AssertionError) as e:
@@ -43,10 +47,39 @@ def test_a_failure_names_the_law_shows_the_difference_the_requests_and_how_to_re
     assert message.startswith(
         "effax law `state` does not hold: `get` of `blk0/s0` in 'state' after a `set` returned another value"
     )
-    assert "local_state  blk0/s0  in 'state', shape (), get, set, get" in message
+    assert "local_state  blk0/s0  in 'state', shape (), get, set, get, get" in message
     assert "handlers under test (innermost last): SwallowsSets()" in message
     assert "x = [1.0, 1.0], key data = [0, 0], training = False" in message
     assert "rebuild the model: Model([Scope(name='blk0'" in message
+
+
+def test_a_failure_is_reported_under_the_law_that_failed_not_the_one_running():
+    # the wrong shape surfaces while determinism runs, and is reported as law 10 with the request
+    with pytest.raises(AssertionError) as e:
+        laws.check_determinism(Model([Scope("blk0", [Param("w0", (2, 3))])]), X, KEY, TransposedParams)
+    assert str(e.value).startswith(
+        "effax law `answers match requests` does not hold: param `blk0/w0` (shape (2, 3), float32) was "
+        "answered with shape (3, 2), float32\n  the model asked for shape (2, 3), float32"
+    )
+
+
+def test_differences_are_located_in_user_terms():
+    masks = [fx.handlers.SideInputs({"mask": 1.0}), fx.handlers.SideInputs({"mask": 2.0})]
+    with pytest.raises(AssertionError) as e:
+        laws.check_commutes_with(Model([SideInput("mask")]), X, KEY, masks[0], masks[1])
+    message = str(e.value)
+    assert "swapping the handler under test with SideInputs" in message
+    assert "at output of init: [3., 3.] (other innermost) vs [2., 2.] (handler under test innermost)" in message
+    assert "[0]" not in message
+
+
+def test_a_state_law_does_not_trust_a_request_changed_after_forwarding():
+    with pytest.raises(AssertionError) as e:
+        laws.check_state_laws(Model([State("s0", update="once")], in_size=2), 5 * X, KEY, ClipsSetsInPlace)
+    assert str(e.value).startswith(
+        "effax law `reuse` does not hold: the handler under test changed write of state `s0` in collection "
+        "'state' while handling it (its field `value`)"
+    )
 
 
 def test_an_error_raised_by_the_model_is_reported_as_a_law_failure():
@@ -60,7 +93,7 @@ def test_an_error_raised_by_the_model_is_reported_as_a_law_failure():
 
 
 def test_hypothesis_shrinks_a_counterexample_to_the_requests_that_matter():
-    @settings(max_examples=25, phases=[Phase.generate, Phase.shrink])
+    @settings(max_examples=25, phases=[Phase.generate, Phase.shrink], database=None)
     @given(s.models_and_inputs(), s.keys())
     def law(model_and_x, key):
         laws.check_determinism(*model_and_x, key, FreshKeys)
@@ -71,6 +104,14 @@ def test_hypothesis_shrinks_a_counterexample_to_the_requests_that_matter():
     listing = message[message.index("model: ") : message.index("\nx = ")]
     assert "next_key" in listing
     assert len(listing.splitlines()) <= 3, listing  # the header and at most two requests
+
+
+def test_the_kit_shrinks_by_default_and_reports_the_smallest_model():
+    with pytest.raises(AssertionError) as e:
+        assert_handler_laws(FreshKeys, ["random"], seed=0, only=["determinism"])
+    message = str(e.value)
+    listing = message[message.index("model: ") : message.index("\nx = ")]
+    assert listing.splitlines()[1:] == ["    next_key     <root>  stream 'dropout'"], listing
 
 
 def test_a_factory_is_called_once_per_check_and_an_instance_is_reused():
@@ -85,6 +126,45 @@ def test_a_factory_is_called_once_per_check_and_an_instance_is_reused():
     # an instance keeps what it holds across runs: FreshKeys passed as an instance still differs run to run
     with pytest.raises(AssertionError, match="`determinism` does not hold"):
         laws.check_determinism(Model([Draw()]), X, KEY, FreshKeys())
+
+
+def test_max_examples_and_budget_set_each_laws_examples_whatever_the_profile():
+    made = []
+
+    def factory():
+        made.append(1)
+        return fx.Handler()
+
+    settings.register_profile("one example", max_examples=1, derandomize=True)
+    previous = settings._current_profile
+    settings.load_profile("one example")
+    try:
+        assert_handler_laws(factory, max_examples=3, seed=0, only=["determinism"])
+        calls = len(made)
+        assert_handler_laws(factory, max_examples=3, budget={"determinism": 6}, seed=0, only=["determinism"])
+    finally:
+        settings.load_profile(previous)
+    # one fresh copy made up front for the reuse law, then one instance per example
+    assert calls == 1 + 3 and len(made) - calls == 1 + 6
+
+
+def test_a_seed_reproduces_the_same_run():
+    def first_failure(seed):
+        with pytest.raises(AssertionError) as e:
+            assert_handler_laws(SwallowsSets, ["state"], seed=seed, shrink=False, only=["state"])
+        return str(e.value)
+
+    assert first_failure(3) == first_failure(3)
+
+
+def test_effects_a_handler_performs_are_found_and_kept_out_of_commutation():
+    model = Model([Param("w0"), Mode()])
+    assert laws.performed_effects(model, X, KEY, TrainOnlyScale, training=True) == {"mode"}
+    # swapped with a Mode handler it does not commute (its own `is_training` would be answered by it) ...
+    with pytest.raises(AssertionError, match="`commutation` does not hold"):
+        laws.check_commutes_with(model, X, KEY, TrainOnlyScale, fx.handlers.Mode(False), training=True)
+    # ... so the kit never pairs it with one
+    assert_handler_laws(TrainOnlyScale, ["param"], seed=0, only=["commutation"])
 
 
 def test_handlers_may_be_a_sequence_outermost_first():
@@ -108,51 +188,37 @@ def test_the_laws_refuse_what_is_not_a_model():
         laws.check_determinism(lambda x: x, X, KEY)
 
 
-class StopsGradientOfRepeats(fx.Handler):
-    """Breaks sharing: a per-run param cache that detaches every use of a path after the first."""
-
-    def begin(self):
-        return _Repeats()
-
-
-class _Repeats:
-    def __init__(self):
-        self.seen = set()
-
-    def handle(self, request, forward):
-        out = forward(request)
-        if isinstance(request, fx.ParamRequest):
-            if request.path in self.seen:
-                out = jax.lax.stop_gradient(out)
-            self.seen.add(request.path)
-        return out
-
-
-@settings(max_examples=10)
-@given(st.data(), s.keys())
-def test_fx_share_obeys_the_sharing_laws(data, key):
-    model, x = data.draw(s.models_and_inputs(require=("param",), max_steps=8))
-    laws.check_sharing_laws(model, x, key, data.draw(s.share_bindings(model)))
-
-
-def test_the_sharing_law_catches_a_handler_that_detaches_repeated_uses():
+def test_the_sharing_law_compares_path_dependent_handlers_fairly_and_catches_an_untie():
     model = Model([Param("w0", (2,)), Scope("blk0", [Param("w1", (2,))])])
-    laws.check_sharing_laws(model, X, KEY, {"blk0/w1": "w0"})
-    with pytest.raises(AssertionError, match="the gradient of a tied param is not the sum of its per-use"):
-        laws.check_sharing_laws(model, X, KEY, {"blk0/w1": "w0"}, StopsGradientOfRepeats)
+    laws.check_sharing_laws(model, X, KEY, {"blk0/w1": "w0"}, PathScaledParams)
+    with pytest.raises(AssertionError, match="reached the params storage at the alias path `blk0/w1`"):
+        laws.check_sharing_laws(model, X, KEY, {"blk0/w1": "w0"}, UndoesSharing)
+
+
+def test_purity_compares_bfloat16_at_its_own_precision():
+    assert laws.tolerance("bfloat16", "float32") > laws.tolerance("float32")
+    model = Model([Param("w0", (2, 3), "bfloat16"), Param("w1", (3,), "bfloat16")], in_size=3)
+    laws.check_purity_under_jit(model, jnp.linspace(-2, 2, 3), KEY)
 
 
 def test_assert_handler_laws_runs_the_laws_for_the_effects_and_reports_the_first_failure():
     with pytest.raises(AssertionError, match="effax law `state` does not hold"):
-        assert_handler_laws(SwallowsSets, ["state"], max_examples=5, only=["determinism", "state"])
+        assert_handler_laws(SwallowsSets, ["state"], max_examples=5, seed=0, only=["determinism", "state"])
 
 
 def test_assert_handler_laws_refuses_unknown_effects_and_laws():
     with pytest.raises(ValueError, match=r"unknown effects \['params'\]"):
         assert_handler_laws(fx.Handler, ["params"])
-    with pytest.raises(ValueError, match=r"unknown laws \['purity'\]; the laws are \['determinism'"):
+    with pytest.raises(ValueError, match=r"unknown laws \['purity'\]; the laws are \['answers match requests'"):
         assert_handler_laws(fx.Handler, only=["purity"])
-    assert "sharing" in LAWS and "purity under jit" in LAWS
+    with pytest.raises(ValueError, match=r"unknown laws \['sharin'\]"):
+        assert_handler_laws(fx.Handler, budget={"sharin": 3})
+
+
+def test_the_registry_lists_each_law_of_design_once():
+    assert len(set(LAWS)) == len(LAWS)
+    assert sorted({law.number for law in LAWS.values()}) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13]
+    assert all(name == law.name and law.check.__doc__ for name, law in LAWS.items())
 
 
 def test_importing_effax_does_not_import_hypothesis():

@@ -24,7 +24,7 @@ def test_repr_lists_the_requests_in_order_with_their_paths():
     assert repr(MODEL) == (
         "Model(in_size=3), 6 requests in order:\n"
         "  param        blk0/w0  shape (2, 3) bfloat16, init normal\n"
-        "  local_state  blk0/s0  in 'stats', shape (2,), get, set, set, get\n"
+        "  local_state  blk0/s0  in 'stats', shape (2,), get, set, set, get, get\n"
         "  next_key     blk0     stream 'noise'\n"
         "  sow          h0       into 'intermediates'\n"
         "  side_input   <root>   tag 'mask', default 2.0\n"
@@ -70,9 +70,24 @@ def test_the_last_of_two_sets_is_what_the_state_keeps():
     t = fx.transform(model)
     x = jnp.array([2.0])
     out, updates = t.apply(t.init(None, x), x, mutable=True)
-    # h = x + 0.5 = 2.5; first set 0.5 + h; second set 0.5 * 0.5 + 0.25 * h; output adds the last one
+    # h = x + 0.5 = 2.5; first set 0.5 + h; second set 0.5 * 0.5 + 0.25 * h; output reads the last one twice
     assert updates["state"]["s0"].tolist() == pytest.approx(0.875)
-    assert out.tolist() == pytest.approx([2.5 + 0.875])
+    assert out.tolist() == pytest.approx([2.5 + 0.875 + 0.5 * 0.875])
+
+
+def test_a_draw_of_several_keys_draws_them_at_one_path():
+    model = Model([Scope("blk0", [Draw("noise", times=3)])], in_size=1)
+    assert model.requests() == ["next_key     blk0  stream 'noise', 3 draws"]
+    seen = []
+
+    class Record(fx.Handler):
+        def handle(self, request, forward):
+            seen.append((type(request).__name__, request.path))
+            return forward(request)
+
+    with fx.handle(fx.handlers.KeysFromRngs(jax.random.key(0)), Record()):
+        model(jnp.zeros(1))
+    assert seen == [("RandomRequest", ("blk0",))] * 3
 
 
 def test_walk_visits_scopes_before_their_children_with_paths():

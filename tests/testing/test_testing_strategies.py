@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import effax as fx
 from effax.testing import strategies as s
-from effax.testing.models import EFFECTS, Scope
+from effax.testing.models import EFFECTS, Draw, Model, Param, Scope, State
 
 
 def _depth(steps, depth=0):
@@ -55,20 +55,64 @@ def test_removals_are_positions_of_the_model(data):
     assert all(0 <= i < len(model.walk()) for i in drop)
 
 
+def _drops_one_before_a_kept_one(model, drop, effects):
+    walk, kept = model.walk(), model.drop(drop)
+    removed = [r for r in model.requests() if r not in kept.requests()]
+    first_removed = next((i for i, r in enumerate(model.requests()) if r in removed and r.split()[0] in effects), None)
+    return first_removed is not None and any(
+        r not in removed and r.split()[0] in effects for r in model.requests()[first_removed + 1:]
+    ) and len(walk) > 0
+
+
+def test_most_removals_drop_a_request_before_one_that_stays():
+    hits, total = [], 0
+
+    @settings(max_examples=100, database=None)
+    @given(st.data())
+    def draw(data):
+        nonlocal total
+        model = data.draw(s.models(require=("param", "param")))
+        drop = data.draw(s.removals(model, effects=("param",)))
+        total += 1
+        hits.append(_drops_one_before_a_kept_one(model, drop, ("param",)))
+
+    draw()
+    assert sum(hits) > total / 2
+
+
+def test_states_reuse_names_across_collections_and_draws_repeat_at_a_path():
+    found = {"twin names": 0, "repeated draws": 0}
+
+    @settings(max_examples=100, database=None)
+    @given(s.models(require=("state", "state", "random")))
+    def draw(model):
+        states = [(path + (step.name,), step.collection) for path, step in model.walk() if isinstance(step, State)]
+        paths = [p for p, _ in states]
+        found["twin names"] += any(paths.count(p) > 1 for p in paths)
+        assert len(set(states)) == len(states)  # one name per collection and scope
+        found["repeated draws"] += any(isinstance(step, Draw) and step.times > 1 for _, step in model.walk())
+
+    draw()
+    assert found["twin names"] >= 10 and found["repeated draws"] >= 30, found
+
+
 @given(st.data())
-def test_share_bindings_tie_params_of_one_spec_without_chains(data):
+def test_share_bindings_tie_params_of_one_spec_without_cycles(data):
     model = data.draw(s.models(effects=("param",), require=("param",), max_steps=6))
     bindings = data.draw(s.share_bindings(model))
     specs = {"/".join(p): spec for p, spec in model.param_specs().items()}
     for alias, canonical in bindings.items():
         assert specs[alias] == specs[canonical]
-        assert canonical not in bindings
         assert alias != canonical
+    for alias in bindings:  # following the chain ends at a canonical param
+        seen = {alias}
+        while alias in bindings:
+            alias = bindings[alias]
+            assert alias not in seen
+            seen.add(alias)
 
 
 def test_share_bindings_find_ties_when_params_agree():
-    from effax.testing.models import Model, Param
-
     model = Model([Param("w0", (2,)), Scope("blk0", [Param("w1", (2,)), Param("w2", (3,))])])
 
     @given(s.share_bindings(model))
@@ -76,6 +120,20 @@ def test_share_bindings_find_ties_when_params_agree():
         assert bindings in ({}, {"blk0/w1": "w0"}, {"w0": "blk0/w1"})
 
     draws()
+
+
+def test_sharing_cases_tie_params_in_at_least_half_the_examples():
+    tied = []
+
+    @settings(max_examples=100, database=None)
+    @given(s.sharing_cases())
+    def draw(case):
+        model, x, bindings = case
+        assert x.shape == (model.in_size,)
+        tied.append(bool(bindings))
+
+    draw()
+    assert sum(tied) >= len(tied) / 2
 
 
 @given(s.keys(), s.keys(raw=True))

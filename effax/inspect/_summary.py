@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from effax._inventory import dtype_name, effects_of
+from effax.inspect._inventory import dtype_name, effects_of
 from effax.core import MISSING, PathTree, path_str
 
 

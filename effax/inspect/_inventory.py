@@ -14,9 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from effax._transform import Transformed
+from effax.inspect._abstract import run_abstractly
 from effax.core import Path, Request, flatten_handlers, handle, hermetic, path_str
 from effax.effects import (
     GetStateRequest,
@@ -175,25 +175,54 @@ def _effect(request: Any, answer: Any) -> Effect:
     return Effect(kind, request.path, request=request, **fields)
 
 
-class _Record:
-    """Forward every request, then note it with its answer."""
+class _Inventory:
+    """Record every request once: what the model asks (innermost) and what handlers create (inside storage).
+
+    The inner run records what the model performs, as answered; the outer run,
+    just inside the storage handlers, records requests that did not pass the
+    inner one, e.g. the params an interceptor (a LoRA adapter) creates, so
+    the inventory matches the tree `init` returns under the same handlers.
+    """
 
     module_calls = False  # never looks at module calls: they skip it
 
     def __init__(self) -> None:
         self.effects = Effects()
+        self.recorded = 0  # requests the outer run recorded so far
 
-    def begin(self) -> _Record:
-        return _Record()
+
+class _ModelRequests:
+    module_calls = False
+
+    def __init__(self, inventory: _Inventory):
+        self.inventory = inventory
+
+    def begin(self) -> _ModelRequests:
+        return _ModelRequests(self.inventory)  # a run of its own: lifted transforms show it stacked requests
 
     def handle(self, request: Any, forward: Any) -> Any:
+        inv = self.inventory
+        before = inv.recorded
         answer = forward(request)
-        self.effects.append(_effect(request, answer))
+        if inv.recorded == before:  # answered before reaching storage: record it here
+            inv.effects.append(_effect(request, answer))
         return answer
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+class _StoredRequests:
+    module_calls = False
+
+    def __init__(self, inventory: _Inventory):
+        self.inventory = inventory
+
+    def begin(self) -> _StoredRequests:
+        return _StoredRequests(self.inventory)
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        answer = forward(request)
+        self.inventory.effects.append(_effect(request, answer))
+        self.inventory.recorded += 1
+        return answer
 
 
 def effects_of(
@@ -210,7 +239,9 @@ def effects_of(
     state created abstractly, every sow collected); arrays and
     `jax.ShapeDtypeStruct`s in the arguments are traced, other values (Python
     numbers, flags) stay static. Without `rngs`, a dummy key serves every
-    stream; `handlers=` answers side inputs or adds handlers, as in `t.init`.
+    stream; `handlers=` answers side inputs or adds handlers, as in `t.init`,
+    and the params those handlers create are listed too. Lifted transforms
+    inside are traced once each (abstract mode).
 
     >>> def model(x):
     ...     with fx.scope("dense"):
@@ -225,22 +256,14 @@ def effects_of(
     """
     if isinstance(fn, Transformed):
         fn = fn.fn
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    dynamic = [i for i, x in enumerate(leaves) if _is_array(x)]
-    record = _Record()
+    inventory = _Inventory()
     extra = flatten_handlers((handlers,))
     keys = KeysFromRngs(jax.random.key(0) if rngs is None else rngs)
-    runs: list[Any] = []
 
-    def run(values: list[Any]) -> None:
-        full = list(leaves)
-        for i, v in zip(dynamic, values, strict=True):
-            full[i] = v
-        a, k = jax.tree.unflatten(treedef, full)
+    def run(*a: Any, **k: Any) -> None:
         stack = (Mode(training), keys, FunctionalState({}, True), CollectSown(True), AbstractParams())
-        with hermetic(), handle(*stack, *extra, record) as entered:
-            runs.append(entered[-1])
+        with hermetic(), handle(*stack, _StoredRequests(inventory), *extra, _ModelRequests(inventory)):
             fn(*a, **k)
 
-    jax.eval_shape(run, [leaves[i] for i in dynamic])
-    return runs[0].effects
+    run_abstractly(run, *args, learn_only=True, **kwargs)
+    return inventory.effects

@@ -1,0 +1,34 @@
+"""The capture effect: which module calls have their outputs captured (`capture_intermediates`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from effax.core import Request, current_path, path_str, send
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureRequest(Request):
+    """Ask for the filter `filter(module, method_name) -> bool` of the calls being captured, or None.
+
+    Answered by `fx.handlers.CaptureIntermediates` (what `capture_intermediates=`
+    installs); unanswered, nothing is captured. Code that runs modules of
+    another library (`fx.from_flax`) asks it to capture their calls too.
+    """
+
+    def describe(self) -> str:
+        return f"capture filter at `{path_str(self.path)}`"
+
+    def unhandled(self) -> None:
+        return None
+
+
+def capture_filter() -> Callable[[Any, str], bool] | None:
+    """The filter of the module calls whose outputs this run captures, or None when none are.
+
+    >>> fx.effects.capture_filter() is None
+    True
+    """
+    return send(CaptureRequest(current_path()))

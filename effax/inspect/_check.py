@@ -1,0 +1,52 @@
+"""`fx.check_variables`: a pure comparison of what `init` would make with the variables you have."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from effax.core import EffaxError
+from effax.inspect._abstract import run_abstractly
+from effax.inspect._diff import VariablesReport, diff_variables
+
+
+def check_variables(
+    t: Any,
+    variables: Mapping[str, Any],
+    *args: Any,
+    rngs: Any = None,
+    training: bool | None = None,
+    handlers: Any = (),
+    **kwargs: Any,
+) -> VariablesReport:
+    """List every missing, unused, mis-shaped and mis-typed entry of `variables` for the model, at once.
+
+    It compares `jax.eval_shape(t.init, ...)` under the same `handlers=`
+    (side inputs, interceptors that create params, presets) with the given
+    variables: the model never runs on them, so any stored value (a
+    mis-shaped state, a boxed Flax value, a string) is reported, not
+    raised. Nothing is computed or allocated. Without `rngs`, a dummy key
+    serves every stream; `training` is `init`'s (False when None).
+
+    >>> t = fx.transform(lambda: fx.param("w", jax.nn.initializers.zeros, (2,)))
+    >>> print(fx.check_variables(t, {"params": {"v": jnp.zeros(2)}}))
+    missing: params:w (float32[2])
+    unused: params:v
+    """
+    init = getattr(t, "init", None)
+    if not callable(init):
+        raise EffaxError(
+            f"fx.check_variables takes what `fx.transform` returned (it compares `t.init`'s variables), "
+            f"got {type(t).__name__}. Wrap a function first: `fx.check_variables(fx.transform(fn), variables, ...)`."
+        )
+    if not isinstance(variables, Mapping):
+        raise EffaxError(
+            f"`variables` must be a dict like {{'params': {{...}}, 'state': {{...}}}}, got {type(variables).__name__}."
+        )
+    key = jax.random.key(0) if rngs is None else rngs
+    run = functools.partial(init, training=bool(training), handlers=handlers)
+    expected = run_abstractly(run, key, *args, **kwargs)
+    return diff_variables(expected, variables)

@@ -1,0 +1,5 @@
+"""Lifted transforms: `fx.scan`, `fx.vmap` and `fx.remat` over effectful code; see README.md here."""
+
+from effax.lift._transforms import StackedInit, remat, scan, vmap
+
+__all__ = ["StackedInit", "remat", "scan", "vmap"]

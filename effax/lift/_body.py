@@ -1,0 +1,381 @@
+"""The stack a lifted body runs under, and the two ways it is answered: recorded, then given.
+
+A lifted transform (`fx.scan`, `fx.vmap`, `fx.remat`) runs its body inside a
+JAX transform, in a trace of its own, while the handlers around it live in
+the trace outside. Inside the body the handler stack is rebuilt from the one
+outside, one entry per installed run:
+
+- a stateless handler (its `begin()` returned itself: an interceptor,
+  `capture_intermediates`, `Mode`, `SideInputs`, a user's pure handler) runs
+  again inside, as it is, so module calls and the effects it performs go on
+  through the rebuilt stack, as in the unrolled loop;
+- a run with state of its own (params, state, keys, sows, share passes, a
+  user's stateful handler) stays outside and is stood for by a `_Proxy`. The
+  requests that must cross the trace boundary (params, state, keys, stream
+  keys, sows) stop at the innermost proxy and are *lifted*: learned once in
+  an abstract pre-pass (`Recorder`), requested outside in the outer trace,
+  at that run's depth (so every handler sees each request once, in the
+  unrolled order), and answered in the body from the values passed in
+  (`Answerer`). Other requests (mode, side inputs, module calls, requests
+  of your own) go to the run itself.
+
+Values computed from the body's inputs (a state `init` reading the input, an
+initializer closing over it) are created inside the body: the request sent
+outside carries a `Probe` initializer, which raises `Fresh` with the key if
+the handler outside wants to create the variable; the body then creates it
+in its own trace, and the created value is handed back outside afterwards
+with a `Constant` initializer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import (
+    MISSING,
+    EffaxError,
+    TraceMismatchError,
+    check_trace,
+    is_stateless,
+    path_str,
+    send,
+    trace_state,
+    under_stack,
+)
+from effax.effects import (
+    GetStateRequest,
+    LocalStateRequest,
+    ParamRequest,
+    RandomRequest,
+    SetStateRequest,
+    SideOutputRequest,
+    StreamKeyRequest,
+)
+from effax.handlers._state import _cast_like as cast_like
+from effax.inspect import abstractly
+
+LIFTED = frozenset(
+    {ParamRequest, LocalStateRequest, GetStateRequest, SetStateRequest, RandomRequest, StreamKeyRequest,
+     SideOutputRequest}
+)
+
+# --- initializers that carry creation across the trace boundary
+
+
+class Fresh(Exception):  # noqa: N818 - a signal, not an error the user sees
+    """Raised by a `Probe` when the handler outside wants the variable created; carries the key."""
+
+    def __init__(self, probe: Probe, key: Any):
+        super().__init__(
+            "a lifted transform's probe initializer ran outside its probe: a handler called `init` of a "
+            "request it passed on. Report this with the handler's code."
+        )
+        self.probe, self.key = probe, key
+
+
+class Probe:
+    """An initializer that does not run: calling it means "create this here", answered by raising `Fresh`."""
+
+    __hash__ = None  # type: ignore[assignment]  # never a static argument of a jitted initializer
+
+    def __call__(self, *args: Any) -> Any:
+        raise Fresh(self, args[0] if args else None)
+
+
+class Constant:
+    """An initializer returning a value created elsewhere (inside a lifted body); unhashable on purpose."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __call__(self, *args: Any) -> Any:
+        return self.value
+
+
+def _stripped(*args: Any) -> Any:
+    raise EffaxError("internal: the initializer of a recorded request was dropped with its trace")
+
+
+def probe(stack: tuple[Any, ...], depth: int, request: Any) -> tuple[bool, Any]:
+    """Send `request` (whose init is a fresh `Probe`) at `depth`: `(True, key)` to create it, else `(False, answer)`."""
+    try:
+        return False, send_at(stack, depth, request)
+    except Fresh as fresh:
+        if fresh.probe is not request.init:
+            raise
+        return True, fresh.key
+
+
+def send_at(stack: tuple[Any, ...], depth: int, request: Any) -> Any:
+    """Send `request` to the runs `stack[:depth]`: where the body's request would have gone."""
+    return under_stack(stack[:depth], send, request)
+
+
+# --- what a body needs, learned from one abstract trace
+
+
+@dataclasses.dataclass
+class StateNeed:
+    request: LocalStateRequest | None  # init stripped; None: the variable was declared outside the body
+    struct: Any  # its abstract value
+    written: bool = False
+
+
+@dataclasses.dataclass
+class Needs:
+    """What one abstract trace of a body asked for, by slot `(depth, ...)`: requests and shapes, never tracers."""
+
+    params: dict[tuple, ParamRequest] = dataclasses.field(default_factory=dict)  # (depth, path)
+    state: dict[tuple, StateNeed] = dataclasses.field(default_factory=dict)  # (depth, collection, path)
+    draws: dict[tuple, int] = dataclasses.field(default_factory=dict)  # (depth, stream, path)
+    bases: dict[tuple, None] = dataclasses.field(default_factory=dict)  # (depth, stream, path)
+    sows: dict[tuple, list] = dataclasses.field(default_factory=dict)  # (depth, collection, path, tag)
+
+
+def struct_of(value: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), value)
+
+
+def _dummy_key() -> jax.Array:
+    return jax.random.key(0)  # the recorder runs under `jax.eval_shape`: this costs nothing
+
+
+class Recorder:
+    """Answer a body's lifted requests abstractly and note what it needs (runs under `jax.eval_shape`)."""
+
+    def __init__(self, outer: tuple[Any, ...]):
+        self.outer = outer
+        self.needs = Needs()
+        self.values: dict[tuple, Any] = {}  # state as the body sees it in this trace; dropped with it
+
+    def answer(self, depth: int, request: Any) -> Any:
+        kind, needs = type(request), self.needs
+        if kind is ParamRequest:
+            slot = (depth, request.path)
+            if slot not in needs.params:
+                needs.params[slot] = dataclasses.replace(request, init=_stripped)
+            return jnp.zeros(request.shape, request.dtype)
+        if kind is LocalStateRequest:
+            slot = (depth, request.collection, request.path)
+            if slot not in needs.state:
+                value = request.init()
+                needs.state[slot] = StateNeed(dataclasses.replace(request, init=_stripped), struct_of(value))
+                self.values[slot] = value
+            return None
+        if kind is GetStateRequest or kind is SetStateRequest:
+            slot = (depth, request.collection, request.path)
+            if slot not in needs.state:  # a LocalStateEffect made outside the body: read it there
+                value = send_at(self.outer, depth, GetStateRequest(request.path, request.collection))
+                needs.state[slot] = StateNeed(None, struct_of(value))
+                self.values[slot] = value
+            if kind is GetStateRequest:
+                return self.values[slot]
+            needs.state[slot].written = True
+            self.values[slot] = request.value
+            return None
+        if kind is RandomRequest:
+            slot = (depth, request.stream, request.path)
+            needs.draws[slot] = needs.draws.get(slot, 0) + 1
+            return _dummy_key()
+        if kind is StreamKeyRequest:
+            needs.bases[(depth, request.stream, request.path)] = None
+            return _dummy_key()
+        # a sow: its values come back from the real pass; remember their shapes for abstract runs
+        needs.sows.setdefault((depth, request.collection, request.path, request.tag), []).append(
+            struct_of(request.value)
+        )
+        return None
+
+
+def retraced(request: Any, what: str) -> EffaxError:
+    return EffaxError(
+        f"{request.describe()} {what} when the lifted transform (fx.scan / fx.vmap / fx.remat) first "
+        "traced its body: the body must make the same requests every time it is traced. Make the "
+        "choice static (no Python state that changes between calls, no data-dependent requests)."
+    )
+
+
+# --- the plan: how each slot's value enters and leaves the body
+
+
+@dataclasses.dataclass
+class ParamPlan:
+    request: ParamRequest  # as requested outside (stacked for stacked params)
+    fresh: bool  # created inside the body, from the key at `index`; else the value at `index`
+    index: int
+    carry: int | None = None  # scan with broadcast params: the carried value made on the first step
+
+
+@dataclasses.dataclass
+class StatePlan:
+    need: StateNeed
+    fresh: bool  # `init()` runs inside the body
+    index: int | None  # the value passed in (None for a fresh variable that is not carried)
+    initial: int | None = None  # a carried fresh variable: its first step's `init()`, carried
+
+
+@dataclasses.dataclass
+class Plan:
+    """Static: where each requested value comes from (`inputs`, by index) and which values go back out.
+
+    Each input and output says how it crosses: "mapped" (a slice per iteration or member), "unmapped"
+    (one value for all) or "carried" (threaded through the iterations of a scan).
+    """
+
+    inputs: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+    params: dict[tuple, ParamPlan] = dataclasses.field(default_factory=dict)
+    state: dict[tuple, StatePlan] = dataclasses.field(default_factory=dict)
+    draws: dict[tuple, list[int]] = dataclasses.field(default_factory=dict)
+    bases: dict[tuple, int] = dataclasses.field(default_factory=dict)
+    outputs: list[tuple[str, str, tuple]] = dataclasses.field(default_factory=list)  # (how, what, slot)
+    first: int | None = None  # input index of the iteration counter, when something is made on the first step
+
+    def add(self, how: str, value: Any) -> int:
+        self.inputs.append((how, value))
+        return len(self.inputs) - 1
+
+
+def _select(first: Any, made: Any, carried: Any) -> Any:
+    return jax.tree.map(lambda m, c: jnp.where(first, m, c), made, carried)
+
+
+class Answerer:
+    """Answer a body's lifted requests from the values passed in, and keep what goes back out."""
+
+    def __init__(self, plan: Plan, ins: list[Any], first: Any = None):
+        self.plan, self.ins, self.first = plan, ins, first
+        self.params: dict[tuple, Any] = {}
+        self.state: dict[tuple, Any] = {}
+        self.initial: dict[tuple, Any] = {}
+        self.counts: dict[tuple, int] = {}
+        self.sown: dict[tuple, list] = {}
+        self.trace = trace_state()
+
+    def answer(self, depth: int, request: Any) -> Any:
+        kind, plan = type(request), self.plan
+        if kind is ParamRequest:
+            slot = (depth, request.path)
+            value = self.params.get(slot, MISSING)
+            if value is not MISSING:
+                return value
+            p = plan.params.get(slot)
+            if p is None:
+                raise retraced(request, "was not requested")
+            if p.fresh:
+                check_trace(self.trace, request, "initializes a param")
+                value = request.initialize(self.ins[p.index])  # a nested lift's probe raises through here
+                if p.carry is not None:
+                    value = _select(self.first, value, self.ins[p.carry])
+            else:
+                value = self.ins[p.index]
+            self.params[slot] = value
+            return value
+        if kind is LocalStateRequest:
+            slot = (depth, request.collection, request.path)
+            if slot in self.state:
+                return None
+            s = plan.state.get(slot)
+            if s is None:
+                raise retraced(request, "was not requested")
+            if s.fresh:
+                check_trace(self.trace, request, "creates state")
+                made = request.init()
+                if s.initial is None:
+                    self.initial[slot] = made
+                    value = made
+                else:  # carried: made on the first step, threaded after it
+                    self.initial[slot] = _select(self.first, made, self.ins[s.initial])
+                    value = _select(self.first, made, self.ins[s.index])
+            else:
+                value = self.ins[s.index]
+            self.state[slot] = value
+            return None
+        if kind is GetStateRequest or kind is SetStateRequest:
+            slot = (depth, request.collection, request.path)
+            current = self.state.get(slot, MISSING)
+            if current is MISSING:
+                s = plan.state.get(slot)
+                if s is None or s.index is None:
+                    raise retraced(request, "was not requested")
+                current = self.state[slot] = self.ins[s.index]
+            if kind is GetStateRequest:
+                return current
+            check_trace(self.trace, request, "writes state")
+            self.state[slot] = cast_like(request.value, current, request.describe)
+            return None
+        if kind is RandomRequest:
+            check_trace(self.trace, request, "draws a key")
+            slot = (depth, request.stream, request.path)
+            n = self.counts.get(slot, 0)
+            keys = plan.draws.get(slot, ())
+            if n >= len(keys):
+                raise retraced(request, f"is draw #{n + 1}, but only {len(keys)} were made")
+            self.counts[slot] = n + 1
+            return self.ins[keys[n]]
+        if kind is StreamKeyRequest:
+            index = plan.bases.get((depth, request.stream, request.path))
+            if index is None:
+                raise retraced(request, "was not requested")
+            return self.ins[index]
+        check_trace(self.trace, request, "sows a value")
+        self.sown.setdefault((depth, request.collection, request.path, request.tag), []).append(request.value)
+        return None
+
+    def outputs(self) -> list[Any]:
+        """The values `plan.outputs` names, in its order."""
+        found = []
+        for _, what, slot in self.plan.outputs:
+            table = self.params if what == "param" else self.initial if what == "initial" else self.state
+            value = table.get(slot, MISSING)
+            if value is MISSING:
+                p = self.plan.params.get(slot) if what == "param" else self.plan.state[slot].need.request
+                raise retraced(p, "was not made") if p is not None else EffaxError("internal: lost a lifted value")
+            found.append(value)
+        return found
+
+
+# --- the rebuilt stack
+
+
+_CROSSING = (
+    "{what} reached `{handler}`, a handler with per-run state that was entered outside this lifted "
+    "transform (fx.scan / fx.vmap / fx.remat): its run lives in the trace outside, and only params, state, "
+    "keys and sows are carried across. Install that handler inside the lifted function "
+    "(`with fx.handle(...)` in the body), or make it stateless (`begin()` returns the handler itself)."
+)
+
+
+class _Proxy:
+    """Stands inside a lifted body for one stateful run outside it (see the module docstring)."""
+
+    __slots__ = ("run", "depth", "body", "module_calls")
+
+    def __init__(self, run: Any, depth: int, body: Recorder | Answerer):
+        self.run, self.depth, self.body = run, depth, body
+        self.module_calls = getattr(run, "module_calls", True)
+
+    def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
+        if type(request) in LIFTED:
+            return self.body.answer(self.depth, request)
+        try:
+            return self.run.handle(request, forward)
+        except TraceMismatchError:
+            raise EffaxError(_CROSSING.format(what=request.describe(), handler=type(self.run).__name__)) from None
+
+
+def lifted_stack(outer: tuple[Any, ...], body: Recorder | Answerer) -> tuple[Any, ...]:
+    """The stack inside a lifted body: stateless runs as they are, a proxy for each stateful one."""
+    return tuple(run if is_stateless(run) else _Proxy(run, i + 1, body) for i, run in enumerate(outer))
+
+
+def run_lifted(outer: tuple[Any, ...], body: Recorder | Answerer, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Call `fn` under the rebuilt stack, answered by `body`."""
+    with abstractly(isinstance(body, Recorder)):
+        return under_stack(lifted_stack(outer, body), fn, *args, **kw)

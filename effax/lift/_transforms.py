@@ -1,0 +1,550 @@
+"""`fx.scan`, `fx.vmap` and `fx.remat`: JAX transforms over effectful code.
+
+Each lifted call works in three steps (see `_body.py` for the stack the body
+runs under):
+
+1. learn: trace the body once abstractly (`jax.eval_shape`) to learn which
+   params, state, keys and stream keys cross into it (`Needs`);
+2. request those from the handlers outside, in their own trace: a param that
+   each iteration (or member) owns is requested once, stacked along a new
+   leading axis; a variable that does not exist yet is created inside the
+   body instead (`Plan`);
+3. run the body under the JAX transform, then hand the results back outward
+   as ordinary requests: the created variables, a `set` per written
+   variable, a `sow` per sown value (stacked).
+
+Inside another lifted transform's learning pass (abstract mode) step 3 is
+skipped: the lifted call only says what it needs and returns zeros of the
+right shapes, so k nested levels trace the innermost body k + 1 times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import EffaxError, current_names, current_stack, path_str
+from effax.effects import GetStateRequest, SetStateRequest, SideOutputRequest, StreamKeyRequest, RandomRequest
+from effax.inspect import abstract_mode, run_abstractly
+from effax.lift._body import (
+    Answerer,
+    Constant,
+    Needs,
+    ParamPlan,
+    Plan,
+    Probe,
+    Recorder,
+    StatePlan,
+    probe,
+    run_lifted,
+    send_at,
+)
+
+
+# --- step 1: learn what the body needs
+
+
+def _learn(
+    outer: tuple[Any, ...], body: Callable[..., Any], args: tuple, wrap: Callable[[Callable], Callable] | None = None
+) -> tuple[Needs, Any, tuple[int, ...]]:
+    """`body(*args)` under a `Recorder` and `jax.eval_shape` (and `wrap`, e.g. a `jax.vmap`): nothing is computed.
+
+    Returns what the body needs, its output's shapes, and the shape of a
+    scalar probe under `wrap` (a vmap's axis size, as JAX infers it). Module
+    auto-names counted here are rolled back when the real pass follows, so
+    it names the layers it creates exactly as this one did.
+    """
+    found: list[Needs] = []
+
+    def run(*args: Any) -> Any:
+        recorder = Recorder(outer)
+        out = run_lifted(outer, recorder, body, *args)
+        found.append(recorder.needs)
+        return out, jnp.zeros(())
+
+    names = None if abstract_mode() else current_names()
+    counters = None if names is None else {parent: dict(c) for parent, c in names.frame.items()}
+    try:
+        out, size = run_abstractly(run, *args, wrap=wrap, learn_only=True)
+    finally:
+        if names is not None:
+            names.frame.clear()
+            names.frame.update(counters)
+    return found[-1], out, size.shape
+
+
+# --- step 2: request what it needs from the handlers outside
+
+
+@dataclasses.dataclass(frozen=True)
+class _Crossing:
+    """How one lifted transform passes values into its body."""
+
+    n: int | None  # iterations or members; None for remat
+    stack_params: bool  # a param per iteration/member (stacked), else one for all
+    carry_params: bool  # an unstacked param not existing yet is made on the first step and carried (scan)
+    state_how: Callable[[str, bool], str]  # (collection, declared in the body) -> mapped / unmapped / carried
+    split: Callable[[str], bool]  # whether a stream gives each iteration/member its own keys
+
+
+def _per_index(key: jax.Array, n: int) -> jax.Array:
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def _zeros(struct: Any, n: int | None = None) -> Any:
+    lead = () if n is None else (n,)
+    return jax.tree.map(lambda s: jnp.zeros(lead + tuple(s.shape), s.dtype), struct)
+
+
+def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
+    """Request the body's needs outside (step 2); return where each value enters the body."""
+    plan, n = Plan(), how.n
+    for slot, request in needs.params.items():
+        depth = slot[0]
+        if how.stack_params:
+            axes = None if request.axes is None else (None,) + request.axes
+            request = dataclasses.replace(request, shape=(n,) + request.shape, axes=axes)
+        fresh, found = probe(outer, depth, dataclasses.replace(request, init=Probe()))
+        crossing = "mapped" if how.stack_params else "unmapped"
+        if not fresh:
+            plan.params[slot] = ParamPlan(request, False, plan.add(crossing, found))
+            continue
+        key = _per_index(found, n) if how.stack_params else found
+        carry = None
+        if how.carry_params and not how.stack_params:
+            carry = plan.add("carried", _zeros(request.as_empty()))
+            crossing = "carried"
+        plan.params[slot] = ParamPlan(request, True, plan.add("mapped" if how.stack_params else "unmapped", key), carry)
+        plan.outputs.append((crossing, "param", slot))
+    for slot, need in needs.state.items():
+        depth, collection, path = slot
+        crossing = how.state_how(collection, need.request is not None)
+        fresh = False
+        if need.request is not None:
+            fresh, _ = probe(outer, depth, dataclasses.replace(need.request, init=Probe()))
+        if not fresh:
+            value = send_at(outer, depth, GetStateRequest(path, collection))
+            plan.state[slot] = StatePlan(need, False, plan.add(crossing, value))
+            if crossing == "carried" or need.written:
+                plan.outputs.append((crossing, "state", slot))
+        elif crossing == "carried":  # made on the first step, threaded after it
+            placeholder = _zeros(need.struct)
+            plan.state[slot] = StatePlan(need, True, plan.add("carried", placeholder), plan.add("carried", placeholder))
+            plan.outputs += [("carried", "state", slot), ("carried", "initial", slot)]
+        else:
+            plan.state[slot] = StatePlan(need, True, None)
+            plan.outputs.append((crossing, "initial", slot))
+            if need.written:
+                plan.outputs.append((crossing, "state", slot))
+    if any(p.carry is not None for p in plan.params.values()) or any(
+        s.initial is not None for s in plan.state.values()
+    ):
+        plan.first = plan.add("mapped", jnp.arange(n))
+    for slot, count in needs.draws.items():
+        depth, stream, path = slot
+        split = how.split(stream) and n is not None
+        keys = [send_at(outer, depth, RandomRequest(path, stream)) for _ in range(count)]
+        plan.draws[slot] = [plan.add("mapped", _per_index(k, n)) if split else plan.add("unmapped", k) for k in keys]
+    for slot in needs.bases:
+        depth, stream, path = slot
+        key = send_at(outer, depth, StreamKeyRequest(path, stream))
+        split = how.split(stream) and n is not None
+        plan.bases[slot] = plan.add("mapped", _per_index(key, n)) if split else plan.add("unmapped", key)
+    return plan
+
+
+# --- step 3: hand the results back outward
+
+
+def _hand_back(plan: Plan, outer: tuple[Any, ...], values: list[Any], sown: list[tuple[tuple, list]]) -> None:
+    """Create what the body made, `set` what it wrote, `sow` what it sowed: as requests outside."""
+    for (_, what, slot), value in zip(plan.outputs, values, strict=True):
+        if what == "param":
+            send_at(outer, slot[0], dataclasses.replace(plan.params[slot].request, init=Constant(value)))
+        elif what == "initial":
+            send_at(outer, slot[0], dataclasses.replace(plan.state[slot].need.request, init=Constant(value)))
+    for (_, what, slot), value in zip(plan.outputs, values, strict=True):
+        if what == "state" and plan.state[slot].need.written:
+            depth, collection, path = slot
+            send_at(outer, depth, SetStateRequest(path, collection, value))
+    for (depth, collection, path, tag), sown_values in sown:
+        for value in sown_values:
+            send_at(outer, depth, SideOutputRequest(path, tag, value, collection))
+
+
+def _abstract_results(plan: Plan, needs: Needs, n: int | None) -> tuple[list[Any], list[tuple[tuple, list]]]:
+    """Zeros in place of what the body would make: what a lifted call returns in abstract mode."""
+    values = []
+    for crossing, what, slot in plan.outputs:
+        if what == "param":
+            values.append(_zeros(plan.params[slot].request.as_empty()))
+        else:
+            values.append(_zeros(plan.state[slot].need.struct, n if crossing == "mapped" else None))
+    sown = [(key, [_zeros(s, n) for s in structs]) for key, structs in needs.sows.items()]
+    return values, sown
+
+
+def _split(plan: Plan, values: list[Any], crossing: str) -> list[Any]:
+    return [v for (c, _, _), v in zip(plan.outputs, values, strict=True) if c == crossing]
+
+
+def _join(plan: Plan, by_crossing: dict[str, list[Any]]) -> list[Any]:
+    iters = {c: iter(vs) for c, vs in by_crossing.items()}
+    return [next(iters[c]) for c, _, _ in plan.outputs]
+
+
+def _inputs(plan: Plan, crossing: str) -> list[Any]:
+    return [v for c, v in plan.inputs if c == crossing]
+
+
+def _assemble(plan: Plan, by_crossing: dict[str, list[Any]]) -> list[Any]:
+    iters = {c: iter(vs) for c, vs in by_crossing.items()}
+    return [next(iters[c]) for c, _ in plan.inputs]
+
+
+class _Sown:
+    """The keys of the sown values, learned while the body is traced; the values travel as a list."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple] = []
+
+    def values(self, answerer: Answerer) -> list[list[Any]]:
+        self.keys = list(answerer.sown)
+        return list(answerer.sown.values())
+
+    def pairs(self, values: list[list[Any]]) -> list[tuple[tuple, list]]:
+        return list(zip(self.keys, values, strict=True))
+
+
+# --- options
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str, where: str) -> str:
+    if value not in allowed:
+        raise EffaxError(f"{where}: {what}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+    return value
+
+
+def _state_modes(state: Any, default: str, allowed: tuple[str, ...], where: str) -> Callable[[str], str]:
+    """`state` as a function collection -> mode: one mode for all, or a dict naming some collections."""
+    if state is None or isinstance(state, str):
+        mode = _choice(default if state is None else state, allowed, "state", where)
+        return lambda collection: mode
+    if isinstance(state, Mapping):
+        modes = {c: _choice(m, allowed, f"state[{c!r}]", where) for c, m in state.items()}
+        return lambda collection: modes.get(collection, default)
+    raise EffaxError(f"{where}: state must be one of {allowed} or a dict {{collection: mode}}, got {state!r}.")
+
+
+def _split_streams(split_rngs: Any, where: str) -> Callable[[str], bool]:
+    if split_rngs is True or split_rngs is False:
+        return lambda stream: split_rngs
+    if isinstance(split_rngs, str):
+        split_rngs = (split_rngs,)
+    if isinstance(split_rngs, Iterable):
+        names = frozenset(split_rngs)
+        return lambda stream: stream in names
+    raise EffaxError(f"{where}: split_rngs must be True, False or stream names, got {split_rngs!r}.")
+
+
+# --- the transforms
+
+
+def scan(
+    fn: Callable[[Any, Any], tuple[Any, Any]],
+    length: int | None = None,
+    *,
+    params: str = "stack",
+    state: str | Mapping[str, str] | None = None,
+    split_rngs: bool | Iterable[str] = True,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+) -> Callable[..., tuple[Any, Any]]:
+    """`jax.lax.scan` over an effectful body: `fx.scan(fn, length)(carry, xs) -> (carry, ys)`.
+
+    `fn(carry, x) -> (carry, y)` as in `jax.lax.scan`. Deep models compile a
+    scan over layers in time flat in depth (Haiku's `layer_stack`, Flax's
+    `nn.scan`). Every request the body makes, by model code or by a handler
+    answering there (an interceptor's params, `capture_intermediates`), is
+    answered as in the unrolled loop. What each iteration owns:
+
+    - `params="stack"` (layers): each param gets a leading axis of `length`
+      and is requested once, stacked, at the body's path; under init layer
+      `i` is initialized with `fold_in(key_of_path, i)` (see `StackedInit`),
+      inside the loop, so an initializer may read the body's values.
+      `"broadcast"` (an RNN cell over time): one param shared by every step,
+      made on the first step.
+    - `state`: `"stack"` (a variable per iteration, stacked) or `"carry"`
+      (one variable threaded through the iterations, made on the first step
+      by its `init()`, which may read the body's input); one mode or a dict
+      `{collection: mode}`. By default it follows `params`.
+    - `split_rngs=True` gives every iteration its own keys (draw `n` in
+      iteration `i` is `fold_in(k_n, i)`, `k_n` drawn outside); False, or
+      the streams not named, repeat the same keys in every iteration.
+    - sown values come back stacked, one `sow` per value the body sowed.
+
+    >>> def block(x, _):
+    ...     w = fx.param("w", jax.nn.initializers.normal(), (2, 2))
+    ...     return jnp.tanh(x @ w), None
+    >>> t = fx.transform(lambda x: fx.scan(block, length=4)(x)[0])
+    >>> v = t.init(jax.random.key(0), jnp.ones(2))
+    >>> v["params"]["w"].shape
+    (4, 2, 2)
+    >>> t.apply(v, jnp.ones(2)).shape
+    (2,)
+    """
+    where = "fx.scan"
+    stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
+    modes = _state_modes(state, "stack" if stack_params else "carry", ("stack", "carry"), where)
+    split = _split_streams(split_rngs, where)
+
+    def state_how(collection: str, declared: bool) -> str:
+        return "mapped" if declared and modes(collection) == "stack" else "carried"
+
+    def body(carry: Any, x: Any) -> tuple[Any, Any]:
+        out = fn(carry, x)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise EffaxError(
+                f"the body given to fx.scan must return a pair (carry, y), like jax.lax.scan's; "
+                f"it returned {type(out).__name__}. Return `(new_carry, None)` when there is no y."
+            )
+        return out
+
+    @functools.wraps(fn)
+    def scanned(carry: Any, xs: Any = None) -> tuple[Any, Any]:
+        outer = current_stack()
+        n = _scan_length(length, xs)
+        x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
+        needs, (carry_struct, y_struct), _ = _learn(outer, body, (carry, x0))
+        plan = _plan(needs, outer, _Crossing(n, stack_params, True, state_how, split))
+        if abstract_mode():
+            values, sown = _abstract_results(plan, needs, n)
+            _hand_back(plan, outer, values, sown)
+            return _zeros(carry_struct), _zeros(y_struct, n)
+        unmapped, sown_keys = _inputs(plan, "unmapped"), _Sown()
+
+        def step(c: Any, sliced: Any) -> Any:
+            (user_carry, carried), (x, mapped) = c, sliced
+            ins = _assemble(plan, {"mapped": mapped, "carried": carried, "unmapped": unmapped})
+            first = None
+            if plan.first is not None:
+                first = ins[plan.first] == (n - 1 if reverse else 0)
+            answerer = Answerer(plan, ins, first)
+            out = run_lifted(outer, answerer, body, user_carry, x)
+            values = answerer.outputs()
+            return (out[0], _split(plan, values, "carried")), (
+                out[1],
+                _split(plan, values, "mapped"),
+                sown_keys.values(answerer),
+            )
+
+        (carry, carried), (ys, mapped, sown) = jax.lax.scan(
+            step,
+            (carry, _inputs(plan, "carried")),
+            (xs, _inputs(plan, "mapped")),
+            length=n,
+            reverse=reverse,
+            unroll=unroll,
+        )
+        _hand_back(plan, outer, _join(plan, {"carried": carried, "mapped": mapped}), sown_keys.pairs(sown))
+        return carry, ys
+
+    return scanned
+
+
+def _scan_length(length: int | None, xs: Any) -> int:
+    if length is not None:
+        return int(length)
+    leaves = jax.tree.leaves(xs)
+    if not leaves or not jnp.shape(leaves[0]):
+        raise EffaxError(
+            "fx.scan needs `length=` when there are no xs to scan over: "
+            "`fx.scan(body, length=n)(carry)` runs the body n times."
+        )
+    return jnp.shape(leaves[0])[0]
+
+
+def vmap(
+    fn: Callable[..., Any],
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    axis_size: int | None = None,
+    *,
+    params: str = "stack",
+    state: str | Mapping[str, str] | None = None,
+    split_rngs: bool | Iterable[str] = True,
+    axis_name: Any = None,
+    spmd_axis_name: Any = None,
+) -> Callable[..., Any]:
+    """`jax.vmap` over an effectful function: ensembles, or a batch-free model mapped over examples.
+
+    `in_axes`, `out_axes`, `axis_size`, `axis_name` and `spmd_axis_name` are
+    `jax.vmap`'s. What each member owns:
+
+    - `params="stack"` (an ensemble): each param gets a leading axis of the
+      mapped size, requested once, stacked; member `i` is initialized
+      independently with `fold_in(key_of_path, i)`. `"broadcast"`: every
+      member uses the same params (a per-example model).
+    - `state`: `"stack"` (a variable per member) or `"broadcast"` (one
+      shared variable; a `set` must give every member the same value, e.g.
+      reduced with `jax.lax.pmean` over `axis_name`). It follows `params`
+      by default.
+    - `split_rngs=True` gives every member its own keys; False, or the
+      streams not named, give all members the same keys.
+    - sown values come back stacked along axis 0.
+
+    >>> def member(x):
+    ...     return x @ fx.param("w", jax.nn.initializers.normal(), (2,))
+    >>> t = fx.transform(fx.vmap(member, in_axes=None, axis_size=3))
+    >>> v = t.init(jax.random.key(0), jnp.ones(2))
+    >>> v["params"]["w"].shape
+    (3, 2)
+    >>> t.apply(v, jnp.ones(2)).shape
+    (3,)
+    """
+    where = "fx.vmap"
+    stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
+    modes = _state_modes(state, "stack" if stack_params else "broadcast", ("stack", "broadcast"), where)
+    split = _split_streams(split_rngs, where)
+    args_axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
+
+    def state_how(collection: str, declared: bool) -> str:
+        return "mapped" if declared and modes(collection) == "stack" else "unmapped"
+
+    @functools.wraps(fn)
+    def mapped(*args: Any) -> Any:
+        outer = current_stack()
+        wrap = functools.partial(
+            jax.vmap,
+            in_axes=args_axes,
+            out_axes=(out_axes, 0),
+            axis_size=axis_size,
+            axis_name=axis_name,
+            spmd_axis_name=spmd_axis_name,
+        )
+        needs, out_struct, (n,) = _learn(outer, fn, args, wrap=wrap)
+        plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split))
+        if abstract_mode():
+            values, sown = _abstract_results(plan, needs, n)
+            _hand_back(plan, outer, values, sown)
+            return _zeros(out_struct)
+        sown_keys = _Sown()
+
+        def member(ins: list[Any], member_args: Any) -> Any:
+            answerer = Answerer(plan, list(ins))
+            out = run_lifted(outer, answerer, fn, *member_args)
+            return out, answerer.outputs(), sown_keys.values(answerer)
+
+        try:
+            out, values, sown = jax.vmap(
+                member,
+                in_axes=([0 if c == "mapped" else None for c, _ in plan.inputs], args_axes),
+                out_axes=(out_axes, [0 if c == "mapped" else None for c, _, _ in plan.outputs], 0),
+                axis_size=n,
+                axis_name=axis_name,
+                spmd_axis_name=spmd_axis_name,
+            )([v for _, v in plan.inputs], args)
+        except ValueError as error:
+            shared = [
+                f"`{path_str(slot[-1])}`"
+                for c, _, slot in plan.outputs
+                if c == "unmapped"
+            ]
+            if shared and "out_axes" in str(error):
+                raise EffaxError(
+                    f"fx.vmap: the members make or write different values for the shared variable(s) "
+                    f"{', '.join(shared)} (params='broadcast' / state='broadcast'), so there is no one value "
+                    "to keep. Give each member its own copy with `params='stack'` / `state='stack'`, make "
+                    "the initializer independent of the member's inputs, or reduce the value over the "
+                    "mapped axis before `set` (`jax.lax.pmean(v, axis_name)` with `fx.vmap(..., axis_name=...)`)."
+                ) from error
+            raise
+        _hand_back(plan, outer, values, sown_keys.pairs(sown))
+        return out
+
+    return mapped
+
+
+def remat(
+    fn: Callable[..., Any],
+    *,
+    policy: Callable[..., bool] | None = None,
+    prevent_cse: bool = True,
+    static_argnums: int | tuple[int, ...] = (),
+) -> Callable[..., Any]:
+    """`jax.checkpoint` over an effectful function: recompute its activations in the backward pass.
+
+    Values and gradients are those of `fn` itself, keys included: the body's
+    params, state and keys are requested outside exactly as `fn` would
+    request them. `policy`, `prevent_cse` and `static_argnums` are
+    `jax.checkpoint`'s (`policy=jax.checkpoint_policies.dots_saveable`, ...);
+    keyword arguments are treated as static.
+
+    >>> def layer(x):
+    ...     return jnp.sin(x * fx.param("w", jax.nn.initializers.ones, ()))
+    >>> t = fx.transform(fx.remat(layer))
+    >>> v = t.init(jax.random.key(0), 1.0)
+    >>> float(jax.grad(lambda v: t.apply(v, 1.0))(v)["params"]["w"])  # cos(1)
+    0.5403...
+    """
+    static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    crossing = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
+
+    @functools.wraps(fn)
+    def rematted(*args: Any, **kwargs: Any) -> Any:
+        outer = current_stack()
+        needs, out_struct, _ = _learn(outer, lambda: fn(*args, **kwargs), ())
+        plan = _plan(needs, outer, crossing)
+        if abstract_mode():
+            values, sown = _abstract_results(plan, needs, None)
+            _hand_back(plan, outer, values, sown)
+            return _zeros(out_struct)
+        fixed = {i % len(args) for i in static} if args else set()
+        dynamic = [a for i, a in enumerate(args) if i not in fixed]
+        sown_keys = _Sown()
+
+        def pure(ins: list[Any], dynamic: list) -> Any:
+            rest = iter(dynamic)
+            full = tuple(a if i in fixed else next(rest) for i, a in enumerate(args))
+            answerer = Answerer(plan, list(ins))
+            out = run_lifted(outer, answerer, fn, *full, **kwargs)
+            return out, answerer.outputs(), sown_keys.values(answerer)
+
+        out, values, sown = jax.checkpoint(pure, prevent_cse=prevent_cse, policy=policy)(
+            [v for _, v in plan.inputs], dynamic
+        )
+        _hand_back(plan, outer, values, sown_keys.pairs(sown))
+        return out
+
+    return rematted
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedInit:
+    """Initialize independent copies along a new leading axis: copy `i` gets key `fold_in(key, i)`.
+
+    This is the key derivation of stacked params in `fx.scan` and `fx.vmap`:
+    under init, layer (or member) `i` of the param at path `p` is
+    `init(fold_in(fold(k_params, h_path(p)), i), shape, dtype)`, so it depends
+    only on the key, the path and `i` (locality holds per layer and per
+    ensemble member). Lifted transforms run the initializer inside the loop;
+    this class gives the same values in one call, for code that stacks its
+    own params. It hashes (for jit caches) only when `init` does.
+
+    >>> init = fx.StackedInit(jax.nn.initializers.ones)
+    >>> init(jax.random.key(0), (3, 2), jnp.float32).shape
+    (3, 2)
+    """
+
+    init: Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        def one(i: jax.Array) -> jax.Array:
+            return self.init(jax.random.fold_in(key, i), tuple(shape[1:]), dtype)
+
+        return jax.vmap(one)(jnp.arange(shape[0]))

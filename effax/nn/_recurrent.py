@@ -1,0 +1,238 @@
+"""Recurrent layers: `LSTMCell`, `GRUCell` and `RNN`, a cell scanned over time with `fx.scan`; names as Flax's."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.lift import scan
+from effax.core import EffaxError
+from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
+from effax.nn._module import Module
+
+orthogonal: Initializer = jax.nn.initializers.orthogonal()
+
+
+class LSTMCell(Module):
+    """One step of a long short-term memory: `(carry, x) -> (carry, h)` with `carry = (c, h)`, as Flax's.
+
+    Its params are eight `Dense` layers named as in Flax: `ii`, `if`, `ig`,
+    `io` (input kernels, no bias) and `hi`, `hf`, `hg`, `ho` (recurrent
+    kernels, with the bias), so Flax checkpoints load unchanged. Scan it over
+    time with `fx.nn.RNN`; `initialize_carry` makes the zero state.
+
+    >>> cell = fx.nn.LSTMCell(3)
+    >>> x = jnp.ones((2, 5))
+    >>> def step(x):
+    ...     return cell(cell.initialize_carry(jax.random.key(0), x.shape), x)
+    >>> t = fx.transform(step)
+    >>> v = t.init(jax.random.key(0), x)
+    >>> sorted(v["params"]["LSTMCell_0"])
+    ['hf', 'hg', 'hi', 'ho', 'if', 'ig', 'ii', 'io']
+    >>> (c, h), y = t.apply(v, x)
+    >>> c.shape, h.shape, y.shape
+    ((2, 3), (2, 3), (2, 3))
+    """
+
+    features: int
+    gate_fn: Callable[..., Any] = jax.nn.sigmoid
+    activation_fn: Callable[..., Any] = jnp.tanh
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = orthogonal
+    bias_init: Initializer = zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    carry_init: Initializer = zeros
+
+    def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array) -> tuple[Any, jax.Array]:
+        c, h = carry
+        n = h.shape[-1]
+
+        def dense_i(name: str) -> Dense:
+            return Dense(n, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=name)
+
+        def dense_h(name: str) -> Dense:
+            return Dense(n, kernel_init=self.recurrent_kernel_init, bias_init=self.bias_init, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=name)
+
+        i = self.gate_fn(dense_i("ii")(inputs) + dense_h("hi")(h))
+        f = self.gate_fn(dense_i("if")(inputs) + dense_h("hf")(h))
+        g = self.activation_fn(dense_i("ig")(inputs) + dense_h("hg")(h))
+        o = self.gate_fn(dense_i("io")(inputs) + dense_h("ho")(h))
+        new_c = f * c + i * g
+        new_h = o * self.activation_fn(new_c)
+        return (new_c, new_h), new_h
+
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """The carry `(c, h)` for inputs of `input_shape` (batch dims, then features), from `carry_init`."""
+        shape = tuple(input_shape[:-1]) + (self.features,)
+        k1, k2 = jax.random.split(rng)
+        return self.carry_init(k1, shape, self.param_dtype), self.carry_init(k2, shape, self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class GRUCell(Module):
+    """One step of a gated recurrent unit: `(h, x) -> (h, h)`, as Flax's.
+
+    Params as in Flax: `ir`, `iz`, `in` (input kernels with bias) and `hr`,
+    `hz` (recurrent, no bias), `hn` (recurrent, with bias).
+
+    >>> cell = fx.nn.GRUCell(3)
+    >>> x = jnp.ones((2, 5))
+    >>> t = fx.transform(lambda x: cell(cell.initialize_carry(jax.random.key(0), x.shape), x))
+    >>> v = t.init(jax.random.key(0), x)
+    >>> sorted(v["params"]["GRUCell_0"])
+    ['hn', 'hr', 'hz', 'in', 'ir', 'iz']
+    >>> h, y = t.apply(v, x)
+    >>> h.shape
+    (2, 3)
+    """
+
+    features: int
+    gate_fn: Callable[..., Any] = jax.nn.sigmoid
+    activation_fn: Callable[..., Any] = jnp.tanh
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = orthogonal
+    bias_init: Initializer = zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    carry_init: Initializer = zeros
+
+    def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = carry
+        n = h.shape[-1]
+
+        def dense_i(name: str) -> Dense:
+            return Dense(n, kernel_init=self.kernel_init, bias_init=self.bias_init, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=name)
+
+        def dense_h(name: str, use_bias: bool = False) -> Dense:
+            return Dense(n, use_bias=use_bias, kernel_init=self.recurrent_kernel_init, bias_init=self.bias_init,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        r = self.gate_fn(dense_i("ir")(inputs) + dense_h("hr")(h))
+        z = self.gate_fn(dense_i("iz")(inputs) + dense_h("hz")(h))
+        n_ = self.activation_fn(dense_i("in")(inputs) + r * dense_h("hn", use_bias=True)(h))
+        new_h = (1.0 - z) * n_ + z * h
+        return new_h, new_h
+
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> jax.Array:
+        """The carry `h` for inputs of `input_shape` (batch dims, then features), from `carry_init`."""
+        return self.carry_init(rng, tuple(input_shape[:-1]) + (self.features,), self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+def flip_sequences(inputs: jax.Array, seq_lengths: Any, num_batch_dims: int, time_major: bool) -> jax.Array:
+    """Reverse each sequence along time, keeping padding at the end when `seq_lengths` is given (Flax's).
+
+    >>> fx.nn.flip_sequences(jnp.array([[1, 2, 0], [3, 4, 5]]), jnp.array([2, 3]), 1, False)
+    Array([[2, 1, 0],
+           [5, 4, 3]], dtype=int32)
+    """
+    time_axis = 0 if time_major else num_batch_dims
+    steps = inputs.shape[time_axis]
+    if seq_lengths is None:
+        return jnp.flip(inputs, axis=time_axis)
+    lengths = jnp.expand_dims(jnp.asarray(seq_lengths), axis=time_axis)
+    idxs = jnp.arange(steps - 1, -1, -1)
+    idxs = idxs.reshape([steps] + [1] * num_batch_dims if time_major else [1] * num_batch_dims + [steps])
+    idxs = (idxs + lengths) % steps
+    idxs = idxs.reshape(idxs.shape + (1,) * (inputs.ndim - idxs.ndim))
+    return jnp.take_along_axis(inputs, idxs, axis=time_axis)
+
+
+def _select_last(carries: Any, seq_lengths: Any) -> Any:
+    """From carries stacked over time (axis 0), each sequence's carry at its last real step."""
+    last = jnp.asarray(seq_lengths) - 1
+
+    def pick(x: jax.Array) -> jax.Array:
+        idx = last.reshape((1,) + last.shape + (1,) * (x.ndim - 1 - last.ndim))
+        return jnp.take_along_axis(x, idx, axis=0)[0]
+
+    return jax.tree.map(pick, carries)
+
+
+class RNN(Module):
+    """Run a recurrent `cell` over the time axis of a sequence, with `fx.scan`: one set of cell params for all steps.
+
+    As Flax's `nn.RNN`: inputs are `(*batch, time, *features)` (or time
+    first with `time_major`), the cell's params live under `cell`, and
+    `seq_lengths` keeps padded sequences apart (the returned carry is each
+    sequence's at its last real step; `reverse` flips only the real steps).
+    The loop is `fx.scan(..., params="broadcast")`, so it compiles once
+    whatever the length. `split_rngs` is `fx.scan`'s: by default every step
+    draws fresh keys (dropout inside a cell).
+
+    >>> t = fx.transform(lambda x: fx.nn.RNN(fx.nn.LSTMCell(4))(x))
+    >>> x = jnp.ones((2, 7, 3))                      # batch 2, 7 steps, 3 features
+    >>> v = t.init(jax.random.key(0), x)
+    >>> v["params"]["RNN_0"]["cell"]["ii"]["kernel"].shape, t.apply(v, x).shape
+    ((3, 4), (2, 7, 4))
+    """
+
+    cell: Module
+    time_major: bool = False
+    return_carry: bool = False
+    reverse: bool = False
+    keep_order: bool = False
+    unroll: int = 1
+    split_rngs: bool | Iterable[str] = True
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        initial_carry: Any = None,
+        init_key: jax.Array | None = None,
+        seq_lengths: Any = None,
+        return_carry: bool | None = None,
+        time_major: bool | None = None,
+        reverse: bool | None = None,
+        keep_order: bool | None = None,
+    ) -> Any:
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        inputs = jnp.asarray(inputs)
+        n_features = getattr(self.cell, "num_feature_axes", 1)
+        time_axis = 0 if time_major else inputs.ndim - (n_features + 1)
+        if time_axis < 0:
+            raise EffaxError(
+                f"RNN: inputs of shape {inputs.shape} have no time axis: give `(*batch, time, features)` "
+                "(or `(time, *batch, features)` with time_major=True)."
+            )
+        n_batch = (inputs.ndim - n_features - 1) if time_major else time_axis
+        if reverse:
+            inputs = jax.tree.map(lambda x: flip_sequences(x, seq_lengths, n_batch, time_major), inputs)
+        cell = self.cell if self.cell.name is not None else dataclasses.replace(self.cell, name="cell")
+        if initial_carry is None:
+            key = jax.random.key(0) if init_key is None else init_key
+            step_shape = inputs.shape[:time_axis] + inputs.shape[time_axis + 1 :]
+            initial_carry = cell.initialize_carry(key, step_shape)
+        slice_carry = seq_lengths is not None and return_carry
+
+        def body(carry: Any, x: jax.Array) -> tuple[Any, Any]:
+            carry, y = cell(carry, x)
+            return carry, ((carry, y) if slice_carry else y)
+
+        xs = jnp.moveaxis(inputs, time_axis, 0)
+        carry, ys = scan(body, params="broadcast", split_rngs=self.split_rngs, unroll=self.unroll)(initial_carry, xs)
+        if slice_carry:
+            carries, ys = ys
+            carry = _select_last(carries, seq_lengths)
+        outputs = jax.tree.map(lambda y: jnp.moveaxis(y, 0, time_axis), ys)
+        if reverse and keep_order:
+            outputs = jax.tree.map(lambda y: flip_sequences(y, seq_lengths, n_batch, time_major), outputs)
+        return (carry, outputs) if return_carry else outputs

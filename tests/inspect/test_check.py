@@ -1,0 +1,63 @@
+"""`fx.check_variables`: a pure diff of `eval_shape(t.init)` with the variables, never a run on them."""
+
+from __future__ import annotations
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+
+import effax as fx
+
+KEY = jax.random.key(0)
+X = jnp.ones((2, 3))
+
+
+def model(x):
+    h = fx.nn.Dense(4)(x)
+    mean = fx.local_state("mean", lambda: jnp.zeros(4), collection="stats")
+    return h * fx.side_input("scale") + mean.get()
+
+
+SIDE = [fx.handlers.SideInputs({"scale": 2.0})]
+
+
+def test_a_mis_shaped_state_is_reported_not_raised():
+    t = fx.transform(model)
+    v = t.init(KEY, X, handlers=SIDE)
+    bad = {**v, "stats": {"mean": jnp.zeros((2, 4))}}
+    report = fx.check_variables(t, bad, X, handlers=SIDE)
+    assert report.mis_shaped == ["stats:mean: expected float32[4], found float32[2, 4]"]
+    assert fx.check_variables(t, v, X, handlers=SIDE).ok
+
+
+def test_boxed_flax_values_and_strings_are_reported():
+    t = fx.transform(model)
+    v = t.init(KEY, X, handlers=SIDE)
+    kernel = v["params"]["Dense_0"]["kernel"]
+    boxed = {**v, "params": {"Dense_0": {"kernel": linen.LogicallyPartitioned(kernel, ("a", "b")), "bias": "zeros"}}}
+    report = fx.check_variables(t, boxed, X, handlers=SIDE)
+    bias, kernel = sorted(report.mis_typed)
+    assert kernel.startswith("params:Dense_0/kernel: expected float32[3, 4], found a boxed Flax value")
+    assert "unbox" in kernel and len(kernel) < 250
+    assert bias == "params:Dense_0/bias: expected float32[4], found a str, not an array"
+
+
+def test_params_an_interceptor_creates_are_expected_under_its_handlers():
+    class Adapter(fx.Handler):
+        def handle(self, request, forward):
+            out = forward(request)
+            if isinstance(request, fx.ModuleCallRequest):
+                out = out + fx.param("delta", jax.nn.initializers.zeros, out.shape[-1:])
+            return out
+
+    t = fx.transform(lambda x: fx.nn.Dense(4)(x))
+    v = t.init(KEY, X, handlers=[Adapter()])
+    assert fx.check_variables(t, v, X, handlers=[Adapter()]).ok
+    assert fx.check_variables(t, v, X).unused == ["params:Dense_0/delta"]
+
+
+def test_check_variables_needs_a_transform():
+    import pytest
+
+    with pytest.raises(fx.EffaxError, match="fx.transform"):
+        fx.check_variables(model, {}, X)

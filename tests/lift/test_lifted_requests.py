@@ -1,0 +1,209 @@
+"""Requests made inside lifted bodies by anyone, values made from the body's inputs, and the cost of nesting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effax as fx
+
+KEY = jax.random.key(0)
+X = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+
+
+def dense_block(h, _):
+    return jax.nn.relu(fx.nn.Dense(3)(h)), None
+
+
+def lifted(kind, body):
+    """`body(h, _) -> (h, None)` run in the lifted context `kind`."""
+    if kind == "scan":
+        return lambda h: fx.scan(body, length=3)(h)[0]
+    if kind == "vmap":
+        return lambda h: fx.vmap(lambda h: body(h, None)[0], in_axes=None, axis_size=3)(h)
+    return lambda h: fx.remat(lambda h: body(h, None)[0])(h)
+
+
+@pytest.mark.parametrize("kind", ["scan", "vmap", "remat"])
+def test_capture_intermediates_reaches_layers_inside_lifted_transforms(kind):
+    t = fx.transform(lifted(kind, dense_block))
+    out, v = t.init_with_output(KEY, X, capture_intermediates=True, mutable=True)
+    lead = () if kind == "remat" else (3,)
+    assert jax.tree.map(jnp.shape, v["intermediates"]) == {"Dense_0": {"__call__": (lead + (2, 3),)}}
+    y, updates = t.apply(v, X, capture_intermediates=True)
+    assert jax.tree.map(jnp.shape, updates) == {"intermediates": {"Dense_0": {"__call__": (lead + (2, 3),)}}}
+    (captured,) = updates["intermediates"]["Dense_0"]["__call__"]
+    last = captured[-1] if kind == "scan" else captured  # the last layer's Dense output, before its relu
+    if kind != "vmap":
+        np.testing.assert_allclose(jax.nn.relu(last), y, rtol=1e-6)
+        np.testing.assert_allclose(y, out, rtol=1e-6)
+
+
+class LoRA(fx.Handler):
+    def handle(self, request, forward):
+        out = forward(request)
+        if isinstance(request, fx.ModuleCallRequest) and isinstance(request.module, fx.nn.Dense):
+            (x,) = request.args
+            with fx.scope("lora"):
+                a = fx.param("a", jax.nn.initializers.normal(), (x.shape[-1], 2))
+                b = fx.param("b", jax.nn.initializers.ones, (2, request.module.features))
+            out = out + x @ a @ b
+        return out
+
+
+def test_lora_on_a_scanned_model_creates_stacked_adapters_and_summary_counts_them():
+    t = fx.transform(lifted("scan", dense_block))
+    v = t.init(KEY, X, handlers=[LoRA()])
+    assert jax.tree.map(jnp.shape, v["params"]) == {
+        "Dense_0": {"bias": (3, 3), "kernel": (3, 3, 3), "lora": {"a": (3, 3, 2), "b": (3, 2, 3)}}
+    }
+    base = t.apply(v, X)
+    adapted = t.apply(v, X, handlers=[LoRA()])
+    assert not np.allclose(base, adapted)
+    s = fx.summary(t, X, handlers=[LoRA()])
+    assert s.param_count == sum(a.size for a in jax.tree.leaves(v["params"]))
+    assert jax.tree.map(lambda a: a.shape, s.variables) == jax.tree.map(jnp.shape, v)
+    assert [e.name for e in fx.effects_of(t, X, handlers=[LoRA()]).of_kind("param")] == [
+        "Dense_0/kernel", "Dense_0/bias", "Dense_0/lora/a", "Dense_0/lora/b"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["scan", "vmap", "remat"])
+@pytest.mark.parametrize("init", [lambda h: jnp.zeros_like(h), lambda h: h * 0 + 1], ids=["zeros_like", "h*0+1"])
+def test_a_state_init_that_reads_the_body_input_is_made_inside_the_body(kind, init):
+    def body(h, _):
+        cache = fx.local_state("cache", lambda: init(h), collection="cache")
+        cache.set(cache.get() + h)
+        return h + 1, None
+
+    t = fx.transform(lifted(kind, body))
+    with jax.checking_leaks():
+        v = t.init(KEY, X)
+        out, updates = t.apply(v, X, mutable=True)
+    lead = () if kind == "remat" else (3,)
+    assert jax.tree.map(jnp.shape, v) == {"params": {}, "cache": {"cache": lead + (2, 3)}}
+    first = init(X)
+    np.testing.assert_allclose(v["cache"]["cache"], jnp.broadcast_to(first, lead + first.shape) if kind != "scan"
+                               else jnp.stack([init(X + i) for i in range(3)]))
+
+
+def test_carried_state_is_made_on_the_first_step_from_its_input():
+    def body(h, _):
+        total = fx.local_state("total", lambda: h * 10, collection="cache")
+        total.set(total.get() + h)
+        return h + 1, None
+
+    t = fx.transform(lambda h: fx.scan(body, length=3, state="carry")(h)[0])
+    v = t.init(KEY, X)
+    np.testing.assert_allclose(v["cache"]["total"], X * 10)  # init() of the first step, before any set
+    _, updates = t.apply(v, X, mutable=True)
+    np.testing.assert_allclose(updates["cache"]["total"], X * 10 + X + (X + 1) + (X + 2))
+
+
+def test_an_initializer_that_closes_over_the_body_input_equals_the_unrolled_loop():
+    def body(h, _):
+        scale = fx.param("scale", lambda k, s, d: jnp.full(s, h.std() + 1.0, d), ())
+        return h * scale, None
+
+    def unrolled(h):
+        for i in range(3):
+            with fx.scope(f"l{i}"):
+                h = body(h, None)[0]
+        return h
+
+    v = fx.transform(lambda h: fx.scan(body, length=3)(h)[0]).init(KEY, X)
+    v_ref = fx.transform(unrolled).init(KEY, X)
+    np.testing.assert_allclose(v["params"]["scale"], [v_ref["params"][f"l{i}"]["scale"] for i in range(3)], rtol=1e-6)
+
+
+@dataclasses.dataclass
+class Scaled:  # a plain dataclass with __eq__: not hashable
+    scale: float
+
+    def __call__(self, key, shape, dtype):
+        return jax.random.normal(key, shape, dtype) * self.scale
+
+
+@pytest.mark.parametrize("kind", ["scan", "vmap", "remat"])
+def test_unhashable_initializers_under_jit_and_eval_shape(kind):
+    t = fx.transform(lifted(kind, lambda h, _: (h @ fx.param("w", Scaled(0.1), (3, 3)), None)))
+    v = t.init(KEY, X)
+    np.testing.assert_allclose(jax.jit(t.init)(KEY, X)["params"]["w"], v["params"]["w"], rtol=1e-6)
+    assert jax.eval_shape(t.init, KEY, X)["params"]["w"].shape == v["params"]["w"].shape
+    init = fx.StackedInit(Scaled(0.1))
+    with pytest.raises(TypeError):
+        hash(init)
+    assert init(KEY, (2, 3), jnp.float32).shape == (2, 3)
+
+
+def test_sharded_jit_init_of_a_scanned_model():
+    t = fx.transform(lifted("scan", lambda h, _: (h @ fx.param("w", Scaled(0.1), (3, 3), axes=("a", "b")), None)))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    shardings = fx.sharding.logical_to_mesh(fx.summary(t, X), mesh, {"a": "data", "b": None})
+    v = jax.jit(t.init, out_shardings=shardings)(KEY, X)
+    assert v["params"]["w"].shape == (3, 3, 3)
+
+
+def test_a_raw_jax_transform_inside_a_lifted_body_still_points_to_the_lifted_ones():
+    def body(h, _):
+        def inner(c, _):
+            return c + jax.random.normal(fx.next_key("noise"), c.shape), None
+
+        return jax.lax.scan(inner, h, None, length=2)[0], None
+
+    t = fx.transform(lambda h: fx.scan(body, length=2)(h)[0])
+    with pytest.raises(fx.TraceMismatchError, match="fx.scan"):
+        t.apply({}, X, rngs=KEY)
+
+
+def test_a_stateful_handlers_own_effects_inside_a_scan_are_lifted_too():
+    class Counter(fx.Handler):  # stateful: begin() returns a run; it counts module calls in state
+        def begin(self):
+            return self.Run()
+
+        class Run:
+            def handle(self, request, forward):
+                if isinstance(request, fx.ModuleCallRequest):
+                    calls = fx.local_state("calls", lambda: jnp.zeros((), jnp.int32), collection="calls")
+                    calls.set(calls.get() + 1)
+                return forward(request)
+
+    t = fx.transform(lifted("scan", dense_block))
+    v = t.init(KEY, X, handlers=[Counter()])
+    np.testing.assert_array_equal(v["calls"]["Dense_0"]["calls"], [0, 0, 0])  # one per layer, stacked
+    _, updates = t.apply(v, X, handlers=[Counter()], mutable=["calls"])
+    np.testing.assert_array_equal(updates["calls"]["Dense_0"]["calls"], [1, 1, 1])
+
+
+def nest(body, k):
+    for _ in range(k - 1):
+        body = (lambda b: (lambda h, _: (fx.scan(b, length=2)(h)[0], None)))(body)
+    return lambda h: fx.scan(body, length=2)(h)[0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_k_nested_lifts_trace_the_innermost_body_k_plus_one_times(k):
+    calls = []
+
+    def inner(h, _):
+        calls.append(None)
+        return jnp.tanh(h @ fx.param("w", jax.nn.initializers.normal(), (3, 3))), None
+
+    t = fx.transform(nest(inner, k))
+    counts = {}
+    for name, run in {
+        "init": lambda: t.init(KEY, X),
+        "apply": lambda: t.apply(v, X),
+        "eval_shape(init)": lambda: jax.eval_shape(t.init, KEY, X),
+        "summary": lambda: fx.summary(t, X),
+    }.items():
+        calls.clear()
+        v = t.init(KEY, X) if name == "apply" else None
+        calls.clear()
+        run()
+        counts[name] = len(calls)
+    assert counts == {"init": k + 1, "apply": k + 1, "eval_shape(init)": k + 1, "summary": 1}

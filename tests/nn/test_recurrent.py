@@ -1,0 +1,71 @@
+"""LSTMCell, GRUCell and RNN: Flax's names and layouts, and Flax's numbers on the same weights."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax_parity import KEY, against_flax, rand, shapes
+
+import effax as fx
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
+def test_cell_step_matches_flax(cell):
+    ours, theirs = getattr(fx.nn, cell)(4), getattr(nn, cell)(4)
+    x = rand(3, 5)
+    carry = jax.tree.map(lambda a: a + 0.3, theirs.initialize_carry(KEY, x.shape))
+    assert shapes(carry) == shapes(ours.initialize_carry(KEY, x.shape))
+    against_flax(ours, theirs, carry, x)
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(return_carry=True), dict(time_major=True), dict(reverse=True), dict(reverse=True, keep_order=True)],
+)
+def test_rnn_matches_flax(cell, kwargs):
+    x = rand(2, 6, 3)
+    against_flax(fx.nn.RNN(getattr(fx.nn, cell)(4), **kwargs), nn.RNN(getattr(nn, cell)(4), **kwargs), x)
+
+
+@pytest.mark.parametrize("kwargs", [dict(return_carry=True), dict(reverse=True, keep_order=True, return_carry=True)])
+def test_rnn_with_seq_lengths_matches_flax(kwargs):
+    x = rand(3, 5, 2)
+    lengths = jnp.array([5, 2, 3])
+    against_flax(fx.nn.RNN(fx.nn.LSTMCell(3), **kwargs), nn.RNN(nn.LSTMCell(3), **kwargs), x, seq_lengths=lengths)
+
+
+def test_rnn_params_are_shared_over_time_and_named_cell():
+    t = fx.transform(lambda x: fx.nn.RNN(fx.nn.GRUCell(4))(x))
+    short, long = jax.eval_shape(t.init, KEY, rand(2, 3, 5)), jax.eval_shape(t.init, KEY, rand(2, 50, 5))
+    assert shapes(short) == shapes(long)  # no time axis on any param
+    assert shapes(short["params"]["RNN_0"]["cell"]["ir"]) == {"kernel": (5, 4), "bias": (4,)}
+
+
+def test_rnn_takes_an_initial_carry_and_differentiates():
+    rnn = fx.nn.RNN(fx.nn.LSTMCell(4), return_carry=True)
+    t = fx.transform(lambda x, c: rnn(x, initial_carry=c))
+    x = rand(2, 6, 3)
+    c0 = (jnp.ones((2, 4)), jnp.zeros((2, 4)))
+    v = t.init(KEY, x, c0)
+    (c, h), ys = jax.jit(t.apply)(v, x, c0)
+    np.testing.assert_allclose(h, ys[:, -1], atol=1e-6)
+    grads = jax.grad(lambda p: t.apply({"params": p}, x, c0)[1].sum())(v["params"])
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_two_rnns_and_stacked_layers_get_their_own_params():
+    def model(x):
+        x = fx.nn.RNN(fx.nn.LSTMCell(4))(x)
+        return fx.nn.RNN(fx.nn.GRUCell(3))(x)
+
+    t = fx.transform(model)
+    v = t.init(KEY, rand(2, 5, 3))
+    assert sorted(v["params"]) == ["RNN_0", "RNN_1"]
+    assert t.apply(v, rand(2, 5, 3)).shape == (2, 5, 3)
+
+
+def test_rnn_needs_a_time_axis():
+    with pytest.raises(fx.EffaxError, match="no time axis"):
+        fx.transform(lambda x: fx.nn.RNN(fx.nn.LSTMCell(2))(x)).init(KEY, jnp.ones(3))
