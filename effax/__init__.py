@@ -6,7 +6,7 @@ Model code requests what it needs (`fx.param`, `fx.local_state`,
 """
 
 from effax import checkpoint, handlers, inspect, lift, nn, sharding
-from effax.lift import StackedInit, remat, scan, vmap
+from effax.lift import StackedInit, cond, remat, scan, switch, vmap
 from effax._transform import MultiTransformed, Transformed, multi_transform, transform
 from effax.inspect import Effect, Effects, Summary, VariablesReport, check_variables, effects_of, summary
 from effax.checkpoint import (
@@ -74,7 +74,7 @@ __all__ = [
     "RandomRequest", "StreamKeyRequest", "SideInputRequest", "SideOutputRequest", "ModeRequest",
     "ModuleCallRequest", "InitializingRequest", "CaptureRequest",
     # lifted transforms
-    "scan", "vmap", "remat", "StackedInit",
+    "scan", "vmap", "remat", "cond", "switch", "StackedInit",
     # handlers and discharge
     "Handler", "handle", "handlers", "nn", "transform", "Transformed", "check_variables",
     "multi_transform", "MultiTransformed", "VariablesReport",

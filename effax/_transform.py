@@ -97,6 +97,8 @@ def _entry_point(owner: Any, method: Any) -> Callable[..., Any]:
     return fn if at_root is None else at_root(owner, fn)
 
 
+_cached_entry_point = functools.lru_cache(maxsize=256)(_entry_point)
+
 OPTIONS = ("training", "rngs", "mutable", "handlers", "method", "capture_intermediates")
 
 
@@ -206,7 +208,11 @@ class Transformed:
     def _entry(self, method: Any) -> Callable[..., Any]:
         if method is None:
             return self.fn
-        return _entry_point(self.fn if self.owner is None else self.owner, method)
+        owner = self.fn if self.owner is None else self.owner
+        try:  # one entry per (owner, method): its signature is then inspected once
+            return _cached_entry_point(owner, method)
+        except TypeError:  # an unhashable method
+            return _entry_point(owner, method)
 
     def init(
         self,

@@ -710,6 +710,12 @@ def _abstract_like(like: Any) -> tuple[dict, dict]:
     return jax.tree_util.tree_map_with_path(leaf, dict(like), is_leaf=lambda x: x is None), keys
 
 
+def _echo(error: Any, where: Any) -> bool:
+    """Whether an error reported from elsewhere is an echo of a failed Orbax read (others pass through)."""
+    text = f"{error} {where!r}"
+    return "Event loop is closed" in text or "orbax" in text or "TensorStore" in text
+
+
 class _quiet_orbax:
     """Keep the echoes of a failed read off stderr: Orbax's other reads fail after the first one and
     report "Event loop is closed" and "Exception ignored in <coroutine>" when they are collected."""
@@ -718,9 +724,9 @@ class _quiet_orbax:
         self.collect = collect
 
     def __enter__(self) -> None:
-        self.hooks = sys.unraisablehook, threading.excepthook
-        sys.unraisablehook = lambda *a: None
-        threading.excepthook = lambda *a: None
+        self.hooks = unraisable, excepthook = sys.unraisablehook, threading.excepthook
+        sys.unraisablehook = lambda u: None if _echo(u.exc_value, u.object) else unraisable(u)
+        threading.excepthook = lambda a: None if _echo(a.exc_value, None) else excepthook(a)
 
     def __exit__(self, *exc: Any) -> None:
         try:

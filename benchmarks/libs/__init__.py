@@ -2,6 +2,8 @@
 
 `LIBRARIES` maps a row label to `(module, variant, models)`; a library whose
 package is not installed is skipped by the runner and reported as such.
+The decoding benchmark's two decoders (`effax_decoder`, `pure_jax_decoder`)
+are not in it: `benchmarks/decode.py` runs them.
 """
 
 from __future__ import annotations

@@ -290,8 +290,8 @@ def check_trace(entered: Any, request: Request, action: str) -> None:
     if trace_state() != entered:
         raise TraceMismatchError(
             f"{request.describe()} {action} inside a JAX transform (jax.lax.scan, jax.vmap, "
-            "jax.checkpoint, jax.jit, ...) that was applied inside the model, below the handler "
-            "that answers it: its result would leak out of that trace or repeat on every step. "
-            "Use the lifted transforms `fx.scan`, `fx.vmap` or `fx.remat` inside models, and put "
+            "jax.checkpoint, jax.lax.cond, jax.jit, ...) that was applied inside the model, below the "
+            "handler that answers it: its result would leak out of that trace or repeat on every step. "
+            "Use the lifted transforms `fx.scan`, `fx.vmap`, `fx.remat` or `fx.cond`/`fx.switch` inside models, and put "
             "`jax.jit` around the discharged function (`jax.jit(t.apply)`), not around effect calls."
         )

@@ -169,10 +169,17 @@ def split_presets(handlers: Any) -> tuple[Preset | None, list[Any]]:
 
 def _conflict(preset: Preset, what: str, given: Any) -> EffaxError:
     shown = _brief(given) if what == "rngs" else repr(given)
+    hint = ""
+    if what == "mutable" and not preset.training and given is not True:
+        names = sorted(normalize_mutable(given))  # type: ignore[arg-type]
+        hint = (
+            " For inference state (a decode cache) in eval, name it in the preset: "
+            f"`fx.handlers.eval(mutable={names!r})`."
+        )
     return EffaxError(
         f"{what}={shown} conflicts with the preset {preset!r} in handlers=. A preset sets the "
         f"run's training flag, rngs and mutable collections: drop `{what}=`, or drop the preset "
-        "and pass the options one by one."
+        "and pass the options one by one." + hint
     )
 
 

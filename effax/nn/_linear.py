@@ -175,12 +175,12 @@ class DenseGeneral(Module):
         return y + jnp.reshape(bias, expanded + features)
 
 
-def _tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
+def _tuple(value: int | Sequence[int], n: int, what: str, layer: str = "Conv") -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) * n
     value = tuple(value)
     if len(value) != n:
-        raise EffaxError(f"Conv: {what} {value} has {len(value)} entries, but kernel_size has {n}.")
+        raise EffaxError(f"{layer}: {what} {value} has {len(value)} entries, but kernel_size has {n}.")
     return value
 
 
@@ -319,7 +319,7 @@ class ConvTranspose(Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel_size = _as_tuple(self.kernel_size)
         n = len(kernel_size)
-        broadcast = lambda v, what: (1,) * n if v is None else _tuple(v, n, what)
+        broadcast = lambda v, what: (1,) * n if v is None else _tuple(v, n, what, "ConvTranspose")
         x = jnp.asarray(x)
         if x.ndim < n + 1:
             raise EffaxError(

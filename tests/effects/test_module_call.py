@@ -67,10 +67,11 @@ def test_a_handler_sees_every_call_at_the_module_path_in_call_order():
     t.apply(v, X, handlers=[Record(log)])
     assert log == [
         ("call", "Block_0", "__call__", True),
-        ("call", "Block_0/Dense_0", "__call__", True),
-        ("done", "Block_0/Dense_0", "__call__"),
+        # named where built, as in Flax: the outer Dense of `Dense(.)(Dense(.)(x))` is Dense_0, called second
         ("call", "Block_0/Dense_1", "__call__", True),
         ("done", "Block_0/Dense_1", "__call__"),
+        ("call", "Block_0/Dense_0", "__call__", True),
+        ("done", "Block_0/Dense_0", "__call__"),
         ("done", "Block_0", "__call__"),
         ("call", "Dense_0", "__call__", True),
         ("done", "Dense_0", "__call__"),

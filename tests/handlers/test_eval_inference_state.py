@@ -80,3 +80,8 @@ def test_eval_preset_installed_by_handle_lets_only_named_collections_through():
         with pytest.raises(fx.FrozenStateError, match=r"allows only \['cache'\].*eval\(mutable=\['batch_stats'\]\)"):
             s.set(1)
     assert runs[0].updates()["cache"]["n"] == 1
+
+
+def test_mutable_beside_the_eval_preset_points_to_the_preset_option():
+    with pytest.raises(fx.EffaxError, match=r"name it in the preset: `fx\.handlers\.eval\(mutable=\['cache'\]\)`"):
+        T.apply(V, X, handlers=fx.handlers.eval(), mutable=["cache"])

@@ -40,12 +40,14 @@ def logger(log, tag):
 def test_observe_calls_of_nested_modules():
     log = []
     T.apply(V, X, handlers=[logger(log, "a")])
+    # layers are named where they are built, as in Flax: in `Dense(2)(Dense(4)(x))` the outer Dense(2)
+    # is built first, so it is Dense_0 and the first one called is Dense_1 (named at first call before)
     assert [(w, p) for _, w, p in log] == [
         ("pre", "Block_0"),
-        ("pre", "Block_0/Dense_0"),
-        ("post", "Block_0/Dense_0"),
         ("pre", "Block_0/Dense_1"),
         ("post", "Block_0/Dense_1"),
+        ("pre", "Block_0/Dense_0"),
+        ("post", "Block_0/Dense_0"),
         ("post", "Block_0"),
         ("pre", "Dense_0"),
         ("post", "Dense_0"),

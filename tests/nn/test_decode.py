@@ -123,3 +123,29 @@ def test_cached_greedy_sampling_equals_uncached_for_32_steps():
     a, b = uncached(params), cached(params, cache)
     assert a.shape == (32,) and len(set(np.asarray(a).tolist())) > 1  # a real sequence, not one token repeated
     np.testing.assert_array_equal(a, b)
+
+
+def test_decode_caches_stack_inside_fx_scan_over_layers():
+    """A scanned stack of attention layers keeps one cache per layer, stacked, and decodes as the full pass."""
+
+    def layers(decode):
+        def body(x, _):
+            h = fx.nn.MultiHeadAttention(2, causal=True, decode=decode, name="attn")(fx.nn.LayerNorm(name="ln")(x))
+            return x + h, None
+
+        return lambda x: fx.scan(body, length=3)(x)[0]
+
+    full, dec = fx.transform(layers(False)), fx.transform(layers(True))
+    x = rand(1, 6, 8)
+    v = full.init(KEY, x)
+    cache = dec.init(KEY, x)["cache"]
+    assert shapes(cache) == {"attn": {"cache_index": (3,), "cached_key": (3, 1, 6, 2, 4), "cached_value": (3, 1, 6, 2, 4)}}
+    expected = full.apply(v, x)
+    step = jax.jit(lambda v, x: dec.apply(v, x, handlers=EVAL_CACHE))
+    y, upd = step({**v, "cache": cache}, x[:, :4])
+    np.testing.assert_allclose(y, expected[:, :4], atol=1e-5)
+    for i in range(4, 6):
+        y, upd = step({**v, **upd}, x[:, i : i + 1])
+        np.testing.assert_allclose(y[:, 0], expected[:, i], atol=1e-5)
+    assert upd["cache"]["attn"]["cache_index"].tolist() == [6, 6, 6]
+    assert "cached_key" in str(fx.summary(dec, x))  # the abstract run sees the cache too

@@ -1,0 +1,167 @@
+"""`fx.cond` and `fx.switch`: `jax.lax.cond`/`switch` over effectful branches (Flax's `nn.cond`, `nn.switch`).
+
+Every branch's needs are learned and requested outside, so after `init` the
+variables of *all* branches exist, whichever branch ran (a param only one
+branch uses is still created, as in Flax). When something must be created
+(under init), every branch runs and the results are selected by the index,
+so each branch's variables are made from its own code; otherwise the branches
+run under `jax.lax.switch`, and only the taken one computes. Keys follow the
+branch taken: a path that draws in several branches is given as many keys as
+the branch that draws most, in order. A branch's state `set` writes through
+(an untaken branch leaves the value as it was). Sown values follow the
+branch taken, so every branch must sow the same tags with the same shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effax.core import EffaxError, MISSING, current_stack, path_str
+from effax.inspect import abstract_mode
+from effax.lift._body import Answerer, Needs, Plan, run_lifted
+from effax.lift._transforms import _Crossing, _abstract_results, _hand_back, _learn, _plan, _zeros
+
+_ONE = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
+
+
+def _merge(all_needs: list[Needs]) -> Needs:
+    """The union of the branches' needs: every param and variable, the most draws per path."""
+    merged = Needs()
+    for needs in all_needs:
+        for slot, request in needs.params.items():
+            first = merged.params.setdefault(slot, request)
+            if (first.shape, first.dtype) != (request.shape, request.dtype):
+                raise EffaxError(
+                    f"fx.cond/fx.switch: the branches ask for param `{path_str(slot[1])}` with different specs "
+                    f"({first.spec()} vs {request.spec()}); a path names one variable in every branch."
+                )
+        for slot, need in needs.state.items():
+            first = merged.state.get(slot)
+            if first is None:
+                merged.state[slot] = need
+            else:
+                first.written = first.written or need.written
+                if first.request is None and need.request is not None:
+                    first.request = need.request
+        for slot, count in needs.draws.items():
+            merged.draws[slot] = max(merged.draws.get(slot, 0), count)
+        merged.bases.update(needs.bases)
+    sows = [needs.sows for needs in all_needs]
+    if any(s != sows[0] for s in sows[1:]):
+        raise EffaxError(
+            "fx.cond/fx.switch: the branches sow different values ("
+            + "; ".join(
+                f"branch {i}: " + (", ".join(f"{k[-1]!r} at `{path_str(k[2])}`" for k in s) or "nothing")
+                for i, s in enumerate(sows)
+            )
+            + "). Sown values follow the branch taken, so every branch must sow the same tags with the "
+            "same shapes: sow a placeholder (`jnp.zeros_like(v)`) in the others, or sow after the cond."
+        )
+    merged.sows = dict(sows[0])
+    return merged
+
+
+class _BranchAnswerer(Answerer):
+    """A branch's answerer: what it did not make or write comes back as it went in."""
+
+    def outputs(self) -> list[Any]:
+        found = []
+        for _, what, slot in self.plan.outputs:
+            table = self.params if what == "param" else self.initial if what == "initial" else self.state
+            value = table.get(slot, MISSING)
+            if value is MISSING:
+                value = None if what != "state" or self.plan.state[slot].index is None else self.ins[
+                    self.plan.state[slot].index]
+            found.append(value)
+        return found
+
+
+def _select(index: Any, values: list[Any]) -> Any:
+    if len(values) == 1:
+        return values[0]
+    return jax.tree.map(lambda *vs: jax.lax.select_n(index, *vs), *values)
+
+
+def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -> Any:
+    """`jax.lax.switch` over effectful branches: run `branches[index](*operands)`.
+
+    All branches' variables exist after init whichever runs; see the module
+    docstring for keys, state and sows. `index` is clamped as in `jax.lax.switch`.
+
+    >>> def model(x, i):
+    ...     small = lambda x: x * fx.param("a", jax.nn.initializers.ones, ())
+    ...     big = lambda x: x * fx.param("b", jax.nn.initializers.ones, ()) * 10
+    ...     return fx.switch(i, [small, big], x)
+    >>> t = fx.transform(model)
+    >>> v = t.init(jax.random.key(0), 1.0, 0)
+    >>> sorted(v["params"])
+    ['a', 'b']
+    >>> t.apply(v, 2.0, 1)
+    Array(20., dtype=float32)
+    """
+    branches = list(branches)
+    if not branches or not all(callable(b) for b in branches):
+        raise EffaxError(f"fx.switch takes a non-empty list of functions, got {branches!r}.")
+    outer = current_stack()
+    learned = [_learn(outer, b, operands) for b in branches]
+    structs = [jax.tree.structure(out) for _, out, _ in learned]
+    shapes = [jax.tree.map(lambda s: (s.shape, s.dtype), out) for _, out, _ in learned]
+    if any(s != structs[0] for s in structs[1:]) or any(s != shapes[0] for s in shapes[1:]):
+        raise EffaxError(
+            f"fx.cond/fx.switch: the branches return different shapes ({'; '.join(map(str, shapes))}); like "
+            "`jax.lax.switch`, every branch must return the same structure, shapes and dtypes."
+        )
+    needs = _merge([n for n, _, _ in learned])
+    plan = _plan(needs, outer, _ONE)
+    if abstract_mode():
+        values, sown = _abstract_results(plan, needs, None)
+        _hand_back(plan, outer, values, sown)
+        return _zeros(learned[0][1])
+    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, len(branches) - 1)
+    ins = [v for _, v in plan.inputs]
+    keys: list[tuple] = list(needs.sows)
+
+    def branch(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(ins: list[Any], operands: tuple) -> Any:
+            answerer = _BranchAnswerer(plan, list(ins))
+            out = run_lifted(outer, answerer, fn, *operands)
+            return out, answerer.outputs(), [answerer.sown.get(k, []) for k in keys]
+
+        return run
+
+    if any(p.fresh for p in plan.params.values()) or any(s.fresh for s in plan.state.values()):
+        results = [branch(b)(ins, operands) for b in branches]  # creating: every branch makes its own
+        out = _select(index, [r[0] for r in results])
+        values = []
+        for i, (_, what, _) in enumerate(plan.outputs):
+            made = [r[1][i] for r in results if r[1][i] is not None]
+            values.append(made[0] if what in ("param", "initial") else _select(index, [r[1][i] for r in results]))
+        sown = _select(index, [r[2] for r in results])
+    else:
+        out, values, sown = jax.lax.switch(index, [branch(b) for b in branches], ins, operands)
+    _hand_back(plan, outer, values, list(zip(keys, sown, strict=True)))
+    return out
+
+
+def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands: Any) -> Any:
+    """`jax.lax.cond` over effectful branches: `true_fn(*operands)` if `pred` else `false_fn(*operands)`.
+
+    Both branches' params exist after `init`, whichever branch runs (Flax's
+    `nn.cond`); keys and sown values follow the branch taken, and a branch
+    that writes state writes through.
+
+    >>> def model(x, flip):
+    ...     dense = lambda x: x @ fx.param("w", jax.nn.initializers.ones, (2, 2))
+    ...     return fx.cond(flip, lambda x: -x, dense, x)
+    >>> t = fx.transform(model)
+    >>> v = t.init(jax.random.key(0), jnp.ones(2), True)
+    >>> v["params"]["w"].shape
+    (2, 2)
+    >>> t.apply(v, jnp.ones(2), False)
+    Array([2., 2.], dtype=float32)
+    """
+    return switch(jnp.asarray(pred).astype(jnp.int32), [false_fn, true_fn], *operands)

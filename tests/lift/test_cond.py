@@ -1,0 +1,114 @@
+"""`fx.cond` and `fx.switch`: both branches' variables after init, keys, state and sows follow the branch taken."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effax as fx
+
+KEY = jax.random.key(0)
+ones = jax.nn.initializers.ones
+
+
+def two_branches(x, flip):
+    def left(x):
+        with fx.scope("left"):
+            return jnp.tanh(x @ fx.param("w", jax.nn.initializers.normal(), (3, 3)))
+
+    def right(x):
+        with fx.scope("right"):
+            return x * fx.param("s", ones, (3,)) + fx.param("b", ones, (3,))
+
+    return fx.cond(flip, left, right, x)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_init_creates_both_branches_whichever_runs(flip):
+    t = fx.transform(two_branches)
+    out, v = t.init_with_output(KEY, jnp.ones(3), flip)
+    assert jax.tree.map(jnp.shape, v["params"]) == {"left": {"w": (3, 3)}, "right": {"b": (3,), "s": (3,)}}
+    expected = jnp.tanh(jnp.ones(3) @ v["params"]["left"]["w"]) if flip else jnp.full(3, 2.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_apply_takes_one_branch_under_jit_and_grad():
+    t = fx.transform(two_branches)
+    v = t.init(KEY, jnp.ones(3), True)
+    x = jnp.arange(3.0)
+    np.testing.assert_allclose(jax.jit(t.apply)(v, x, False), x * 1 + 1)
+    np.testing.assert_allclose(jax.jit(t.apply)(v, x, True), jnp.tanh(x @ v["params"]["left"]["w"]), rtol=1e-6)
+    grads = jax.grad(lambda p, flip: t.apply({"params": p}, x, flip).sum())(v["params"], False)
+    np.testing.assert_allclose(grads["right"]["s"], x)
+    np.testing.assert_allclose(grads["left"]["w"], 0.0)
+
+
+def test_keys_follow_the_branch_taken():
+    def drawn(which):
+        def model():
+            a = lambda: jax.random.key_data(fx.next_key("noise"))
+            b = lambda: jax.random.key_data(fx.next_key("noise")) + 0
+            return fx.switch(which, [a, b])
+
+        return model
+
+    direct = fx.transform(lambda: jax.random.key_data(fx.next_key("noise"))).apply({}, rngs=KEY)
+    for which in (0, 1):
+        np.testing.assert_array_equal(fx.transform(drawn(which)).apply({}, rngs=KEY), direct)
+
+
+def test_a_branch_that_writes_state_writes_through():
+    def model(flip):
+        count = fx.local_state("count", lambda: jnp.zeros((), jnp.int32))
+
+        def bump():
+            count.set(count.get() + 1)
+            return count.get()
+
+        return fx.cond(flip, bump, count.get)
+
+    t = fx.transform(model)
+    v = t.init(KEY, True)
+    assert int(v["state"]["count"]) == 0  # init creates, it does not step
+    out, updates = t.apply(v, True, mutable=True)
+    assert (int(out), int(updates["state"]["count"])) == (1, 1)
+    out, updates = jax.jit(lambda v, f: t.apply(v, f, mutable=True))(v, False)
+    assert (int(out), int(updates["state"]["count"])) == (0, 0)
+
+
+def test_sows_follow_the_branch_and_must_agree():
+    def model(flip):
+        return fx.cond(flip, lambda: fx.sow("h", jnp.ones(2)), lambda: fx.sow("h", jnp.zeros(2)))
+
+    t = fx.transform(model)
+    _, updates = t.apply({}, True, mutable=True)
+    np.testing.assert_array_equal(updates["intermediates"]["h"][0], jnp.ones(2))
+    bad = fx.transform(lambda flip: fx.cond(flip, lambda: fx.sow("h", 1.0), lambda: None))
+    with pytest.raises(fx.EffaxError, match="sow the same tags"):
+        bad.apply({}, True, mutable=True)
+
+
+def test_a_raw_lax_cond_around_an_effect_points_to_fx_cond():
+    def model(flip):
+        return jax.lax.cond(flip, lambda: fx.next_key("noise"), lambda: fx.next_key("noise"))
+
+    with pytest.raises(fx.TraceMismatchError, match="fx.cond"):
+        fx.transform(model).apply({}, True, rngs=KEY)
+
+
+def test_branches_that_return_different_shapes_are_refused():
+    with pytest.raises(fx.EffaxError, match="same structure"):
+        fx.transform(lambda f: fx.cond(f, lambda: jnp.zeros(2), lambda: jnp.zeros(3))).apply({}, True)
+
+
+def test_cond_inside_scan_and_summary():
+    def body(h, i):
+        return fx.cond(i % 2 == 0, lambda h: h @ fx.param("even", ones, (2, 2)), lambda h: h, h), None
+
+    t = fx.transform(lambda h: fx.scan(body)(h, jnp.arange(3))[0])
+    v = t.init(KEY, jnp.ones(2))
+    assert v["params"]["even"].shape == (3, 2, 2)
+    np.testing.assert_allclose(t.apply(v, jnp.ones(2)), jnp.full(2, 4.0))
+    assert fx.summary(t, jnp.ones(2)).param_count == 12
