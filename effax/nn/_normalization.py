@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import ShapeMismatchError, path_str
-from effax.effects import is_training, local_state
+from effax.effects import is_initializing, is_training, local_state
 from effax.nn._linear import Initializer
 from effax.nn._module import Module
 from effax.nn._partitioning import layer_param
@@ -120,6 +120,12 @@ class BatchNorm(Module):
     training step passes `mutable=["batch_stats"]` (or the `train` preset)
     and eval reads them frozen. `momentum` weights the old running value,
     as in Flax. `use_running_average` (field or call argument) overrides the mode.
+    `axis_name` averages the statistics over a mapped axis (`jax.shard_map`,
+    `fx.vmap(..., axis_name=...)`, `pmap`), so every device normalizes with
+    the full batch's mean and variance (Flax's `axis_name`); under `init` it
+    is not used, so a model can be initialized outside the mapped axis. Under
+    `jax.jit` with a sharded batch no axis name is needed: the reduction
+    already spans every device.
 
     >>> t = fx.transform(lambda x: fx.nn.BatchNorm()(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((4, 3)))
@@ -140,6 +146,7 @@ class BatchNorm(Module):
     param_dtype: Any = jnp.float32
     bias_init: Initializer = zeros
     scale_init: Initializer = ones
+    axis_name: Any = None
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         x = jnp.asarray(x)
@@ -156,7 +163,11 @@ class BatchNorm(Module):
         if frozen:
             mean, var = _running(mean_state, features), _running(var_state, features)
         else:
-            mean, var = xs.mean(reduce), xs.var(reduce)
+            if self.axis_name is not None and not is_initializing():
+                mean, mean2 = jax.lax.pmean((xs.mean(reduce), (xs * xs).mean(reduce)), self.axis_name)
+                var = jnp.maximum(mean2 - mean * mean, 0.0)
+            else:
+                mean, var = xs.mean(reduce), xs.var(reduce)
             m = self.momentum
             mean_state.set(m * _running(mean_state, features) + (1 - m) * mean)
             var_state.set(m * _running(var_state, features) + (1 - m) * var)

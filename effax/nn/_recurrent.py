@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.lift import scan
-from effax.core import EffaxError
+from effax.core import EffaxError, current_names
 from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
 from effax.nn._module import Module
 
@@ -167,7 +167,9 @@ class RNN(Module):
     """Run a recurrent `cell` over the time axis of a sequence, with `fx.scan`: one set of cell params for all steps.
 
     As Flax's `nn.RNN`: inputs are `(*batch, time, *features)` (or time
-    first with `time_major`), the cell's params live under `cell`, and
+    first with `time_major`), the cell's params live where Flax puts them
+    (under `RNN_0/cell` for a cell built outside the model, as below; under
+    the cell's own name, `LSTMCell_0`, for one built inside a module), and
     `seq_lengths` keeps padded sequences apart (the returned carry is each
     sequence's at its last real step; `reverse` flips only the real steps).
     The loop is `fx.scan(..., params="broadcast")`, so it compiles once
@@ -216,7 +218,12 @@ class RNN(Module):
         n_batch = (inputs.ndim - n_features - 1) if time_major else time_axis
         if reverse:
             inputs = jax.tree.map(lambda x: flip_sequences(x, seq_lengths, n_batch, time_major), inputs)
-        cell = self.cell if self.cell.name is not None else dataclasses.replace(self.cell, name="cell")
+        cell = self.cell
+        names = current_names()
+        if cell.name is None and (names is None or cell not in names.bound):
+            # built outside the model (Flax's top-level `nn.RNN(nn.LSTMCell(4))`): the RNN adopts it as `cell`;
+            # one built inside keeps the name it got there (`LSTMCell_0`, beside `RNN_0`), as in Flax
+            cell = dataclasses.replace(cell, name="cell")
         if initial_carry is None:
             key = jax.random.key(0) if init_key is None else init_key
             step_shape = inputs.shape[:time_axis] + inputs.shape[time_axis + 1 :]

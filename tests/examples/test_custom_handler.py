@@ -13,7 +13,7 @@ def test_custom_handler_example_passes_the_laws_and_catches_the_sloppy_variant()
     assert report["caught"].startswith("effax law `state` does not hold: `get` of ")
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_the_sloppy_variant_is_caught_at_the_defaults_on_every_seed(seed):
     caught = example.catch_sloppy(seed)
     assert caught is not None and caught.startswith("effax law `"), caught

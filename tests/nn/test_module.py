@@ -203,12 +203,16 @@ def test_names_under_a_plain_handle_block_count_across_the_block():
     assert current_names() is None
 
 
-def test_a_nested_transform_is_a_run_of_its_own():
-    inner = fx.transform(lambda x: fx.nn.Dense(2)(x))
+def test_a_hermetic_block_is_a_run_of_its_own():
+    # (this used a nested `t.init`, which is now refused inside a running model; a hermetic block
+    # is what `t.init` opens, so it still shows that names start afresh in a run of their own)
+    from effax.core import hermetic
 
     def outer(x):
         fx.nn.Dense(3)(x)
-        return inner.init(KEY, x)["params"]
+        with hermetic(), fx.handle(fx.handlers.InitParams(KEY)) as (run,):
+            fx.nn.Dense(2)(x)
+        return run.params
 
     assert list(fx.transform(outer).init_with_output(KEY, X)[0]) == ["Dense_0"]
 

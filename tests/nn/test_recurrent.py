@@ -69,3 +69,26 @@ def test_two_rnns_and_stacked_layers_get_their_own_params():
 def test_rnn_needs_a_time_axis():
     with pytest.raises(fx.EffaxError, match="no time axis"):
         fx.transform(lambda x: fx.nn.RNN(fx.nn.LSTMCell(2))(x)).init(KEY, jnp.ones(3))
+
+
+def test_cells_built_inside_a_model_are_named_as_flax_names_them():
+    """Flax binds a cell built in a compact method to that module (`LSTMCell_0`), not to the RNN."""
+
+    class Theirs(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.RNN(nn.LSTMCell(4))(x)
+            x = nn.RNN(nn.GRUCell(3))(x)
+            return nn.RNN(nn.LSTMCell(2), reverse=True)(x)
+
+    class Ours(fx.nn.Module):
+        def __call__(self, x):
+            x = fx.nn.RNN(fx.nn.LSTMCell(4))(x)
+            x = fx.nn.RNN(fx.nn.GRUCell(3))(x)
+            return fx.nn.RNN(fx.nn.LSTMCell(2), reverse=True)(x)
+
+    x = rand(2, 5, 3)
+    fv = Theirs().init(jax.random.key(1), x)
+    t = fx.transform(Ours())
+    assert shapes(jax.eval_shape(t.init, KEY, x)["params"]) == shapes(fv["params"])
+    np.testing.assert_allclose(t.apply(fv, x), Theirs().apply(fv, x), atol=1e-5, rtol=1e-5)
