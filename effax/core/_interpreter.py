@@ -66,6 +66,15 @@ class Request:
     path: Path
 
     hint: ClassVar[str] = "answer it with a handler: `with fx.handle(MyHandler()): ...`"
+    kind: ClassVar[str] = "request"  # one name per request class ("param", "key", ...): its class name by default
+    effect: ClassVar[str] = "request"  # the effect it belongs to ("random" for keys and stream keys)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" not in vars(cls):
+            cls.kind = cls.__name__
+        if "effect" not in vars(cls):
+            cls.effect = cls.kind
 
     def describe(self) -> str:
         """A short human description used in error messages."""
@@ -292,6 +301,7 @@ def check_trace(entered: Any, request: Request, action: str) -> None:
             f"{request.describe()} {action} inside a JAX transform (jax.lax.scan, jax.vmap, "
             "jax.checkpoint, jax.lax.cond, jax.jit, ...) that was applied inside the model, below the "
             "handler that answers it: its result would leak out of that trace or repeat on every step. "
-            "Use the lifted transforms `fx.scan`, `fx.vmap`, `fx.remat` or `fx.cond`/`fx.switch` inside models, and put "
+            "Use the lifted transforms `fx.scan`, `fx.vmap`, `fx.remat` or `fx.cond`/`fx.switch` inside models, "
+            "and put "
             "`jax.jit` around the discharged function (`jax.jit(t.apply)`), not around effect calls."
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from effax.core import Request, current_path, path_str, send
 
@@ -17,6 +17,9 @@ class CaptureRequest(Request):
     installs); unanswered, nothing is captured. Code that runs modules of
     another library (`fx.from_flax`) asks it to capture their calls too.
     """
+
+    kind: ClassVar[str] = "capture"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "capture"  # the effect (family of requests) it belongs to
 
     def describe(self) -> str:
         return f"capture filter at `{path_str(self.path)}`"

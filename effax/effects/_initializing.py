@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 
 from effax.core import Request, current_path, path_str, send
@@ -14,6 +16,9 @@ class InitializingRequest(Request):
     `InitParams` and `AbstractParams` answer True, `LoadParams` False. Unanswered
     (no built-in params handler on the stack) it is False: nothing is being created.
     """
+
+    kind: ClassVar[str] = "initializing"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "initializing"  # the effect (family of requests) it belongs to
 
     def describe(self) -> str:
         return f"`fx.is_initializing()` at `{path_str(self.path)}`"

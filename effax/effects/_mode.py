@@ -12,6 +12,9 @@ from effax.core import Request, current_path, send
 class ModeRequest(Request):
     """Ask whether this run trains."""
 
+    kind: ClassVar[str] = "mode"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "mode"  # the effect (family of requests) it belongs to
+
     hint: ClassVar[str] = (
         "say which mode the run is in: `t.apply(..., training=True)` (or False), a preset "
         "(`handlers=fx.handlers.train(rngs)`), or `fx.handle(fx.handlers.Mode(training=True))`."

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from effax.core import Names, Path, Request, at_path, current_stack, path_str, send, under_stack
 
@@ -39,6 +39,9 @@ class ModuleCallRequest(Request):
     >>> t.apply(v, jnp.ones((1, 2)), handlers=[Double()])
     Array([[4.]], dtype=float32)
     """
+
+    kind: ClassVar[str] = "module_call"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "module_call"  # the effect (family of requests) it belongs to
 
     module: Any
     method: str

@@ -59,6 +59,9 @@ class ParamRequest(Request):
     Array([0., 0., 0.], dtype=float32)
     """
 
+    kind: ClassVar[str] = "param"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "param"  # the effect (family of requests) it belongs to
+
     init: Initializer
     shape: tuple[int, ...]
     dtype: Any

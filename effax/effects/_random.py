@@ -19,6 +19,9 @@ _RANDOM_HINT = (
 class RandomRequest(Request):
     """Draw the next key of `stream` at `path`."""
 
+    kind: ClassVar[str] = "key"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "random"  # the effect (family of requests) it belongs to
+
     stream: str
 
     hint: ClassVar[str] = _RANDOM_HINT
@@ -30,6 +33,9 @@ class RandomRequest(Request):
 @dataclasses.dataclass(frozen=True)
 class StreamKeyRequest(Request):
     """Ask for the base key of `stream` at `path` (for code that derives its own keys)."""
+
+    kind: ClassVar[str] = "stream_key"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "random"  # the effect (family of requests) it belongs to
 
     stream: str
 

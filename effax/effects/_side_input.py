@@ -14,6 +14,9 @@ REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "<required>"})()
 class SideInputRequest(Request):
     """Ask for the side input `tag`; answered by a handler, else `default`."""
 
+    kind: ClassVar[str] = "side_input"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "side_input"  # the effect (family of requests) it belongs to
+
     tag: str
     default: Any = REQUIRED
 

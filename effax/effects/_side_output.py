@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from effax.core import Request, check_name, current_path, path_str, send
 from effax.effects._state import check_collection
@@ -12,6 +12,9 @@ from effax.effects._state import check_collection
 @dataclasses.dataclass(frozen=True, eq=False)
 class SideOutputRequest(Request):
     """Report `value` under `tag` at `path` into `collection`; nothing collecting means a no-op."""
+
+    kind: ClassVar[str] = "sow"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "sow"  # the effect (family of requests) it belongs to
 
     tag: str
     value: Any

@@ -18,6 +18,9 @@ _STATE_HINT = (
 class LocalStateRequest(Request):
     """Declare the variable at `path` in `collection`; `init()` makes it when it does not exist yet."""
 
+    kind: ClassVar[str] = "state"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "state"  # the effect (family of requests) it belongs to
+
     collection: str
     init: Callable[[], Any]
     origin: tuple[str, ...] | None = None  # where the model declared it, if a `fx.share` pass moved it
@@ -33,6 +36,9 @@ class LocalStateRequest(Request):
 class GetStateRequest(Request):
     """Read the current value of the variable at `path` in `collection`."""
 
+    kind: ClassVar[str] = "get"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "state"  # the effect (family of requests) it belongs to
+
     collection: str
 
     hint: ClassVar[str] = _STATE_HINT
@@ -44,6 +50,9 @@ class GetStateRequest(Request):
 @dataclasses.dataclass(frozen=True, eq=False)
 class SetStateRequest(Request):
     """Write a new value to the variable at `path` in `collection`."""
+
+    kind: ClassVar[str] = "set"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "state"  # the effect (family of requests) it belongs to
 
     collection: str
     value: Any

@@ -16,32 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from effax._transform import Transformed
-from effax.inspect._abstract import run_abstractly
 from effax.core import Path, Request, flatten_handlers, handle, hermetic, path_str
-from effax.effects import (
-    GetStateRequest,
-    LocalStateRequest,
-    ModeRequest,
-    ParamRequest,
-    RandomRequest,
-    SetStateRequest,
-    SideInputRequest,
-    SideOutputRequest,
-    StreamKeyRequest,
-)
 from effax.handlers import AbstractParams, CollectSown, FunctionalState, KeysFromRngs, Mode
-
-_KINDS: dict[type, str] = {
-    ParamRequest: "param",
-    LocalStateRequest: "state",
-    GetStateRequest: "get",
-    SetStateRequest: "set",
-    RandomRequest: "key",
-    StreamKeyRequest: "stream_key",
-    SideInputRequest: "side_input",
-    SideOutputRequest: "sow",
-    ModeRequest: "mode",
-}
+from effax.inspect._abstract import run_abstractly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +125,7 @@ def _dtype(dtype: Any) -> Any:
 
 
 def _effect(request: Any, answer: Any) -> Effect:
-    kind = _KINDS.get(type(request), type(request).__name__)
+    kind = request.kind
     fields: dict[str, Any] = {}
     if kind == "param":
         fields = dict(

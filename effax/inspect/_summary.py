@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from effax.inspect._inventory import dtype_name, effects_of
 from effax.core import MISSING, PathTree, path_str
+from effax.inspect._inventory import dtype_name, effects_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Entry:
     """One thing a model asks for at one path: a row of `fx.summary`.
 
     `collection` is the params or state collection, the sow collection, or
-    the random stream; `uses` counts requests (key draws for `rng`, values
+    the random stream; `uses` counts requests (key draws for `random`, values
     for `sow`); `aliases` are the paths a `fx.share` pass tied to this param.
     """
 
@@ -52,7 +52,7 @@ class Entry:
         return self.kind == "param" and (bool(self.aliases) or self.uses > 1)
 
     def note(self) -> str:
-        if self.kind == "rng":
+        if self.kind == "random":
             return f"{self.uses} draw{'s' * (self.uses != 1)}" if self.uses else "base key"
         if self.kind == "sow":
             return f"{self.uses} value{'s' * (self.uses != 1)}"
@@ -100,17 +100,17 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
                 shape, dtype = tuple(leaf.shape), leaf.dtype
                 rows[key] = Entry("state", e.path + names, e.collection, shape, dtype, None, uses)
         elif e.kind in ("key", "stream_key"):
-            key = ("rng", e.path, e.stream)
+            key = ("random", e.path, e.stream)
             old = rows.get(key)
             draws = (0 if old is None else old.uses) + (e.kind == "key")
-            rows[key] = Entry("rng", e.path, e.stream, None, None, None, draws)
+            rows[key] = Entry("random", e.path, e.stream, None, None, None, draws)
         elif e.kind == "sow":
             key = ("sow", e.path + (e.tag,), e.collection)
             old = rows.get(key)
             rows[key] = Entry("sow", key[1], e.collection, e.shape, e.dtype, None, 1 if old is None else old.uses + 1)
         elif e.kind == "side_input":
-            key = ("side input", e.path + (e.tag,), None)
-            rows[key] = Entry("side input", key[1], None, e.shape, e.dtype)
+            key = ("side_input", e.path + (e.tag,), None)
+            rows[key] = Entry("side_input", key[1], None, e.shape, e.dtype)
     variables = {"params": params.root, **{c: tree.root for c, tree in state.items()}}
     return list(rows.values()), variables
 

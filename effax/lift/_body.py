@@ -42,7 +42,6 @@ from effax.core import (
     TraceMismatchError,
     check_trace,
     is_stateless,
-    path_str,
     send,
     trace_state,
     under_stack,

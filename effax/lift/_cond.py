@@ -20,10 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError, MISSING, current_stack, path_str
+from effax.core import MISSING, EffaxError, current_stack, path_str
 from effax.inspect import abstract_mode
-from effax.lift._body import Answerer, Needs, Plan, run_lifted
-from effax.lift._transforms import _Crossing, _abstract_results, _hand_back, _learn, _plan, _zeros
+from effax.lift._body import Answerer, Needs, run_lifted
+from effax.lift._transforms import _abstract_results, _Crossing, _hand_back, _learn, _plan, _zeros
 
 _ONE = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
 

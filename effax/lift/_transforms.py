@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import EffaxError, current_names, current_stack, path_str
-from effax.effects import GetStateRequest, SetStateRequest, SideOutputRequest, StreamKeyRequest, RandomRequest
+from effax.effects import GetStateRequest, RandomRequest, SetStateRequest, SideOutputRequest, StreamKeyRequest
 from effax.inspect import abstract_mode, run_abstractly
 from effax.lift._body import (
     Answerer,
@@ -44,7 +44,6 @@ from effax.lift._body import (
     run_lifted,
     send_at,
 )
-
 
 # --- step 1: learn what the body needs
 

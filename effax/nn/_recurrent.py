@@ -176,7 +176,8 @@ class RNN(Module):
     whatever the length. `split_rngs` is `fx.scan`'s: by default every step
     draws fresh keys (dropout inside a cell).
 
-    >>> t = fx.transform(lambda x: fx.nn.RNN(fx.nn.LSTMCell(4))(x))
+    >>> rnn = fx.nn.RNN(fx.nn.LSTMCell(4))
+    >>> t = fx.transform(lambda x: rnn(x))
     >>> x = jnp.ones((2, 7, 3))                      # batch 2, 7 steps, 3 features
     >>> v = t.init(jax.random.key(0), x)
     >>> v["params"]["RNN_0"]["cell"]["ii"]["kernel"].shape, t.apply(v, x).shape

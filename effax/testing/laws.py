@@ -58,7 +58,7 @@ __all__ = [
     "check_state_laws", "check_forwarding_identity", "check_commutes_with", "check_associativity",
     "check_sharing_laws", "check_purity_under_jit", "check_answers_match_requests", "check_fresh_keys",
     "check_reuse", "check_reference", "performed_effects", "effect_of", "difference", "tolerance",
-    "partner", "resolve", "fresh_copies", "Law", "LAWS",
+    "partner", "resolve", "fresh_copies", "repeated_keys_allowed", "Law", "LAWS", "Subject",
 ]
 
 HandlerLike = Any
@@ -304,6 +304,30 @@ def _changed(request: Any, before: list[tuple[str, Any, list[Any]]]) -> str | No
     return None
 
 
+_REPEATS_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("effax_testing_repeats", default=False)
+
+
+@contextlib.contextmanager
+def repeated_keys_allowed() -> Iterator[None]:
+    """Within the block, the watch does not require fresh keys: for models that ask for repetition.
+
+    Law 11 excepts draws the user asked to repeat (`split_rngs=False` in a
+    lifted transform); a check of such a model runs inside this block.
+
+    >>> from effax.testing.models import Draw
+    >>> class SameKey(fx.Handler):
+    ...     def handle(self, request, forward):
+    ...         return jax.random.key(0) if isinstance(request, fx.RandomRequest) else forward(request)
+    >>> with repeated_keys_allowed():
+    ...     check_determinism(Model([Draw(times=2)]), jnp.ones(2), jax.random.key(0), SameKey)
+    """
+    token = _REPEATS_ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _REPEATS_ALLOWED.reset(token)
+
+
 class _Watch(fx.Handler):
     """Innermost in every run of every check; keeps its runs so a check can read them afterwards."""
 
@@ -423,7 +447,7 @@ class _WatchRun:
         slot = (request.stream, request.path)
         n = self.draws.get(slot, 0)
         self.draws[slot] = n + 1
-        if not _concrete(out):
+        if not _concrete(out) or _REPEATS_ALLOWED.get():
             return
         data = np.asarray(jax.random.key_data(out)).tobytes()
         where = f"draw {n} from stream {request.stream!r} at `{'/'.join(request.path) or '<root>'}`"
@@ -614,7 +638,8 @@ def check_locality(
     for label, b, s in (("init", big[0], small[0]), ("apply", big[1], small[1])):
         params = _common(b.params, s.params)
         case.expect_same(*params, f"{what} a param value the model received in {label}", names)
-        keys = _common(b.keys, s.keys, same_length=True)
+        keys = [{f"{slot}, draw {n}": k for slot, ks in side.items() for n, k in enumerate(ks)}
+                for side in _common(b.keys, s.keys, same_length=True)]
         case.expect_same(*keys, f"{what} a key drawn at a path that was kept, in {label}", names)
 
 
@@ -1093,7 +1118,7 @@ def check_answers_match_requests(
     ...         return out.T if isinstance(request, fx.ParamRequest) else out
     >>> check_answers_match_requests(Model([Param("w0", (2, 3))]), jnp.ones(2), jax.random.key(0), Transposed)
     Traceback (most recent call last):
-    AssertionError: effax law `answers match requests` does not hold: param `w0` (shape (2, 3), float32) was answered with shape (3, 2), float32
+    AssertionError: effax law `answers match requests` does not hold: param `w0` (shape (2, 3), float32) was ...
     ...
     """
     case = _case("answers match requests", model, x, key, handler, training)
@@ -1112,7 +1137,7 @@ def check_fresh_keys(model: Model, x: Any, key: Any, handler: HandlerLike = None
     ...         return jax.random.key(0) if isinstance(request, fx.RandomRequest) else forward(request)
     >>> check_fresh_keys(Model([Draw(times=2)]), jnp.ones(2), jax.random.key(0), SameKey)
     Traceback (most recent call last):
-    AssertionError: effax law `fresh keys` does not hold: draw 1 from stream 'dropout' at `<root>` returned the same key as draw 0 from stream 'dropout' at `<root>`
+    AssertionError: effax law `fresh keys` does not hold: draw 1 from stream 'dropout' at `<root>` returned the same key ...
     ...
     """
     case = _case("fresh keys", model, x, key, handler, training)
@@ -1156,7 +1181,7 @@ def check_reuse(
     ...         return forward(request)
     >>> check_reuse(Model([Sow("h0")]), jnp.ones(2), jax.random.key(0), SowOnce)
     Traceback (most recent call last):
-    AssertionError: effax law `reuse` does not hold: the instance ... gave other results in its 2nd run (apply of the model) than a fresh instance
+    AssertionError: effax law `reuse` does not hold: the instance ... its 2nd run (apply of the model) than a fresh instance
     ...
     """
     case = _case("reuse", model, x, key, None, training)
@@ -1187,7 +1212,7 @@ def check_reuse(
             raise case.fail(
                 f"the instance {', '.join(_name(h) for h in one)} gave other results in its {nth} run "
                 f"({label} of {name}{where}) than a fresh instance",
-                diff + "\n  a handler holds configuration; what one run accumulates belongs on the object "
+                diff + "\na handler holds configuration; what one run accumulates belongs on the object "
                 "`begin()` returns, fresh each time (and never in a mutable default argument)",
             )
 
@@ -1272,7 +1297,7 @@ def check_reference(
     >>> check_reference(model, jnp.ones(2), jax.random.key(0), MyInputs({"mask": 1.0}),
     ...                 fx.handlers.SideInputs({"mask": 1.0}))
     Traceback (most recent call last):
-    AssertionError: effax law `reference` does not hold: the answer to side input 'ctx' at `<root>` in init differs from the reference handler's
+    AssertionError: effax law `reference` does not hold: the answer to side input 'ctx' at `<root>` in init differs ...
     ...
     """
     case = _case("reference", model, x, key, handler, training)

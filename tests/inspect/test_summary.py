@@ -36,22 +36,22 @@ def test_rows_cover_every_kind_with_shapes_dtypes_and_sizes():
     rows = by_path(s)
     assert set(rows) == {
         ("param", "enc/w"), ("param", "enc/b"), ("state", "stats/0"), ("state", "stats/1"),
-        ("rng", "drop"), ("sow", "h"), ("side input", "scale"),
+        ("random", "drop"), ("sow", "h"), ("side_input", "scale"),
     }
     w, b = rows["param", "enc/w"], rows["param", "enc/b"]
     assert (w.shape, w.dtype, w.size, w.nbytes, w.axes) == ((3, 4), jnp.float32, 12, 48, ("embed", "mlp"))
     assert (b.dtype, b.nbytes) == (jnp.bfloat16, 8)
     assert rows["state", "stats/1"].collection == "batch_stats"
-    assert (rows["rng", "drop"].collection, rows["rng", "drop"].uses) == ("dropout", 2)
+    assert (rows["random", "drop"].collection, rows["random", "drop"].uses) == ("dropout", 2)
     assert (rows["sow", "h"].collection, rows["sow", "h"].shape) == ("intermediates", (2, 4))
-    assert rows["side input", "scale"].shape == (4,)
+    assert rows["side_input", "scale"].shape == (4,)
     assert (s.param_count, s.param_bytes, s.state_count, s.state_bytes) == (16, 56, 5, 20)
     assert s.totals() == {"params": (16, 56), "batch_stats": (5, 20)}
 
 
 def test_eval_mode_draws_no_keys():
     kinds = {e.kind for e in fx.summary(fx.transform(model), X).entries}
-    assert "rng" not in kinds
+    assert "random" not in kinds
 
 
 def test_text_table():
@@ -133,7 +133,7 @@ def test_side_inputs_given_through_handlers():
     with pytest.raises(fx.UnhandledEffectError, match="mask"):
         fx.summary(fx.transform(f))
     s = fx.summary(fx.transform(f), handlers=[fx.handlers.SideInputs({"mask": jnp.ones(2, jnp.int32)})])
-    assert by_path(s)["side input", "mask"].dtype == jnp.int32
+    assert by_path(s)["side_input", "mask"].dtype == jnp.int32
 
 
 def test_treescope_rendering():

@@ -267,7 +267,7 @@ def test_cell(feature_name, context_name):
 
 @pytest.mark.slow
 def test_no_tracer_leaks_in_any_context():
-    for context_name, ctx in CONTEXTS.items():
+    for ctx in CONTEXTS.values():
         for feature_name in ("raw effects", "LoRA interceptor", "capture_intermediates"):
             feature = FEATURES[feature_name]
             t = fx.transform(ctx.build(feature.layer))

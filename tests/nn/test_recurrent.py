@@ -37,7 +37,8 @@ def test_rnn_with_seq_lengths_matches_flax(kwargs):
 
 
 def test_rnn_params_are_shared_over_time_and_named_cell():
-    t = fx.transform(lambda x: fx.nn.RNN(fx.nn.GRUCell(4))(x))
+    rnn = fx.nn.RNN(fx.nn.GRUCell(4))  # built outside the model: the RNN adopts its cell as `cell`, as Flax
+    t = fx.transform(lambda x: rnn(x))
     short, long = jax.eval_shape(t.init, KEY, rand(2, 3, 5)), jax.eval_shape(t.init, KEY, rand(2, 50, 5))
     assert shapes(short) == shapes(long)  # no time axis on any param
     assert shapes(short["params"]["RNN_0"]["cell"]["ir"]) == {"kernel": (5, 4), "bias": (4,)}
@@ -62,7 +63,7 @@ def test_two_rnns_and_stacked_layers_get_their_own_params():
 
     t = fx.transform(model)
     v = t.init(KEY, rand(2, 5, 3))
-    assert sorted(v["params"]) == ["RNN_0", "RNN_1"]
+    assert sorted(v["params"]) == ["GRUCell_0", "LSTMCell_0"]  # cells built in the model keep their names
     assert t.apply(v, rand(2, 5, 3)).shape == (2, 5, 3)
 
 

@@ -136,7 +136,7 @@ def test_max_examples_and_budget_set_each_laws_examples_whatever_the_profile():
         return fx.Handler()
 
     settings.register_profile("one example", max_examples=1, derandomize=True)
-    previous = settings._current_profile
+    previous = settings.get_current_profile_name()
     settings.load_profile("one example")
     try:
         assert_handler_laws(factory, max_examples=3, seed=0, only=["determinism"])
