@@ -194,6 +194,18 @@ def test_a_crash_between_the_renames_leaves_the_step_listed(tmp_path, variables)
     assert sorted(os.listdir(tmp_path / "run")) == ["4"]
 
 
+def test_leftovers_of_a_save_still_running_are_left_alone(tmp_path, variables):
+    """A restore (an eval job) beside a save in progress (this process, or another host) touches nothing of it."""
+    fx.checkpoint.save(tmp_path / "run", variables, step=1)
+    running = [f"2.effax-tmp-{os.getpid()}-{fx.checkpoint._host()}", "3.effax-tmp-4242-0badf00d"]
+    for name in running:
+        (tmp_path / "run" / name).mkdir()
+        (tmp_path / "run" / name / "data").write_text("being written")
+    assert_same(fx.checkpoint.restore(tmp_path / "run", like=variables), variables)
+    assert fx.checkpoint.steps(tmp_path / "run") == [1]
+    assert sorted(os.listdir(tmp_path / "run")) == ["1", *sorted(running)]
+
+
 def test_foreign_targets_are_refused_and_kept(tmp_path, variables):
     """A directory that is not an effax checkpoint is never replaced; its files survive every attempt."""
     work = tmp_path / "work"

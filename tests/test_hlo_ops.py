@@ -8,16 +8,13 @@ step adds only the pinned key folds, DESIGN.md's one allowed difference).
 
 import dataclasses
 import functools
-import sys
-from pathlib import Path
 
 import jax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import Spec, count_hlo_ops  # noqa: E402
-from benchmarks.libs import build, missing_packages  # noqa: E402
+# `benchmarks` imports as a package: the root conftest.py puts the repository root on sys.path.
+from benchmarks.common import Spec, count_hlo_ops
+from benchmarks.libs import build, missing_packages
 
 EFFAX = ["effax"] + ([] if missing_packages("effax.nn") else ["effax.nn"])
 SMALL = {"width": 16, "batch": 4, "seq": 8, "d_model": 16, "heads": 2, "mlp_dim": 32}

@@ -171,7 +171,7 @@ def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
         dims = None
     if dims is None or isinstance(shape, str) or bool in map(type, given) or (dims and min(dims) < 0):
         raise ShapeMismatchError(
-            f"param {name!r}: shape must be a tuple of non-negative ints, got {shape!r} "
+            f"param `{path_str(current_path() + (name,))}`: shape must be a tuple of non-negative ints, got {shape!r} "
             f"({type(shape).__name__}). Pass e.g. `fx.param({name!r}, init, (3, 4))`; sizes read from "
             "config or strings need `int(...)` first."
         )
@@ -204,7 +204,8 @@ def param(
     check_name(name, "param")
     if not callable(init):
         raise EffaxError(
-            f"param {name!r}: `init` must be a function `init(key, shape, dtype) -> array`, got "
+            f"param `{path_str(current_path() + (name,))}`: `init` must be a function "
+            "`init(key, shape, dtype) -> array`, got "
             f"{type(init).__name__} {init!r:.40}. Pass an initializer: `jax.nn.initializers.zeros`, "
             "or `jax.nn.initializers.constant(value)` for a fixed starting value."
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from effax._transform import transform
 from effax.core import EffaxError
 from effax.inspect._abstract import run_abstractly
 from effax.inspect._diff import VariablesReport, diff_variables
@@ -28,8 +29,9 @@ def check_variables(
     (side inputs, interceptors that create params, presets) with the given
     variables: the model never runs on them, so any stored value (a
     mis-shaped state, a boxed Flax value, a string) is reported, not
-    raised. Nothing is computed or allocated. Without `rngs`, a dummy key
-    serves every stream; `training` is `init`'s (False when None).
+    raised. Nothing is computed or allocated. `t` is what `fx.transform`
+    returned or the effectful function (as in `fx.summary`). Without `rngs`,
+    a dummy key serves every stream; `training` is `init`'s (False when None).
 
     >>> t = fx.transform(lambda: fx.param("w", jax.nn.initializers.zeros, (2,)))
     >>> print(fx.check_variables(t, {"params": {"v": jnp.zeros(2)}}))
@@ -38,10 +40,12 @@ def check_variables(
     """
     init = getattr(t, "init", None)
     if not callable(init):
-        raise EffaxError(
-            f"fx.check_variables takes what `fx.transform` returned (it compares `t.init`'s variables), "
-            f"got {type(t).__name__}. Wrap a function first: `fx.check_variables(fx.transform(fn), variables, ...)`."
-        )
+        if not callable(t):
+            raise EffaxError(
+                f"fx.check_variables takes a model: what `fx.transform` returned, or the effectful function; "
+                f"got {type(t).__name__}."
+            )
+        init = transform(t).init
     if not isinstance(variables, Mapping):
         raise EffaxError(
             f"`variables` must be a dict like {{'params': {{...}}, 'state': {{...}}}}, got {type(variables).__name__}."

@@ -56,8 +56,10 @@ def test_params_an_interceptor_creates_are_expected_under_its_handlers():
     assert fx.check_variables(t, v, X).unused == ["params:Dense_0/delta"]
 
 
-def test_check_variables_needs_a_transform():
+def test_check_variables_takes_a_transform_or_the_function_like_summary():
     import pytest
 
+    v = fx.transform(model).init(KEY, X, handlers=SIDE)
+    assert fx.check_variables(model, v, X, handlers=SIDE).ok
     with pytest.raises(fx.EffaxError, match="fx.transform"):
-        fx.check_variables(model, {}, X)
+        fx.check_variables(3, {}, X)
