@@ -509,7 +509,11 @@ def _check_target(root: Any, target: Any, step: int | None) -> None:
                       "if it is no longer needed") from None
     if not ours:
         shown = ", ".join(sorted(c.name + ("/" if c.is_dir() else "") for c in children)[:5])
-        what = "an Orbax checkpoint that effax did not write" if _is_checkpoint(target) else f"files ({shown})"
+        what = (
+            "an Orbax checkpoint that effax did not write (by Flax or Orbax, or by an effax without checksums)"
+            if _is_checkpoint(target)
+            else f"files ({shown})"
+        )
         raise _refuse(target, f"it holds {what}")
 
 

@@ -44,6 +44,11 @@ def param_model(init=zeros, shape=(2,)):
     return fx.transform(lambda: fx.param("w", init, shape))
 
 
+def scoped_str_shape():
+    with fx.scope("encoder"):
+        return fx.param("w", zeros, "4")
+
+
 MISTAKES = [
     # stored state of the wrong shape or dtype: an error with the path, not a reshape TypeError
     ("bn-stats-shape-eval", lambda: bn.apply(stats(jnp.zeros(5), jnp.ones(5)), X, training=False),
@@ -91,9 +96,11 @@ MISTAKES = [
      r"state `s` in collection 'other' is not created: `t.init\(..., mutable=...\)` leaves collection 'other' out"),
     # param shapes and layer sizes
     ("shape-str", lambda: param_model(shape="ab").init(KEY),
-     fx.ShapeMismatchError, r"param 'w': shape must be a tuple of non-negative ints, got 'ab'"),
+     fx.ShapeMismatchError, r"param `w`: shape must be a tuple of non-negative ints, got 'ab'"),
     ("shape-float", lambda: param_model(shape=(2.5,)).init(KEY),
-     fx.ShapeMismatchError, r"param 'w': shape must be a tuple of non-negative ints, got \(2.5,\)"),
+     fx.ShapeMismatchError, r"param `w`: shape must be a tuple of non-negative ints, got \(2.5,\)"),
+    ("shape-names-the-path", lambda: fx.transform(scoped_str_shape).init(KEY),
+     fx.ShapeMismatchError, r"param `encoder/w`: shape must be"),
     ("shape-negative", lambda: param_model(shape=(-1,)).init(KEY), fx.ShapeMismatchError, r"got \(-1,\)"),
     ("shape-bool", lambda: param_model(shape=(True,)).init(KEY), fx.ShapeMismatchError, r"got \(True,\)"),
     ("Dense-str", lambda: fx.nn.Dense("4"),
@@ -104,9 +111,9 @@ MISTAKES = [
     # initializers that are not functions
     ("param-init-not-callable", lambda: param_model(init=0.0).init(KEY),
      fx.EffaxError,
-     r"param 'w': `init` must be a function `init\(key, shape, dtype\) -> array`, got float 0.0.*constant"),
+     r"param `w`: `init` must be a function `init\(key, shape, dtype\) -> array`, got float 0.0.*constant"),
     ("state-init-not-callable", lambda: fx.transform(lambda: fx.local_state("s", 0.0)).init(KEY),
-     fx.EffaxError, r"state 's': `init` must be a function `init\(\) -> initial value`.*lambda: jnp.zeros"),
+     fx.EffaxError, r"state `s`: `init` must be a function `init\(\) -> initial value`.*lambda: jnp.zeros"),
     # another transform's init/apply inside a model
     ("nested-init", lambda: fx.transform(nested_init).init(KEY, X),
      fx.EffaxError, r"`t.init` of a transformed model was called inside a model that `t.init` is running.*directly"),

@@ -171,7 +171,8 @@ def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
         dims = None
     if dims is None or isinstance(shape, str) or bool in map(type, given) or (dims and min(dims) < 0):
         raise ShapeMismatchError(
-            f"param `{path_str(current_path() + (name,))}`: shape must be a tuple of non-negative ints, got {shape!r} "
+            f"param `{path_str(current_path() + (name,))}`: shape must be a tuple of non-negative ints, "
+            f"got {shape!r} "
             f"({type(shape).__name__}). Pass e.g. `fx.param({name!r}, init, (3, 4))`; sizes read from "
             "config or strings need `int(...)` first."
         )

@@ -106,8 +106,9 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
     check_name(name, "state")
     if not callable(init):
         raise EffaxError(
-            f"state `{path_str(current_path() + (name,))}`: `init` must be a function `init() -> initial "
-            f"value`, called only when the variable does not exist yet; got {type(init).__name__} {init!r:.40}. Wrap the value: "
+            f"state `{path_str(current_path() + (name,))}`: `init` must be a function `init() -> "
+            "initial value`, called only when the variable does not exist yet; got "
+            f"{type(init).__name__} {init!r:.40}. Wrap the value: "
             f"`fx.local_state({name!r}, lambda: jnp.zeros(()))`."
         )
     check_collection(collection, f"state {name!r}")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from effax.core import MISSING, EffaxError, current_stack, path_str
 from effax.inspect import abstract_mode
 from effax.lift._body import Answerer, Needs, run_lifted
-from effax.lift._transforms import _abstract_results, _Crossing, _hand_back, _learn, _plan, _zeros
+from effax.lift._transforms import _abstract_results, _Crossing, _hand_back, _learn, _names_snapshot, _plan, _zeros
 
 _ONE = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
 
@@ -107,7 +107,12 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     if not branches or not all(callable(b) for b in branches):
         raise EffaxError(f"fx.switch takes a non-empty list of functions, got {branches!r}.")
     outer = current_stack()
-    learned = [_learn(outer, b, operands) for b in branches]
+    restore = _names_snapshot()  # branches are named in order, as the real pass traces them: learn them so too
+    try:
+        learned = [_learn(outer, b, operands, rollback=False) for b in branches]
+    finally:
+        if restore is not None:
+            restore()
     structs = [jax.tree.structure(out) for _, out, _ in learned]
     shapes = [jax.tree.map(lambda s: (s.shape, s.dtype), out) for _, out, _ in learned]
     if any(s != structs[0] for s in structs[1:]) or any(s != shapes[0] for s in shapes[1:]):
@@ -164,4 +169,5 @@ def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *
     >>> t.apply(v, jnp.ones(2), False)
     Array([2., 2.], dtype=float32)
     """
-    return switch(jnp.asarray(pred).astype(jnp.int32), [false_fn, true_fn], *operands)
+    index = jnp.where(jnp.asarray(pred), 0, 1)  # true_fn first: layers made inline are named in reading order
+    return switch(index, [true_fn, false_fn], *operands)

@@ -49,14 +49,18 @@ from effax.lift._body import (
 
 
 def _learn(
-    outer: tuple[Any, ...], body: Callable[..., Any], args: tuple, wrap: Callable[[Callable], Callable] | None = None
+    outer: tuple[Any, ...],
+    body: Callable[..., Any],
+    args: tuple,
+    wrap: Callable[[Callable], Callable] | None = None,
+    rollback: bool = True,
 ) -> tuple[Needs, Any, tuple[int, ...]]:
     """`body(*args)` under a `Recorder` and `jax.eval_shape` (and `wrap`, e.g. a `jax.vmap`): nothing is computed.
 
     Returns what the body needs, its output's shapes, and the shape of a
     scalar probe under `wrap` (a vmap's axis size, as JAX infers it). Module
-    auto-names counted here are rolled back when the real pass follows, so
-    it names the layers it creates exactly as this one did.
+    auto-names counted here are rolled back (unless `rollback=False`) when
+    the real pass follows, so it names the layers it creates as this one did.
     """
     found: list[Needs] = []
 
@@ -66,15 +70,28 @@ def _learn(
         found.append(recorder.needs)
         return out, jnp.zeros(())
 
-    names = None if abstract_mode() else current_names()
-    counters = None if names is None else {parent: dict(c) for parent, c in names.frame.items()}
+    restore = _names_snapshot() if rollback else None
     try:
         out, size = run_abstractly(run, *args, wrap=wrap, learn_only=True)
     finally:
-        if names is not None:
-            names.frame.clear()
-            names.frame.update(counters)
+        if restore is not None:
+            restore()
     return found[-1], out, size.shape
+
+
+def _names_snapshot() -> Callable[[], None] | None:
+    """A function putting the module auto-name counters back as they are now (None in abstract mode: no real
+    pass follows, so the learning pass's names stand)."""
+    names = None if abstract_mode() else current_names()
+    if names is None:
+        return None
+    counters = {parent: dict(c) for parent, c in names.frame.items()}
+
+    def restore() -> None:
+        names.frame.clear()
+        names.frame.update(counters)
+
+    return restore
 
 
 # --- step 2: request what it needs from the handlers outside

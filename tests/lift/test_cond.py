@@ -112,3 +112,16 @@ def test_cond_inside_scan_and_summary():
     assert v["params"]["even"].shape == (3, 2, 2)
     np.testing.assert_allclose(t.apply(v, jnp.ones(2)), jnp.full(2, 4.0))
     assert fx.summary(t, jnp.ones(2)).param_count == 12
+
+
+def test_layers_made_inline_in_each_branch_get_their_own_names():
+    def model(x, flip):
+        return fx.cond(flip, lambda x: fx.nn.Dense(2)(x), lambda x: fx.nn.Dense(2)(x) * 2, x)
+
+    t = fx.transform(model)
+    v = t.init(KEY, jnp.ones(3), True)
+    assert sorted(v["params"]) == ["Dense_0", "Dense_1"]
+    np.testing.assert_allclose(t.apply(v, jnp.ones(3), False),
+                               2 * (jnp.ones(3) @ v["params"]["Dense_1"]["kernel"] + v["params"]["Dense_1"]["bias"]),
+                               rtol=1e-6)
+    assert fx.summary(t, jnp.ones(3), True).param_count == 16
