@@ -125,10 +125,11 @@ def _keyword_options(fn: Any, bound: bool) -> tuple[tuple[str, int | None], ...]
 def _check_options(entry: Callable[..., Any], args: tuple, call: str) -> None:
     """Refuse a model keyword named like an option: effax would take it, and the model would never see it."""
     bound = inspect.ismethod(entry)
+    fn = entry.__func__ if bound else entry
     try:
-        clashes = _keyword_options(entry.__func__ if bound else entry, bound)
+        clashes = _keyword_options(fn, bound)
     except TypeError:  # unhashable: inspect it now
-        clashes = _keyword_options.__wrapped__(entry, False)
+        clashes = _keyword_options.__wrapped__(fn, bound)
     for name, position in clashes:
         if position is not None and position < len(args):
             continue  # given positionally: it reaches the model, nothing is taken

@@ -31,7 +31,6 @@ What a save may touch, and when (the contract's "Checkpoints lose nothing"):
 
 from __future__ import annotations
 
-import difflib
 import gc
 import json
 import os
@@ -49,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effax.core import EffaxError
+from effax.inspect._diff import diff_specs
 
 __all__ = [
     "CheckpointCorruptError",
@@ -642,38 +642,25 @@ def _spec(x: Any) -> str:
 
 
 def _compare(where: Any, like: dict, stored: dict, strict: bool, kinds: tuple[dict, dict | None]) -> None:
-    # entry -> "key<impl>" for typed keys; None: the checkpoint does not say (not written by effax)
-    like_kind, stored_kind = kinds
-    missing, unexpected, mis_shaped, mis_typed = [], [], [], []
-    for name, want in like.items():
-        have = stored.get(name)
-        if have is None:
-            near = difflib.get_close_matches(name, [n for n in stored if n not in like], n=1, cutoff=0.6)
-            missing.append(f"{name} ({_spec(want)})" + (f"; the checkpoint has {near[0]!r}" if near else ""))
-            continue
-        if tuple(have.shape) != tuple(want.shape):
-            mis_shaped.append(f"{name}: like {tuple(want.shape)}, checkpoint {tuple(have.shape)}")
-        want_type = like_kind.get(name, jnp.dtype(want.dtype).name)
-        have_type = (stored_kind or {}).get(name, jnp.dtype(have.dtype).name)
-        if jnp.dtype(have.dtype) != jnp.dtype(want.dtype) or (
-            stored_kind is not None and want_type != have_type
-        ):
-            mis_typed.append(f"{name}: like {want_type}, checkpoint {have_type}")
-    if strict:
-        unexpected = [f"{name} ({_spec(have)})" for name, have in stored.items() if name not in like]
-    problems = len(missing) + len(unexpected) + len(mis_shaped) + len(mis_typed)
-    if not problems:
+    """Report every mismatch between `like` and the checkpoint at once, through the one tree diff."""
+    like_kind, stored_kind = kinds  # entry -> "key<impl>" for typed keys; None: not written by effax
+    # a checkpoint not written by effax does not say which arrays are keys: compare their data's dtype
+    want_kind = like_kind if stored_kind is not None else {}
+    report = diff_specs(like, stored, labels=("like", "checkpoint"), unused=strict,
+                        dtypes=(want_kind, stored_kind or {}))
+    if report.ok:
         return
+    problems = report.problems
     lines = [f"the checkpoint at `{where}` does not match `like` ({problems} problem{'s' * (problems > 1)}):"]
-    for label, items in (("missing", missing), ("unexpected", unexpected),
-                         ("mis-shaped", mis_shaped), ("mis-typed", mis_typed)):
-        lines.extend(f"  {label}: {item}" for item in items)
+    lines += [f"  {line}" for line in report.lines(unused="unexpected")]
     lines.append(
         "Restore into variables of the model and config that wrote it (`like=jax.eval_shape(t.init, "
         "key, x)`), convert the checkpoint, or pass `strict=False` to skip entries `like` does not "
         "name (an optimizer state saved beside the params)."
     )
-    raise CheckpointMismatchError("\n".join(lines), missing, unexpected, mis_shaped, mis_typed)
+    raise CheckpointMismatchError(
+        "\n".join(lines), report.missing, report.unused, report.mis_shaped, report.mis_typed
+    )
 
 
 def _key_dtype(impl: str, data: Any) -> str:
@@ -814,7 +801,7 @@ def restore(
     >>> fx.checkpoint.restore(d, like={"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}})
     Traceback (most recent call last):
     effax.CheckpointMismatchError: the checkpoint at `...` does not match `like` (1 problem):
-      mis-shaped: params:w: like (3,), checkpoint (2,)
+      mis-shaped: params:w: like float32[3], checkpoint float32[2]
     ...
     """
     ocp = _orbax()

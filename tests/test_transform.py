@@ -173,10 +173,10 @@ def test_check_variables_lists_every_problem_at_once():
     }
     report = fx.check_variables(t, bad, x)
     assert not report.ok
-    assert report.missing == ["params:dense/bias (float32[3])"]
-    assert report.unused == ["params:dense/bais"]
-    assert report.mis_shaped == ["params:dense/kernel: expected float32[2, 3], found float32[5, 3]"]
-    assert report.mis_typed == ["stats:mean: expected float32[3], found int32[3]"]
+    assert report.missing == ["params:dense/bias (float32[3]); nearest in the variables: 'params:dense/bais'"]
+    assert report.unused == ["params:dense/bais (float32[3])"]
+    assert report.mis_shaped == ["params:dense/kernel: model float32[2, 3], variables float32[5, 3]"]
+    assert report.mis_typed == ["stats:mean: model float32[3], variables int32[3]"]
     assert fx.check_variables(t, v, x).ok
     assert "missing: params:dense/bias" in str(report)
 

@@ -35,8 +35,8 @@ def check_variables(
 
     >>> t = fx.transform(lambda: fx.param("w", jax.nn.initializers.zeros, (2,)))
     >>> print(fx.check_variables(t, {"params": {"v": jnp.zeros(2)}}))
-    missing: params:w (float32[2])
-    unused: params:v
+    missing: params:w (float32[2]); nearest in the variables: 'params:v'
+    unused: params:v (float32[2])
     """
     init = getattr(t, "init", None)
     if not callable(init):

@@ -1,8 +1,14 @@
-"""One tree diff: what a model expects against what a variables tree (or a checkpoint) holds."""
+"""One tree diff: what a model expects against what variables (or a checkpoint) hold.
+
+`fx.check_variables` and `fx.checkpoint.restore` report through it, so a
+mismatch reads the same wherever it is found: entries as `collection:a/b/c`,
+arrays as `float32[3, 4]`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,12 +20,12 @@ from effax.core import path_str
 
 @dataclasses.dataclass
 class VariablesReport:
-    """Every difference between expected and found variables at once, paths as `collection:a/b/c`.
+    """Every difference between expected and found variables at once, entries as `collection:a/b/c`.
 
     >>> expected = {"params": {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}}
     >>> print(fx.inspect.diff_variables(expected, {"params": {"w": jnp.zeros(3), "v": 1.0}}))
-    unused: params:v
-    mis-shaped: params:w: expected float32[2], found float32[3]
+    unused: params:v (float32[])
+    mis-shaped: params:w: model float32[2], variables float32[3]
     """
 
     missing: list[str] = dataclasses.field(default_factory=list)
@@ -31,18 +37,24 @@ class VariablesReport:
     def ok(self) -> bool:
         return not (self.missing or self.unused or self.mis_shaped or self.mis_typed)
 
-    def __str__(self) -> str:
-        if self.ok:
-            return "variables match the model"
-        parts = []
+    @property
+    def problems(self) -> int:
+        return len(self.missing) + len(self.unused) + len(self.mis_shaped) + len(self.mis_typed)
+
+    def lines(self, unused: str = "unused") -> list[str]:
+        """One line per problem, labelled; `unused` names the unused entries (a checkpoint says "unexpected")."""
+        out = []
         for label, items in (
             ("missing", self.missing),
-            ("unused", self.unused),
+            (unused, self.unused),
             ("mis-shaped", self.mis_shaped),
             ("mis-typed", self.mis_typed),
         ):
-            parts.extend(f"{label}: {item}" for item in items)
-        return "\n".join(parts)
+            out.extend(f"{label}: {item}" for item in items)
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines()) if not self.ok else "variables match the model"
 
 
 def _is_box(x: Any) -> bool:
@@ -50,94 +62,87 @@ def _is_box(x: Any) -> bool:
     return callable(getattr(x, "unbox", None)) and not isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
 
 
-def _spec(x: Any) -> str | None:
-    """`float32[2, 3]` for an array-like leaf, None for anything else."""
+def _type(x: Any) -> str | None:
+    """The dtype name of an array-like leaf (`float32`, `key<fry>`), None for anything else."""
     if isinstance(x, (bool, int, float, complex)):
         x = jnp.asarray(x)
-    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-    if shape is None or dtype is None:
+    dtype = getattr(x, "dtype", None)
+    if getattr(x, "shape", None) is None or dtype is None:
         return None
     if not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         dtype = jax.dtypes.canonicalize_dtype(dtype)
-    return f"{getattr(dtype, 'name', dtype)}[{', '.join(map(str, shape))}]"
+    return str(getattr(dtype, "name", dtype))
 
 
-def _leaves(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
-    """`(path, leaf)` pairs below a non-dict node (a tuple state, a custom pytree), boxes kept whole."""
-    found = jax.tree.leaves_with_path(tree, is_leaf=_is_box)
-    return [(tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in p), v) for p, v in found]
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(jnp.shape(x)) if isinstance(x, (bool, int, float, complex)) else tuple(x.shape)
 
 
-def _compare(report: VariablesReport, name: str, expected: Any, found: Any) -> None:
-    if _is_box(found):
-        report.mis_typed.append(
-            f"{name}: expected {_spec(expected)}, found a boxed Flax value ({type(found).__name__}); unbox the "
-            "variables first: `flax.linen.meta.unbox(variables)`"
-        )
-        return
-    want, got = _spec(expected), _spec(found)
-    if got is None:
-        report.mis_typed.append(f"{name}: expected {want}, found a {type(found).__name__}, not an array")
-    elif tuple(expected.shape) != tuple(jnp.shape(found)):
-        report.mis_shaped.append(f"{name}: expected {want}, found {got}")
-    elif want != got:
-        report.mis_typed.append(f"{name}: expected {want}, found {got}")
+def spec(x: Any, dtype: str | None = None) -> str:
+    """`float32[3, 4]` for an array-like leaf (with `dtype` in place of its own), its type name otherwise."""
+    name = dtype or _type(x)
+    if name is None:
+        return f"a boxed Flax value ({type(x).__name__})" if _is_box(x) else f"a {type(x).__name__}, not an array"
+    shape = _shape(x)
+    if name.startswith("key<") and not (_type(x) or "").startswith("key<"):
+        shape = shape[:-1]  # keys stored as their data: one trailing dimension of words
+    return f"{name}[{', '.join(map(str, shape))}]"
 
 
-def _walk(report: VariablesReport, prefix: tuple[str, ...], expected: Any, found: Any, collection: str) -> None:
-    name = f"{collection}:{path_str(prefix)}"
-    if isinstance(expected, Mapping):
-        if not isinstance(found, Mapping):
-            report.mis_shaped.append(f"{name}: expected a scope {{{', '.join(map(str, expected))}}}, found "
-                                     f"{_spec(found) or type(found).__name__}")
-            return
-        for key, sub in expected.items():
-            if key in found:
-                _walk(report, prefix + (str(key),), sub, found[key], collection)
-            else:
-                for path, leaf in _leaves(sub) if not isinstance(sub, Mapping) else _flat(sub):
-                    report.missing.append(f"{collection}:{path_str(prefix + (str(key),) + path)} ({_spec(leaf)})")
-        for key in found:
-            if key not in expected:
-                report.unused.append(f"{collection}:{path_str(prefix + (str(key),))}")
-        return
-    if isinstance(expected, jax.ShapeDtypeStruct) or hasattr(expected, "shape"):
-        _compare(report, name, expected, found)
-        return
-    want, got = _leaves(expected), _leaves(found)
-    if [p for p, _ in want] != [p for p, _ in got]:
-        report.mis_shaped.append(
-            f"{name}: expected {[_spec(v) for _, v in want]}, found {[_spec(v) or type(v).__name__ for _, v in got]}"
-        )
-        return
-    for (path, e), (_, f) in zip(want, got, strict=True):
-        _compare(report, f"{collection}:{path_str(prefix + path)}", e, f)
-
-
-def _flat(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
-    out = []
-    for key, sub in tree.items():
-        if isinstance(sub, Mapping):
-            out += [((str(key),) + p, v) for p, v in _flat(sub)]
-        else:
-            out += [((str(key),) + p, v) for p, v in _leaves(sub)]
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"collection:a/b": leaf}` for a variables tree; a Flax box or a non-array value is one leaf."""
+    out: dict[str, Any] = {}
+    for collection, sub in tree.items():
+        if not isinstance(sub, Mapping):
+            out[str(collection)] = sub
+            continue
+        for path, leaf in jax.tree.leaves_with_path(sub, is_leaf=lambda x: _is_box(x) or x is None):
+            names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            out[f"{collection}:{path_str(names)}"] = leaf
     return out
 
 
+def diff_specs(
+    expected: Mapping[str, Any],
+    found: Mapping[str, Any],
+    *,
+    labels: tuple[str, str] = ("expected", "found"),
+    unused: bool = True,
+    dtypes: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {}),
+) -> VariablesReport:
+    """Compare two flat maps `entry -> leaf`: what is missing, unused, mis-shaped or mis-typed.
+
+    `labels` say what each side is in the messages; `dtypes` override the
+    dtype shown for some entries (a checkpoint stores keys as their data).
+    """
+    report = VariablesReport()
+    want_label, have_label = labels
+    extra = [n for n in found if n not in expected]
+    for name, want in expected.items():
+        if name not in found:
+            near = difflib.get_close_matches(name, extra, n=1, cutoff=0.6)
+            hint = f"; nearest in the {have_label}: {near[0]!r}" if near else ""
+            report.missing.append(f"{name} ({spec(want, dtypes[0].get(name))}){hint}")
+            continue
+        have = found[name]
+        want_type, have_type = dtypes[0].get(name, _type(want)), dtypes[1].get(name, _type(have))
+        shown = f"{name}: {want_label} {spec(want, want_type)}, {have_label} {spec(have, have_type)}"
+        if have_type is None or _is_box(have):
+            report.mis_typed.append(shown + ("; unbox the variables first: `flax.linen.meta.unbox(variables)`"
+                                             if _is_box(have) else ""))
+        elif _shape(want) != _shape(have):
+            report.mis_shaped.append(shown)
+        elif want_type != have_type:
+            report.mis_typed.append(shown)
+    if unused:
+        report.unused = [f"{name} ({spec(found[name], dtypes[1].get(name))})" for name in extra]
+    return report
+
+
 def diff_variables(expected: Mapping[str, Any], found: Mapping[str, Any]) -> VariablesReport:
-    """Compare a tree of expected shapes (`jax.eval_shape(t.init, ...)`) with stored variables, by collection.
+    """Compare a tree of expected shapes (`jax.eval_shape(t.init, ...)`) with stored variables.
 
     Reports every missing, unused, mis-shaped and mis-typed entry (a Flax box
     or a non-array leaf counts as mis-typed); nothing is run.
     """
-    report = VariablesReport()
-    for collection, tree in expected.items():
-        if collection in found:
-            _walk(report, (), tree, found[collection], collection)
-        elif isinstance(tree, Mapping):
-            report.missing += [f"{collection}:{path_str(p)} ({_spec(v)})" for p, v in _flat(tree)]
-    for collection, tree in found.items():
-        if collection not in expected:
-            flat = _flat(tree) if isinstance(tree, Mapping) else [((), tree)]
-            report.unused += [f"{collection}:{path_str(p)}" for p, _ in flat] or [f"{collection}:"]
-    return report
+    return diff_specs(flatten(expected), flatten(found), labels=("model", "variables"))

@@ -70,7 +70,7 @@ class Sequential(Module):
     named inside this one's scope (`Sequential_0/Dense_0`).
 
     >>> model = fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu, fx.nn.Dense(1)])
-    >>> v = fx.transform(model).init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> v = fx.transform(lambda x: model(x)).init(jax.random.key(0), jnp.ones((2, 3)))
     >>> sorted(v["params"]["Sequential_0"])
     ['Dense_0', 'Dense_1']
     """

@@ -26,7 +26,7 @@ def test_a_mis_shaped_state_is_reported_not_raised():
     v = t.init(KEY, X, handlers=SIDE)
     bad = {**v, "stats": {"mean": jnp.zeros((2, 4))}}
     report = fx.check_variables(t, bad, X, handlers=SIDE)
-    assert report.mis_shaped == ["stats:mean: expected float32[4], found float32[2, 4]"]
+    assert report.mis_shaped == ["stats:mean: model float32[4], variables float32[2, 4]"]
     assert fx.check_variables(t, v, X, handlers=SIDE).ok
 
 
@@ -37,9 +37,9 @@ def test_boxed_flax_values_and_strings_are_reported():
     boxed = {**v, "params": {"Dense_0": {"kernel": linen.LogicallyPartitioned(kernel, ("a", "b")), "bias": "zeros"}}}
     report = fx.check_variables(t, boxed, X, handlers=SIDE)
     bias, kernel = sorted(report.mis_typed)
-    assert kernel.startswith("params:Dense_0/kernel: expected float32[3, 4], found a boxed Flax value")
+    assert kernel.startswith("params:Dense_0/kernel: model float32[3, 4], variables a boxed Flax value")
     assert "unbox" in kernel and len(kernel) < 250
-    assert bias == "params:Dense_0/bias: expected float32[4], found a str, not an array"
+    assert bias == "params:Dense_0/bias: model float32[4], variables a str, not an array"
 
 
 def test_params_an_interceptor_creates_are_expected_under_its_handlers():
@@ -53,7 +53,7 @@ def test_params_an_interceptor_creates_are_expected_under_its_handlers():
     t = fx.transform(lambda x: fx.nn.Dense(4)(x))
     v = t.init(KEY, X, handlers=[Adapter()])
     assert fx.check_variables(t, v, X, handlers=[Adapter()]).ok
-    assert fx.check_variables(t, v, X).unused == ["params:Dense_0/delta"]
+    assert fx.check_variables(t, v, X).unused == ["params:Dense_0/delta (float32[4])"]
 
 
 def test_check_variables_takes_a_transform_or_the_function_like_summary():
