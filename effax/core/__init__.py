@@ -16,6 +16,7 @@ from effax.core._interpreter import (
     Handler,
     Path,
     Request,
+    answers_of,
     at_path,
     check_name,
     check_trace,
@@ -37,7 +38,7 @@ from effax.core._tree import MISSING, PathTree, copy_scopes, flatten_paths, get_
 __all__ = [
     "EffaxError", "FrozenStateError", "InvalidNameError", "MissingRngError", "MissingVariableError",
     "ParamConflictError", "ShapeMismatchError", "ShareError", "TraceMismatchError",
-    "UnhandledEffectError", "Handler", "Path", "Request", "at_path", "check_name", "check_trace",
+    "UnhandledEffectError", "Handler", "answers_of", "Path", "Request", "at_path", "check_name", "check_trace",
     "current_path", "current_stack", "under_stack", "flatten_handlers", "handle", "hermetic", "is_stateless",
     "path_str", "scope",
     "send", "trace_state", "MISSING", "PathTree", "copy_scopes", "flatten_paths", "get_path", "nearest_paths",

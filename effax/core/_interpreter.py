@@ -89,7 +89,10 @@ class Handler:
 
     A handler holds configuration. Entering it (`fx.handle`) calls `begin()`;
     a stateless handler returns itself, a stateful one returns a fresh run
-    object that holds what one run accumulates and answers `handle`.
+    object that holds what one run accumulates and answers `handle`. A class
+    that sets `answers = (fx.ParamRequest, ...)` is sent only those request
+    classes (checked once, on entry); with `answers = None`, the default, it
+    sees every request, module calls included.
 
     >>> class Double(fx.Handler):
     ...     def handle(self, request, forward):
@@ -100,6 +103,8 @@ class Handler:
     6
     """
 
+    answers: ClassVar[tuple[type[Request], ...] | None] = None
+
     def begin(self) -> Any:
         return self
 
@@ -107,7 +112,30 @@ class Handler:
         return forward(request)
 
 
+def answers_of(run: Any) -> tuple[type[Request], ...] | None:
+    """The request classes `run` declares it answers (its `answers`), or None: it sees every request."""
+    return getattr(run, "answers", None)
+
+
+def _check_answers(run: Any) -> None:
+    answers = answers_of(run)
+    if answers is None or (
+        isinstance(answers, tuple) and all(isinstance(a, type) and issubclass(a, Request) for a in answers)
+    ):
+        return
+    raise EffaxError(
+        f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
+        "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
+    )
+
+
 def _dispatch(stack: tuple[Any, ...], n: int, request: Request) -> Any:
+    kind = type(request)
+    while n:  # skip the handlers that declare they do not answer this kind of request
+        answers = getattr(stack[n - 1], "answers", None)
+        if answers is None or kind in answers:
+            break
+        n -= 1
     if n == 0:
         return request.unhandled()
     token = _STACK.set(stack[: n - 1])
@@ -168,6 +196,8 @@ class _Handling:
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
+        for run in runs:
+            _check_answers(run)
         own = frozenset(id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h)
         token = _OWN.set(_OWN.get() | own) if own else None
         self._tokens.append((_STACK.set(_STACK.get() + runs), push_names(fresh=False), token))

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import Names, Path, Request, at_path, current_stack, path_str, send, under_stack
+from effax.core import Names, Path, Request, answers_of, at_path, current_stack, path_str, send, under_stack
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -26,9 +26,9 @@ class ModuleCallRequest(Request):
     the call (return without forwarding). The body, run when the request
     falls off the stack, runs under every handler of the call site, so the
     module calls and effects inside it are seen by the interceptors too.
-    Every handler gets module calls unless its class says `module_calls =
-    False` (effax's built-in handlers do), and when no installed handler looks
-    the request is not even built.
+    Every handler gets module calls unless its class declares `answers`
+    without `ModuleCallRequest` (effax's built-in handlers do), and when no
+    installed handler looks the request is not even built.
 
     >>> class Double(fx.Handler):
     ...     def handle(self, request, forward):
@@ -62,19 +62,21 @@ class ModuleCallRequest(Request):
 
 
 def sees_module_calls(run: Any) -> bool:
-    """Whether the handler run `run` is sent module-call requests: unless its class says `module_calls = False`.
+    """Whether the handler run `run` is sent module-call requests: unless its `answers` leave them out.
 
-    A handler you write sees every call unless it opts out; effax's own
-    handlers (params, state, keys, ...) opt out, so with only them installed
-    no request is built at all.
+    A handler you write sees every request unless it declares what it
+    answers; effax's own handlers (params, state, keys, ...) declare theirs,
+    so with only them installed no module-call request is built at all.
     """
-    return getattr(run, "module_calls", True)
+    answers = answers_of(run)
+    return answers is None or ModuleCallRequest in answers
 
 
 def _intercepted(stack: tuple[Any, ...]) -> bool:
     """One attribute look-up per installed run."""
     for run in stack:
-        if getattr(run, "module_calls", True):
+        answers = getattr(run, "answers", None)
+        if answers is None or ModuleCallRequest in answers:
             return True
     return False
 

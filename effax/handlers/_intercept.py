@@ -36,7 +36,7 @@ class InterceptMethods(Handler):
     Array([[4.]], dtype=float32)
     """
 
-    module_calls = True
+    answers = (ModuleCallRequest,)
 
     def __init__(self, interceptor: Interceptor):
         if not callable(interceptor):
@@ -82,7 +82,7 @@ class CaptureIntermediates(Handler):
     {'intermediates': {'Dense_0': {'__call__': ((1, 2),)}}}
     """
 
-    module_calls = True
+    answers = (ModuleCallRequest, CaptureRequest)
 
     def __init__(self, filter: bool | CallFilter = True):  # noqa: A002 - Flax's name for it
         if filter is True:

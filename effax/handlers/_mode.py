@@ -32,7 +32,7 @@ class Mode(Handler):
     False
     """
 
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (ModeRequest,)
 
     def __init__(self, training: bool):
         self.training = static_training(training)

@@ -31,7 +31,7 @@ from effax.handlers._random import as_typed_key, fold, h_path
 class _ParamRun:
     """What every params run shares: one path, one array, one spec within a run."""
 
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (ParamRequest, InitializingRequest)
     creating: bool | None = None  # the answer to `fx.is_initializing()`; None forwards it
 
     __slots__ = ("seen", "trace", "tags")

@@ -15,7 +15,7 @@ from effax.handlers._state import normalize_mutable
 class _NoKeys(Handler):
     """Refuse every key draw: eval draws no randomness."""
 
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (RandomRequest, StreamKeyRequest)
 
     def handle(self, request: Any, forward: Any) -> Any:
         if type(request) is RandomRequest or type(request) is StreamKeyRequest:
@@ -31,7 +31,7 @@ class _NoKeys(Handler):
 class _NoWrites(Handler):
     """Refuse every state write outside the inference-state collections `allowed`: eval writes no training state."""
 
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (SetStateRequest,)
 
     def __init__(self, allowed: frozenset[str] = frozenset()):
         self.allowed = allowed

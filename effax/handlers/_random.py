@@ -109,7 +109,7 @@ class KeysFromRngs(Handler):
 
 
 class _KeysRun:
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (RandomRequest, StreamKeyRequest)
 
     __slots__ = ("rngs", "trace", "roots", "bases", "counts")
 

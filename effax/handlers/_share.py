@@ -192,7 +192,7 @@ class Share(Handler):
 class _ShareRun:
     """One run of a share pass: what matched, and the first request seen at each canonical path."""
 
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (ParamRequest, LocalStateRequest, GetStateRequest, SetStateRequest)
 
     __slots__ = ("share", "base", "matched", "tags_used", "params", "states")
 

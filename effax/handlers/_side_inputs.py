@@ -17,7 +17,7 @@ class SideInputs(Handler):
     True
     """
 
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (SideInputRequest,)
 
     def __init__(self, values: Mapping[str, Any]):
         for tag in values:

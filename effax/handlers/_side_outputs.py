@@ -29,7 +29,7 @@ class CollectSown(Handler):
 
 
 class _SownRun:
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (SideOutputRequest,)
 
     __slots__ = ("wanted", "trees", "trace")
 

@@ -146,7 +146,7 @@ class FrozenState(FunctionalState):
 
 
 class _StateRun:
-    module_calls = False  # never looks at module calls: they skip it
+    answers = (LocalStateRequest, GetStateRequest, SetStateRequest)
 
     __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "declared", "layout", "trace")
 

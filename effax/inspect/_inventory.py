@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from effax._transform import Transformed
 from effax.core import Path, Request, flatten_handlers, handle, hermetic, path_str
+from effax.effects import ModuleCallRequest
 from effax.handlers import AbstractParams, CollectSown, FunctionalState, KeysFromRngs, Mode
 from effax.inspect._abstract import run_abstractly
 
@@ -161,15 +162,12 @@ class _Inventory:
     the inventory matches the tree `init` returns under the same handlers.
     """
 
-    module_calls = False  # never looks at module calls: they skip it
-
     def __init__(self) -> None:
         self.effects = Effects()
         self.recorded = 0  # requests the outer run recorded so far
 
 
 class _ModelRequests:
-    module_calls = False
 
     def __init__(self, inventory: _Inventory):
         self.inventory = inventory
@@ -178,6 +176,8 @@ class _ModelRequests:
         return _ModelRequests(self.inventory)  # a run of its own: lifted transforms show it stacked requests
 
     def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is ModuleCallRequest:  # calls are not effects: what they request is recorded
+            return forward(request)
         inv = self.inventory
         before = inv.recorded
         answer = forward(request)
@@ -187,7 +187,6 @@ class _ModelRequests:
 
 
 class _StoredRequests:
-    module_calls = False
 
     def __init__(self, inventory: _Inventory):
         self.inventory = inventory
@@ -197,6 +196,8 @@ class _StoredRequests:
 
     def handle(self, request: Any, forward: Any) -> Any:
         answer = forward(request)
+        if type(request) is ModuleCallRequest:
+            return answer
         self.inventory.effects.append(_effect(request, answer))
         self.inventory.recorded += 1
         return answer

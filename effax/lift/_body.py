@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import (
+    answers_of,
     MISSING,
     EffaxError,
     TraceMismatchError,
@@ -354,11 +355,11 @@ _CROSSING = (
 class _Proxy:
     """Stands inside a lifted body for one stateful run outside it (see the module docstring)."""
 
-    __slots__ = ("run", "depth", "body", "module_calls")
+    __slots__ = ("run", "depth", "body", "answers")
 
     def __init__(self, run: Any, depth: int, body: Recorder | Answerer):
         self.run, self.depth, self.body = run, depth, body
-        self.module_calls = getattr(run, "module_calls", True)
+        self.answers = answers_of(run)  # the run's own declaration: a request it never sees skips the proxy too
 
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
         if type(request) in LIFTED:

@@ -21,6 +21,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+from hypothesis.internal.conjecture import engine
 
 from effax.testing import laws, models, strategies
 from effax.testing.laws import LAWS, HandlerLike, Law, Subject
@@ -56,7 +57,7 @@ def assert_handler_laws(
     only: Iterable[str] | None = None,
     models: Any = None,
     reference: HandlerLike = None,
-    shrink: bool = True,
+    shrink: bool | float = True,
 ) -> None:
     """Check `handler` against every law relevant to the `effects` it answers, over generated models.
 
@@ -78,8 +79,9 @@ def assert_handler_laws(
     law's own; `seed` makes the run reproducible, independent of any
     hypothesis profile (None: a fresh random run). `only` picks laws by name;
     `models` replaces the strategy of `(model, x)` pairs (default
-    `strategies.models_and_inputs(require=effects)`); `shrink=False` reports
-    the first failing model unshrunk. The first law that fails raises an
+    `strategies.models_and_inputs(require=effects)`); a failing model is
+    shrunk for at most `SHRINK_SECONDS` (`shrink=` seconds, or `False` to
+    report the first failing model as found). The first law that fails raises an
     `AssertionError` naming it, the request and what differed.
 
     >>> from effax.testing import assert_handler_laws
@@ -114,13 +116,23 @@ def assert_handler_laws(
         _run(law, subject, n, seed, shrink)
 
 
-def _run(law: Law, subject: Subject, n: int, seed: int | None, shrink: bool) -> None:
+SHRINK_SECONDS = 5.0
+"""How long `assert_handler_laws` shrinks a counterexample by default before reporting the smallest so far."""
+
+
+def _run(law: Law, subject: Subject, n: int, seed: int | None, shrink: bool | float) -> None:
     def one_law(data: Any, key: Any, training: bool) -> None:
         law.run(subject, data, key, training)
 
     one_law.__name__ = one_law.__qualname__ = "law_" + law.name.replace("/", "_").replace(" ", "_")
     test = given(st.data(), strategies.keys(), strategies.trainings())(one_law)
-    test = _settings(n, shrink)(test)
+    test = _settings(n, bool(shrink))(test)
     if seed is not None:
         test = hypothesis_seed(seed * 1_000_003 + zlib.crc32(law.name.encode()))(test)
-    test()
+    # hypothesis documents this limit as the one to monkeypatch; we bound it for the run and restore it
+    limit = engine.MAX_SHRINKING_SECONDS
+    engine.MAX_SHRINKING_SECONDS = SHRINK_SECONDS if shrink is True else float(shrink or 0)
+    try:
+        test()
+    finally:
+        engine.MAX_SHRINKING_SECONDS = limit

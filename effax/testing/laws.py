@@ -350,7 +350,7 @@ class _WatchRun:
         self.draws: dict[tuple[str, Any], int] = {}
         self.declared: dict[tuple[str, Any], Any] = {}
         self.last_set: dict[tuple[str, Any], Any] = {}
-        self.answers: list[tuple[str, Any]] = []
+        self.answered: list[tuple[str, Any]] = []
         self.dtypes: set[str] = set()
 
     def handle(self, request: Any, forward: Any) -> Any:
@@ -385,7 +385,7 @@ class _WatchRun:
             )
         if kind in (fx.ParamRequest, fx.GetStateRequest, fx.RandomRequest, fx.StreamKeyRequest,
                     fx.SideInputRequest, fx.ModeRequest):
-            self.answers.append((request.describe(), out))
+            self.answered.append((request.describe(), out))
         return out
 
     def _param(self, request: Any, out: Any) -> None:
@@ -1304,10 +1304,10 @@ def check_reference(
     ref = resolve(reference)
     case.notes.append(f"reference: {', '.join(_name(h) for h in ref)}")
     mine = case.results(what="with the handler under test")
-    mine_answers = [run.answers for run in case.watch.runs]
+    mine_answers = [run.answered for run in case.watch.runs]
     case.watch = _Watch()
     theirs = case.results(ref, what="with the reference handler")
-    their_answers = [run.answers for run in case.watch.runs]
+    their_answers = [run.answered for run in case.watch.runs]
     for label, a, b in zip(("init", "apply"), mine_answers, their_answers, strict=True):
         if [d for d, _ in a] != [d for d, _ in b]:
             raise case.fail(

@@ -49,7 +49,7 @@ class Iteration(fx.Handler):
 
 
 class _IterationRun:
-    module_calls = False
+    answers = (fx.ParamRequest, fx.RandomRequest, fx.StreamKeyRequest)
 
     def __init__(self, i: int):
         self.i = i

@@ -160,7 +160,7 @@ def test_which_handlers_see_module_calls():
         pass
 
     class OptOut(fx.Handler):
-        module_calls = False
+        answers = (fx.ParamRequest,)
 
     assert sees_module_calls(Mine())
     assert not sees_module_calls(OptOut())
@@ -188,7 +188,7 @@ def test_no_request_is_built_when_no_handler_looks(monkeypatch):
     monkeypatch.setattr(ModuleCallRequest, "__init__", spy)
 
     class OptOut(fx.Handler):
-        module_calls = False
+        answers = (fx.ParamRequest,)
 
     t = fx.transform(model)
     v = t.init(KEY, X, handlers=[OptOut()])
@@ -196,6 +196,33 @@ def test_no_request_is_built_when_no_handler_looks(monkeypatch):
     assert built == []
     t.apply(v, X, handlers=[Record([])])
     assert len(built) == 4
+
+
+@pytest.mark.parametrize("order", ["opt-out inside", "opt-out outside"])
+def test_a_handler_that_declares_its_answers_never_gets_anything_else(order):
+    seen = []
+
+    class ParamsOnly(fx.Handler):
+        answers = (fx.ParamRequest,)
+
+        def handle(self, request, forward):
+            seen.append(type(request).__name__)  # would crash on a request it never expected
+            return forward(request)
+
+    looker = Record([])  # looks at module calls, so they are built and sent
+    handlers = [looker, ParamsOnly()] if order == "opt-out inside" else [ParamsOnly(), looker]
+    t = fx.transform(model)
+    v = t.init(KEY, X)
+    t.apply(v, X, handlers=handlers)
+    assert seen and set(seen) == {"ParamRequest"}
+
+
+def test_a_malformed_answers_declaration_is_refused_on_entry():
+    class Bad(fx.Handler):
+        answers = fx.ParamRequest  # not a tuple
+
+    with pytest.raises(fx.EffaxError, match="must be a tuple of request classes"), fx.handle(Bad()):
+        pass
 
 
 def test_jit_and_grad_through_an_intercepted_model(maybe_jit):
