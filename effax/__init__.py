@@ -6,9 +6,7 @@ Model code requests what it needs (`fx.param`, `fx.local_state`,
 """
 
 from effax import checkpoint, handlers, inspect, lift, nn, sharding
-from effax.lift import StackedInit, cond, remat, scan, switch, vmap
 from effax._transform import MultiTransformed, Transformed, multi_transform, transform
-from effax.inspect import Effect, Effects, Summary, VariablesReport, check_variables, effects_of, summary
 from effax.checkpoint import (
     CheckpointCorruptError,
     CheckpointIOError,
@@ -61,7 +59,9 @@ from effax.effects import (
 )
 from effax.effects._param import UninitializedParamError
 from effax.handlers._share import ShareBinding, share
+from effax.inspect import Effect, Effects, Summary, VariablesReport, check_variables, effects_of, summary
 from effax.interop import from_flax, from_nnx
+from effax.lift import StackedInit, cond, remat, scan, switch, vmap
 from effax.sharding import ShardingError
 
 __all__ = [
@@ -78,8 +78,8 @@ __all__ = [
     # handlers and discharge
     "Handler", "handle", "handlers", "nn", "transform", "Transformed", "check_variables",
     "multi_transform", "MultiTransformed", "VariablesReport",
-    # checkpoints, summary, sharding
-    "checkpoint", "sharding", "summary", "Summary",
+    # subpackages: checkpoints, sharding, lifted transforms, inspection
+    "checkpoint", "sharding", "lift", "inspect", "summary", "Summary",
     "CheckpointMismatchError", "CheckpointNotFoundError", "CheckpointCorruptError", "CheckpointIOError",
     "ShardingError",
     # errors

@@ -10,21 +10,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from effax.core import (
-    MISSING,
     EffaxError,
-    Handler,
     ParamConflictError,
     flatten_handlers,
-    flatten_paths,
-    get_path,
     handle,
     hermetic,
-    path_str,
 )
-from effax.effects import LocalStateRequest, ParamRequest
 from effax.handlers import (
     CaptureIntermediates,
     CollectSown,

@@ -191,7 +191,7 @@ def _fsync_tree(p: Any) -> None:
     if not _local(p):  # pragma: no cover - remote storage commits on write
         return
     root = os.fspath(p)
-    for where, dirs, files in os.walk(root):
+    for where, _, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(where, name), os.O_RDONLY)
             try:

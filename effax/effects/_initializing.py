@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import dataclasses
+from typing import ClassVar
 
 from effax.core import Request, current_path, path_str, send
 

@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import (
-    answers_of,
     MISSING,
     EffaxError,
     TraceMismatchError,
+    answers_of,
     check_trace,
     is_stateless,
     send,

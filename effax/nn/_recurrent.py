@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.lift import scan
 from effax.core import EffaxError, current_names
+from effax.lift import scan
 from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
 from effax.nn._module import Module
 

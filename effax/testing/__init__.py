@@ -62,7 +62,8 @@ def assert_handler_laws(
     """Check `handler` against every law relevant to the `effects` it answers, over generated models.
 
     `effects` names what the handler *answers* (of `"param"`, `"state"`,
-    `"random"`, `"sow"`, `"side_input"`, `"mode"`); what it performs itself
+    `"random"`, `"sow"`, `"side_input"`, `"mode"`; by default what its class
+    declares in `answers = (fx.ParamRequest, ...)`); what it performs itself
     (`fx.is_training()` inside `handle`) is found by the kit and kept out of
     the commutation partners. Generated models always perform the answered
     effects. The laws are `laws.LAWS`, run in that order where they apply;
@@ -91,6 +92,8 @@ def assert_handler_laws(
     >>> assert_handler_laws(LogRequests, max_examples=2, seed=0, only=["determinism", "reuse"])
     """
     effects = tuple(effects)
+    if not effects and handler is not None:  # a handler class may say what it answers: `answers = (...)`
+        effects = laws.declared_effects(handler) or ()
     unknown = [e for e in effects if e not in EFFECTS]
     if unknown:
         raise ValueError(f"effects names unknown effects {unknown}; the kit knows {list(EFFECTS)}.")

@@ -57,7 +57,7 @@ __all__ = [
     "check_determinism", "check_locality", "check_init_apply_agreement", "check_abstract_init",
     "check_state_laws", "check_forwarding_identity", "check_commutes_with", "check_associativity",
     "check_sharing_laws", "check_purity_under_jit", "check_answers_match_requests", "check_fresh_keys",
-    "check_reuse", "check_reference", "performed_effects", "effect_of", "difference", "tolerance",
+    "check_reuse", "check_reference", "performed_effects", "effect_of", "declared_effects", "difference", "tolerance",
     "partner", "resolve", "fresh_copies", "repeated_keys_allowed", "Law", "LAWS", "Subject",
 ]
 
@@ -133,15 +133,36 @@ _KINDS: dict[type, str] = {
 
 
 def effect_of(request: Any) -> str | None:
-    """The kit's effect name (see `effax.testing.models.EFFECTS`) of a request, or None for others.
+    """The kit's effect name (see `effax.testing.models.EFFECTS`) of a request or request class, or None.
 
-    >>> effect_of(fx.ModeRequest(()))
-    'mode'
+    >>> effect_of(fx.ModeRequest(())), effect_of(fx.GetStateRequest)
+    ('mode', 'state')
     """
-    for cls in type(request).__mro__:
+    for cls in (request if isinstance(request, type) else type(request)).__mro__:
         if cls in _KINDS:
             return _KINDS[cls]
     return None
+
+
+def declared_effects(handler: HandlerLike) -> tuple[str, ...] | None:
+    """The effects the handlers declare they answer (`answers = (...)` on their classes), or None if any does not.
+
+    >>> class Masks(fx.Handler):
+    ...     answers = (fx.SideInputRequest,)
+    >>> declared_effects(Masks)
+    ('side_input',)
+    """
+    if isinstance(handler, (list, tuple)):
+        parts = [declared_effects(h) for h in handler if h is not None]
+        if any(p is None for p in parts):
+            return None
+        return tuple(dict.fromkeys(e for p in parts for e in p or ()))
+    if not isinstance(handler, type) and not callable(getattr(handler, "handle", None)):
+        return None  # a factory: what it makes is not known without calling it
+    answers = getattr(handler, "answers", None)
+    if answers is None:
+        return None
+    return tuple(dict.fromkeys(e for e in map(effect_of, answers) if e is not None))
 
 
 # --- comparing results ---------------------------------------------------------------------------
@@ -856,6 +877,7 @@ class _MarkedRun:
     def __init__(self, run: Any):
         self.run = run
         self.module_calls = getattr(run, "module_calls", True)
+        self.answers = getattr(run, "answers", None)  # sent only what the wrapped run declares it answers
 
     def handle(self, request: Any, forward: Any) -> Any:
         def marked(r: Any) -> Any:

@@ -139,7 +139,9 @@ def test_decode_caches_stack_inside_fx_scan_over_layers():
     x = rand(1, 6, 8)
     v = full.init(KEY, x)
     cache = dec.init(KEY, x)["cache"]
-    assert shapes(cache) == {"attn": {"cache_index": (3,), "cached_key": (3, 1, 6, 2, 4), "cached_value": (3, 1, 6, 2, 4)}}
+    assert shapes(cache) == {
+        "attn": {"cache_index": (3,), "cached_key": (3, 1, 6, 2, 4), "cached_value": (3, 1, 6, 2, 4)}
+    }
     expected = full.apply(v, x)
     step = jax.jit(lambda v, x: dec.apply(v, x, handlers=EVAL_CACHE))
     y, upd = step({**v, "cache": cache}, x[:, :4])
