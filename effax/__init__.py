@@ -6,7 +6,6 @@ Model code requests what it needs (`fx.param`, `fx.local_state`,
 """
 
 from effax import checkpoint, handlers, inspect, lift, nn, sharding
-from effax._transform import MultiTransformed, Transformed, multi_transform, transform
 from effax.checkpoint import (
     CheckpointCorruptError,
     CheckpointIOError,
@@ -30,6 +29,7 @@ from effax.core import (
     handle,
     scope,
 )
+from effax.discharge import MultiTransformed, Transformed, multi_transform, transform
 from effax.effects import (
     CaptureRequest,
     GetStateRequest,

@@ -26,7 +26,12 @@ __all__ = ["ShardingError", "logical_axes", "logical_to_mesh", "logical_to_spec"
 
 
 class ShardingError(EffaxError, ValueError):
-    """A logical axis has no rule, a rule names a mesh axis the mesh lacks, or a dimension does not divide."""
+    """A logical axis has no rule, a rule names a mesh axis the mesh lacks, or a dimension does not divide.
+
+    >>> fx.sharding.logical_to_spec(("batch", "mlp"), [("batch", "data")])
+    Traceback (most recent call last):
+    effax.ShardingError: array with axes ('batch', 'mlp') has logical axis 'mlp', but no rule maps it ...
+    """
 
 
 ShardingError.__module__ = "effax"

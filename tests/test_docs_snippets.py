@@ -100,4 +100,4 @@ def test_the_extractor_finds_blocks_and_directives(tmp_path):
         "<!-- snippet: env A=1 B=x=y -->\n\n```python\ny = 2\n```\n"
         "- item:\n\n  ```python\n  z = 3\n  ```\n"
     )
-    assert blocks(doc) == [(3, "x = 1", None), (11, "y = 2", {"A": "1", "B": "x=y"}), (15, "z = 3", None)]
+    assert blocks(doc) == [(3, "x = 1", None), (11, "y = 2", {"A": "1", "B": "x=y"}), (16, "z = 3", None)]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "EffaxError", "FrozenStateError", "InvalidNameError", "MissingRngError", "MissingVariableError",
+    "ParamConflictError", "ShapeMismatchError", "ShareError", "TraceMismatchError", "UnhandledEffectError",
+]
+
 
 class EffaxError(Exception):
     """Base class of every error effax raises on purpose; every subclass reports module `effax`."""
@@ -45,7 +50,6 @@ class InvalidNameError(EffaxError, ValueError):
 
 class TraceMismatchError(EffaxError):
     """An effect that creates or consumes something arrived from another JAX trace."""
-
 
 
 EffaxError.__module__ = "effax"

@@ -16,20 +16,22 @@ from typing import Any, ClassVar
 
 from jax.extend.core import get_opaque_trace_state
 
-from effax.core._errors import (
-    EffaxError,
-    InvalidNameError,
-    TraceMismatchError,
-    UnhandledEffectError,
-)
-from effax.core._naming import pop_names, push_names
+from effax.core._errors import EffaxError, InvalidNameError, TraceMismatchError, UnhandledEffectError
+
+__all__ = [
+    "Handler", "Path", "Request", "answers_of", "at_path", "begin_run", "check_name", "check_trace", "current_path",
+    "current_stack", "end_run", "flatten_handlers", "handle", "hermetic", "is_stateless", "path_str", "run_local",
+    "scope", "send", "snapshot_run", "trace_state", "under_stack",
+]
 
 Path = tuple[str, ...]
 
 _STACK: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("effax_handlers", default=())
 _PATH: contextvars.ContextVar[Path] = contextvars.ContextVar("effax_path", default=())
-# ids of installed handlers that are their own run (`begin()` returned self): stateless, so a lifted
-# transform may run them again inside its body; a run object that `begin()` made is never in here.
+# What one run keeps beside its handlers, by kind (`fx.nn`'s module names): fresh in `hermetic()` and in the
+# outermost `handle()`, so `t.init` and `t.apply` see the same; `run_local` reads it.
+_RUN: contextvars.ContextVar[dict[type, Any] | None] = contextvars.ContextVar("effax_run", default=None)
+# ids of installed runs that are their handler itself (stateless): lifted transforms rerun them inside bodies.
 _OWN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("effax_own_runs", default=frozenset())
 
 
@@ -76,8 +78,7 @@ class Request:
         if "effect" not in vars(cls):
             cls.effect = cls.kind
 
-    def describe(self) -> str:
-        """A short human description used in error messages."""
+    def describe(self) -> str:  # a short description for error messages
         return f"{type(self).__name__} at `{path_str(self.path)}`"
 
     def unhandled(self) -> Any:
@@ -119,14 +120,13 @@ def answers_of(run: Any) -> tuple[type[Request], ...] | None:
 
 def _check_answers(run: Any) -> None:
     answers = answers_of(run)
-    if answers is None or (
-        isinstance(answers, tuple) and all(isinstance(a, type) and issubclass(a, Request) for a in answers)
-    ):
-        return
-    raise EffaxError(
-        f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
-        "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
-    )
+    if answers is not None and not (isinstance(answers, tuple) and all(
+        isinstance(a, type) and issubclass(a, Request) for a in answers
+    )):
+        raise EffaxError(
+            f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
+            "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
+        )
 
 
 def _dispatch(stack: tuple[Any, ...], n: int, request: Request) -> Any:
@@ -157,11 +157,8 @@ def current_stack() -> tuple[Any, ...]:
 
 
 def under_stack(stack: tuple[Any, ...], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """Call `fn` under the handler stack `stack` (a `current_stack()`).
-
-    A request whose default runs model code (a module call's body) runs it
-    under every handler of its call site, not the empty stack `unhandled()` sees.
-    """
+    """Call `fn` under the handler stack `stack` (a `current_stack()`): a module call's body runs under its
+    call site's handlers, not the empty stack `unhandled()` sees."""
     token = _STACK.set(stack)
     try:
         return fn(*args, **kwargs)
@@ -175,11 +172,9 @@ def flatten_handlers(handlers: Iterable[Any]) -> list[Any]:
     for h in handlers:
         if isinstance(h, (list, tuple)):
             flat.extend(flatten_handlers(h))
-        elif h is None:
-            continue
-        elif callable(getattr(h, "handle", None)):
+        elif h is not None and callable(getattr(h, "handle", None)):
             flat.append(h)
-        else:
+        elif h is not None:
             raise EffaxError(
                 f"{h!r} is not a handler: a handler is an object with a `handle(request, forward)` "
                 "method, usually a subclass of `fx.Handler`."
@@ -196,16 +191,15 @@ class _Handling:
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
-        for run in runs:
-            _check_answers(run)
+        any(_check_answers(run) for run in runs)
         own = frozenset(id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h)
         token = _OWN.set(_OWN.get() | own) if own else None
-        self._tokens.append((_STACK.set(_STACK.get() + runs), push_names(fresh=False), token))
+        self._tokens.append((_STACK.set(_STACK.get() + runs), begin_run(fresh=False), token))
         return runs
 
     def __exit__(self, *exc: Any) -> None:
-        stack, names, own = self._tokens.pop()
-        pop_names(names)
+        stack, run, own = self._tokens.pop()
+        end_run(run)
         if own is not None:
             _OWN.reset(own)
         _STACK.reset(stack)
@@ -239,39 +233,54 @@ class _Hermetic:
         self._tokens: list[tuple[Any, ...]] = []
 
     def __enter__(self) -> None:
-        self._tokens.append((_STACK.set(()), _PATH.set(()), push_names(fresh=True), _OWN.set(frozenset())))
+        self._tokens.append((_STACK.set(()), _PATH.set(()), begin_run(fresh=True), _OWN.set(frozenset())))
 
     def __exit__(self, *exc: Any) -> None:
-        stack, path, names, own = self._tokens.pop()
-        pop_names(names)
+        stack, path, run, own = self._tokens.pop()
+        end_run(run)
         _OWN.reset(own)
         _PATH.reset(path)
         _STACK.reset(stack)
 
 
 def hermetic() -> _Hermetic:
-    """A context with no handlers, the root path and fresh module names: results depend only on arguments."""
+    """A context with no handlers, the root path and a fresh run: results depend only on arguments."""
     return _Hermetic()
 
 
-class _PathContext:
-    """Set the scope path for a block; `_path()` says which."""
-
-    __slots__ = ("_tokens",)
-
-    def _path(self) -> Path:
-        raise NotImplementedError
-
-    def __enter__(self) -> Path:
-        path = self._path()
-        self._tokens.append(_PATH.set(path))
-        return path
-
-    def __exit__(self, *exc: Any) -> None:
-        _PATH.reset(self._tokens.pop())
+def begin_run(fresh: bool) -> contextvars.Token | None:
+    """Start a run's local values if `fresh` or none is active; returns what `end_run` takes."""
+    return _RUN.set({}) if fresh or _RUN.get() is None else None
 
 
-class scope(_PathContext):
+def end_run(token: contextvars.Token | None) -> None:
+    if token is not None:
+        _RUN.reset(token)
+
+
+def run_local(kind: type) -> Any:
+    """This run's `kind()` (made on first use), or None outside any run: bookkeeping of the layers above
+    (`fx.nn`'s module names) that the core keeps without knowing it; one with `snapshot()` joins `snapshot_run`."""
+    run = _RUN.get()
+    if run is None:
+        return None
+    if kind not in run:
+        run[kind] = kind()
+    return run[kind]
+
+
+def snapshot_run() -> Callable[[], None]:
+    """A function putting every run-local value back as it is now (for passes that must leave no trace)."""
+    restores = [v.snapshot() for v in (_RUN.get() or {}).values() if hasattr(v, "snapshot")]
+
+    def restore() -> None:
+        for r in restores:
+            r()
+
+    return restore
+
+
+class scope:
     """Name a sub-scope: requests inside get `name` appended to their path.
 
     >>> with fx.scope("encoder"):
@@ -279,30 +288,25 @@ class scope(_PathContext):
     ('encoder',)
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "_at", "_tokens")
 
     def __init__(self, name: str):
-        self.name = check_name(name, "scope")
-        self._tokens: list[contextvars.Token] = []
+        self.name, self._at, self._tokens = check_name(name, "scope"), None, []
 
-    def _path(self) -> Path:
-        return _PATH.get() + (self.name,)
+    def __enter__(self) -> Path:
+        path = _PATH.get() + (self.name,) if self._at is None else self._at
+        self._tokens.append(_PATH.set(path))
+        return path
 
-
-class _AtPath(_PathContext):
-    __slots__ = ("path",)
-
-    def __init__(self, path: Path):
-        self.path = tuple(path)
-        self._tokens: list[contextvars.Token] = []
-
-    def _path(self) -> Path:
-        return self.path
+    def __exit__(self, *exc: Any) -> None:
+        _PATH.reset(self._tokens.pop())
 
 
-def at_path(path: Path) -> _AtPath:
+def at_path(path: Path) -> scope:
     """Set the current path outright (for lifted transforms and interop that re-enter a scope)."""
-    return _AtPath(path)
+    outright = scope.__new__(scope)
+    outright.name, outright._at, outright._tokens = None, tuple(path), []
+    return outright
 
 
 def current_path() -> Path:
@@ -320,18 +324,13 @@ def trace_state() -> Any:
 
 
 def check_trace(entered: Any, request: Request, action: str) -> None:
-    """Raise if an effect that creates or consumes something crosses a JAX trace boundary.
-
-    `entered` is `trace_state()` recorded when the handler's run began. An
-    effect from inside a raw `jax.lax.scan`/`vmap`/`checkpoint`/`jit` in the
-    model would leak tracers or repeat keys, so it is refused here.
-    """
+    """Raise if an effect that creates or consumes something comes from another JAX trace than `entered`
+    (`trace_state()` when the run began): from a raw `jax.lax.scan`/`vmap`/`jit` in the model it would leak."""
     if trace_state() != entered:
         raise TraceMismatchError(
             f"{request.describe()} {action} inside a JAX transform (jax.lax.scan, jax.vmap, "
             "jax.checkpoint, jax.lax.cond, jax.jit, ...) that was applied inside the model, below the "
             "handler that answers it: its result would leak out of that trace or repeat on every step. "
             "Use the lifted transforms `fx.scan`, `fx.vmap`, `fx.remat` or `fx.cond`/`fx.switch` inside models, "
-            "and put "
-            "`jax.jit` around the discharged function (`jax.jit(t.apply)`), not around effect calls."
+            "and put `jax.jit` around the discharged function (`jax.jit(t.apply)`), not around effect calls."
         )

@@ -16,6 +16,13 @@ class CaptureRequest(Request):
     Answered by `fx.handlers.CaptureIntermediates` (what `capture_intermediates=`
     installs); unanswered, nothing is captured. Code that runs modules of
     another library (`fx.from_flax`) asks it to capture their calls too.
+
+    >>> fx.effects.capture_filter() is None  # sends a CaptureRequest; nothing answers
+    True
+    >>> with fx.handle(fx.handlers.CaptureIntermediates(lambda module, method: method == "encode")):
+    ...     pick = fx.effects.capture_filter()
+    >>> pick(None, "encode"), pick(None, "__call__")
+    (True, False)
     """
 
     kind: ClassVar[str] = "capture"  # the one name of this request, in errors, tables and the testing kit

@@ -14,6 +14,12 @@ class InitializingRequest(Request):
 
     `InitParams` and `AbstractParams` answer True, `LoadParams` False. Unanswered
     (no built-in params handler on the stack) it is False: nothing is being created.
+
+    >>> fx.is_initializing()  # sends an InitializingRequest; nothing answers
+    False
+    >>> with fx.handle(fx.handlers.InitParams(jax.random.key(0))):
+    ...     fx.is_initializing()
+    True
     """
 
     kind: ClassVar[str] = "initializing"  # the one name of this request, in errors, tables and the testing kit

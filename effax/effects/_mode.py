@@ -10,7 +10,21 @@ from effax.core import Request, current_path, send
 
 @dataclasses.dataclass(frozen=True)
 class ModeRequest(Request):
-    """Ask whether this run trains."""
+    """Ask whether this run trains.
+
+    `fx.is_training()` sends it; unanswered, it fails and says how to choose a mode.
+
+    >>> fx.is_training()
+    Traceback (most recent call last):
+    effax.UnhandledEffectError: no handler answered `fx.is_training()` at `<root>`. To fix: say which mode ...
+    >>> class AlwaysTrain(fx.Handler):
+    ...     answers = (fx.ModeRequest,)
+    ...     def handle(self, request, forward):
+    ...         return True
+    >>> with fx.handle(AlwaysTrain()):
+    ...     fx.is_training()
+    True
+    """
 
     kind: ClassVar[str] = "mode"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "mode"  # the effect (family of requests) it belongs to

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import Names, Path, Request, answers_of, at_path, current_stack, path_str, send, under_stack
+from effax.core import Path, Request, answers_of, at_path, current_stack, path_str, send, under_stack
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,7 +81,7 @@ def _intercepted(stack: tuple[Any, ...]) -> bool:
     return False
 
 
-def _body(stack: tuple[Any, ...], fn: Callable[..., Any], names: Names | None, request: ModuleCallRequest) -> Any:
+def _body(stack: tuple[Any, ...], fn: Callable[..., Any], names: Any, request: ModuleCallRequest) -> Any:
     """Run the method in the module's scope under the call site's handlers (all of them, the interceptors too)."""
     saved = None if names is None else names.enter((request.path, request.method))
     try:
@@ -93,7 +93,7 @@ def _body(stack: tuple[Any, ...], fn: Callable[..., Any], names: Names | None, r
 
 
 def call_module(
-    path: Path, module: Any, method: str, fn: Callable[..., Any], args: tuple, kwargs: dict, names: Names | None
+    path: Path, module: Any, method: str, fn: Callable[..., Any], args: tuple, kwargs: dict, names: Any
 ) -> Any:
     """Perform the call `fn(module, *args, **kwargs)` of the module at `path` as a module-call request.
 

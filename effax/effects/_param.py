@@ -34,7 +34,15 @@ def shape_dtype(value: Any) -> tuple[tuple[int, ...], Any]:
 
 
 class UninitializedParamError(EffaxError):
-    """The value of a param request was read before any handler gave it one (Penzai's error)."""
+    """The value of a param request was read before any handler gave it one (Penzai's error).
+
+    >>> r = fx.ParamRequest(("dense", "bias"), jax.nn.initializers.zeros, (3,), jnp.float32)
+    >>> r.value
+    Traceback (most recent call last):
+    effax.UninitializedParamError: param `dense/bias` (shape (3,), float32) is a request, not a value: ...
+    >>> r.initialize(jax.random.key(0))  # a value built without a handler
+    Array([0., 0., 0.], dtype=float32)
+    """
 
 
 UninitializedParamError.__module__ = "effax"

@@ -17,7 +17,20 @@ _RANDOM_HINT = (
 
 @dataclasses.dataclass(frozen=True)
 class RandomRequest(Request):
-    """Draw the next key of `stream` at `path`."""
+    """Draw the next key of `stream` at `path`.
+
+    A handler that answers it decides where keys come from; this one gives
+    every draw the same key, for a test that must not depend on `rngs`:
+
+    >>> class FixedKeys(fx.Handler):
+    ...     answers = (fx.RandomRequest,)
+    ...     def handle(self, request, forward):
+    ...         return jax.random.key(42)
+    >>> with fx.handle(FixedKeys()):
+    ...     k = fx.next_key("dropout")
+    >>> bool(k == jax.random.key(42))
+    True
+    """
 
     kind: ClassVar[str] = "key"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "random"  # the effect (family of requests) it belongs to
@@ -32,7 +45,12 @@ class RandomRequest(Request):
 
 @dataclasses.dataclass(frozen=True)
 class StreamKeyRequest(Request):
-    """Ask for the base key of `stream` at `path` (for code that derives its own keys)."""
+    """Ask for the base key of `stream` at `path` (for code that derives its own keys).
+
+    >>> r = fx.StreamKeyRequest(("block", "dropout"), "dropout")
+    >>> r.kind, r.effect, r.describe()
+    ('stream_key', 'random', "base key of stream 'dropout' at `block/dropout`")
+    """
 
     kind: ClassVar[str] = "stream_key"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "random"  # the effect (family of requests) it belongs to
@@ -76,12 +94,34 @@ def next_key(stream: str = "default") -> jax.Array:
 
 
 def random_stream(stream: str) -> RandomEffect:
-    """A `RandomEffect` for `stream` bound to the current path."""
+    """A `RandomEffect` for `stream` bound to the current path.
+
+    Take the stream once, then draw from it where the path has changed (in a
+    helper, a loop body): every draw still belongs to where it was created.
+
+    >>> def f():
+    ...     with fx.scope("drop"):
+    ...         s = fx.random_stream("dropout")
+    ...     return s.next_key()
+    >>> k = fx.transform(f).apply({}, rngs={"dropout": jax.random.key(0)})
+    >>> k.shape, jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)
+    ((), True)
+    """
     check_name(stream, "stream")
     return RandomEffect(current_path(), stream)
 
 
 def stream_key(stream: str) -> jax.Array:
-    """The base key of `stream` at the current path; at the root path, the key the user passed."""
+    """The base key of `stream` at the current path; at the root path, the key the user passed.
+
+    For code that derives its own keys (`jax.random.split` of a whole batch)
+    rather than drawing them one at a time with `fx.next_key`.
+
+    >>> def f():
+    ...     return fx.stream_key("dropout")
+    >>> k = fx.transform(f).apply({}, rngs={"dropout": jax.random.key(0)})
+    >>> bool(k == jax.random.key(0))
+    True
+    """
     check_name(stream, "stream")
     return send(StreamKeyRequest(current_path(), stream))

@@ -12,7 +12,18 @@ REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "<required>"})()
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SideInputRequest(Request):
-    """Ask for the side input `tag`; answered by a handler, else `default`."""
+    """Ask for the side input `tag`; answered by a handler, else `default`.
+
+    A handler can compute the value from the request, here from where it was asked:
+
+    >>> class ByPath(fx.Handler):
+    ...     answers = (fx.SideInputRequest,)
+    ...     def handle(self, request, forward):
+    ...         return "/".join(request.path) if request.tag == "where" else forward(request)
+    >>> with fx.handle(ByPath()), fx.scope("encoder"):
+    ...     fx.side_input("where")
+    'encoder'
+    """
 
     kind: ClassVar[str] = "side_input"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "side_input"  # the effect (family of requests) it belongs to
@@ -39,7 +50,15 @@ class SideInputRequest(Request):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SideInputEffect:
-    """A handle on the side input `tag` at `path`."""
+    """A handle on the side input `tag` at `path`; `ask()` sends the request.
+
+    >>> e = fx.SideInputEffect(("attn",), "mask", default=None)
+    >>> e.ask() is None
+    True
+    >>> with fx.handle(fx.handlers.SideInputs({"mask": 1})):
+    ...     e.ask()
+    1
+    """
 
     path: tuple[str, ...]
     tag: str

@@ -11,7 +11,17 @@ from effax.effects._state import check_collection
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SideOutputRequest(Request):
-    """Report `value` under `tag` at `path` into `collection`; nothing collecting means a no-op."""
+    """Report `value` under `tag` at `path` into `collection`; nothing collecting means a no-op.
+
+    >>> class PrintSown(fx.Handler):
+    ...     answers = (fx.SideOutputRequest,)
+    ...     def handle(self, request, forward):
+    ...         print(request.describe(), "=", request.value)
+    ...         return forward(request)
+    >>> with fx.handle(PrintSown()), fx.scope("mlp"):
+    ...     fx.sow("h", 2.0)
+    sow 'h' into 'intermediates' at `mlp` = 2.0
+    """
 
     kind: ClassVar[str] = "sow"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "sow"  # the effect (family of requests) it belongs to
@@ -29,7 +39,14 @@ class SideOutputRequest(Request):
 
 @dataclasses.dataclass(frozen=True)
 class SideOutputEffect:
-    """A handle for telling values under `tag` at `path` into `collection`."""
+    """A handle for telling values under `tag` at `path` into `collection`; `tell(value)` is `fx.sow`.
+
+    >>> def f(x):
+    ...     fx.SideOutputEffect(("probe",), "x").tell(x)
+    ...     return x
+    >>> fx.transform(f).apply({}, 1.0, mutable="intermediates")
+    (1.0, {'intermediates': {'probe': {'x': (1.0,)}}})
+    """
 
     path: tuple[str, ...]
     tag: str

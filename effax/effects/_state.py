@@ -16,7 +16,24 @@ _STATE_HINT = (
 
 @dataclasses.dataclass(frozen=True)
 class LocalStateRequest(Request):
-    """Declare the variable at `path` in `collection`; `init()` makes it when it does not exist yet."""
+    """Declare the variable at `path` in `collection`; `init()` makes it when it does not exist yet.
+
+    A handler sees one per `fx.local_state` call, then a `GetStateRequest` or
+    `SetStateRequest` per read and write of the variable:
+
+    >>> class Log(fx.Handler):
+    ...     answers = (fx.LocalStateRequest, fx.GetStateRequest, fx.SetStateRequest)
+    ...     def handle(self, request, forward):
+    ...         print(request.kind, request.describe())
+    ...         return forward(request)
+    >>> def f():
+    ...     n = fx.local_state("n", lambda: 0)
+    ...     n.set(n.get() + 1)
+    >>> _ = fx.transform(f).init(None, handlers=[Log()])
+    state state `n` in collection 'state'
+    get read of state `n` in collection 'state'
+    set write of state `n` in collection 'state'
+    """
 
     kind: ClassVar[str] = "state"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "state"  # the effect (family of requests) it belongs to
@@ -34,7 +51,12 @@ class LocalStateRequest(Request):
 
 @dataclasses.dataclass(frozen=True)
 class GetStateRequest(Request):
-    """Read the current value of the variable at `path` in `collection`."""
+    """Read the current value of the variable at `path` in `collection`.
+
+    >>> r = fx.GetStateRequest(("bn", "mean"), "batch_stats")
+    >>> r.kind, r.effect, r.describe()
+    ('get', 'state', "read of state `bn/mean` in collection 'batch_stats'")
+    """
 
     kind: ClassVar[str] = "get"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "state"  # the effect (family of requests) it belongs to
@@ -49,7 +71,18 @@ class GetStateRequest(Request):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SetStateRequest(Request):
-    """Write a new value to the variable at `path` in `collection`."""
+    """Write a new value to the variable at `path` in `collection`.
+
+    >>> class PrintWrites(fx.Handler):
+    ...     answers = (fx.SetStateRequest,)
+    ...     def handle(self, request, forward):
+    ...         print(request.describe(), "<-", request.value)
+    ...         return forward(request)
+    >>> def f():
+    ...     fx.local_state("n", lambda: 0).set(5)
+    >>> _ = fx.transform(f).init(None, handlers=[PrintWrites()])
+    write of state `n` in collection 'state' <- 5
+    """
 
     kind: ClassVar[str] = "set"  # the one name of this request, in errors, tables and the testing kit
     effect: ClassVar[str] = "state"  # the effect (family of requests) it belongs to
@@ -102,6 +135,17 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
 
     `init()` returns its initial pytree of arrays and is called only when the
     variable does not exist yet (under init, or when its collection is mutable).
+
+    >>> def counter():
+    ...     n = fx.local_state("n", lambda: jnp.zeros((), jnp.int32), collection="counts")
+    ...     n.set(n.get() + 1)
+    ...     return n.get()
+    >>> t = fx.transform(counter)
+    >>> variables = t.init(None)
+    >>> variables["counts"]
+    {'n': Array(0, dtype=int32)}
+    >>> t.apply(variables, mutable="counts")
+    (Array(1, dtype=int32), {'counts': {'n': Array(1, dtype=int32)}})
     """
     check_name(name, "state")
     if not callable(init):

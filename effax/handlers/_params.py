@@ -10,22 +10,19 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import (
-    MISSING,
     Handler,
     MissingVariableError,
     ParamConflictError,
-    PathTree,
     ShapeMismatchError,
     TraceMismatchError,
     check_trace,
-    get_path,
-    nearest_paths,
     path_str,
     send,
     trace_state,
 )
 from effax.effects import InitializingRequest, ParamRequest, StreamKeyRequest
 from effax.handlers._random import as_typed_key, fold, h_path
+from effax.handlers._tree import MISSING, PathTree, get_path, nearest_paths
 
 
 class _ParamRun:
@@ -237,6 +234,13 @@ class AbstractParams(Handler):
 
     Use it under `jax.eval_shape`, where the zeros cost nothing; the run's
     `params` is a tree of `jax.ShapeDtypeStruct`.
+
+    >>> with fx.handle(fx.handlers.AbstractParams()) as (run,):
+    ...     w = fx.param("w", jax.nn.initializers.normal(), (2, 3))
+    >>> run.params
+    {'w': ShapeDtypeStruct(shape=(2, 3), dtype=float32)}
+    >>> w
+    Array([[0., 0., 0.], [0., 0., 0.]], dtype=float32)
     """
 
     def begin(self) -> _AbstractRun:

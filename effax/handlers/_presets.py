@@ -50,7 +50,7 @@ class _NoWrites(Handler):
         return forward(request)
 
 
-def _brief(rngs: Any) -> str:
+def brief(rngs: Any) -> str:
     """Keys print as `<key>`, so messages stay one line."""
     if isinstance(rngs, Mapping):
         return "{" + ", ".join(f"{s!r}: <key>" for s in rngs) + "}"
@@ -66,6 +66,15 @@ class Preset(tuple):
     raises `EffaxError`. A preset is also a tuple of handlers, so
     `fx.handle(preset)` installs its mode and keys (and, for eval, refuses
     draws and writes). Make them with `fx.handlers.train` and `fx.handlers.eval`.
+
+    >>> preset = fx.handlers.train(jax.random.key(0), mutable=["batch_stats"])
+    >>> preset
+    fx.handlers.train(rngs=<key>, mutable=('batch_stats',))
+    >>> preset.training, preset.mutable
+    (True, frozenset({'batch_stats'}))
+    >>> t = fx.transform(lambda x: fx.nn.Dropout(0.5)(x))
+    >>> t.apply({}, jnp.ones(4), handlers=fx.handlers.eval())  # no dropout, no key needed
+    Array([1., 1., 1., 1.], dtype=float32)
     """
 
     training: bool
@@ -87,7 +96,7 @@ class Preset(tuple):
             mutable = tuple(sorted(self.mutable))  # type: ignore[arg-type]
             return f"fx.handlers.eval(mutable={mutable!r})" if self.mutable else "fx.handlers.eval()"
         mutable = self.mutable if self.mutable is None or self.mutable is True else tuple(sorted(self.mutable))
-        return f"fx.handlers.train(rngs={_brief(self.rngs)}, mutable={mutable!r})"
+        return f"fx.handlers.train(rngs={brief(self.rngs)}, mutable={mutable!r})"
 
 
 def train(rngs: Any, mutable: Any = None) -> Preset:
@@ -142,76 +151,3 @@ def eval(mutable: Any = ()) -> Preset:  # noqa: A001 - the name users expect bes
         )
     allowed = normalize_mutable(mutable)
     return Preset(False, _NoKeys(), allowed, None, (_NoWrites(allowed),))  # type: ignore[arg-type]
-
-
-def split_presets(handlers: Any) -> tuple[Preset | None, list[Any]]:
-    """Take the (at most one) preset out of nested `handlers`; return it and the other handlers."""
-    presets: list[Preset] = []
-    rest: list[Any] = []
-
-    def walk(h: Any) -> None:
-        if isinstance(h, Preset):
-            presets.append(h)
-        elif isinstance(h, (list, tuple)):
-            for x in h:
-                walk(x)
-        else:
-            rest.append(h)
-
-    walk(handlers)
-    if len(presets) > 1:
-        raise EffaxError(
-            f"handlers= holds {len(presets)} presets ({', '.join(map(repr, presets))}); a run has "
-            "one mode: pass one preset."
-        )
-    return (presets[0] if presets else None), rest
-
-
-def _conflict(preset: Preset, what: str, given: Any) -> EffaxError:
-    shown = _brief(given) if what == "rngs" else repr(given)
-    hint = ""
-    if what == "mutable" and not preset.training and given is not True:
-        names = sorted(normalize_mutable(given))  # type: ignore[arg-type]
-        hint = (
-            " For inference state (a decode cache) in eval, name it in the preset: "
-            f"`fx.handlers.eval(mutable={names!r})`."
-        )
-    return EffaxError(
-        f"{what}={shown} conflicts with the preset {preset!r} in handlers=. A preset sets the "
-        f"run's training flag, rngs and mutable collections: drop `{what}=`, or drop the preset "
-        "and pass the options one by one." + hint
-    )
-
-
-def apply_options(
-    preset: Preset | None, training: Any, rngs: Any, mutable: Any
-) -> tuple[Any, Handler, Any]:
-    """`(training, keys handler, mutable)` for `apply`, the preset's options in place of the arguments."""
-    if preset is None:
-        return training, KeysFromRngs(rngs), mutable
-    if training is not None and static_training(training) != preset.training:
-        raise _conflict(preset, "training", training)
-    if rngs is not None and rngs is not preset.rngs:
-        raise _conflict(preset, "rngs", rngs)
-    if preset.mutable is None:
-        return preset.training, preset.keys, mutable
-    if normalize_mutable(mutable) and normalize_mutable(mutable) != preset.mutable:
-        raise _conflict(preset, "mutable", mutable)
-    return preset.training, preset.keys, preset.mutable
-
-
-def init_options(preset: Preset | None, training: Any, rngs: Any) -> tuple[bool, Any]:
-    """`(training, rngs)` for `init`: the preset's mode; its rngs when `init` got none.
-
-    Init makes params, so it always takes keys (the eval preset's no-draw
-    rule is for `apply`), and it creates every collection whatever `mutable` says.
-    """
-    if preset is None:
-        return training, rngs
-    if static_training(training) and not preset.training:  # False is init's default: the preset decides
-        raise _conflict(preset, "training", training)
-    if preset.rngs is not None:
-        if rngs is not None and rngs is not preset.rngs:
-            raise _conflict(preset, "rngs", rngs)
-        rngs = preset.rngs
-    return preset.training, rngs

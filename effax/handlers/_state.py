@@ -11,22 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from effax.core import (
-    MISSING,
     EffaxError,
     FrozenStateError,
     Handler,
     InvalidNameError,
     MissingVariableError,
-    PathTree,
     ShapeMismatchError,
     check_name,
     check_trace,
-    copy_scopes,
-    get_path,
-    nearest_paths,
     trace_state,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
+from effax.handlers._tree import MISSING, PathTree, copy_scopes, get_path, nearest_paths
 
 ALL = True
 

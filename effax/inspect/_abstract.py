@@ -21,12 +21,30 @@ _ABSTRACT: contextvars.ContextVar[bool] = contextvars.ContextVar("effax_abstract
 
 
 def abstract_mode() -> bool:
-    """Whether the code running now only learns what it requests (lifted transforms skip their work)."""
+    """Whether the code running now only learns what it requests (lifted transforms skip their work).
+
+    >>> from effax.inspect import abstract_mode, run_abstractly
+    >>> abstract_mode()
+    False
+    >>> run_abstractly(lambda: print("learning only:", abstract_mode()), learn_only=True)
+    learning only: True
+    """
     return _ABSTRACT.get()
 
 
 class abstractly:
-    """Run a block in abstract mode (or, with `on=False`, out of it)."""
+    """Run a block in abstract mode (or, with `on=False`, out of it).
+
+    A context manager, so abstract mode ends with the block, even on an exception.
+
+    >>> from effax.inspect import abstract_mode, abstractly
+    >>> with abstractly():
+    ...     print(abstract_mode())
+    ...     with abstractly(on=False):
+    ...         print(abstract_mode())
+    True
+    False
+    """
 
     __slots__ = ("on", "_token")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import jax
 
-from effax._transform import transform
 from effax.core import EffaxError
+from effax.discharge import transform
 from effax.inspect._abstract import run_abstractly
 from effax.inspect._diff import VariablesReport, diff_variables
 

@@ -144,5 +144,11 @@ def diff_variables(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Var
 
     Reports every missing, unused, mis-shaped and mis-typed entry (a Flax box
     or a non-array leaf counts as mis-typed); nothing is run.
+
+    >>> t = fx.transform(lambda x: fx.nn.Dense(2)(x))
+    >>> expected = jax.eval_shape(t.init, jax.random.key(0), jnp.ones((1, 3)))
+    >>> report = fx.inspect.diff_variables(expected, {"params": {"Dense_0": {"kernel": jnp.zeros((3, 2))}}})
+    >>> report.ok, report.missing
+    (False, ['params:Dense_0/bias (float32[2])'])
     """
     return diff_specs(flatten(expected), flatten(found), labels=("model", "variables"))

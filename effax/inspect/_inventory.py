@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax._transform import Transformed
 from effax.core import Path, Request, flatten_handlers, handle, hermetic, path_str
+from effax.discharge import Transformed
 from effax.effects import ModuleCallRequest
 from effax.handlers import AbstractParams, CollectSown, FunctionalState, KeysFromRngs, Mode
 from effax.inspect._abstract import run_abstractly
@@ -31,6 +31,13 @@ class Effect:
     and `binding` names the binding(s) that did. `shape`/`dtype` describe the
     param, the state value, the drawn key or the sown value when it is one
     array (else None); `structure` keeps the whole abstract value.
+
+    >>> def model(x):
+    ...     with fx.scope("dense"):
+    ...         return x * fx.param("w", jax.nn.initializers.ones, (3,))
+    >>> e = fx.effects_of(model, jnp.ones(3))[0]
+    >>> e.kind, e.name, e.shape, e.dtype, e.collection
+    ('param', 'dense/w', (3,), dtype('float32'), 'params')
     """
 
     kind: str

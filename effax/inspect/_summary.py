@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from effax.core import MISSING, PathTree, path_str
+from effax.core import path_str
+from effax.handlers._tree import MISSING, PathTree
 from effax.inspect._inventory import dtype_name, effects_of
 
 
@@ -24,6 +25,11 @@ class Entry:
     `collection` is the params or state collection, the sow collection, or
     the random stream; `uses` counts requests (key draws for `random`, values
     for `sow`); `aliases` are the paths a `fx.share` pass tied to this param.
+
+    >>> s = fx.summary(lambda x: fx.nn.Dense(2)(x), jnp.ones((1, 3)))
+    >>> e = s.entries[0]
+    >>> e.kind, e.path, e.shape, e.size, e.nbytes
+    ('param', ('Dense_0', 'kernel'), (3, 2), 6, 24)
     """
 
     kind: str
@@ -72,6 +78,16 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
     Params and state are one entry per array (a state variable holding a
     tree gives one per leaf), keys one per stream and path, sows one per tag.
     The variables are what `jax.eval_shape(t.init, ...)` gives.
+
+    >>> def model(x):
+    ...     fx.local_state("n", lambda: jnp.zeros((), jnp.int32))
+    ...     return x * fx.param("w", jax.nn.initializers.ones, (3,))
+    >>> entries, variables = fx.inspect.entries_of(fx.effects_of(model, jnp.ones(3)))
+    >>> [(e.kind, e.path, e.shape) for e in entries]
+    [('state', ('n',), ()), ('param', ('w',), (3,))]
+    >>> variables
+    {'params': {'w': ShapeDtypeStruct(shape=(3,), dtype=float32)},
+     'state': {'n': ShapeDtypeStruct(shape=(), dtype=int32)}}
     """
     rows: dict[tuple, Entry] = {}
     params = PathTree("params")
@@ -131,6 +147,14 @@ class Summary:
     `variables` is the tree `jax.eval_shape(t.init, ...)` would give, and
     `logical_axes()` the logical axes of every variable (for
     `fx.sharding.logical_to_mesh`).
+
+    >>> s = fx.summary(lambda x: fx.nn.Dense(2)(x), jnp.ones((1, 3)))
+    >>> s.param_count, s.param_bytes
+    (8, 32)
+    >>> [e.path for e in s.of_kind("param")]
+    [('Dense_0', 'kernel'), ('Dense_0', 'bias')]
+    >>> jax.tree.map(jnp.shape, s.variables)
+    {'params': {'Dense_0': {'bias': (2,), 'kernel': (3, 2)}}}
     """
 
     entries: tuple[Entry, ...]

@@ -13,17 +13,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from effax.core import (
-    EffaxError,
-    FrozenStateError,
-    at_path,
-    check_name,
-    current_path,
-    get_path,
-    path_str,
-    scope,
-)
+from effax.core import EffaxError, FrozenStateError, at_path, check_name, current_path, path_str, scope
 from effax.effects import capture_filter, is_initializing, local_state, param, stream_key
+from effax.handlers._tree import get_path
 from effax.interop._common import is_mutable, request_tree, sow_tree
 
 _RNG_STREAM = re.compile(r'needs PRNG for "([^"]+)"')

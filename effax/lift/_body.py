@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import (
-    MISSING,
     EffaxError,
     TraceMismatchError,
     answers_of,
@@ -57,12 +56,14 @@ from effax.effects import (
     StreamKeyRequest,
 )
 from effax.handlers._state import _cast_like as cast_like
+from effax.handlers._tree import MISSING
 from effax.inspect import abstractly
 
 LIFTED = frozenset(
     {ParamRequest, LocalStateRequest, GetStateRequest, SetStateRequest, RandomRequest, StreamKeyRequest,
      SideOutputRequest}
 )
+
 
 # --- initializers that carry creation across the trace boundary
 

@@ -20,7 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import MISSING, EffaxError, current_stack, path_str
+from effax.core import EffaxError, current_stack, path_str
+from effax.handlers._tree import MISSING
 from effax.inspect import abstract_mode
 from effax.lift._body import Answerer, Needs, run_lifted
 from effax.lift._transforms import _abstract_results, _Crossing, _hand_back, _learn, _names_snapshot, _plan, _zeros

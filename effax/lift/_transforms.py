@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError, current_names, current_stack, path_str
+from effax.core import EffaxError, current_stack, path_str, snapshot_run
 from effax.effects import GetStateRequest, RandomRequest, SetStateRequest, SideOutputRequest, StreamKeyRequest
 from effax.inspect import abstract_mode, run_abstractly
 from effax.lift._body import (
@@ -80,18 +80,9 @@ def _learn(
 
 
 def _names_snapshot() -> Callable[[], None] | None:
-    """A function putting the module auto-name counters back as they are now (None in abstract mode: no real
-    pass follows, so the learning pass's names stand)."""
-    names = None if abstract_mode() else current_names()
-    if names is None:
-        return None
-    counters = {parent: dict(c) for parent, c in names.frame.items()}
-
-    def restore() -> None:
-        names.frame.clear()
-        names.frame.update(counters)
-
-    return restore
+    """A function putting the run's bookkeeping (module auto-names) back as it is now; None in abstract mode,
+    where no real pass follows, so the learning pass's names stand."""
+    return None if abstract_mode() else snapshot_run()
 
 
 # --- step 2: request what it needs from the handlers outside

@@ -8,8 +8,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import InvalidNameError, Names, check_name, current_names, current_path, path_str, pop_names, push_names
+from effax.core import InvalidNameError, check_name, current_path, path_str
 from effax.effects import call_module
+from effax.nn._naming import Names, current_names, pop_names, push_names
 
 _EXPLICIT = ("explicit name",)
 

@@ -9,10 +9,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError, current_names
+from effax.core import EffaxError
 from effax.lift import scan
 from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
 from effax.nn._module import Module
+from effax.nn._naming import current_names
 
 orthogonal: Initializer = jax.nn.initializers.orthogonal()
 

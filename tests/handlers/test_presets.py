@@ -143,8 +143,11 @@ def test_init_takes_the_preset_mode_and_rngs():
     assert t.init(None, handlers=fx.handlers.train(KEY))["params"]["w"].shape == (2,)
     with pytest.raises(fx.EffaxError, match="training=True conflicts"):
         t.init(KEY, training=True, handlers=fx.handlers.eval())
-    with pytest.raises(fx.EffaxError, match="rngs=.* conflicts"):
-        t.init(jax.random.key(5), handlers=fx.handlers.train(KEY))
+    # init's own key always wins: the preset's rngs serve apply's draws (one rule, no identity check)
+    g = fx.transform(lambda: fx.param("w", jax.nn.initializers.normal(), (2,)))
+    with_preset = g.init(jax.random.key(5), handlers=fx.handlers.train(KEY))["params"]["w"]
+    assert (with_preset == g.init(jax.random.key(5), training=True)["params"]["w"]).all()
+    assert not (with_preset == g.init(KEY)["params"]["w"]).all()
 
 
 def test_init_with_the_train_preset_returns_initial_state():

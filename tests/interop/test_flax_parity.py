@@ -165,7 +165,7 @@ def test_every_option_name_clashes_in_plain_functions_too(option):
 
 
 def test_models_without_clashing_names_are_inspected_once():
-    from effax import _transform
+    from effax.discharge import _transform
 
     def model(x, **kwargs):  # **kwargs takes nothing by name: no clash
         return x

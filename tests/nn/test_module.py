@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import effax as fx
-from effax.core import current_names
+from effax.nn._naming import current_names
 
 KEY = jax.random.key(0)
 X = jnp.ones((2, 3))

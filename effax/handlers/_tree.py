@@ -1,4 +1,4 @@
-"""Nested dicts keyed by path components, where a name is a leaf or a scope, never both."""
+"""Storage for handlers: nested dicts keyed by path components, where a name is a leaf or a scope, never both."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from effax.core._errors import ParamConflictError
-from effax.core._interpreter import Path, path_str
+from effax.core import ParamConflictError, Path, path_str
 
 MISSING: Any = object()
 

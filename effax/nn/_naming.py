@@ -1,4 +1,4 @@
-"""Per-run auto-names (`Dense_0`, `Dense_1`, ...) for `fx.nn` modules, in a context variable.
+"""Per-run auto-names (`Dense_0`, `Dense_1`, ...) for `fx.nn` modules, kept as one of the core's run-local values.
 
 A run (`hermetic()`, or the outermost `handle`) starts fresh counters, so
 `t.init` and `t.apply` name modules alike. Each module call counts its
@@ -7,10 +7,10 @@ children afresh: calling one instance twice re-creates the same names.
 
 from __future__ import annotations
 
-import contextvars
+from collections.abc import Callable
 from typing import Any
 
-_NAMES: contextvars.ContextVar[Names | None] = contextvars.ContextVar("effax_names", default=None)
+from effax.core import begin_run, end_run, run_local
 
 
 class Names:
@@ -44,17 +44,27 @@ class Names:
     def leave(self, saved: tuple[Any, Any]) -> None:
         self.frame, self.owner = saved
 
+    def snapshot(self) -> Callable[[], None]:
+        """Put the current call's counters back later (a lifted transform's learning pass names layers too)."""
+        frame = self.frame
+        counters = {parent: dict(c) for parent, c in frame.items()}
+
+        def restore() -> None:
+            frame.clear()
+            frame.update(counters)
+
+        return restore
+
 
 def current_names() -> Names | None:
     """The run's `Names`, or None outside any run."""
-    return _NAMES.get()
+    return run_local(Names)
 
 
-def push_names(fresh: bool) -> contextvars.Token | None:
-    """Install new `Names` if `fresh` or none is active; returns the token to reset, or None."""
-    return _NAMES.set(Names()) if fresh or _NAMES.get() is None else None
+def push_names(fresh: bool) -> Any:
+    """Start a run (so a `Names`) if `fresh` or none is active; returns the token for `pop_names`."""
+    return begin_run(fresh)
 
 
-def pop_names(token: contextvars.Token | None) -> None:
-    if token is not None:
-        _NAMES.reset(token)
+def pop_names(token: Any) -> None:
+    end_run(token)

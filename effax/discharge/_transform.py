@@ -18,19 +18,21 @@ from effax.core import (
     handle,
     hermetic,
 )
+from effax.discharge._options import apply_options, init_options, split_presets
 from effax.handlers import (
+    ALL,
     CaptureIntermediates,
     CollectSown,
     FunctionalState,
     InitParams,
+    InitState,
     KeysFromRngs,
     LoadParams,
     Mode,
+    check_key,
+    normalize_mutable,
+    static_training,
 )
-from effax.handlers._mode import static_training
-from effax.handlers._presets import apply_options, init_options, split_presets
-from effax.handlers._random import check_key
-from effax.handlers._state import ALL, InitState, normalize_mutable
 
 
 def _check_variables_arg(variables: Any) -> Mapping[str, Any]:
