@@ -58,11 +58,10 @@ def check_name(name: Any, kind: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One effect performed at one place; subclasses are frozen dataclasses.
+    """One effect performed at `path`; a frozen dataclass per kind, whose `unhandled()` runs if nothing answers.
 
-    `path` is where the request was made (the enclosing scopes plus its own
-    name). `unhandled()` is what happens when no handler answers: by default
-    an `UnhandledEffectError` that names the request and, from `hint`, the fix.
+    >>> fx.ParamRequest(("dense", "w"), jax.nn.initializers.zeros, (2,), jnp.float32).kind
+    'param'
     """
 
     path: Path

@@ -174,6 +174,30 @@ def _check_init_rngs(rngs: Any, args: tuple) -> None:
         ) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """The storage runs of one discharged call, by name: read results here, never by position."""
+
+    state: Any
+    sown: Any
+    params: Any
+
+
+def _discharged(
+    call: str, entry: Callable[..., Any], args: tuple, kwargs: dict, outer: tuple, storage: tuple, extra: list
+) -> tuple[Any, _Runs]:
+    """Run `entry` hermetically under the built-in handlers, outermost first: mode and keys (`outer`), then
+    state, sows and params (`storage`), then the `handlers=` given (`extra`), as the design pins."""
+    with hermetic(), handle(*outer), handle(*storage) as (state, sown, params), handle(*extra):
+        token = _RUNNING.set(call)
+        try:
+            out = entry(*args, **kwargs)
+        finally:
+            _RUNNING.reset(token)
+    _check_overlap(state, sown)
+    return out, _Runs(state, sown, params)
+
+
 def _with_intermediates(collections: frozenset[str] | bool) -> frozenset[str] | bool:
     return collections if collections is ALL else collections | {"intermediates"}  # type: ignore[operator]
 
@@ -196,6 +220,10 @@ class Transformed:
 
     `fn` is the entry point that runs; `owner`, when set, is the object whose
     methods `method=` names (the module `fx.transform(module, method=...)` got).
+
+    >>> t = fx.transform(lambda x: x * fx.param("w", jax.nn.initializers.ones, ()))
+    >>> isinstance(t, fx.Transformed), t.apply(t.init(jax.random.key(0), 2.0), 2.0)
+    (True, Array(2., dtype=float32))
     """
 
     fn: Callable[..., Any]
@@ -277,16 +305,9 @@ class Transformed:
             extra.append(CaptureIntermediates(capture_intermediates))
         entry = self._entry(method)
         _check_options(entry, args, "t.init")
-        state, sown = InitState({}, state_collections), CollectSown(sown_collections)
-        with hermetic(), handle(Mode(training), KeysFromRngs(rngs), state, sown, InitParams(), *extra) as runs:
-            token = _RUNNING.set("t.init")
-            try:
-                out = entry(*args, **kwargs)
-            finally:
-                _RUNNING.reset(token)
-        state_run, sown_run, params_run = runs[2], runs[3], runs[4]
-        _check_overlap(state_run, sown_run)
-        return out, {"params": params_run.params, **state_run.initial(), **sown_run.collections()}
+        storage = (InitState({}, state_collections), CollectSown(sown_collections), InitParams())
+        out, runs = _discharged("t.init", entry, args, kwargs, (Mode(training), KeysFromRngs(rngs)), storage, extra)
+        return out, {"params": runs.params.params, **runs.state.initial(), **runs.sown.collections()}
 
     def apply(
         self,
@@ -330,22 +351,14 @@ class Transformed:
             extra.append(CaptureIntermediates(capture_intermediates))
         entry = self._entry(method)
         _check_options(entry, args, "t.apply")
-        state = FunctionalState(variables, collections)
-        sown = CollectSown(collections)
-        params = LoadParams(variables.get("params", {}))
-        with hermetic(), handle(mode, keys, state, sown, params, *extra) as runs:
-            token = _RUNNING.set("t.apply")
-            try:
-                out = entry(*args, **kwargs)
-            finally:
-                _RUNNING.reset(token)
-        offset = 0 if mode is None else 1
-        state_run, sown_run = runs[offset + 1], runs[offset + 2]
-        _check_overlap(state_run, sown_run)
+        storage = (
+            FunctionalState(variables, collections), CollectSown(collections), LoadParams(variables.get("params", {}))
+        )
+        out, runs = _discharged("t.apply", entry, args, kwargs, (mode, keys), storage, extra)
         if not collections:
             return out
         # Sown values start fresh each run: they replace old sows that `variables` may still hold.
-        return out, {**state_run.updates(), **sown_run.collections()}
+        return out, {**runs.state.updates(), **runs.sown.collections()}
 
 
 def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
@@ -384,7 +397,14 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
 
 @dataclasses.dataclass(frozen=True)
 class MultiTransformed:
-    """What `fx.multi_transform` returns: `init` runs the template, `apply` is a tree of apply functions."""
+    """What `fx.multi_transform` returns: `init` runs the template, `apply` is a tree of apply functions.
+
+    >>> def f():
+    ...     scale = lambda x: x * fx.param("s", jax.nn.initializers.ones, ())
+    ...     return scale, {"scale": scale}
+    >>> m = fx.multi_transform(f)
+    >>> sorted(m.apply), m.apply["scale"](m.init(jax.random.key(0), 3.0), 3.0)
+    (['scale'], Array(3., dtype=float32))"""
 
     init: Callable[..., dict]
     init_with_output: Callable[..., tuple[Any, dict]]

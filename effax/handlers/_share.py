@@ -28,6 +28,7 @@ from effax.core import (
     current_path,
     handle,
     path_str,
+    run_local,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, ParamRequest, SetStateRequest
 
@@ -189,6 +190,13 @@ class Share(Handler):
         return _ShareRun(self, current_path())
 
 
+class _ActivePasses:
+    """The share passes running now, outermost first (a run-local value of the core)."""
+
+    def __init__(self) -> None:
+        self.runs: list[_ShareRun] = []
+
+
 class _ShareRun:
     """One run of a share pass: what matched, and the first request seen at each canonical path."""
 
@@ -225,7 +233,33 @@ class _ShareRun:
         for asked in (request.origin, request.path if tag_binding else None):
             if asked is not None:  # a binding counts as matched on the path the model asked for too
                 self.matched.update(self.share.resolve(asked)[2])
+        if applied:  # a share pass inside this one was passed already: send the result through its bindings too
+            path, more = self._through_inner_passes(path)
+            applied += more
         return path, ((tag_binding,) if tag_binding else ()) + applied
+
+    def _through_inner_passes(self, path: Path) -> tuple[Path, tuple[ShareBinding, ...]]:
+        """`fx.share(fx.share(f, {"b": "a"}), {"c": "b"})` ties `c` to `a`: a path this (outer) pass moved is
+        resolved again by the passes nested inside it, until none moves it; a cycle across passes raises."""
+        passes = run_local(_ActivePasses).runs
+        inner = passes[passes.index(self) + 1 :] if self in passes else []
+        applied: tuple[ShareBinding, ...] = ()
+        seen = {path}
+        moved = True
+        while moved:
+            moved = False
+            for run in inner:
+                to, more, matched = run.share.resolve(path)
+                if more:
+                    run.matched.update(matched)
+                    applied, path, moved = applied + more, to, True
+                    if path in seen:
+                        raise ShareError(
+                            f"nested share passes form a cycle at `{path_str(path)}` (bindings "
+                            f"{', '.join(f'`{b}`' for b in applied)}): remove one of these bindings."
+                        )
+                    seen.add(path)
+        return path, applied
 
     def param(self, request: ParamRequest) -> ParamRequest:
         tag_binding = None
@@ -345,7 +379,12 @@ def share(
     @functools.wraps(fn)
     def shared(*args: Any, **kwargs: Any) -> Any:
         with handle(handler) as (run,):
-            out = fn(*args, **kwargs)
+            active = run_local(_ActivePasses).runs
+            active.append(run)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                active.remove(run)
         run.finish()
         return out
 

@@ -565,3 +565,19 @@ def test_share_binding_str_and_handler_export():
 def test_a_path_binding_matches_a_tagged_param_on_the_path_it_was_asked_at():
     t = fx.transform(fx.share(encdec, {"decoder/table": "encoder/table"}, tags=True))
     assert shapes(t.init(KEY, TOKENS)) == {"params": {"embed": (5, 3)}}
+
+
+def test_a_share_pass_around_another_resolves_the_chain_through_it():
+    def model():
+        out = 0.0
+        for name in ("a", "b", "c"):
+            with fx.scope(name):
+                out = out + fx.param("w", jax.nn.initializers.normal(), (2,)).sum()
+        return out
+
+    once = fx.transform(fx.share(model, {"b": "a", "c": "b"}))
+    twice = fx.transform(fx.share(fx.share(model, {"b": "a"}), {"c": "b"}))
+    for t in (once, twice):
+        v = t.init(jax.random.key(0))
+        assert list(v["params"]) == ["a"]  # c -> b -> a: all three tied
+    assert twice.apply(v) == once.apply(v)
