@@ -6,7 +6,7 @@
 Each generator is one jitted function: a prefill of the prompt, then a `jax.lax.fori_loop` of one-token
 steps (cached), or of whole-window re-runs (uncached). The three are timed interleaved in one process,
 after a warm-up call that compiles them, and must sample the same tokens. The single cached decode step
-is also compiled on its own and its HLO ops counted (DESIGN.md: equal to pure JAX's).
+is also compiled on its own and its HLO ops counted (docs/design.md: equal to pure JAX's).
 """
 
 from __future__ import annotations

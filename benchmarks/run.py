@@ -202,8 +202,8 @@ def headline(data: dict) -> list[str]:
 
 
 def bar_check(data: dict) -> list[str]:
-    """effax against DESIGN.md's Performance bar, line by line."""
-    lines = ["## effax against the bar (DESIGN.md, Performance)", ""]
+    """effax against docs/design.md's Performance bar, line by line."""
+    lines = ["## effax against the bar (docs/design.md, Performance)", ""]
     for lab in [lab for lab in ("effax", "effax.nn") if lab in data["labels"]]:
         checks = []
         for config in [c for c in data["configs"] if c.startswith("mlp/") and c.split("/")[1] in ("64", "256")]:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effax.core import EffaxError
+from effax.handlers._tree import key_path_names
 from effax.inspect._diff import diff_specs
 
 __all__ = [
@@ -437,7 +438,7 @@ def _checksums(leaves: dict[str, Any]) -> dict[str, str]:
 
 
 def _name(key_path: tuple) -> str:
-    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in key_path]
+    names = key_path_names(key_path)
     return names[0] if len(names) == 1 else f"{names[0]}:{'/'.join(names[1:])}"
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from effax.core import EffaxError
+from effax.handlers._tree import key_path_names
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes] | Sequence[tuple[str, MeshAxes]]
@@ -28,7 +29,7 @@ __all__ = ["ShardingError", "logical_axes", "logical_to_mesh", "logical_to_spec"
 class ShardingError(EffaxError, ValueError):
     """A logical axis has no rule, a rule names a mesh axis the mesh lacks, or a dimension does not divide.
 
-    >>> fx.sharding.logical_to_spec(("batch", "mlp"), [("batch", "data")])
+    >>> fx.sharding.logical_to_spec(("batch", "mlp"), None, [("batch", "data")])
     Traceback (most recent call last):
     effax.ShardingError: array with axes ('batch', 'mlp') has logical axis 'mlp', but no rule maps it ...
     """
@@ -87,14 +88,17 @@ def _resolve(
     return PartitionSpec(*(None if r is False else r for r in result))
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(axes: Sequence[str | None] | None, mesh: Mesh | None, rules: Rules) -> PartitionSpec:
     """The mesh `PartitionSpec` of one array with logical `axes` (for activations and batches too).
+
+    The arguments come in `logical_to_mesh`'s order: what, on which mesh (None
+    skips checking that the rules' mesh axes exist), by which rules.
 
     A logical name may have several rules; the first whose mesh axes are not
     yet used by another dimension wins, else the dimension is replicated.
     A name without any rule is an error, never a silent replication.
 
-    >>> fx.sharding.logical_to_spec(("batch", "embed"), [("batch", "data"), ("embed", None)])
+    >>> fx.sharding.logical_to_spec(("batch", "embed"), None, [("batch", "data"), ("embed", None)])
     P('data', None)
     """
     if axes is None:
@@ -154,7 +158,7 @@ def logical_axes(source: Any) -> Any:
 
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
     paths = jax.tree.leaves_with_path(tree, is_leaf=_is_axes_leaf)
-    return {tuple(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in paths}
+    return {key_path_names(p): leaf for p, leaf in paths}
 
 
 def logical_to_mesh(source: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -181,7 +185,7 @@ def logical_to_mesh(source: Any, mesh: Mesh, rules: Rules) -> Any:
     sizes = dict(mesh.shape)
 
     def one(path: Any, axes: PartitionSpec) -> NamedSharding:
-        names = tuple(str(getattr(k, "key", k)) for k in path)
+        names = key_path_names(path)
         where = f"variable `{names[0]}:{'/'.join(names[1:])}`"
         spec = _resolve(tuple(axes), rules_list, where)
         shape = shapes.get(names)

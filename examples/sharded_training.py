@@ -70,7 +70,7 @@ def train(steps: int, mesh: jax.sharding.Mesh | None) -> tuple[Any, list[float]]
     else:
         shardings = fx.sharding.logical_to_mesh(fx.summary(t, x0), mesh, RULES)
         params = jax.jit(t.init, out_shardings=shardings)(key, x0)["params"]
-        batch = NamedSharding(mesh, fx.sharding.logical_to_spec(("batch", None), RULES))
+        batch = NamedSharding(mesh, fx.sharding.logical_to_spec(("batch", None), mesh, RULES))
         step = jax.jit(train_step, out_shardings=(shardings["params"], None))
         put = lambda a: jax.device_put(a, batch)
     losses = []

@@ -101,3 +101,17 @@ def test_the_extractor_finds_blocks_and_directives(tmp_path):
         "- item:\n\n  ```python\n  z = 3\n  ```\n"
     )
     assert blocks(doc) == [(3, "x = 1", None), (11, "y = 2", {"A": "1", "B": "x=y"}), (16, "z = 3", None)]
+
+
+_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md"], ids=["README.md"])
+def test_relative_links_point_to_files(path):
+    """The README links into docs/: each relative link names a file that exists (mkdocs checks docs/ itself)."""
+    broken = []
+    for m in _LINK.finditer(path.read_text(encoding="utf-8")):
+        target = m["target"].split("#", 1)[0]
+        if target and "://" not in target and not (path.parent / target).exists():
+            broken.append(m["target"])
+    assert not broken, f"{path.name} links to missing files: {broken}"

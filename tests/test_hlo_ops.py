@@ -3,7 +3,7 @@
 The models are the benchmark ones (`benchmarks/libs/`), shrunk. A model with
 no random draws must compile to the same op count as the hand-written one;
 the dropout model's eval apply draws nothing, so it must match too (its train
-step adds only the pinned key folds, DESIGN.md's one allowed difference).
+step adds only the pinned key folds, docs/design.md's one allowed difference).
 """
 
 import dataclasses

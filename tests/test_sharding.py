@@ -38,31 +38,31 @@ def mesh_1x1():
 
 
 def test_spec_follows_rules_in_order():
-    assert logical_to_spec(("batch", "embed"), RULES) == P("data", None)
-    assert logical_to_spec(("embed", "mlp"), dict(RULES)) == P(None, "model")
-    assert logical_to_spec(None, RULES) == P()
-    assert logical_to_spec(("mlp", None), RULES) == P("model", None)
+    assert logical_to_spec(("batch", "embed"), None, RULES) == P("data", None)
+    assert logical_to_spec(("embed", "mlp"), None, dict(RULES)) == P(None, "model")
+    assert logical_to_spec(None, None, RULES) == P()
+    assert logical_to_spec(("mlp", None), None, RULES) == P("model", None)
     # a mesh axis serves one dim only: the second dim wanting "model" is replicated (Flax's rule)
-    assert logical_to_spec(("mlp", "heads"), RULES) == P("model", None)
+    assert logical_to_spec(("mlp", "heads"), None, RULES) == P("model", None)
     # a later rule for the same name is the fallback when the first one's mesh axis is taken
     rules = [("heads", "model"), ("mlp", "model"), ("mlp", "data")]
-    assert logical_to_spec(("mlp", "heads"), rules) == P("data", "model")
-    assert logical_to_spec(("mlp",), [("mlp", ("data", "model"))]) == P(("data", "model"))
+    assert logical_to_spec(("mlp", "heads"), None, rules) == P("data", "model")
+    assert logical_to_spec(("mlp",), None, [("mlp", ("data", "model"))]) == P(("data", "model"))
 
 
 def test_unknown_logical_axis_is_an_error():
     with pytest.raises(ShardingError, match=r"logical axis 'hidden'.*\('hidden', None\)"):
-        logical_to_spec(("batch", "hidden"), RULES)
+        logical_to_spec(("batch", "hidden"), None, RULES)
 
 
 def test_rule_naming_a_missing_mesh_axis_is_an_error():
     with pytest.raises(ShardingError, match=r"mesh axis 'tensor'.*\('data', 'model'\)"):
-        logical_to_spec(("mlp",), [("mlp", "tensor")], mesh=mesh_1x1())
+        logical_to_spec(("mlp",), mesh_1x1(), [("mlp", "tensor")])
 
 
 def test_malformed_rule_is_an_error():
     with pytest.raises(ShardingError, match="not a pair"):
-        logical_to_spec(("mlp",), ["mlp"])
+        logical_to_spec(("mlp",), None, ["mlp"])
 
 
 def test_logical_to_mesh_mirrors_the_variables():

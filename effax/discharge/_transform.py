@@ -404,7 +404,8 @@ class MultiTransformed:
     ...     return scale, {"scale": scale}
     >>> m = fx.multi_transform(f)
     >>> sorted(m.apply), m.apply["scale"](m.init(jax.random.key(0), 3.0), 3.0)
-    (['scale'], Array(3., dtype=float32))"""
+    (['scale'], Array(3., dtype=float32))
+    """
 
     init: Callable[..., dict]
     init_with_output: Callable[..., tuple[Any, dict]]

@@ -11,6 +11,11 @@ from effax.core import ParamConflictError, Path, path_str
 MISSING: Any = object()
 
 
+def key_path_names(key_path: tuple) -> tuple[str, ...]:
+    """The names of a `jax.tree` key path (dict keys, sequence indices, attribute names) as path components."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in key_path)
+
+
 def _is_scope(node: Any) -> bool:
     return type(node) is dict or isinstance(node, Mapping)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import path_str
+from effax.handlers._tree import key_path_names
 
 
 @dataclasses.dataclass
@@ -97,7 +98,7 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
             out[str(collection)] = sub
             continue
         for path, leaf in jax.tree.leaves_with_path(sub, is_leaf=lambda x: _is_box(x) or x is None):
-            names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            names = key_path_names(path)
             out[f"{collection}:{path_str(names)}"] = leaf
     return out
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from effax.core import path_str
-from effax.handlers._tree import MISSING, PathTree
+from effax.handlers._tree import MISSING, PathTree, key_path_names
 from effax.inspect._inventory import dtype_name, effects_of
 
 
@@ -109,7 +109,7 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
             if tree.get(e.path) is MISSING:
                 tree.set(e.path, e.structure)
             for sub, leaf in jax.tree.leaves_with_path(e.structure):
-                names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in sub)
+                names = key_path_names(sub)
                 key = ("state", e.path + names, e.collection)
                 old = rows.get(key)
                 uses = 1 if old is None else old.uses + 1

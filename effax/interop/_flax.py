@@ -15,7 +15,6 @@ import numpy as np
 
 from effax.core import EffaxError, FrozenStateError, at_path, check_name, current_path, path_str, scope
 from effax.effects import capture_filter, is_initializing, local_state, param, stream_key
-from effax.handlers._tree import get_path
 from effax.interop._common import is_mutable, request_tree, sow_tree
 
 _RNG_STREAM = re.compile(r'needs PRNG for "([^"]+)"')
@@ -24,6 +23,13 @@ _CACHE_SIZE = 256
 # (module, method, argument signature) -> _Spec; a pure memo of `jax.eval_shape(module.init)`.
 _SPECS: dict[Any, _Spec] = {}
 _SPECS_LOCK = threading.Lock()
+
+
+def _at(tree: Any, where: tuple[str, ...]) -> Any:
+    """The value at `where` in Flax's nested variables (interop uses effects only, not the handlers' storage)."""
+    for key in where:
+        tree = tree[key]
+    return tree
 
 
 def _linen() -> Any:
@@ -163,7 +169,7 @@ class _FlaxInit:
             with at_path(self.path):
                 key = stream_key("params")
             self.keep(self.module.init({"params": key}, *self.args, method=self.method, **self.kwargs))
-        return get_path(self.variables, where)
+        return _at(self.variables, where)
 
 
 class _Stored:
@@ -263,7 +269,7 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
     for collection, tree in updates.items():
         if collection in spec.state and collection not in frozen:
             for where, cell, old in cells[collection]:
-                new = get_path(tree, where)
+                new = _at(tree, where)
                 if new is not old:
                     cell.set(new)
     _sow_rest(updates, spec)
@@ -387,7 +393,7 @@ def from_flax(module: Any, *, name: str | None = None) -> FlaxFunction:
     `t.apply(v, x, rngs={"dropout": k}, mutable=["batch_stats"])` equals
     `module.apply(v, x, rngs={"dropout": k}, mutable=["batch_stats"])`. Nested
     under scope path `p`, Flax's key for `s` is `fold(k_s, h_path(p))` (the
-    pinned hash of DESIGN.md), from which Flax derives per-submodule keys its
+    pinned hash of docs/design.md), from which Flax derives per-submodule keys its
     own way. Each call is one `module.apply`: calling the function twice at
     one scope in a run gives both calls the same keys (use two names for
     independent dropout). Flax never falls back to the `"params"` stream for a

@@ -1,4 +1,4 @@
-"""The laws of DESIGN.md as checks on one model, input and key, for the handlers you write.
+"""The laws of docs/design.md as checks on one model, input and key, for the handlers you write.
 
 Each `check_*` runs a model (see `effax.testing.models`) through
 `fx.transform` with your handler innermost (`handlers=`), the way users run
@@ -1397,7 +1397,7 @@ class Subject:
 
 @dataclasses.dataclass(frozen=True)
 class Law:
-    """One law of DESIGN.md as the kit runs it.
+    """One law of docs/design.md as the kit runs it.
 
     `applies(effects)` says whether it concerns a handler answering
     `effects`; `run(subject, data, key, training)` draws what the law needs

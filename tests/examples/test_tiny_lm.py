@@ -2,9 +2,11 @@
 
 
 import numpy as np
+import pytest
 from example_loader import load
 
 
+@pytest.mark.slow  # 27 s on a busy 2-core machine (over the 20 s bar); CI runs it (`--run-slow`)
 def test_tiny_lm_smoke(capsys):
     report = load("tiny_lm").main(
         steps=30, context=32, width=32, depth=1, sample_length=8, prompt="Shall", progress=False

@@ -1,4 +1,4 @@
-"""fx.share: weight tying as a handler pass (DESIGN.md "Sharing")."""
+"""fx.share: weight tying as a handler pass (docs/design.md, "Sharing")."""
 
 import jax
 import jax.numpy as jnp

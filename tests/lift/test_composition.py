@@ -7,7 +7,7 @@ one on the same, restacked weights: `init` makes the restacked structure,
 `apply` in eval and train (deterministic features) gives the same outputs
 and updates, `jax.jit(init)` equals `init`, `jax.eval_shape(init)` has its
 shapes, `summary` counts the same params, `check_variables` accepts the
-variables, and `jax.grad` gives the restacked gradients. DESIGN.md,
+variables, and `jax.grad` gives the restacked gradients. docs/design.md,
 "Composition (pinned)".
 """
 
