@@ -1,6 +1,6 @@
 """Interleaved same-process A/B of trace time (and abstract init), the fairest ratio on a shared machine.
 
-Run: python benchmarks/trace_ab.py [--depth 256] [--samples 5] [--model mlp]
+Run: python benchmarks/trace_ab.py [--depth 256] [--samples 5] [--model mlp | mlp_stateful | transformer | all]
 Each sample lowers a fresh function (no trace cache hit); the libraries take
 turns, so machine noise hits all of them alike. Prints medians and ratios to
 pure JAX.
@@ -20,13 +20,16 @@ from benchmarks.libs import effax_nn, effax_raw, pure_jax
 LIBS = {"pure JAX": pure_jax, "effax": effax_raw, "effax.nn": effax_nn}
 
 
-def main(depth: int = 256, samples: int = 5, model: str = "mlp") -> dict[str, dict[str, float]]:
-    spec = Spec(model, depth)
+def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: int = 8) -> dict[str, dict[str, float]]:
+    spec, small = Spec(model, depth), Spec(model, eager_depth)
     key = jax.random.key(0)
-    x = jax.numpy.ones(spec.input_shape)
+    x, x_small = jax.numpy.ones(spec.input_shape), jax.numpy.ones(small.input_shape)
     benches = {name: lib.build(spec) for name, lib in LIBS.items()}
+    eager = {name: lib.build(small) for name, lib in LIBS.items()}
     variables = {name: b.init(key, x) for name, b in benches.items()}
-    times: dict[str, dict[str, list[float]]] = {n: {"trace_train": [], "abstract_init": []} for n in LIBS}
+    small_vars = {name: b.init(key, x_small) for name, b in eager.items()}
+    metrics = ("trace_train", "abstract_init", "eager_apply")
+    times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in LIBS}
     for i in range(samples + 1):
         for name, b in benches.items():
             t0 = time.perf_counter()
@@ -34,12 +37,17 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp") -> dict[str, di
             t1 = time.perf_counter()
             b.eval_shape_init(key, x)
             t2 = time.perf_counter()
+            for _ in range(10):  # eager apply of the small model: the per-call cost of effects without jit
+                jax.block_until_ready(eager[name].apply(small_vars[name], x_small))
+            t3 = time.perf_counter()
             if i:  # the first round warms up
                 times[name]["trace_train"].append(t1 - t0)
                 times[name]["abstract_init"].append(t2 - t1)
+                times[name]["eager_apply"].append((t3 - t2) / 10)
     medians = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in times.items()}
     base = medians["pure JAX"]
-    print(f"{model} depth {depth}, {samples} interleaved samples (median seconds, ratio to pure JAX)")
+    print(f"{model} depth {depth} (eager apply: depth {eager_depth}), {samples} interleaved samples "
+          "(median seconds, ratio to pure JAX)")
     for name, ms in medians.items():
         cells = "  ".join(f"{m} {v:.3f}s {v / base[m]:.2f}x" for m, v in ms.items())
         print(f"  {name:9s} {cells}")
@@ -50,6 +58,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--depth", type=int, default=256)
     parser.add_argument("--samples", type=int, default=5)
-    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--model", default="mlp", help="mlp, mlp_stateful, transformer, or all")
+    parser.add_argument("--eager-depth", type=int, default=8)
     args = parser.parse_args()
-    main(args.depth, args.samples, args.model)
+    for model in ("mlp", "mlp_stateful", "transformer") if args.model == "all" else (args.model,):
+        main(args.depth if model != "transformer" else max(1, args.depth // 64), args.samples, model, args.eager_depth)

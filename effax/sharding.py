@@ -35,8 +35,6 @@ class ShardingError(EffaxError, ValueError):
     """
 
 
-ShardingError.__module__ = "effax"
-
 
 def _rules_list(rules: Rules, mesh: Mesh | None) -> list[tuple[str, tuple[str, ...] | None]]:
     items = rules.items() if isinstance(rules, Mapping) else rules
@@ -116,10 +114,10 @@ def _is_axes_leaf(x: Any) -> bool:
 
 def _as_summary(source: Any) -> Any:
     """An inventory (`fx.effects_of`) becomes the `Summary` it implies; anything else stays."""
-    from effax.inspect._inventory import Effects
+    from effax.inspect._inventory import Inventory
     from effax.inspect._summary import Summary, entries_of
 
-    if isinstance(source, Effects):
+    if isinstance(source, Inventory):
         entries, variables = entries_of(source)
         return Summary(tuple(entries), variables)
     return source

@@ -45,8 +45,6 @@ class UninitializedParamError(EffaxError):
     """
 
 
-UninitializedParamError.__module__ = "effax"
-
 
 @dataclasses.dataclass(frozen=True)
 class ParamRequest(Request):

@@ -3,10 +3,10 @@
 from effax.inspect._abstract import abstract_mode, abstractly, run_abstractly
 from effax.inspect._check import check_variables
 from effax.inspect._diff import VariablesReport, diff_variables
-from effax.inspect._inventory import Effect, Effects, effects_of
+from effax.inspect._inventory import RequestRecord, Inventory, effects_of
 from effax.inspect._summary import Entry, Summary, entries_of, summary
 
 __all__ = [
     "abstract_mode", "abstractly", "run_abstractly", "check_variables", "VariablesReport", "diff_variables",
-    "Effect", "Effects", "effects_of", "Entry", "Summary", "entries_of", "summary",
+    "RequestRecord", "Inventory", "effects_of", "Entry", "Summary", "entries_of", "summary",
 ]

@@ -23,7 +23,7 @@ from effax.inspect._abstract import run_abstractly
 
 
 @dataclasses.dataclass(frozen=True)
-class Effect:
+class RequestRecord:
     """One request a model performed: its kind, where it went, and what it carries.
 
     `path` is where the request was answered (for a tied param, the canonical
@@ -63,8 +63,11 @@ class Effect:
         return None if self.shape is None else math.prod(self.shape)
 
 
-class Effects(list):
-    """A list of `Effect`s, in request order, that prints as a table.
+class Inventory(list):
+    """What `fx.effects_of` returns: a list of `RequestRecord`s, in request order, that prints as a table.
+
+    (A record of a request, not an "effect": in effax an effect is the protocol a
+    request follows, `LocalStateEffect`, `RandomEffect`, ...)
 
     >>> def model(x):
     ...     return x * fx.param("w", jax.nn.initializers.ones, (3,))
@@ -73,9 +76,9 @@ class Effects(list):
     param  w     (3,)   float32  params
     """
 
-    def of_kind(self, *kinds: str) -> Effects:
+    def of_kind(self, *kinds: str) -> Inventory:
         """The effects of the given kinds (`"param"`, `"state"`, `"key"`, ...)."""
-        return Effects(e for e in self if e.kind in kinds)
+        return Inventory(e for e in self if e.kind in kinds)
 
     def table(self) -> str:
         header = ("kind", "path", "shape", "dtype", "collection/stream", "shared via")
@@ -95,7 +98,7 @@ def dtype_name(dtype: Any) -> str:
     return "" if dtype is None else getattr(dtype, "name", str(dtype))
 
 
-def _row(e: Effect) -> tuple[str, ...]:
+def _row(e: RequestRecord) -> tuple[str, ...]:
     shape = "" if e.shape is None else str(e.shape)
     dtype = dtype_name(e.dtype)
     where = e.collection or e.stream or ""
@@ -132,7 +135,7 @@ def _dtype(dtype: Any) -> Any:
     return jnp.dtype(dtype)
 
 
-def _effect(request: Any, answer: Any) -> Effect:
+def _effect(request: Any, answer: Any) -> RequestRecord:
     kind = request.kind
     fields: dict[str, Any] = {}
     if kind == "param":
@@ -157,7 +160,7 @@ def _effect(request: Any, answer: Any) -> Effect:
     if via:
         fields["origin"] = request.origin
         fields["binding"] = " ; ".join(str(b) for b in via)
-    return Effect(kind, request.path, request=request, **fields)
+    return RequestRecord(kind, request.path, request=request, **fields)
 
 
 class _Inventory:
@@ -170,7 +173,7 @@ class _Inventory:
     """
 
     def __init__(self) -> None:
-        self.effects = Effects()
+        self.effects = Inventory()
         self.recorded = 0  # requests the outer run recorded so far
 
 
@@ -217,7 +220,7 @@ def effects_of(
     training: bool = False,
     handlers: Any = (),
     **kwargs: Any,
-) -> Effects:
+) -> Inventory:
     """Every request `fn(*args, **kwargs)` performs, found without allocating any parameter.
 
     The model runs under `jax.eval_shape` as `init` would run it (params and

@@ -46,7 +46,7 @@ def test_every_request_with_kind_path_shape_dtype_and_where():
         ("sow", "<root>", (8, 4), "float32", "intermediates", None, "h"),
         ("mode", "<root>", None, None, None, None, None),
     ]
-    assert all(isinstance(e, fx.Effect) for e in effects)
+    assert all(isinstance(e, fx.RequestRecord) for e in effects)
     assert effects[0].request.axes == ("in", "out")
     assert effects[0].dtype == jnp.float32  # a real dtype, not only a name
 
@@ -167,7 +167,7 @@ def test_table_lists_one_line_per_request():
 def test_of_kind_and_size_for_summaries():
     effects = fx.effects_of(model, X)
     params = effects.of_kind("param")
-    assert isinstance(params, fx.Effects) and [e.name for e in params] == ["dense/kernel"]
+    assert isinstance(params, fx.Inventory) and [e.name for e in params] == ["dense/kernel"]
     assert sum(e.size for e in params) == 12
     assert len(effects.of_kind("get", "set")) == 2
 
