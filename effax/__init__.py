@@ -59,7 +59,7 @@ from effax.effects import (
 )
 from effax.effects._param import UninitializedParamError
 from effax.handlers._share import ShareBinding, share
-from effax.inspect import RequestRecord, Inventory, Summary, VariablesReport, check_variables, effects_of, summary
+from effax.inspect import Inventory, RequestRecord, Summary, VariablesReport, check_variables, effects_of, summary
 from effax.interop import from_flax, from_nnx
 from effax.lift import StackedInit, cond, remat, scan, switch, vmap
 from effax.sharding import ShardingError

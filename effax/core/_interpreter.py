@@ -261,18 +261,20 @@ def run_local(kind: type) -> Any:
     """This run's `kind()` (made on first use), or None outside any run: bookkeeping of the layers above
     (`fx.nn`'s module names) that the core keeps without knowing it; one with `snapshot()` joins `snapshot_run`."""
     run = _RUN.get()
-    if run is None:
-        return None
-    if kind not in run:
+    if run is not None and kind not in run:
         run[kind] = kind()
-    return run[kind]
+    return None if run is None else run[kind]
 
 
 def snapshot_run() -> Callable[[], None]:
-    """A function putting every run-local value back as it is now (for passes that must leave no trace)."""
-    restores = [v.snapshot() for v in (_RUN.get() or {}).values() if hasattr(v, "snapshot")]
+    """A function putting the run-local values back as they are now, dropping those made since."""
+    run = _RUN.get()
+    run = {} if run is None else run  # not `or`: an empty run is falsy but must be the one restored
+    kept, restores = set(run), [v.snapshot() for v in run.values() if hasattr(v, "snapshot")]
 
     def restore() -> None:
+        for kind in [k for k in run if k not in kept]:
+            del run[kind]
         for r in restores:
             r()
 

@@ -3,7 +3,7 @@
 from effax.inspect._abstract import abstract_mode, abstractly, run_abstractly
 from effax.inspect._check import check_variables
 from effax.inspect._diff import VariablesReport, diff_variables
-from effax.inspect._inventory import RequestRecord, Inventory, effects_of
+from effax.inspect._inventory import Inventory, RequestRecord, effects_of
 from effax.inspect._summary import Entry, Summary, entries_of, summary
 
 __all__ = [

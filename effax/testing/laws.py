@@ -58,7 +58,7 @@ __all__ = [
     "check_state_laws", "check_forwarding_identity", "check_commutes_with", "check_associativity",
     "check_sharing_laws", "check_purity_under_jit", "check_answers_match_requests", "check_fresh_keys",
     "check_reuse", "check_reference", "performed_effects", "effect_of", "declared_effects", "difference", "tolerance",
-    "partner", "resolve", "fresh_copies", "repeated_keys_allowed", "Law", "LAWS", "Subject",
+    "partner", "resolve", "fresh_copies", "repeated_keys_allowed", "Law", "LAWS", "Subject", "check_lifting",
 ]
 
 HandlerLike = Any
@@ -320,7 +320,7 @@ def _snapshot(request: Any) -> list[tuple[str, Any, list[Any]]]:
 def _changed(request: Any, before: list[tuple[str, Any, list[Any]]]) -> str | None:
     for name, treedef, leaves in before:
         now, now_def = jax.tree.flatten(getattr(request, name))
-        if now_def != treedef or len(now) != len(leaves) or any(a is not b for a, b in zip(now, leaves)):
+        if now_def != treedef or len(now) != len(leaves) or any(a is not b for a, b in zip(now, leaves, strict=True)):
             return name
     return None
 
@@ -445,7 +445,7 @@ class _WatchRun:
             if out is last or not (_concrete(out) and _concrete(last)):
                 return
             diff = difference(last, out, names=("last set", "got"), **dict(zip(("rtol", "atol"), tolerance(
-                *_float_dtypes(last)))))
+                *_float_dtypes(last)), strict=True)))
             if diff is not None:
                 raise _Violation(
                     "state",
@@ -1159,7 +1159,7 @@ def check_fresh_keys(model: Model, x: Any, key: Any, handler: HandlerLike = None
     ...         return jax.random.key(0) if isinstance(request, fx.RandomRequest) else forward(request)
     >>> check_fresh_keys(Model([Draw(times=2)]), jnp.ones(2), jax.random.key(0), SameKey)
     Traceback (most recent call last):
-    AssertionError: effax law `fresh keys` does not hold: draw 1 from stream 'dropout' at `<root>` returned the same key ...
+    AssertionError: effax law `fresh keys` does not hold: draw 1 from stream 'dropout' at `<root>` returned ...
     ...
     """
     case = _case("fresh keys", model, x, key, handler, training)
@@ -1203,7 +1203,7 @@ def check_reuse(
     ...         return forward(request)
     >>> check_reuse(Model([Sow("h0")]), jnp.ones(2), jax.random.key(0), SowOnce)
     Traceback (most recent call last):
-    AssertionError: effax law `reuse` does not hold: the instance ... its 2nd run (apply of the model) than a fresh instance
+    AssertionError: effax law `reuse` does not hold: the instance ... its 2nd run (apply of the model) ...
     ...
     """
     case = _case("reuse", model, x, key, None, training)
@@ -1503,6 +1503,34 @@ def _run_reuse(subject: Subject, data: Any, key: Any, training: bool) -> None:
     check_reuse(model, x, key, subject.handler, other=other, fresh=subject.fresh, training=training)
 
 
+def check_lifting(
+    model: Model, x: Any, key: Any, handler: HandlerLike = None, *, training: bool = False, context: str = "scan"
+) -> None:
+    """Law 14: `fx.scan`/`fx.vmap`/`fx.remat` of `model`, under `handler`, equal the unrolled or mapped model.
+
+    The reference runs the model once per iteration in scopes `l0, l1`,
+    with each iteration's param keys and draws derived as the lifted
+    transform derives them (`effax.testing.lifting`); init values, outputs,
+    state updates and sown values must match on restacked variables.
+
+    >>> from effax.testing.models import Draw, Param
+    >>> check_lifting(Model([Param("w0"), Draw()]), jnp.ones(2), jax.random.key(0), fx.Handler, context="vmap")
+    """
+    from effax.testing import lifting
+
+    lifting.check_lifting(model, x, key, context=context, training=training, handlers=resolve(handler))
+
+
+def _run_lifting(subject: Subject, data: Any, key: Any, training: bool) -> None:
+    from hypothesis import strategies as st
+
+    from effax.testing.lifting import CONTEXTS
+
+    model, x = _draw_model(subject, data)
+    context = data.draw(st.sampled_from(CONTEXTS), label="lifted by")
+    check_lifting(model, x, key, subject.handler, training=training, context=context)
+
+
 def _run_reference(subject: Subject, data: Any, key: Any, training: bool) -> None:
     model, x = _draw_model(subject, data)
     check_reference(model, x, key, subject.handler, subject.reference, training=training)
@@ -1525,8 +1553,7 @@ LAWS: dict[str, Law] = {
         Law("reuse", 12, check_reuse, _run_reuse),
         Law("reference", 13, check_reference, _run_reference, lambda s: s.reference is not None),
         Law("purity under jit", 8, check_purity_under_jit, _run_simple(check_purity_under_jit), budget=0.5),
-        # Law 14, lifting (fx.scan / fx.vmap / fx.remat of a generated model equals the unrolled or
-        # mapped model), is registered here once the lifted transforms are rewritten.
+        Law("lifting", 14, check_lifting, _run_lifting, budget=0.5),
     )
 }
 """Every law the kit runs, by the name its failures use, in the order `assert_handler_laws` runs them."""

@@ -111,11 +111,15 @@ def _close(what: str, got: Any, want: Any) -> None:
     got_leaves, got_tree = jax.tree.flatten(got)
     want_leaves, want_tree = jax.tree.flatten(want)
     if got_tree != want_tree:
-        raise AssertionError(f"lifting does not hold: {what} has structure {got_tree}, the unrolled model {want_tree}")
+        raise AssertionError(
+            f"effax law `lifting` does not hold: {what} has structure {got_tree}, the unrolled model {want_tree}"
+        )
     for a, b in zip(got_leaves, want_leaves, strict=True):
         tol = 1e-2 if jnp.result_type(a) == jnp.bfloat16 else 1e-5
         if not np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol):
-            raise AssertionError(f"lifting does not hold: {what} differs from the unrolled model: {a} vs {b}")
+            raise AssertionError(
+                f"effax law `lifting` does not hold: {what} differs from the unrolled model: {a} vs {b}"
+            )
 
 
 def check_lifting(

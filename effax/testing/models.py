@@ -52,7 +52,12 @@ def _mean(value: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """`fx.param(name, INITIALIZERS[init], shape, dtype)`; adds the mean of the param to the output."""
+    """`fx.param(name, INITIALIZERS[init], shape, dtype)`; adds the mean of the param to the output.
+
+    >>> t = fx.transform(Model([Param("w0", init="ones")], in_size=1))
+    >>> t.init(jax.random.key(0), jnp.zeros(1))["params"]["w0"].dtype
+    dtype('float32')
+    """
 
     name: str
     shape: tuple[int, ...] = ()
@@ -76,6 +81,10 @@ class State:
     `update` is `"none"` (read only), `"once"` or `"twice"` (two sets, the
     last one must win). Both reads after the sets reach the output, so a
     handler that keeps a set for one read only is seen.
+    
+    >>> v = fx.transform(Model([State("s0")], in_size=1)).init(jax.random.key(0), jnp.zeros(1))
+    >>> float(v["state"]["s0"])
+    0.5
     """
 
     name: str
@@ -105,7 +114,11 @@ class State:
 
 @dataclasses.dataclass(frozen=True)
 class Draw:
-    """`fx.next_key(stream)`, `times` times at one path; adds uniform noise drawn from each key to the output."""
+    """`fx.next_key(stream)`, `times` times at one path; adds uniform noise drawn from each key to the output.
+
+    >>> [e.kind for e in fx.effects_of(Model([Draw("d0", times=2)], in_size=1), jnp.zeros(1))]
+    ['key', 'key']
+    """
 
     stream: str = "dropout"
     times: int = 1
@@ -124,7 +137,11 @@ class Draw:
 
 @dataclasses.dataclass(frozen=True)
 class Sow:
-    """`fx.sow(tag, h, collection=collection)`: reports the running value, leaves it unchanged."""
+    """`fx.sow(tag, h, collection=collection)`: reports the running value, leaves it unchanged.
+
+    >>> fx.transform(Model([Sow("h0")], in_size=1)).apply({}, jnp.ones(1), mutable=True)[1]
+    {'intermediates': {'h0': (Array([1.], dtype=float32),)}}
+    """
 
     tag: str
     collection: str = "intermediates"
@@ -141,7 +158,11 @@ class Sow:
 
 @dataclasses.dataclass(frozen=True)
 class SideInput:
-    """`fx.side_input(tag, default=default)`; adds the answer to the output."""
+    """`fx.side_input(tag, default=default)`; adds the answer to the output.
+
+    >>> fx.transform(Model([SideInput("s0", default=2.0)], in_size=1)).apply({}, jnp.zeros(1))
+    Array([2.], dtype=float32)
+    """
 
     tag: str
     default: float = 0.5
@@ -157,7 +178,11 @@ class SideInput:
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """`fx.is_training()`; adds 1 to the output when training."""
+    """`fx.is_training()`; adds 1 to the output when training.
+
+    >>> fx.transform(Model([Mode()], in_size=1)).apply({}, jnp.zeros(1), training=True)
+    Array([1.], dtype=float32)
+    """
 
     effect: ClassVar[str] = "mode"
 
@@ -170,7 +195,12 @@ class Mode:
 
 @dataclasses.dataclass(frozen=True)
 class Scope:
-    """`with fx.scope(name):` around its children."""
+    """`with fx.scope(name):` around its children.
+
+    >>> t = fx.transform(Model([Scope("blk", [Param("w0")])], in_size=1))
+    >>> list(t.init(jax.random.key(0), jnp.zeros(1))["params"])
+    ['blk']
+    """
 
     name: str
     children: tuple[Step, ...] = ()

@@ -279,7 +279,7 @@ def _requests_at(model: Model, effects: Sequence[str] | None) -> list[set[int]]:
     """For each position of `model.walk()`, the positions of the requests it removes (itself, or a scope's)."""
     walk = model.walk()
     out = []
-    for i, (_, step) in enumerate(walk):
+    for i in range(len(walk)):
         inside = {j for j in range(len(walk)) if j == i or _contains(model, i, j)}
         out.append({j for j in inside if not isinstance(walk[j][1], Scope)
                     and (effects is None or walk[j][1].effect in effects)})

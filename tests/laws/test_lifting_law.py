@@ -46,7 +46,7 @@ def test_a_broken_lift_is_caught():
     try:
         import pytest
 
-        with pytest.raises(AssertionError, match="lifting does not hold"):
+        with pytest.raises(AssertionError, match="law `lifting` does not hold"):
             lifting.check_lifting(model, jnp.ones(2), jax.random.key(0), context="scan")
     finally:
         lifting.lifted = real
