@@ -1,4 +1,4 @@
-"""The import direction of the layout (docs/design.md, "Layout"): data flows one way, and the core knows nothing above it.
+"""The import direction of the layout (docs/design.md, "Layout"): data flows one way; the core knows nothing above it.
 
 Each package may import only the packages listed for it (and itself). Checked on the source, with `ast`, so a
 lazy import inside a function counts too.

@@ -1,12 +1,15 @@
 """Law 14, lifting: `fx.scan`/`fx.vmap`/`fx.remat` of a model equal the unrolled or mapped model.
 
-The reference runs the model `n` times in scopes `l0, l1, ...`, under a
-handler (`Iteration`) that gives iteration `i` exactly what the lifted
-transform gives it: the param initialized with `fold_in(k_p, i)` and the
-`n`-th draw at path `p` as `fold_in(k_{p,n}, i)`, `k` being what the model
-unlifted would get at `p`. The lifted model's variables, restacked into
-`l<i>` scopes, must then give the reference's init values, outputs, state
-updates and sown values, under the built-in handlers and any extra ones.
+The reference runs the unlifted model once per iteration (scan: chained
+through the carry; vmap: each member on the same input), each iteration a
+run of its own on iteration `i`'s slice of the variables, so every handler
+sees the same paths as in the lifted body. An `Iteration` handler, just
+inside the built-in ones, gives iteration `i` what the lifted transform
+gives it: a param initialized with `fold_in(k, i)` and the `n`-th draw at a
+path as `fold_in(k_n, i)`, `k` and `k_n` being what the unlifted model gets
+there. The lifted model's init values, outputs, state updates and sown
+values must equal the reference's, restacked, under the built-in handlers
+and the handler under test.
 """
 
 from __future__ import annotations
@@ -20,53 +23,41 @@ import jax.numpy as jnp
 import numpy as np
 
 import effax as fx
-from effax.core import send
 
 CONTEXTS = ("scan", "vmap", "remat")
 
 
 class _Rekeyed:
-    """An initializer that draws its key where the lifted transform would: `fold_in(key of path p, i)`."""
+    """An initializer that uses the key it is given as the lifted transform does: `fold_in(key, i)`."""
 
     __hash__ = None  # type: ignore[assignment]
 
-    def __init__(self, init: Callable[..., Any], path: tuple[str, ...], i: int):
-        self.init, self.path, self.i = init, path, i
+    def __init__(self, init: Callable[..., Any], i: int):
+        self.init, self.i = init, i
 
     def __call__(self, key: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-        base = send(fx.StreamKeyRequest(self.path, "params"))  # asked of the handlers outside
-        return self.init(jax.random.fold_in(base, self.i), shape, dtype)
+        return self.init(jax.random.fold_in(key, self.i), shape, dtype)
 
 
 class Iteration(fx.Handler):
-    """Inside scope `l<i>`, answer keys and param initializers as iteration `i` of a lifted transform."""
+    """Answer keys and param initializers as iteration `i` of a lifted transform gets them.
 
-    def __init__(self, i: int):
-        self.i = i
+    >>> t = fx.transform(lambda: jax.random.key_data(fx.next_key("noise")))
+    >>> k1 = t.apply({}, rngs=jax.random.key(0), handlers=[Iteration(1)])
+    >>> k0 = t.apply({}, rngs=jax.random.key(0))
+    >>> bool((k1 == jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k0), 1))).all())
+    True
+    """
 
-    def begin(self) -> _IterationRun:
-        return _IterationRun(self.i)
-
-
-class _IterationRun:
     answers = (fx.ParamRequest, fx.RandomRequest, fx.StreamKeyRequest)
 
     def __init__(self, i: int):
         self.i = i
-        self.counts: dict[tuple, int] = {}
 
     def handle(self, request: Any, forward: Any) -> Any:
         if isinstance(request, fx.ParamRequest):
-            return forward(dataclasses.replace(request, init=_Rekeyed(request.init, request.path[1:], self.i)))
-        if isinstance(request, (fx.RandomRequest, fx.StreamKeyRequest)):
-            base = forward(fx.StreamKeyRequest(request.path[1:], request.stream))
-            if isinstance(request, fx.StreamKeyRequest):
-                return jax.random.fold_in(base, self.i)
-            slot = (request.stream, request.path)
-            n = self.counts.get(slot, 0)
-            self.counts[slot] = n + 1
-            return jax.random.fold_in(jax.random.fold_in(base, n), self.i)
-        return forward(request)
+            return forward(dataclasses.replace(request, init=_Rekeyed(request.init, self.i)))
+        return jax.random.fold_in(forward(request), self.i)
 
 
 def lifted(model: Callable[[Any], Any], context: str, n: int) -> Callable[[Any], Any]:
@@ -80,31 +71,47 @@ def lifted(model: Callable[[Any], Any], context: str, n: int) -> Callable[[Any],
     raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
 
 
-def unrolled(model: Callable[[Any], Any], context: str, n: int) -> Callable[[Any], Any]:
-    """What `lifted(model, context, n)` must equal: a Python loop (scan), a list of members (vmap), the model."""
+def _slice(tree: Any, i: int) -> Any:
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _stack(trees: list[Any]) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def reference(
+    model: Callable[[Any], Any],
+    context: str,
+    n: int,
+    x: Any,
+    key: Any,
+    *,
+    training: bool,
+    handlers: Sequence[Any],
+    variables: Any = None,
+) -> tuple[Any, Any]:
+    """What the lifted model must give: `(output, variables)` of `init_with_output` when `variables` is None,
+    else `(output, updates)` of `apply(..., mutable=True)`, stacked over the iterations like the lifted model's."""
+    t = fx.transform(model)
+    options = dict(rngs=key, training=training, mutable=True)
     if context == "remat":
-        return model
-
-    def run(x: Any) -> Any:
-        h, outs = x, []
-        for i in range(n):
-            with fx.scope(f"l{i}"), fx.handle(Iteration(i)):
-                out = model(h if context == "scan" else x)
-            h = out
-            outs.append(out)
-        return h if context == "scan" else jnp.stack(outs)
-
-    return run
-
-
-def restack(tree: dict[str, Any], n: int | None) -> dict[str, Any]:
-    """Lifted variables (leading axis `n`) as the unrolled model's: `{"l<i>": slice i}` per collection."""
-    if n is None:
-        return tree
-    return {
-        c: {f"l{i}": jax.tree.map(lambda a, i=i: a[i], sub) for i in range(n)} if jax.tree.leaves(sub) else sub
-        for c, sub in tree.items()
-    }
+        hs = list(handlers)
+        if variables is None:
+            return t.init_with_output(key, x, training=training, mutable=True, handlers=hs)
+        return t.apply(variables, x, handlers=hs, **options)
+    outs, made, h = [], [], x
+    for i in range(n):
+        hs = [Iteration(i), *handlers]
+        given = h if context == "scan" else x
+        if variables is None:
+            out, v = t.init_with_output(key, given, training=training, mutable=True, handlers=hs)
+        else:
+            out, v = t.apply(_slice(variables, i), given, handlers=hs, **options)
+        outs.append(out)
+        made.append(v)
+        h = out
+    out = h if context == "scan" else jnp.stack(outs)
+    return out, {c: _stack([m[c] for m in made]) for c in made[0]}
 
 
 def _close(what: str, got: Any, want: Any) -> None:
@@ -134,23 +141,22 @@ def check_lifting(
 ) -> None:
     """Law 14 for one model: the lifted model equals the unrolled one in init, apply and updates.
 
-    `handlers` are installed in both runs (the handler under test). Raises
+    `handlers` are installed in both (the handler under test). Raises
     `AssertionError` naming what differs.
 
     >>> from effax.testing.models import Model, Param, Draw
     >>> model = Model([Param("w0", init="normal"), Draw("d0")], in_size=2)
     >>> check_lifting(model, jnp.ones(2), jax.random.key(0), context="scan", training=True)
     """
-    t, ref = fx.transform(lifted(model, context, n)), fx.transform(unrolled(model, context, n))
-    lead = None if context == "remat" else n
-    rngs = key  # one key serves every stream
-    options = dict(training=training, handlers=list(handlers))
-    out, v = t.init_with_output(rngs, x, mutable=True, **options)
-    out_ref, v_ref = ref.init_with_output(rngs, x, mutable=True, **options)
+    t = fx.transform(lifted(model, context, n))
+    handlers = list(handlers)
+    common = dict(training=training, handlers=handlers)
+    out, v = t.init_with_output(key, x, mutable=True, **common)
+    out_ref, v_ref = reference(model, context, n, x, key, **common)
     _close("init's output", out, out_ref)
-    _close("init's variables", restack(v, lead), v_ref)
-    state = t.init(rngs, x, **options)  # params and state, no sown values
-    out, updates = t.apply(state, x, rngs=rngs, mutable=True, **options)
-    out_ref, updates_ref = ref.apply(restack(state, lead), x, rngs=rngs, mutable=True, **options)
+    _close("init's variables", v, v_ref)
+    state = t.init(key, x, **common)  # params and state, no sown values
+    out, updates = t.apply(state, x, rngs=key, mutable=True, **common)
+    out_ref, updates_ref = reference(model, context, n, x, key, variables=state, **common)
     _close("apply's output", out, out_ref)
-    _close("apply's updates", restack(updates, lead), updates_ref)
+    _close("apply's updates", updates, updates_ref)
