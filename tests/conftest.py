@@ -28,6 +28,11 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    if config.getoption("--run-slow"):
+        os.environ["EFFAX_RUN_SLOW"] = "1"  # tests that widen their parameters when slow runs are on read it
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-slow") or os.environ.get("EFFAX_RUN_SLOW") == "1":
         return

@@ -3,9 +3,10 @@
 The reference runs the unlifted model once per iteration (scan: chained
 through the carry; vmap: each member on the same input), each iteration a
 run of its own on iteration `i`'s slice of the variables, so every handler
-sees the same paths as in the lifted body. An `Iteration` handler, just
-inside the built-in ones, gives iteration `i` what the lifted transform
-gives it: a param initialized with `fold_in(k, i)` and the `n`-th draw at a
+sees the same paths as in the lifted body. An `Iteration` handler (inside
+the built-in handlers and the stateful ones under test, outside the
+stateless ones, as the lifted body places them) gives iteration `i` what
+the lifted transform gives it: a param initialized with `fold_in(k, i)` and the `n`-th draw at a
 path as `fold_in(k_n, i)`, `k` and `k_n` being what the unlifted model gets
 there. The lifted model's init values, outputs, state updates and sown
 values must equal the reference's, restacked, under the built-in handlers
@@ -100,8 +101,13 @@ def reference(
             return t.init_with_output(key, x, training=training, mutable=True, handlers=hs)
         return t.apply(variables, x, handlers=hs, **options)
     outs, made, h = [], [], x
+    handlers = list(handlers)
+    # Where iteration i's keys are derived: inside the handlers with per-run state, whose answers the lifted
+    # transform folds after the fact; outside the stateless ones, which run inside the lifted body.
+    stateful = [j for j, handler in enumerate(handlers) if handler.begin() is not handler]
+    at = stateful[-1] + 1 if stateful else 0
     for i in range(n):
-        hs = [Iteration(i), *handlers]
+        hs = [*handlers[:at], Iteration(i), *handlers[at:]]
         given = h if context == "scan" else x
         if variables is None:
             out, v = t.init_with_output(key, given, training=training, mutable=True, handlers=hs)

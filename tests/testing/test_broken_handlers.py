@@ -2,9 +2,10 @@
 breaks, at `assert_handler_laws`'s defaults, and every correct one passes.
 
 Each handler runs on one seed here (they rotate over 0-4, so the suite sees five), correct ones with half
-the default examples; `EFFAX_SLOW=1` runs every handler on all five seeds at the defaults. Broken handlers run with `shrink=False`: with a fixed seed hypothesis
-generates the same examples either way, so whether (and by which law) a bug is caught is what the
-defaults give; only the shrinking of the counterexample is skipped, which `test_testing_laws.py` checks.
+the default examples; CI (`--run-slow`, or `EFFAX_RUN_SLOW=1`) runs every handler on all five seeds at the
+defaults. Broken handlers run with `shrink=False`: with a fixed seed hypothesis generates the same
+examples either way, so whether (and by which law) a bug is caught is what the defaults give; only the
+shrinking of the counterexample is skipped, which `test_testing_laws.py` checks.
 """
 
 import os
@@ -16,7 +17,7 @@ from zoo import BROKEN, CORRECT, broken
 from effax.testing import assert_handler_laws
 
 SEEDS = range(5)
-ALL_SEEDS = os.environ.get("EFFAX_SLOW") == "1"
+ALL_SEEDS = os.environ.get("EFFAX_RUN_SLOW") == "1"  # set by tests/conftest.py under --run-slow
 
 
 def _cases(table):
