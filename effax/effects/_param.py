@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -159,6 +160,22 @@ class ParamRequest(Request):
             )
 
 
+@functools.lru_cache(maxsize=4096)
+def _checked_tuple(shape: tuple) -> tuple[int, ...] | None:
+    """A tuple shape checked once (a pure memo): its dims, or None when it is not all non-negative ints."""
+    try:
+        dims = tuple(map(operator.index, shape))
+    except TypeError:
+        return None
+    return None if bool in map(type, shape) or (dims and min(dims) < 0) else dims
+
+
+@functools.lru_cache(maxsize=256)
+def canonical_dtype(dtype: Any) -> Any:
+    """`jax.dtypes.canonicalize_dtype`, memoized: it runs on every `fx.param`."""
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
 def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
     """`shape` as a tuple of non-negative ints; a bare int is one dimension.
 
@@ -167,6 +184,12 @@ def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
     truncated or split into characters.
     """
     if type(shape) is tuple:  # the usual case, kept cheap: it runs on every `fx.param`
+        try:
+            dims = _checked_tuple(shape)
+        except TypeError:  # an unhashable dimension: checked below, and refused
+            dims = None
+        if dims is not None:
+            return dims
         given = shape
     else:
         one = isinstance(shape, str) or not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0
@@ -227,6 +250,6 @@ def param(
                 "give one axis name (or None) per dimension."
             )
     request = ParamRequest(
-        current_path() + (name,), init, shape, jax.dtypes.canonicalize_dtype(dtype), axes, shared
+        current_path() + (name,), init, shape, canonical_dtype(dtype), axes, shared
     )
     return send(request)

@@ -23,14 +23,27 @@ def _axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axes))
 
 
+def _bcast(a: jax.Array, bshape: tuple[int, ...]) -> jax.Array:
+    """`a.reshape(bshape)`, skipped when broadcasting already lines `a` up (features last): one op less per call."""
+    n = len(a.shape)
+    if tuple(a.shape) == bshape[len(bshape) - n :] and all(d == 1 for d in bshape[: len(bshape) - n]):
+        return a
+    return a.reshape(bshape)
+
+
+def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+    """`x.astype(dtype)`, skipped when `x` has that dtype already (eager calls pay for every op)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _scale_shift(
     module: Any, y: jax.Array, features: tuple[int, ...], bshape: tuple[int, ...]
 ) -> jax.Array:
     """Apply the learned `scale` and `bias` of shape `features`, broadcast as `bshape`."""
     if getattr(module, "use_scale", True):
-        y = y * layer_param("scale", module.scale_init, features, module.param_dtype).reshape(bshape)
+        y = y * _bcast(layer_param("scale", module.scale_init, features, module.param_dtype), bshape)
     if getattr(module, "use_bias", False):
-        y = y + layer_param("bias", module.bias_init, features, module.param_dtype).reshape(bshape)
+        y = y + _bcast(layer_param("bias", module.bias_init, features, module.param_dtype), bshape)
     return y
 
 
@@ -79,12 +92,12 @@ class LayerNorm(Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
         axes = _axes(self.reduction_axes, x.ndim)
-        xs = x.astype(_stats_dtype(x))
+        xs = _cast(x, _stats_dtype(x))
         mean = xs.mean(axes, keepdims=True)
         y = (xs - mean) * jax.lax.rsqrt(xs.var(axes, keepdims=True) + self.epsilon)
         features = (x.shape[-1],)
         y = _scale_shift(self, y, features, (1,) * (x.ndim - 1) + features)
-        return y.astype(_out_dtype(self, x))
+        return _cast(y, _out_dtype(self, x))
 
 
 class RMSNorm(Module):
@@ -106,11 +119,11 @@ class RMSNorm(Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
         axes = _axes(self.reduction_axes, x.ndim)
-        xs = x.astype(_stats_dtype(x))
+        xs = _cast(x, _stats_dtype(x))
         y = xs * jax.lax.rsqrt(jnp.square(xs).mean(axes, keepdims=True) + self.epsilon)
         features = (x.shape[-1],)
         y = _scale_shift(self, y, features, (1,) * (x.ndim - 1) + features)
-        return y.astype(_out_dtype(self, x))
+        return _cast(y, _out_dtype(self, x))
 
 
 class BatchNorm(Module):
@@ -159,7 +172,7 @@ class BatchNorm(Module):
         frozen = use_running_average if use_running_average is not None else self.use_running_average
         if frozen is None:
             frozen = not is_training()
-        xs = x.astype(_stats_dtype(x))
+        xs = _cast(x, _stats_dtype(x))
         if frozen:
             mean, var = _running(mean_state, features), _running(var_state, features)
         else:
@@ -171,6 +184,6 @@ class BatchNorm(Module):
             m = self.momentum
             mean_state.set(m * _running(mean_state, features) + (1 - m) * mean)
             var_state.set(m * _running(var_state, features) + (1 - m) * var)
-        y = (xs - mean.reshape(bshape)) * jax.lax.rsqrt(var.reshape(bshape) + self.epsilon)
+        y = (xs - _bcast(mean, bshape)) * jax.lax.rsqrt(_bcast(var, bshape) + self.epsilon)
         y = _scale_shift(self, y, features, bshape)
-        return y.astype(_out_dtype(self, x))
+        return _cast(y, _out_dtype(self, x))
