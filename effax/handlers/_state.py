@@ -79,7 +79,7 @@ def _leaf_spec(x: Any) -> str:
     return f"{jnp.dtype(x.dtype).name}{list(shape)}"
 
 
-def _cast_like(new: Any, old: Any, describe: Any) -> Any:
+def cast_like(new: Any, old: Any, describe: Any) -> Any:
     """Check `new` keeps `old`'s structure, shapes and dtypes; cast weakly typed scalars."""
     new_leaves, new_def = jax.tree.flatten(new)
     old_leaves, old_def = jax.tree.flatten(old)
@@ -203,7 +203,7 @@ class _StateRun:
             old = get_path(self.current.get(c, {}), request.path)
             if old is MISSING:
                 raise self._missing(request)
-            value = _cast_like(request.value, old, request.describe)
+            value = cast_like(request.value, old, request.describe)
             self._write(c, request.path, value, request.describe)
             return None
         if kind is LocalStateRequest:

@@ -55,7 +55,7 @@ from effax.effects import (
     SideOutputRequest,
     StreamKeyRequest,
 )
-from effax.handlers._state import _cast_like as cast_like
+from effax.handlers._state import cast_like
 from effax.handlers._tree import MISSING
 from effax.inspect import abstractly
 
@@ -331,15 +331,16 @@ class Answerer:
 
     def outputs(self) -> list[Any]:
         """The values `plan.outputs` names, in its order."""
-        found = []
-        for _, what, slot in self.plan.outputs:
-            table = self.params if what == "param" else self.initial if what == "initial" else self.state
-            value = table.get(slot, MISSING)
-            if value is MISSING:
-                p = self.plan.params.get(slot) if what == "param" else self.plan.state[slot].need.request
-                raise retraced(p, "was not made") if p is not None else EffaxError("internal: lost a lifted value")
-            found.append(value)
-        return found
+        return [self.output(what, slot) for _, what, slot in self.plan.outputs]
+
+    def output(self, what: str, slot: tuple) -> Any:
+        """One value going back out: a param made, a variable's initial or current value."""
+        table = self.params if what == "param" else self.initial if what == "initial" else self.state
+        value = table.get(slot, MISSING)
+        if value is MISSING:
+            p = self.plan.params.get(slot) if what == "param" else self.plan.state[slot].need.request
+            raise retraced(p, "was not made") if p is not None else EffaxError("internal: lost a lifted value")
+        return value
 
 
 # --- the rebuilt stack

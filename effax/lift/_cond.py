@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import EffaxError, current_stack, path_str
-from effax.handlers._tree import MISSING
 from effax.inspect import abstract_mode
 from effax.lift._body import Answerer, Needs, run_lifted
 from effax.lift._transforms import _abstract_results, _Crossing, _hand_back, _learn, _names_snapshot, _plan, _zeros
@@ -69,16 +68,13 @@ def _merge(all_needs: list[Needs]) -> Needs:
 class _BranchAnswerer(Answerer):
     """A branch's answerer: what it did not make or write comes back as it went in."""
 
-    def outputs(self) -> list[Any]:
-        found = []
-        for _, what, slot in self.plan.outputs:
-            table = self.params if what == "param" else self.initial if what == "initial" else self.state
-            value = table.get(slot, MISSING)
-            if value is MISSING:
-                value = None if what != "state" or self.plan.state[slot].index is None else self.ins[
-                    self.plan.state[slot].index]
-            found.append(value)
-        return found
+    def output(self, what: str, slot: tuple) -> Any:
+        state = self.plan.state.get(slot)
+        if what == "state" and slot not in self.state and state is not None and state.index is not None:
+            return self.ins[state.index]  # not written in this branch: as it went in
+        if what != "state" and slot not in (self.params if what == "param" else self.initial):
+            return None  # made by another branch
+        return super().output(what, slot)
 
 
 def _select(index: Any, values: list[Any]) -> Any:

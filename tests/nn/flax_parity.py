@@ -31,3 +31,4 @@ def against_flax(layer, flax_layer, *args, atol=1e-5, **kwargs):
     expected = jax.jit(flax_layer.apply)(fv, *args, **kwargs)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5), out, expected)
     return t, v
+    return t, v
