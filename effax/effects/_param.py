@@ -183,8 +183,8 @@ def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
     and a float (`2.5`), a string (`"ab"`, `"4"`) or a bool is refused, never
     truncated or split into characters.
     """
-    if type(shape) is tuple:  # the usual case, kept cheap: it runs on every `fx.param`
-        try:
+    if type(shape) is tuple and bool not in map(type, shape):  # the usual case, memoized: it runs on every
+        try:  # `fx.param` (bools are refused first: `(True,)` hashes like `(1,)`, so the memo would let it pass)
             dims = _checked_tuple(shape)
         except TypeError:  # an unhashable dimension: checked below, and refused
             dims = None

@@ -148,3 +148,11 @@ def test_a_tag_bound_by_a_pass_is_no_longer_unbound():
     assert r.unbound_tag is None
     other = request(shared="embed", via=(fx.ShareBinding(None, ("x",), "other"),))
     assert other.unbound_tag == "embed"
+
+
+def test_a_bool_dimension_is_refused_even_after_the_same_int_shape_was_checked():
+    """`(True,)` hashes like `(1,)`: the memo of checked shapes must not let it through."""
+    zeros = jax.nn.initializers.zeros
+    fx.transform(lambda: fx.param("w", zeros, (1,))).init(jax.random.key(0))
+    with pytest.raises(fx.ShapeMismatchError, match="non-negative ints"):
+        fx.transform(lambda: fx.param("w", zeros, (True,))).init(jax.random.key(0))
