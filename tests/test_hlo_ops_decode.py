@@ -1,16 +1,15 @@
 """The KV-cached decode step of an `effax.nn` decoder compiles to pure JAX's op count, and samples its tokens."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# `benchmarks` imports as a package: the root conftest.py puts the repository root on sys.path.
+from benchmarks.common import count_hlo_ops
+from benchmarks.libs import effax_decoder, pure_jax_decoder
 
-from benchmarks.common import count_hlo_ops  # noqa: E402
-from benchmarks.libs import effax_decoder, pure_jax_decoder  # noqa: E402
+pytestmark = pytest.mark.slow  # compiles two decoders: CI runs it (`--run-slow`)
 
 SPEC = effax_decoder.DecoderSpec(vocab=16, d_model=16, heads=2, mlp_dim=32, depth=2, context=24)
 

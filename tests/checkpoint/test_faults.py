@@ -22,6 +22,8 @@ import pytest
 
 import effax as fx
 
+pytestmark = pytest.mark.slow  # subprocesses killed at every point of a save: CI runs it (`--run-slow`)
+
 pytest.importorskip("orbax.checkpoint")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,7 +6,10 @@ import io
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from example_loader import load
+
+pytestmark = pytest.mark.slow  # an example run, seconds each: CI runs it (`--run-slow`)
 
 patching = load("activation_patching")
 

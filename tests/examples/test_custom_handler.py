@@ -3,6 +3,8 @@
 import pytest
 from example_loader import load
 
+pytestmark = pytest.mark.slow  # an example run, seconds each: CI runs it (`--run-slow`)
+
 example = load("custom_handler")
 
 

@@ -1,6 +1,9 @@
 """examples/from_flax.py runs small: the Flax block trains inside effax and its batch stats move."""
 
+import pytest
 from example_loader import load
+
+pytestmark = pytest.mark.slow  # an example run, seconds each: CI runs it (`--run-slow`)
 
 
 def test_from_flax_example_trains_and_switches_modes():

@@ -5,7 +5,10 @@ import io
 
 import jax
 import jax.numpy as jnp
+import pytest
 from example_loader import load
+
+pytestmark = pytest.mark.slow  # an example run, seconds each: CI runs it (`--run-slow`)
 
 lora = load("lora")
 

@@ -1,6 +1,9 @@
 """examples/scan_layers.py runs small, and the loop and the scan agree."""
 
+import pytest
 from example_loader import load
+
+pytestmark = pytest.mark.slow  # an example run, seconds each: CI runs it (`--run-slow`)
 
 
 def test_scan_layers_matches_the_loop():

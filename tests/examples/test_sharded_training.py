@@ -6,6 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # an example run, seconds each: CI runs it (`--run-slow`)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

@@ -1,6 +1,9 @@
 """examples/train_digits.py runs end to end for a few steps and reports what it promises."""
 
+import pytest
 from example_loader import load
+
+pytestmark = pytest.mark.slow  # an example run, seconds each: CI runs it (`--run-slow`)
 
 
 def test_train_digits_trains_evaluates_and_plots(tmp_path, capsys):
