@@ -32,7 +32,9 @@ def op_counts(label: str, spec: Spec) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("label", EFFAX)
-@pytest.mark.parametrize("model,depth", [("mlp", 2), ("transformer", 1)])
+@pytest.mark.parametrize(
+    "model,depth", [("mlp", 2), pytest.param("transformer", 1, marks=pytest.mark.slow)]  # slow: runs in CI
+)
 def test_apply_and_train_step_compile_to_pure_jax_op_count(label, model, depth):
     spec = Spec(model, depth, **SMALL)
     assert op_counts(label, spec) == op_counts("pure JAX", spec)

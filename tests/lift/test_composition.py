@@ -203,7 +203,7 @@ def close(a, b):
 
 # Every feature in fx.scan and every context with raw effects run in the README's test command; the rest of the
 # matrix is marked slow and runs in CI (`.ci/run` passes --run-slow).
-FAST = {(f, "scan") for f in FEATURES} | {("raw effects", c) for c in CONTEXTS} | {("LoRA interceptor", "nested scan")}
+FAST = {(f, "scan") for f in FEATURES} | {("raw effects", c) for c in CONTEXTS}
 CELLS = [
     pytest.param(f, c, id=f"{f}-{c}", marks=() if (f, c) in FAST else pytest.mark.slow)
     for f in FEATURES

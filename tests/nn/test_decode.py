@@ -85,6 +85,7 @@ class Decoder(fx.nn.Module):
         return embed.attend(fx.nn.LayerNorm()(x))
 
 
+@pytest.mark.slow  # 32 jitted steps twice: runs in CI (`--run-slow`)
 def test_cached_greedy_sampling_equals_uncached_for_32_steps():
     model = Decoder()
     full, dec = fx.transform(model), fx.transform(dataclasses.replace(model, decode=True))
