@@ -319,6 +319,7 @@ def test_memo_is_bounded():
     scale=st.floats(0.1, 10.0),
     train=st.booleans(),
 )
+@pytest.mark.slow  # seconds each: runs in CI (`--run-slow`)
 def test_law_9_from_flax_returns_what_module_apply_returns(seed, batch, features, scale, train):
     """Law 9: a Flax module run through `from_flax` returns what `module.apply` returns on the same variables."""
     module = Block()

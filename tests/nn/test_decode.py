@@ -14,6 +14,7 @@ import effax as fx
 EVAL_CACHE = fx.handlers.eval(mutable=["cache"])
 
 
+@pytest.mark.slow  # seconds each: runs in CI (`--run-slow`)
 def test_cache_layout_and_steps_match_flax_decode():
     x = rand(2, 6, 8)
     theirs = nn.MultiHeadDotProductAttention(num_heads=2, decode=True)
@@ -126,6 +127,7 @@ def test_cached_greedy_sampling_equals_uncached_for_32_steps():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # seconds each: runs in CI (`--run-slow`)
 def test_decode_caches_stack_inside_fx_scan_over_layers():
     """A scanned stack of attention layers keeps one cache per layer, stacked, and decodes as the full pass."""
 

@@ -44,6 +44,7 @@ def test_rnn_params_are_shared_over_time_and_named_cell():
     assert shapes(short["params"]["RNN_0"]["cell"]["ir"]) == {"kernel": (5, 4), "bias": (4,)}
 
 
+@pytest.mark.slow  # seconds each: runs in CI (`--run-slow`)
 def test_rnn_takes_an_initial_carry_and_differentiates():
     rnn = fx.nn.RNN(fx.nn.LSTMCell(4), return_carry=True)
     t = fx.transform(lambda x, c: rnn(x, initial_carry=c))
@@ -56,6 +57,7 @@ def test_rnn_takes_an_initial_carry_and_differentiates():
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow  # seconds each: runs in CI (`--run-slow`)
 def test_two_rnns_and_stacked_layers_get_their_own_params():
     def model(x):
         x = fx.nn.RNN(fx.nn.LSTMCell(4))(x)
@@ -72,6 +74,7 @@ def test_rnn_needs_a_time_axis():
         fx.transform(lambda x: fx.nn.RNN(fx.nn.LSTMCell(2))(x)).init(KEY, jnp.ones(3))
 
 
+@pytest.mark.slow  # seconds each: runs in CI (`--run-slow`)
 def test_cells_built_inside_a_model_are_named_as_flax_names_them():
     """Flax binds a cell built in a compact method to that module (`LSTMCell_0`), not to the RNN."""
 

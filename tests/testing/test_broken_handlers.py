@@ -20,10 +20,12 @@ SEEDS = range(5)
 ALL_SEEDS = os.environ.get("EFFAX_RUN_SLOW") == "1"  # set by tests/conftest.py under --run-slow
 
 
-def _cases(table):
+def _cases(table, every: int = 1):
+    """One seed per handler (rotating over 0-4), or all five under --run-slow; `every` keeps only every n-th
+    handler in the README's command (the rest run in CI)."""
     for i, name in enumerate(table):
         for seed in SEEDS:
-            if ALL_SEEDS or seed == i % len(SEEDS):
+            if ALL_SEEDS or (seed == i % len(SEEDS) and i % every == 0):
                 yield pytest.param(name, seed, id=f"{name}-seed{seed}")
 
 
@@ -40,7 +42,7 @@ def test_a_broken_handler_is_caught_by_the_law_it_breaks(name, seed):
     assert time.perf_counter() - start < 60
 
 
-@pytest.mark.parametrize("name, seed", list(_cases(CORRECT)))
+@pytest.mark.parametrize("name, seed", list(_cases(CORRECT, every=2)))
 def test_a_correct_handler_passes_every_law(name, seed):
     factory, effects, options = CORRECT[name]
     start = time.perf_counter()
