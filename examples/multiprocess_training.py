@@ -129,12 +129,15 @@ def worker(args: argparse.Namespace) -> None:
     replicated = NamedSharding(mesh, P())
 
     host = lambda tree: jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))  # noqa: E731
+
+    def by_name(tree):  # {"params/Dense_0/kernel": array}: how variables.npz stores them
+        return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree.leaves_with_path(tree)}
     if args.restore:  # check a checkpoint written by another topology, then stop
         abstract = jax.eval_shape(t.init, jax.random.key(0), x_spec)
         like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         restored = host(fx.checkpoint.restore(args.restore, like=like))
         expected = np.load(args.expect)
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree.leaves_with_path(restored)}
+        flat = by_name(restored)
         bad = [k for k in expected.files if not np.array_equal(expected[k], flat[k])]
         assert not bad and sorted(expected.files) == sorted(flat), f"restore differs at {bad}"
         print(f"process {jax.process_index()}: restored {len(flat)} arrays bit for bit on {devices.size} devices")
@@ -184,8 +187,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in
-                jax.tree.leaves_with_path(host(variables))}
+        flat = by_name(host(variables))
         if jax.process_index() == 0:
             np.savez(out / "variables.npz", **flat)
         (out / f"losses_{jax.process_index()}.json").write_text(json.dumps(losses))

@@ -10,6 +10,7 @@ import jax
 
 from effax.core import EffaxError
 from effax.discharge import transform
+from effax.discharge._transform import _check_variables_arg
 from effax.inspect._abstract import run_abstractly
 from effax.inspect._diff import VariablesReport, diff_variables
 
@@ -46,10 +47,7 @@ def check_variables(
                 f"got {type(t).__name__}."
             )
         init = transform(t).init
-    if not isinstance(variables, Mapping):
-        raise EffaxError(
-            f"`variables` must be a dict like {{'params': {{...}}, 'state': {{...}}}}, got {type(variables).__name__}."
-        )
+    variables = _check_variables_arg(variables)  # the same refusal as `t.apply`'s
     key = jax.random.key(0) if rngs is None else rngs
     run = functools.partial(init, training=bool(training), handlers=handlers)
     expected = run_abstractly(run, key, *args, **kwargs)

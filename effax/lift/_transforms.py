@@ -196,22 +196,15 @@ def _abstract_results(plan: Plan, needs: Needs, n: int | None) -> tuple[list[Any
     return values, sown
 
 
-def _split(plan: Plan, values: list[Any], crossing: str) -> list[Any]:
-    return [v for (c, _, _), v in zip(plan.outputs, values, strict=True) if c == crossing]
+def _pick(crossings: list[str], values: list[Any], crossing: str) -> list[Any]:
+    """The values whose crossing is `crossing`, in order (`crossings[i]` says how `values[i]` crosses)."""
+    return [v for c, v in zip(crossings, values, strict=True) if c == crossing]
 
 
-def _join(plan: Plan, by_crossing: dict[str, list[Any]]) -> list[Any]:
+def _merge(crossings: list[str], by_crossing: dict[str, list[Any]]) -> list[Any]:
+    """The inverse of `_pick`: one list in `crossings`' order from the lists of each crossing."""
     iters = {c: iter(vs) for c, vs in by_crossing.items()}
-    return [next(iters[c]) for c, _, _ in plan.outputs]
-
-
-def _inputs(plan: Plan, crossing: str) -> list[Any]:
-    return [v for c, v in plan.inputs if c == crossing]
-
-
-def _assemble(plan: Plan, by_crossing: dict[str, list[Any]]) -> list[Any]:
-    iters = {c: iter(vs) for c, vs in by_crossing.items()}
-    return [next(iters[c]) for c, _ in plan.inputs]
+    return [next(iters[c]) for c in crossings]
 
 
 class _Sown:
@@ -333,32 +326,34 @@ def scan(
             values, sown = _abstract_results(plan, needs, n)
             _hand_back(plan, outer, values, sown)
             return _zeros(carry_struct), _zeros(y_struct, n)
-        unmapped, sown_keys = _inputs(plan, "unmapped"), _Sown()
+        ins_by, outs_by = [c for c, _ in plan.inputs], [c for c, _, _ in plan.outputs]
+        inputs = [v for _, v in plan.inputs]
+        unmapped, sown_keys = _pick(ins_by, inputs, "unmapped"), _Sown()
 
         def step(c: Any, sliced: Any) -> Any:
             (user_carry, carried), (x, mapped) = c, sliced
-            ins = _assemble(plan, {"mapped": mapped, "carried": carried, "unmapped": unmapped})
+            ins = _merge(ins_by, {"mapped": mapped, "carried": carried, "unmapped": unmapped})
             first = None
             if plan.first is not None:
                 first = ins[plan.first] == (n - 1 if reverse else 0)
             answerer = Answerer(plan, ins, first)
             out = run_lifted(outer, answerer, body, user_carry, x)
             values = answerer.outputs()
-            return (out[0], _split(plan, values, "carried")), (
+            return (out[0], _pick(outs_by, values, "carried")), (
                 out[1],
-                _split(plan, values, "mapped"),
+                _pick(outs_by, values, "mapped"),
                 sown_keys.values(answerer),
             )
 
         (carry, carried), (ys, mapped, sown) = jax.lax.scan(
             step,
-            (carry, _inputs(plan, "carried")),
-            (xs, _inputs(plan, "mapped")),
+            (carry, _pick(ins_by, inputs, "carried")),
+            (xs, _pick(ins_by, inputs, "mapped")),
             length=n,
             reverse=reverse,
             unroll=unroll,
         )
-        _hand_back(plan, outer, _join(plan, {"carried": carried, "mapped": mapped}), sown_keys.pairs(sown))
+        _hand_back(plan, outer, _merge(outs_by, {"carried": carried, "mapped": mapped}), sown_keys.pairs(sown))
         return carry, ys
 
     return scanned
