@@ -1,9 +1,6 @@
-"""The scope interpreter: the handler stack, the scope stack, and request routing.
-
-Both stacks live in context variables, so threads and nested transforms never
-see each other's handlers, and both unwind when a model raises. Routing is
-innermost-first; while a handler runs, the stack it sees is the part outside
-it, so the effects it performs itself go outward, never back to itself.
+"""The scope interpreter: the handler stack and the scope path (context variables, so threads and nested
+transforms never see each other's, and both unwind when a model raises), and innermost-first routing; while a
+handler runs it sees the stack outside it, so the effects it performs itself go outward, never back to itself.
 """
 
 from __future__ import annotations
@@ -14,19 +11,16 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from jax.extend.core import get_opaque_trace_state
-
-from effax.core._errors import EffaxError, InvalidNameError, TraceMismatchError, UnhandledEffectError
+from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectError
 
 __all__ = [
-    "Handler", "Path", "Request", "answers_of", "at_path", "begin_run", "check_name", "check_trace", "current_path",
-    "current_stack", "end_run", "flatten_handlers", "handle", "hermetic", "is_stateless", "path_str", "run_local",
-    "scope", "send", "snapshot_run", "trace_state", "under_stack",
+    "Handler", "Path", "Request", "at_path", "begin_run", "check_name", "current_path", "current_stack", "end_run",
+    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_str", "run_local", "scope", "send",
+    "snapshot_run", "under_stack",
 ]
 
 Path = tuple[str, ...]
 
-_STACK: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("effax_handlers", default=())
 _PATH: contextvars.ContextVar[Path] = contextvars.ContextVar("effax_path", default=())
 # What one run keeps beside its handlers, by kind (`fx.nn`'s module names): fresh in `hermetic()` and in the
 # outermost `handle()`, so `t.init` and `t.apply` see the same; `run_local` reads it.
@@ -44,15 +38,10 @@ def check_name(name: Any, kind: str) -> str:
     """Return `name` if it is a non-empty string without `/`, else raise `InvalidNameError`."""
     if type(name) is str and name and "/" not in name:
         return name
-    if not isinstance(name, str):
-        problem = f"is a {type(name).__name__}, not a string"
-    elif not name:
-        problem = "is empty"
-    else:
-        problem = "contains '/', which separates path components"
-    fix = ""
-    if isinstance(name, str) and "/" in name:
-        fix = f" Use {name.replace('/', '_')!r} or nest `fx.scope`s instead."
+    text = isinstance(name, str)
+    problem = "contains '/', which separates path components" if text and name else "is empty" if text else (
+        f"is a {type(name).__name__}, not a string")
+    fix = f" Use {name.replace('/', '_')!r} or nest `fx.scope`s instead." if text and "/" in name else ""
     raise InvalidNameError(f"{kind} name {name!r} {problem}: names must be non-empty strings without '/'.{fix}")
 
 
@@ -87,12 +76,9 @@ class Request:
 class Handler:
     """Answers some requests and forwards the rest outward.
 
-    A handler holds configuration. Entering it (`fx.handle`) calls `begin()`;
-    a stateless handler returns itself, a stateful one returns a fresh run
-    object that holds what one run accumulates and answers `handle`. A class
-    that sets `answers = (fx.ParamRequest, ...)` is sent only those request
-    classes (checked once, on entry); with `answers = None`, the default, it
-    sees every request, module calls included.
+    A handler holds configuration. Entering it (`fx.handle`) calls `begin()`: a stateless handler returns
+    itself, a stateful one a fresh run object that accumulates one run and answers `handle`. A class with
+    `answers = (fx.ParamRequest, ...)` is sent only those request classes; with None, the default, all.
 
     >>> class Double(fx.Handler):
     ...     def handle(self, request, forward):
@@ -112,42 +98,60 @@ class Handler:
         return forward(request)
 
 
-def answers_of(run: Any) -> tuple[type[Request], ...] | None:
-    """The request classes `run` declares it answers (its `answers`), or None: it sees every request."""
-    return getattr(run, "answers", None)
+@functools.lru_cache(maxsize=512)
+def _valid_answers(answers: Any) -> bool:  # a memo: each declaration is checked once
+    return answers is None or type(answers) is tuple and all(isinstance(a, type) and issubclass(a, Request)
+                                                              for a in answers)
 
 
-def _check_answers(run: Any) -> None:
-    answers = answers_of(run)
-    if answers is not None and not (isinstance(answers, tuple) and all(
-        isinstance(a, type) and issubclass(a, Request) for a in answers
-    )):
-        raise EffaxError(
-            f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
-            "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
-        )
+class _Runs(tuple):
+    """The installed runs, outermost first, with routes learned once per stack: for each request class,
+    the innermost run that answers it, and that run's forward (the runs below it, routed alike)."""
+
+    def __new__(cls, runs: Iterable[Any], prefixes: list | None = None) -> _Runs:
+        self = super().__new__(cls, runs)
+        self.routes: dict[type, int] = {}  # request class -> index of the innermost run answering it, or -1
+        self.prefixes = [None] * len(self) if prefixes is None else prefixes  # shared by a stack's prefixes
+        self.forward = functools.partial(_dispatch, self)
+        return self
+
+    def learn(self, kind: type) -> int:
+        i = len(self) - 1  # skip the runs that declare they do not answer this kind of request
+        while i >= 0 and (answers := getattr(self[i], "answers", None)) is not None and kind not in answers:
+            i -= 1
+        self.routes[kind] = i
+        return i
 
 
-def _dispatch(stack: tuple[Any, ...], n: int, request: Request) -> Any:
-    kind = type(request)
-    while n:  # skip the handlers that declare they do not answer this kind of request
-        answers = getattr(stack[n - 1], "answers", None)
-        if answers is None or kind in answers:
-            break
-        n -= 1
-    if n == 0:
+def _dispatch(runs: _Runs, request: Request) -> Any:
+    i = runs.routes.get(type(request))
+    if i is None:
+        i = runs.learn(type(request))
+    if i < 0:
         return request.unhandled()
-    token = _STACK.set(stack[: n - 1])
+    below = runs.prefixes[i]
+    if below is None:
+        below = runs.prefixes[i] = _Runs(runs[:i], runs.prefixes)
+    token = _STACK.set(below)
     try:
-        return stack[n - 1].handle(request, functools.partial(_dispatch, stack, n - 1))
+        return runs[i].handle(request, below.forward)
     finally:
         _STACK.reset(token)
 
 
+_EMPTY = _Runs(())  # no handlers: every route is -1
+_STACK: contextvars.ContextVar[_Runs] = contextvars.ContextVar("effax_handlers", default=_EMPTY)
+
+
 def send(request: Request) -> Any:
     """Route `request` through the handler stack, innermost handler first."""
-    stack = _STACK.get()
-    return _dispatch(stack, len(stack), request)
+    return _dispatch(_STACK.get(), request)
+
+
+def is_answered(kind: type[Request]) -> bool:
+    """Whether some installed run declares it answers requests of class `kind` (or answers everything)."""
+    runs = _STACK.get()
+    return (runs.routes[kind] if kind in runs.routes else runs.learn(kind)) >= 0
 
 
 def current_stack() -> tuple[Any, ...]:
@@ -156,9 +160,8 @@ def current_stack() -> tuple[Any, ...]:
 
 
 def under_stack(stack: tuple[Any, ...], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """Call `fn` under the handler stack `stack` (a `current_stack()`): a module call's body runs under its
-    call site's handlers, not the empty stack `unhandled()` sees."""
-    token = _STACK.set(stack)
+    """Call `fn` under `stack` (a `current_stack()`): a module call's body runs under its call site's handlers."""
+    token = _STACK.set(stack if type(stack) is _Runs else _Runs(stack))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -171,13 +174,13 @@ def flatten_handlers(handlers: Iterable[Any]) -> list[Any]:
     for h in handlers:
         if isinstance(h, (list, tuple)):
             flat.extend(flatten_handlers(h))
-        elif h is not None and callable(getattr(h, "handle", None)):
-            flat.append(h)
-        elif h is not None:
+        elif h is not None and not callable(getattr(h, "handle", None)):
             raise EffaxError(
                 f"{h!r} is not a handler: a handler is an object with a `handle(request, forward)` "
                 "method, usually a subclass of `fx.Handler`."
             )
+        elif h is not None:
+            flat.append(h)
     return flat
 
 
@@ -190,17 +193,24 @@ class _Handling:
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
-        any(_check_answers(run) for run in runs)
-        own = frozenset(id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h)
-        token = _OWN.set(_OWN.get() | own) if own else None
-        self._tokens.append((_STACK.set(_STACK.get() + runs), begin_run(fresh=False), token))
+        for run in runs:  # a malformed `answers` is refused on entry
+            try:
+                ok = _valid_answers(answers := getattr(run, "answers", None))
+            except TypeError:  # unhashable: not a tuple of classes
+                ok = False
+            if not ok:
+                raise EffaxError(
+                    f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
+                    "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
+                )
+        own = _OWN.set(_OWN.get().union(id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h))
+        self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), own))
         return runs
 
     def __exit__(self, *exc: Any) -> None:
         stack, run, own = self._tokens.pop()
         end_run(run)
-        if own is not None:
-            _OWN.reset(own)
+        _OWN.reset(own)
         _STACK.reset(stack)
 
 
@@ -223,28 +233,21 @@ def handle(*handlers: Any) -> _Handling:
     return _Handling(flatten_handlers(handlers))
 
 
-class _Hermetic:
-    """Start from an empty handler stack and the root path (what `t.init`/`t.apply` do)."""
+class hermetic:
+    """A context with no handlers, the root path and a fresh run: results depend only on arguments (what
+    `t.init`/`t.apply` do). One use at a time: `with hermetic():` makes a fresh one per block."""
 
     __slots__ = ("_tokens",)
 
-    def __init__(self) -> None:
-        self._tokens: list[tuple[Any, ...]] = []
-
     def __enter__(self) -> None:
-        self._tokens.append((_STACK.set(()), _PATH.set(()), begin_run(fresh=True), _OWN.set(frozenset())))
+        self._tokens = (_STACK.set(_EMPTY), _PATH.set(()), begin_run(fresh=True), _OWN.set(frozenset()))
 
     def __exit__(self, *exc: Any) -> None:
-        stack, path, run, own = self._tokens.pop()
+        stack, path, run, own = self._tokens
         end_run(run)
         _OWN.reset(own)
         _PATH.reset(path)
         _STACK.reset(stack)
-
-
-def hermetic() -> _Hermetic:
-    """A context with no handlers, the root path and a fresh run: results depend only on arguments."""
-    return _Hermetic()
 
 
 def begin_run(fresh: bool) -> contextvars.Token | None:
@@ -261,9 +264,12 @@ def run_local(kind: type) -> Any:
     """This run's `kind()` (made on first use), or None outside any run: bookkeeping of the layers above
     (`fx.nn`'s module names) that the core keeps without knowing it; one with `snapshot()` joins `snapshot_run`."""
     run = _RUN.get()
-    if run is not None and kind not in run:
-        run[kind] = kind()
-    return None if run is None else run[kind]
+    if run is None:
+        return None
+    value = run.get(kind)
+    if value is None:
+        value = run[kind] = kind()
+    return value
 
 
 def snapshot_run() -> Callable[[], None]:
@@ -289,13 +295,14 @@ class scope:
     ('encoder',)
     """
 
-    __slots__ = ("name", "_at", "_tokens")
+    __slots__ = ("name", "_tokens")
 
     def __init__(self, name: str):
-        self.name, self._at, self._tokens = check_name(name, "scope"), None, []
+        ok = type(name) is str and name and "/" not in name  # checked inline: a scope per layer
+        self.name, self._tokens = name if ok else check_name(name, "scope"), []
 
     def __enter__(self) -> Path:
-        path = _PATH.get() + (self.name,) if self._at is None else self._at
+        path = _PATH.get() + (self.name,)
         self._tokens.append(_PATH.set(path))
         return path
 
@@ -303,11 +310,21 @@ class scope:
         _PATH.reset(self._tokens.pop())
 
 
-def at_path(path: Path) -> scope:
-    """Set the current path outright (for lifted transforms and interop that re-enter a scope)."""
-    outright = scope.__new__(scope)
-    outright.name, outright._at, outright._tokens = None, tuple(path), []
-    return outright
+class at_path:
+    """Set the current path outright, for one `with` block (lifted transforms, module calls and interop
+    re-enter a scope this way)."""
+
+    __slots__ = ("path", "_token")
+
+    def __init__(self, path: Path):
+        self.path = path if type(path) is tuple else tuple(path)
+
+    def __enter__(self) -> Path:
+        self._token = _PATH.set(self.path)
+        return self.path
+
+    def __exit__(self, *exc: Any) -> None:
+        _PATH.reset(self._token)
 
 
 def current_path() -> Path:
@@ -317,21 +334,3 @@ def current_path() -> Path:
     ()
     """
     return _PATH.get()
-
-
-def trace_state() -> Any:
-    """The JAX trace we are in now, as an opaque comparable token (recorded in `begin()`)."""
-    return get_opaque_trace_state(convention="flax")
-
-
-def check_trace(entered: Any, request: Request, action: str) -> None:
-    """Raise if an effect that creates or consumes something comes from another JAX trace than `entered`
-    (`trace_state()` when the run began): from a raw `jax.lax.scan`/`vmap`/`jit` in the model it would leak."""
-    if trace_state() != entered:
-        raise TraceMismatchError(
-            f"{request.describe()} {action} inside a JAX transform (jax.lax.scan, jax.vmap, "
-            "jax.checkpoint, jax.lax.cond, jax.jit, ...) that was applied inside the model, below the "
-            "handler that answers it: its result would leak out of that trace or repeat on every step. "
-            "Use the lifted transforms `fx.scan`, `fx.vmap`, `fx.remat` or `fx.cond`/`fx.switch` inside models, "
-            "and put `jax.jit` around the discharged function (`jax.jit(t.apply)`), not around effect calls."
-        )

@@ -36,7 +36,7 @@ from effax.handlers import (
 
 
 def _check_variables_arg(variables: Any) -> Mapping[str, Any]:
-    if not isinstance(variables, Mapping):
+    if type(variables) is not dict and not isinstance(variables, Mapping):
         raise EffaxError(
             f"`variables` must be a dict like {{'params': {{...}}, 'state': {{...}}}}, got "
             f"{type(variables).__name__}. Pass what `t.init` returned (merged with the updates of "
@@ -188,10 +188,16 @@ def _discharged(
 ) -> tuple[Any, _Runs]:
     """Run `entry` hermetically under the built-in handlers, outermost first: mode and keys (`outer`), then
     state, sows and params (`storage`), then the `handlers=` given (`extra`), as the design pins."""
-    with hermetic(), handle(*outer), handle(*storage) as (state, sown, params), handle(*extra):
+    builtin = [h for h in outer if h is not None] + list(storage)  # one block: entered once per call
+    with hermetic(), handle(*builtin) as runs:
+        state, sown, params = runs[len(builtin) - 3 :]
         token = _RUNNING.set(call)
         try:
-            out = entry(*args, **kwargs)
+            if extra:  # the handlers given enter with the built-in ones installed, as if nested inside them
+                with handle(*extra):
+                    out = entry(*args, **kwargs)
+            else:
+                out = entry(*args, **kwargs)
         finally:
             _RUNNING.reset(token)
     _check_overlap(state, sown)
@@ -341,11 +347,14 @@ class Transformed:
         """
         _refuse_nested("t.apply")
         variables = _check_variables_arg(variables)
-        preset, handlers = split_presets(handlers)
-        training, keys, mutable = apply_options(preset, training, rngs, mutable)
+        if handlers == ():  # the usual call: no preset, no handlers (eager calls pay for every step)
+            keys, extra = KeysFromRngs(rngs), []
+        else:
+            preset, handlers = split_presets(handlers)
+            training, keys, mutable = apply_options(preset, training, rngs, mutable)
+            extra = flatten_handlers((handlers,))
         collections = normalize_mutable(mutable)
         mode = None if training is None else Mode(static_training(training))
-        extra = flatten_handlers((handlers,))
         if capture_intermediates:
             collections = _with_intermediates(collections)
             extra.append(CaptureIntermediates(capture_intermediates))

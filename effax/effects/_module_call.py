@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import Path, Request, answers_of, at_path, current_stack, path_str, send, under_stack
+from effax.core import Path, Request, at_path, current_stack, is_answered, path_str, send, under_stack
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,17 +68,8 @@ def sees_module_calls(run: Any) -> bool:
     answers; effax's own handlers (params, state, keys, ...) declare theirs,
     so with only them installed no module-call request is built at all.
     """
-    answers = answers_of(run)
+    answers = getattr(run, "answers", None)
     return answers is None or ModuleCallRequest in answers
-
-
-def _intercepted(stack: tuple[Any, ...]) -> bool:
-    """One attribute look-up per installed run."""
-    for run in stack:
-        answers = getattr(run, "answers", None)
-        if answers is None or ModuleCallRequest in answers:
-            return True
-    return False
 
 
 def _body(stack: tuple[Any, ...], fn: Callable[..., Any], names: Any, request: ModuleCallRequest) -> Any:
@@ -102,8 +93,7 @@ def call_module(
     another one. `fx.nn.Module` calls this for every call; write modules, not
     calls to this.
     """
-    stack = current_stack()
-    if not _intercepted(stack):  # the fast path: nobody looks at module calls
+    if not is_answered(ModuleCallRequest):  # the fast path: nobody looks at module calls
         if names is None:
             return fn(module, *args, **kwargs)
         saved = names.enter((path, method))
@@ -112,6 +102,6 @@ def call_module(
                 return fn(module, *args, **kwargs)
         finally:
             names.leave(saved)
-    body = functools.partial(_body, stack, fn, names)
+    body = functools.partial(_body, current_stack(), fn, names)
     with at_path(path):
         return send(ModuleCallRequest(path, module, method, args, kwargs, body))

@@ -83,6 +83,16 @@ class ParamRequest(Request):
         "`with fx.handle(fx.handlers.LoadParams(variables['params'])): ...`."
     )
 
+    @classmethod
+    def _fast(cls, path: Path, init: Initializer, shape: tuple, dtype: Any, axes: Any, shared: Any) -> ParamRequest:
+        """`ParamRequest(...)` of checked arguments, without the frozen dataclass's one `object.__setattr__`
+        per field: `fx.param` builds one per call, the hottest path of an eager model."""
+        request = object.__new__(cls)
+        request.__dict__.update(
+            path=path, init=init, shape=shape, dtype=dtype, axes=axes, shared=shared, origin=None, via=()
+        )
+        return request
+
     def describe(self) -> str:
         moved = f", asked at `{path_str(self.origin)}`" if self.origin is not None else ""
         return f"param `{path_str(self.path)}` ({self.spec()}{moved})"
@@ -160,14 +170,7 @@ class ParamRequest(Request):
             )
 
 
-@functools.lru_cache(maxsize=4096)
-def _checked_tuple(shape: tuple) -> tuple[int, ...] | None:
-    """A tuple shape checked once (a pure memo): its dims, or None when it is not all non-negative ints."""
-    try:
-        dims = tuple(map(operator.index, shape))
-    except TypeError:
-        return None
-    return None if bool in map(type, shape) or (dims and min(dims) < 0) else dims
+_FLOAT32 = jnp.dtype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=256)
@@ -183,17 +186,8 @@ def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
     and a float (`2.5`), a string (`"ab"`, `"4"`) or a bool is refused, never
     truncated or split into characters.
     """
-    if type(shape) is tuple and bool not in map(type, shape):  # the usual case, memoized: it runs on every
-        try:  # `fx.param` (bools are refused first: `(True,)` hashes like `(1,)`, so the memo would let it pass)
-            dims = _checked_tuple(shape)
-        except TypeError:  # an unhashable dimension: checked below, and refused
-            dims = None
-        if dims is not None:
-            return dims
-        given = shape
-    else:
-        one = isinstance(shape, str) or not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0
-        given = (shape,) if one else shape
+    one = isinstance(shape, str) or not hasattr(shape, "__iter__") or getattr(shape, "ndim", None) == 0
+    given = (shape,) if one else shape
     try:
         dims = tuple(map(operator.index, given))
     except TypeError:
@@ -231,7 +225,8 @@ def param(
     >>> t.init(jax.random.key(0), 1.0)["params"]["w"]
     Array([1., 1.], dtype=float32)
     """
-    check_name(name, "param")
+    if type(name) is not str or not name or "/" in name:
+        check_name(name, "param")  # raises
     if not callable(init):
         raise EffaxError(
             f"param `{path_str(current_path() + (name,))}`: `init` must be a function "
@@ -241,7 +236,13 @@ def param(
         )
     if shared is not None:
         check_name(shared, "shared tag")
-    shape = canonical_shape(shape, name)
+    if type(shape) is tuple:  # the usual case, checked inline: it runs on every `fx.param`
+        for d in shape:
+            if type(d) is not int or d < 0:  # (a bool is not an int here, so `(True,)` is refused)
+                shape = canonical_shape(shape, name)
+                break
+    else:
+        shape = canonical_shape(shape, name)
     if axes is not None:
         axes = tuple(axes)
         if len(axes) != len(shape):
@@ -249,7 +250,5 @@ def param(
                 f"param {name!r} has {len(shape)} dims {shape} but {len(axes)} logical axes {axes}: "
                 "give one axis name (or None) per dimension."
             )
-    request = ParamRequest(
-        current_path() + (name,), init, shape, canonical_dtype(dtype), axes, shared
-    )
-    return send(request)
+    dtype = _FLOAT32 if dtype is jnp.float32 else canonical_dtype(dtype)
+    return send(ParamRequest._fast(current_path() + (name,), init, shape, dtype, axes, shared))

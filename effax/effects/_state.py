@@ -147,7 +147,8 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
     >>> t.apply(variables, mutable="counts")
     (Array(1, dtype=int32), {'counts': {'n': Array(1, dtype=int32)}})
     """
-    check_name(name, "state")
+    if type(name) is not str or not name or "/" in name:
+        check_name(name, "state")  # raises
     if not callable(init):
         raise EffaxError(
             f"state `{path_str(current_path() + (name,))}`: `init` must be a function `init() -> "
@@ -155,7 +156,8 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
             f"{type(init).__name__} {init!r:.40}. Wrap the value: "
             f"`fx.local_state({name!r}, lambda: jnp.zeros(()))`."
         )
-    check_collection(collection, f"state {name!r}")
+    if collection != "state":  # the default is a valid collection
+        check_collection(collection, f"state {name!r}")
     path = current_path() + (name,)
     send(LocalStateRequest(path, collection, init))
     return LocalStateEffect(path, collection)

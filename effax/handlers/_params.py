@@ -15,13 +15,12 @@ from effax.core import (
     ParamConflictError,
     ShapeMismatchError,
     TraceMismatchError,
-    check_trace,
     path_str,
     send,
-    trace_state,
 )
 from effax.effects import InitializingRequest, ParamRequest, StreamKeyRequest
 from effax.handlers._random import as_typed_key, fold, h_path
+from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, get_path, nearest_paths
 
 
@@ -71,10 +70,10 @@ class _ParamRun:
             return forward(request)
         if request.shared is not None:
             self.check_tag(request)
-        value = self.again(request)
-        if value is MISSING:
-            value = self.answer(request)
-            self.seen[request.path] = (request, value)
+        if request.path in self.seen:
+            return self.again(request)
+        value = self.answer(request)
+        self.seen[request.path] = (request, value)
         return value
 
     def answer(self, request: ParamRequest) -> Any:
@@ -212,17 +211,20 @@ class _LoadRun(_ParamRun):
                 + (f"nearest: {', '.join(repr(n) for n in near)}. " if near else "")
                 + "Check the name and scope, or create the variables with `t.init` for this model."
             )
-        shape = getattr(value, "shape", None)
-        dtype = getattr(value, "dtype", None)
-        if shape is None or dtype is None:
-            value = _unboxed(value, request)
+        if isinstance(value, jax.Array):  # the usual case: an array's shape is a tuple
             shape, dtype = value.shape, value.dtype
-        if tuple(shape) != request.shape or (
+        else:
+            shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+            if shape is None or dtype is None:
+                value = _unboxed(value, request)
+                shape, dtype = value.shape, value.dtype
+            shape = tuple(shape)
+        if shape != request.shape or (
             dtype != request.dtype and jax.dtypes.canonicalize_dtype(dtype) != request.dtype
         ):
             raise ShapeMismatchError(
                 f"param `{path_str(request.path)}`: the model asks for {request.spec()}, but "
-                f"variables['params'] holds shape {tuple(shape)}, {jnp.dtype(dtype).name}. "
+                f"variables['params'] holds shape {shape}, {jnp.dtype(dtype).name}. "
                 "The variables were made for another model or config: re-run `t.init`, or "
                 "convert the stored value."
             )

@@ -10,8 +10,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from effax.core import EffaxError, Handler, MissingRngError, check_name, check_trace, trace_state
+from effax.core import EffaxError, Handler, MissingRngError, check_name
 from effax.effects import RandomRequest, StreamKeyRequest
+from effax.handlers._trace import check_trace, trace_state
 
 
 def _digest(text: str, person: bytes) -> int:
@@ -96,7 +97,7 @@ class KeysFromRngs(Handler):
     """
 
     def __init__(self, rngs: Any):
-        if isinstance(rngs, Mapping):
+        if rngs is not None and isinstance(rngs, Mapping):  # (`None` first: the abstract check is slower)
             for stream, key in rngs.items():
                 check_name(stream, "stream")
                 check_key(key, stream)

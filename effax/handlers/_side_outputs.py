@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from effax.core import Handler, check_trace, trace_state
+from effax.core import Handler
 from effax.effects import SideOutputRequest
 from effax.handlers._state import is_mutable, normalize_mutable
+from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import PathTree
 
 

@@ -18,10 +18,9 @@ from effax.core import (
     MissingVariableError,
     ShapeMismatchError,
     check_name,
-    check_trace,
-    trace_state,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
+from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, copy_scopes, get_path, nearest_paths
 
 ALL = True
@@ -31,6 +30,8 @@ def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
     """`False`/`None` -> no collection, `True` -> all, a name or names -> those (never 'params')."""
     if mutable is None or mutable is False:
         return frozenset()
+    if type(mutable) is frozenset and not mutable:  # normalized already (each handler normalizes again)
+        return mutable
     if mutable is True:
         return ALL
     if isinstance(mutable, jax.core.Tracer):

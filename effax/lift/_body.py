@@ -39,11 +39,8 @@ import jax.numpy as jnp
 from effax.core import (
     EffaxError,
     TraceMismatchError,
-    answers_of,
-    check_trace,
     is_stateless,
     send,
-    trace_state,
     under_stack,
 )
 from effax.effects import (
@@ -56,6 +53,7 @@ from effax.effects import (
     StreamKeyRequest,
 )
 from effax.handlers._state import cast_like
+from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING
 from effax.inspect import abstractly
 
@@ -361,7 +359,8 @@ class _Proxy:
 
     def __init__(self, run: Any, depth: int, body: Recorder | Answerer):
         self.run, self.depth, self.body = run, depth, body
-        self.answers = answers_of(run)  # the run's own declaration: a request it never sees skips the proxy too
+        # the run's own declaration: a request it never sees skips the proxy too
+        self.answers = getattr(run, "answers", None)
 
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
         if type(request) in LIFTED:

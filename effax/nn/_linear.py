@@ -26,6 +26,8 @@ def check_sizes(module: Any, *fields: str, several: tuple[str, ...] = ()) -> Non
     """
     for field in fields + several:
         value = getattr(module, field)
+        if type(value) is int and value > 0:  # the usual case, decided at once
+            continue
         seq = field in several and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
         dims = tuple(value) if seq else (value,)
         if dims and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in dims):
@@ -69,7 +71,8 @@ class Dense(Module):
         check_sizes(self, "features")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = layer_param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
+        n_in = x.shape[-1] if isinstance(x, jax.Array) else jnp.shape(x)[-1]
+        kernel = layer_param("kernel", self.kernel_init, (n_in, self.features), self.param_dtype)
         bias = None
         if self.use_bias:
             bias_axes = output_axes(self.kernel_init, 1)

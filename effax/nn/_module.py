@@ -24,7 +24,7 @@ def _claim(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, 
     auto-names that follow.)
     """
     if module.name is None:
-        return parent + (names.auto_name(parent, type(module).__name__),)
+        return names.auto_path(parent, type(module).__name__)
     name = check_name(module.name, "module")
     path = parent + (name,)
     base, _, n = name.rpartition("_")

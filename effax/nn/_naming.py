@@ -26,14 +26,18 @@ class Names:
         self.frame: dict[tuple[str, ...], dict[str, int]] = {}
         self.owner: Any = None
 
-    def auto_name(self, parent: tuple[str, ...], base: str) -> str:
-        """The next free `base_<n>` under `parent` in the current call."""
-        counters = self.frame.setdefault(parent, {})
-        n = counters.get(base, 0)
-        while self.owners.setdefault(parent + (f"{base}_{n}",), self.owner) != self.owner:
+    def auto_path(self, parent: tuple[str, ...], base: str) -> tuple[str, ...]:
+        """`parent` + the next free `base_<n>` under it in the current call."""
+        counters = self.frame.get(parent)
+        if counters is None:
+            counters = self.frame[parent] = {}
+        n, owner = counters.get(base, 0), self.owner
+        path = parent + (f"{base}_{n}",)
+        while self.owners.setdefault(path, owner) != owner:
             n += 1
+            path = parent + (f"{base}_{n}",)
         counters[base] = n + 1
-        return f"{base}_{n}"
+        return path
 
     def enter(self, owner: Any) -> tuple[Any, Any]:
         """Start a module call with its own counters; returns what `leave` restores."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,10 +24,23 @@ def _axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axes))
 
 
+@functools.lru_cache(maxsize=1024)
+def _layout(axis: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], bool]:
+    """`(reduced axes, feature sizes, broadcast shape, whether the features already line up last)` of an
+    input: a memo, read once per layer call, since eager calls pay for every Python step."""
+    ndim = len(shape)
+    feature_axes = _axes(axis, ndim)
+    reduce = tuple(a for a in range(ndim) if a not in feature_axes)
+    features = tuple(shape[a] for a in feature_axes)
+    bshape = tuple(shape[a] if a in feature_axes else 1 for a in range(ndim))
+    return reduce, features, bshape, feature_axes == tuple(range(ndim - len(features), ndim))
+
+
 def _bcast(a: jax.Array, bshape: tuple[int, ...]) -> jax.Array:
     """`a.reshape(bshape)`, skipped when broadcasting already lines `a` up (features last): one op less per call."""
-    n = len(a.shape)
-    if tuple(a.shape) == bshape[len(bshape) - n :] and all(d == 1 for d in bshape[: len(bshape) - n]):
+    shape = a.shape
+    lead = len(bshape) - len(shape)
+    if shape == bshape[lead:] and bshape[:lead].count(1) == lead:
         return a
     return a.reshape(bshape)
 
@@ -34,6 +48,10 @@ def _bcast(a: jax.Array, bshape: tuple[int, ...]) -> jax.Array:
 def _cast(x: jax.Array, dtype: Any) -> jax.Array:
     """`x.astype(dtype)`, skipped when `x` has that dtype already (eager calls pay for every op)."""
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _as_array(x: Any) -> jax.Array:
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 def _scale_shift(
@@ -47,12 +65,22 @@ def _scale_shift(
     return y
 
 
+@functools.lru_cache(maxsize=256)
+def _result_dtype(x_dtype: Any, param_dtype: Any) -> Any:
+    return jnp.result_type(x_dtype, param_dtype)
+
+
 def _out_dtype(module: Any, x: jax.Array) -> Any:
-    return jnp.result_type(x.dtype, module.param_dtype) if module.dtype is None else module.dtype
+    return _result_dtype(x.dtype, module.param_dtype) if module.dtype is None else module.dtype
+
+
+@functools.lru_cache(maxsize=256)
+def _promoted(dtype: Any) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _stats_dtype(x: jax.Array) -> Any:
-    return jnp.promote_types(x.dtype, jnp.float32)  # statistics at least in float32, as Flax
+    return _promoted(x.dtype)  # statistics at least in float32, as Flax
 
 
 def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
@@ -90,7 +118,7 @@ class LayerNorm(Module):
     scale_init: Initializer = ones
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x)
+        x = _as_array(x)
         axes = _axes(self.reduction_axes, x.ndim)
         xs = _cast(x, _stats_dtype(x))
         mean = xs.mean(axes, keepdims=True)
@@ -117,7 +145,7 @@ class RMSNorm(Module):
     scale_init: Initializer = ones
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x)
+        x = _as_array(x)
         axes = _axes(self.reduction_axes, x.ndim)
         xs = _cast(x, _stats_dtype(x))
         y = xs * jax.lax.rsqrt(jnp.square(xs).mean(axes, keepdims=True) + self.epsilon)
@@ -162,11 +190,11 @@ class BatchNorm(Module):
     axis_name: Any = None
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        x = jnp.asarray(x)
-        feature_axes = _axes(self.axis, x.ndim)
-        reduce = tuple(a for a in range(x.ndim) if a not in feature_axes)
-        features = tuple(x.shape[a] for a in feature_axes)
-        bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+        x = _as_array(x)
+        try:
+            reduce, features, bshape, last = _layout(self.axis, x.shape)
+        except TypeError:  # an unhashable `axis` (a list): no memo
+            reduce, features, bshape, last = _layout.__wrapped__(self.axis, x.shape)
         mean_state = local_state("mean", lambda: jnp.zeros(features, jnp.float32), collection="batch_stats")
         var_state = local_state("var", lambda: jnp.ones(features, jnp.float32), collection="batch_stats")
         frozen = use_running_average if use_running_average is not None else self.use_running_average
@@ -184,6 +212,8 @@ class BatchNorm(Module):
             m = self.momentum
             mean_state.set(m * _running(mean_state, features) + (1 - m) * mean)
             var_state.set(m * _running(var_state, features) + (1 - m) * var)
-        y = (xs - _bcast(mean, bshape)) * jax.lax.rsqrt(_bcast(var, bshape) + self.epsilon)
+        if not last:
+            mean, var = mean.reshape(bshape), var.reshape(bshape)
+        y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = _scale_shift(self, y, features, bshape)
         return _cast(y, _out_dtype(self, x))
