@@ -2,20 +2,24 @@
 
 Run: python benchmarks/trace_ab.py [--depth 256] [--samples 5] [--model mlp | mlp_stateful | transformer | all]
 Each sample lowers a fresh function (no trace cache hit); the libraries take
-turns, so machine noise hits all of them alike. Prints medians and ratios to
-pure JAX.
+turns, so machine noise hits all of them alike. Samples are timed as
+`benchmarks/worker.py` times them (and so RESULTS.md): after a collection,
+with the garbage collector paused, as `timeit` does. Otherwise whether a full
+collection (about 0.1 s at depth 256, over the tracer's millions of objects)
+lands inside a sample decides a ratio more than the library does. Prints
+medians and ratios to pure JAX.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 
 from benchmarks.common import Spec
 from benchmarks.libs import effax_nn, effax_raw, pure_jax
+from benchmarks.worker import timed
 
 LIBS = {"pure JAX": pure_jax, "effax": effax_raw, "effax.nn": effax_nn}
 
@@ -32,18 +36,15 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: in
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in LIBS}
     for i in range(samples + 1):
         for name, b in benches.items():
-            t0 = time.perf_counter()
-            jax.jit(lambda *a, b=b: b.train_step(*a)).lower(variables[name], x, key)
-            t1 = time.perf_counter()
-            b.eval_shape_init(key, x)
-            t2 = time.perf_counter()
-            for _ in range(10):  # eager apply of the small model: the per-call cost of effects without jit
-                jax.block_until_ready(eager[name].apply(small_vars[name], x_small))
-            t3 = time.perf_counter()
+            train, _ = timed(lambda b=b, name=name: jax.jit(lambda *a: b.train_step(*a)).lower(variables[name], x, key))
+            abstract, _ = timed(lambda b=b: b.eval_shape_init(key, x))
+            # eager apply of the small model, 10 calls each waited for (as the worker times it): the
+            # per-call cost of effects without jit
+            eager_apply = [timed(lambda name=name: eager[name].apply(small_vars[name], x_small))[0] for _ in range(10)]
             if i:  # the first round warms up
-                times[name]["trace_train"].append(t1 - t0)
-                times[name]["abstract_init"].append(t2 - t1)
-                times[name]["eager_apply"].append((t3 - t2) / 10)
+                times[name]["trace_train"].append(train)
+                times[name]["abstract_init"].append(abstract)
+                times[name]["eager_apply"].extend(eager_apply)
     medians = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in times.items()}
     base = medians["pure JAX"]
     print(f"{model} depth {depth} (eager apply: depth {eager_depth}), {samples} interleaved samples "

@@ -15,8 +15,8 @@ from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectErro
 
 __all__ = [
     "Handler", "Path", "Request", "at_path", "begin_run", "check_name", "current_path", "current_stack", "end_run",
-    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_str", "run_local", "scope", "send",
-    "snapshot_run", "under_stack",
+    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_str", "run_local", "run_values",
+    "scope", "send", "under_path", "under_stack",
 ]
 
 Path = tuple[str, ...]
@@ -262,7 +262,7 @@ def end_run(token: contextvars.Token | None) -> None:
 
 def run_local(kind: type) -> Any:
     """This run's `kind()` (made on first use), or None outside any run: bookkeeping of the layers above
-    (`fx.nn`'s module names) that the core keeps without knowing it; one with `snapshot()` joins `snapshot_run`."""
+    (`fx.nn`'s module names) that the core keeps without knowing it."""
     run = _RUN.get()
     if run is None:
         return None
@@ -272,19 +272,9 @@ def run_local(kind: type) -> Any:
     return value
 
 
-def snapshot_run() -> Callable[[], None]:
-    """A function putting the run-local values back as they are now, dropping those made since."""
-    run = _RUN.get()
-    run = {} if run is None else run  # not `or`: an empty run is falsy but must be the one restored
-    kept, restores = set(run), [v.snapshot() for v in run.values() if hasattr(v, "snapshot")]
-
-    def restore() -> None:
-        for kind in [k for k in run if k not in kept]:
-            del run[kind]
-        for r in restores:
-            r()
-
-    return restore
+def run_values() -> dict[type, Any] | None:
+    """The live dict of this run's local values by kind (what `run_local` fills), or None outside any run."""
+    return _RUN.get()
 
 
 class scope:
@@ -325,6 +315,15 @@ class at_path:
 
     def __exit__(self, *exc: Any) -> None:
         _PATH.reset(self._token)
+
+
+def under_path(path: Path, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Call `fn` with the current path set to `path` outright: `at_path` as one call (a module call's body)."""
+    token = _PATH.set(path)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _PATH.reset(token)
 
 
 def current_path() -> Path:

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import Path, Request, at_path, current_stack, is_answered, path_str, send, under_stack
+from effax.core import Path, Request, at_path, current_stack, is_answered, path_str, send, under_path, under_stack
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,8 +98,7 @@ def call_module(
             return fn(module, *args, **kwargs)
         saved = names.enter((path, method))
         try:
-            with at_path(path):
-                return fn(module, *args, **kwargs)
+            return under_path(path, fn, module, *args, **kwargs)
         finally:
             names.leave(saved)
     body = functools.partial(_body, current_stack(), fn, names)

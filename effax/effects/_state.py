@@ -156,8 +156,8 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
             f"{type(init).__name__} {init!r:.40}. Wrap the value: "
             f"`fx.local_state({name!r}, lambda: jnp.zeros(()))`."
         )
-    if collection != "state":  # the default is a valid collection
-        check_collection(collection, f"state {name!r}")
+    if type(collection) is not str or not collection or "/" in collection or collection == "params":
+        check_collection(collection, f"state {name!r}")  # raises
     path = current_path() + (name,)
     send(LocalStateRequest(path, collection, init))
     return LocalStateEffect(path, collection)

@@ -29,19 +29,14 @@ def h_stream(stream: str) -> int:
     return _digest(stream, b"effax-stream")
 
 
-@jax.jit
-def fold_words(key: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(key, low), high)
-
-
 def fold(key: jax.Array, h: int) -> jax.Array:
     """Fold a 64-bit hash into `key`: the low little-endian 32-bit word, then the high one.
 
-    One jitted function serves every path (the words are arguments), so while
-    tracing a fold is one cached call, not two traced `fold_in`s; XLA inlines
-    it, so the compiled program is unchanged.
+    Two `random_fold_in` primitives, not a jitted helper: inside a traced
+    train step a nested jit costs more (its own partial evaluation, DCE and
+    linearization) than the two primitives it would save tracing.
     """
-    return fold_words(key, np.uint32(h & 0xFFFFFFFF), np.uint32(h >> 32))
+    return jax.random.fold_in(jax.random.fold_in(key, np.uint32(h & 0xFFFFFFFF)), np.uint32(h >> 32))
 
 
 @functools.lru_cache(maxsize=8)

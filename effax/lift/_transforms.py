@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError, current_stack, path_str, snapshot_run
+from effax.core import EffaxError, current_stack, path_str, run_values
 from effax.effects import GetStateRequest, RandomRequest, SetStateRequest, SideOutputRequest, StreamKeyRequest
 from effax.inspect import abstract_mode, run_abstractly
 from effax.lift._body import (
@@ -80,9 +80,22 @@ def _learn(
 
 
 def _names_snapshot() -> Callable[[], None] | None:
-    """A function putting the run's bookkeeping (module auto-names) back as it is now; None in abstract mode,
-    where no real pass follows, so the learning pass's names stand."""
-    return None if abstract_mode() else snapshot_run()
+    """A function putting the run's bookkeeping (module auto-names) back as it is now, dropping values made
+    since; None in abstract mode, where no real pass follows, so the learning pass's names stand. A run-local
+    value with a `snapshot()` method (`fx.nn`'s names) restores itself."""
+    if abstract_mode():
+        return None
+    run = run_values()
+    run = {} if run is None else run  # not `or`: an empty run is falsy but must be the one restored
+    kept, restores = set(run), [v.snapshot() for v in run.values() if hasattr(v, "snapshot")]
+
+    def restore() -> None:
+        for kind in [k for k in run if k not in kept]:
+            del run[kind]
+        for r in restores:
+            r()
+
+    return restore
 
 
 # --- step 2: request what it needs from the handlers outside

@@ -72,11 +72,12 @@ class Dense(Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = x.shape[-1] if isinstance(x, jax.Array) else jnp.shape(x)[-1]
-        kernel = layer_param("kernel", self.kernel_init, (n_in, self.features), self.param_dtype)
+        axes = axes_of(self.kernel_init)
+        kernel = param("kernel", self.kernel_init, (n_in, self.features), self.param_dtype, axes=axes)
         bias = None
-        if self.use_bias:
-            bias_axes = output_axes(self.kernel_init, 1)
-            bias = layer_param("bias", self.bias_init, (self.features,), self.param_dtype, bias_axes)
+        if self.use_bias:  # the bias takes its initializer's axes, else the kernel's output axis
+            bias_axes = axes_of(self.bias_init) or (None if axes is None else axes[-1:])
+            bias = param("bias", self.bias_init, (self.features,), self.param_dtype, axes=bias_axes)
         x, kernel, bias = promote(self.dtype, x, kernel, bias)
         y = jnp.matmul(x, kernel)
         return y if bias is None else y + bias

@@ -8,8 +8,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import InvalidNameError, check_name, current_path, path_str
-from effax.effects import call_module
+from effax.core import InvalidNameError, check_name, current_path, is_answered, path_str, under_path
+from effax.effects import ModuleCallRequest, call_module
 from effax.nn._naming import Names, current_names, pop_names, push_names
 
 _EXPLICIT = ("explicit name",)
@@ -25,7 +25,11 @@ def _claim(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, 
     """
     if module.name is None:
         return names.auto_path(parent, type(module).__name__)
-    name = check_name(module.name, "module")
+    return _claim_name(names, parent, module.name)
+
+
+def _claim_name(names: Names, parent: tuple[str, ...], name: Any) -> tuple[str, ...]:
+    name = check_name(name, "module")
     path = parent + (name,)
     base, _, n = name.rpartition("_")
     taken = names.frame.get(parent, {}).get(base, 0)
@@ -38,15 +42,6 @@ def _claim(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, 
         )
     names.owners.setdefault(path, _EXPLICIT)  # auto-names skip it
     return path
-
-
-def _name_at_construction(module: Module) -> None:
-    """Inside a run, a module is named where it is constructed, as Flax and Haiku name it:
-    `Dense(2)(relu(Dense(3)(x)))` makes the 2-unit layer `Dense_0`. Outside a run it is
-    named at its first call."""
-    names = current_names()
-    if names is not None:
-        names.bound[module] = _claim(names, current_path(), module)
 
 
 def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,8 +99,13 @@ class Module:
         @functools.wraps(init)
         def __init__(self: Module, *args: Any, **kwargs: Any) -> None:
             init(self, *args, **kwargs)
-            if type(self) is cls:  # the most derived class names it, once
-                _name_at_construction(self)
+            # Inside a run, a module is named where it is built, as Flax and Haiku name it:
+            # `Dense(2)(relu(Dense(3)(x)))` makes the 2-unit layer `Dense_0`; outside a run, at its
+            # first call. The most derived class names it, once.
+            if type(self) is cls and (names := current_names()) is not None:
+                parent, name = current_path(), self.name
+                path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
+                names.bound[self] = path
 
         cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -143,4 +143,11 @@ class Module:
             path = names.bound[self] = _claim(names, current_path(), self)
         elif current_path() == path:  # a method of this module calling another one: same naming frame
             return call_module(path, self, method, fn, args, kwargs, None)
-        return call_module(path, self, method, fn, args, kwargs, names)
+        if is_answered(ModuleCallRequest):  # a handler looks at module calls: send the request
+            return call_module(path, self, method, fn, args, kwargs, names)
+        # the fast path (what `call_module` does when nothing looks), inline: a frame per call matters eagerly
+        saved, names.frame, names.owner = (names.frame, names.owner), {}, (path, method)
+        try:
+            return under_path(path, fn, self, *args, **kwargs)
+        finally:
+            names.frame, names.owner = saved
