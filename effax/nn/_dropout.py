@@ -17,9 +17,14 @@ def dropout(x: jax.Array, rate: float, key: jax.Array, broadcast_dims: Sequence[
     if rate == 1.0:
         return jnp.zeros_like(x)
     keep = 1.0 - rate
-    shape = tuple(1 if d in {b % x.ndim for b in broadcast_dims} else n for d, n in enumerate(x.shape))
-    mask = jnp.broadcast_to(jax.random.bernoulli(key, keep, shape), x.shape)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+    if broadcast_dims:
+        shape = tuple(1 if d in {b % x.ndim for b in broadcast_dims} else n for d, n in enumerate(x.shape))
+        mask = jnp.broadcast_to(jax.random.bernoulli(key, keep, shape), x.shape)
+    else:
+        mask = jax.random.bernoulli(key, keep, x.shape)
+    # Python scalars are weakly typed, so `x`'s dtype stands; and unlike `jnp.asarray(keep, x.dtype)` they make
+    # no concrete array (an eager op) each time a model is traced
+    return jnp.where(mask, x / keep, 0.0)
 
 
 class Dropout(Module):
