@@ -55,6 +55,8 @@ def measure(label: str, spec: Spec, reps: int) -> dict[str, Any]:
     jax.block_until_ready(x)
 
     bench = build(label, spec)
+    if spec.depth <= EAGER_DEPTH:  # a small model traces in tens of milliseconds, where noise weighs most
+        reps = max(reps, 6)
     seconds, variables = timed(lambda: bench.init(key, x))
     out["init"] = [seconds]
     out["abstract_init"] = samples(lambda: bench.eval_shape_init(key, x), reps)
@@ -80,7 +82,8 @@ def measure(label: str, spec: Spec, reps: int) -> dict[str, Any]:
     out["step"] = [timed(lambda: [step() for _ in range(calls)][-1])[0] / calls for _ in range(max(3, reps))]
 
     if spec.depth == EAGER_DEPTH and spec.model != "transformer":
-        out["eager_apply"] = samples(lambda: bench.apply(variables, x), max(10, 5 * reps), warmup=3)
+        # a call costs milliseconds: many samples, so the median is not one noisy call's
+        out["eager_apply"] = samples(lambda: bench.apply(variables, x), max(40, 20 * reps), warmup=3)
     return out
 
 

@@ -104,54 +104,60 @@ def _valid_answers(answers: Any) -> bool:  # a memo: each declaration is checked
                                                               for a in answers)
 
 
+class _Routes(dict):
+    """Request class -> `(the innermost run answering it's handle, the stack below that run)`, or `()` when
+    no run does; learned on first use, once per stack."""
+
+    def __missing__(self, kind: type) -> tuple:
+        runs, i = self.runs, len(self.runs) - 1  # skip the runs that declare they do not answer `kind`
+        while i >= 0 and (answers := getattr(runs[i], "answers", None)) is not None and kind not in answers:
+            i -= 1
+        if i >= 0 and runs.prefixes[i] is None:
+            runs.prefixes[i] = _Runs(runs[:i], runs.prefixes)
+        return self.setdefault(kind, (runs[i].handle, runs.prefixes[i]) if i >= 0 else ())
+
+
 class _Runs(tuple):
-    """The installed runs, outermost first, with routes learned once per stack: for each request class,
-    the innermost run that answers it, and that run's forward (the runs below it, routed alike)."""
+    """The installed runs, outermost first, with their routes and the prefix stacks below each run."""
 
     def __new__(cls, runs: Iterable[Any], prefixes: list | None = None) -> _Runs:
         self = super().__new__(cls, runs)
-        self.routes: dict[type, int] = {}  # request class -> index of the innermost run answering it, or -1
+        self.routes = _Routes()
+        self.routes.runs = self
         self.prefixes = [None] * len(self) if prefixes is None else prefixes  # shared by a stack's prefixes
-        self.forward = functools.partial(_dispatch, self)
+        self.forward = self._forward  # what a handler below this stack forwards to (made once)
         return self
 
-    def learn(self, kind: type) -> int:
-        i = len(self) - 1  # skip the runs that declare they do not answer this kind of request
-        while i >= 0 and (answers := getattr(self[i], "answers", None)) is not None and kind not in answers:
-            i -= 1
-        self.routes[kind] = i
-        return i
+    def _forward(self, request: Request) -> Any:  # `send` with this stack: the same steps
+        route = self.routes[type(request)]
+        if not route:
+            return request.unhandled()
+        token = _STACK.set(route[1])
+        try:
+            return route[0](request, route[1].forward)
+        finally:
+            _STACK.reset(token)
 
 
-def _dispatch(runs: _Runs, request: Request) -> Any:
-    i = runs.routes.get(type(request))
-    if i is None:
-        i = runs.learn(type(request))
-    if i < 0:
-        return request.unhandled()
-    below = runs.prefixes[i]
-    if below is None:
-        below = runs.prefixes[i] = _Runs(runs[:i], runs.prefixes)
-    token = _STACK.set(below)
-    try:
-        return runs[i].handle(request, below.forward)
-    finally:
-        _STACK.reset(token)
-
-
-_EMPTY = _Runs(())  # no handlers: every route is -1
+_EMPTY = _Runs(())  # no handlers: every route is ()
 _STACK: contextvars.ContextVar[_Runs] = contextvars.ContextVar("effax_handlers", default=_EMPTY)
 
 
 def send(request: Request) -> Any:
     """Route `request` through the handler stack, innermost handler first."""
-    return _dispatch(_STACK.get(), request)
+    route = _STACK.get().routes[type(request)]
+    if not route:  # `_Runs._forward` inline: a frame less per request
+        return request.unhandled()
+    token = _STACK.set(route[1])
+    try:
+        return route[0](request, route[1].forward)
+    finally:
+        _STACK.reset(token)
 
 
 def is_answered(kind: type[Request]) -> bool:
     """Whether some installed run declares it answers requests of class `kind` (or answers everything)."""
-    runs = _STACK.get()
-    return (runs.routes[kind] if kind in runs.routes else runs.learn(kind)) >= 0
+    return bool(_STACK.get().routes[kind])
 
 
 def current_stack() -> tuple[Any, ...]:
@@ -188,8 +194,7 @@ class _Handling:
     __slots__ = ("_handlers", "_tokens")
 
     def __init__(self, handlers: list[Any]):
-        self._handlers = handlers
-        self._tokens: list[tuple[Any, Any, Any]] = []
+        self._handlers, self._tokens = handlers, []
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
@@ -264,12 +269,7 @@ def run_local(kind: type) -> Any:
     """This run's `kind()` (made on first use), or None outside any run: bookkeeping of the layers above
     (`fx.nn`'s module names) that the core keeps without knowing it."""
     run = _RUN.get()
-    if run is None:
-        return None
-    value = run.get(kind)
-    if value is None:
-        value = run[kind] = kind()
-    return value
+    return None if run is None else run[kind] if kind in run else run.setdefault(kind, kind())
 
 
 def run_values() -> dict[type, Any] | None:

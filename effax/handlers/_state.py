@@ -145,7 +145,7 @@ class FrozenState(FunctionalState):
 class _StateRun:
     answers = (LocalStateRequest, GetStateRequest, SetStateRequest)
 
-    __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "declared", "layout", "trace")
+    __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "declared", "noted", "layout", "trace")
 
     def __init__(self, stored: dict[str, Any], mutable: frozenset[str] | bool):
         self.mutable = mutable
@@ -155,6 +155,7 @@ class _StateRun:
         self.created: dict[str, PathTree] = {}
         self.used: set[str] = set()
         self.declared: set[tuple[str, tuple[str, ...]]] = set()
+        self.noted: set[tuple[str, tuple[str, ...]]] = set()  # declarations of stored leaves, laid out lazily
         self.layout: dict[str, PathTree] = {}
         self.trace = trace_state()
 
@@ -164,14 +165,22 @@ class _StateRun:
             self.owned.add(collection)
         PathTree(f"collection {collection!r}", self.current[collection]).set(path, value, describe, replace=True)
 
+    def _layout(self, collection: str) -> PathTree:
+        layout = self.layout.get(collection)
+        if layout is None:
+            layout = self.layout[collection] = PathTree(f"collection {collection!r}")
+        return layout
+
     def _declare(self, request: Any) -> None:
-        """Record a declaration once per run, so one name is never both a variable and a scope."""
+        """Record a declaration once per run, so one name is never both a variable and a scope. The
+        declarations of stored leaves that `handle` only noted are laid out first: they form a tree
+        already (stored variables do), so only this one can clash with them."""
+        for c, path in self.noted:
+            self._layout(c).set(path, True)
+        self.noted.clear()
         slot = (request.collection, request.path)
         if slot not in self.declared:
-            layout = self.layout.get(request.collection)
-            if layout is None:
-                layout = self.layout[request.collection] = PathTree(f"collection {request.collection!r}")
-            layout.set(request.path, True, request.describe)
+            self._layout(request.collection).set(request.path, True, request.describe)
             self.declared.add(slot)
 
     def _missing(self, request: Any) -> MissingVariableError:
@@ -210,8 +219,12 @@ class _StateRun:
         if kind is LocalStateRequest:
             c = request.collection
             self.used.add(c)
+            value = get_path(self.current.get(c, {}), request.path)
+            if value is not MISSING and type(value) is not dict:  # a stored leaf (the usual case): noted only
+                self.noted.add((c, request.path))
+                return None
             self._declare(request)
-            if get_path(self.current.get(c, {}), request.path) is not MISSING:
+            if value is not MISSING:
                 return None
             if not is_mutable(self.mutable, c):
                 raise self._missing(request)

@@ -68,17 +68,21 @@ class Dense(Module):
     bias_init: Initializer = zeros
 
     def __post_init__(self) -> None:
-        check_sizes(self, "features")
+        if type(self.features) is not int or self.features <= 0:  # the usual size is decided inline
+            check_sizes(self, "features")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = x.shape[-1] if isinstance(x, jax.Array) else jnp.shape(x)[-1]
+        array = isinstance(x, jax.Array)
+        n_in = x.shape[-1] if array else jnp.shape(x)[-1]
         axes = axes_of(self.kernel_init)
         kernel = param("kernel", self.kernel_init, (n_in, self.features), self.param_dtype, axes=axes)
         bias = None
         if self.use_bias:  # the bias takes its initializer's axes, else the kernel's output axis
             bias_axes = axes_of(self.bias_init) or (None if axes is None else axes[-1:])
             bias = param("bias", self.bias_init, (self.features,), self.param_dtype, axes=bias_axes)
-        x, kernel, bias = promote(self.dtype, x, kernel, bias)
+        dtype = kernel.dtype
+        if not (array and x.dtype == dtype and (bias is None or bias.dtype == dtype) and self.dtype in (None, dtype)):
+            x, kernel, bias = promote(self.dtype, x, kernel, bias)  # one dtype already (the usual case): no call
         y = jnp.matmul(x, kernel)
         return y if bias is None else y + bias
 

@@ -16,6 +16,7 @@ from effax.nn._module import Module
 from effax.nn._partitioning import layer_param
 
 ones: Initializer = jax.nn.initializers.ones
+_F32 = jnp.dtype(jnp.float32)
 zeros: Initializer = jax.nn.initializers.zeros
 
 
@@ -87,6 +88,8 @@ def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
     """A running statistic as stored, checked: stats of another shape or dtype name their path
     (not a reshape error deep inside, nor silently used at another precision)."""
     value = state.get()
+    if isinstance(value, jax.Array) and value.shape == features and value.dtype == _F32:
+        return value  # the usual case, decided at once
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is not None and tuple(shape) == features and dtype == jnp.float32:
         return value
@@ -191,6 +194,8 @@ class BatchNorm(Module):
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         x = _as_array(x)
+        # float32 in, float32 params, no `dtype`: no casts to decide (an eager call pays for each step)
+        plain = self.dtype is None and self.param_dtype is jnp.float32 and x.dtype == _F32
         try:
             reduce, features, bshape, last = _layout(self.axis, x.shape)
         except TypeError:  # an unhashable `axis` (a list): no memo
@@ -200,7 +205,7 @@ class BatchNorm(Module):
         frozen = use_running_average if use_running_average is not None else self.use_running_average
         if frozen is None:
             frozen = not is_training()
-        xs = _cast(x, _stats_dtype(x))
+        xs = x if plain else _cast(x, _stats_dtype(x))
         if frozen:
             mean, var = _running(mean_state, features), _running(var_state, features)
         else:
@@ -215,5 +220,6 @@ class BatchNorm(Module):
         if not last:
             mean, var = mean.reshape(bshape), var.reshape(bshape)
         y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = _scale_shift(self, y, features, bshape)
-        return _cast(y, _out_dtype(self, x))
+        if self.use_scale or self.use_bias:
+            y = _scale_shift(self, y, features, bshape)
+        return y if plain else _cast(y, _out_dtype(self, x))

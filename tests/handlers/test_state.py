@@ -138,3 +138,15 @@ def test_state_name_is_leaf_or_scope_never_both():
 
     with pytest.raises(fx.ParamConflictError, match=r"`a` in collection 'state' is a leaf.*`a/b`"):
         fx.transform(f).init(None)
+
+
+def test_a_stored_variable_read_as_a_scope_and_a_leaf_in_one_run_is_refused():
+    # `a/b` is a stored leaf (only noted, the fast path); declaring `a` itself afterwards must still clash
+    def f():
+        with fx.scope("a"):
+            fx.local_state("b", lambda: 0.0)
+        return fx.local_state("a", lambda: 0.0).get()
+
+    for mutable in (False, True):
+        with pytest.raises(fx.ParamConflictError, match=r"`a` in collection 'state' is a scope"):
+            fx.transform(f).apply({"state": {"a": {"b": 1.0}}}, mutable=mutable)
