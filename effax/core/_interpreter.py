@@ -15,8 +15,8 @@ from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectErro
 
 __all__ = [
     "Handler", "Path", "Request", "at_path", "begin_run", "check_name", "current_path", "current_stack", "end_run",
-    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_str", "run_local", "run_values",
-    "scope", "send", "under_path", "under_stack",
+    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now", "path_str", "run_local",
+    "run_values", "scope", "send", "under_path", "under_stack",
 ]
 
 Path = tuple[str, ...]
@@ -197,7 +197,7 @@ class _Handling:
         self._handlers, self._tokens = handlers, []
 
     def __enter__(self) -> tuple[Any, ...]:
-        runs = tuple(h.begin() if hasattr(h, "begin") else h for h in self._handlers)
+        runs = tuple([h.begin() if hasattr(h, "begin") else h for h in self._handlers])
         for run in runs:  # a malformed `answers` is refused on entry
             try:
                 ok = _valid_answers(answers := getattr(run, "answers", None))
@@ -208,7 +208,7 @@ class _Handling:
                     f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
                     "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
                 )
-        own = _OWN.set(_OWN.get().union(id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h))
+        own = _OWN.set(_OWN.get().union([id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h]))
         self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), own))
         return runs
 
@@ -272,9 +272,9 @@ def run_local(kind: type) -> Any:
     return None if run is None else run[kind] if kind in run else run.setdefault(kind, kind())
 
 
-def run_values() -> dict[type, Any] | None:
-    """The live dict of this run's local values by kind (what `run_local` fills), or None outside any run."""
-    return _RUN.get()
+# The live dict of this run's local values by kind (what `run_local` fills), or None outside any run; and
+# `current_path` without a Python frame, for the per-request paths of effects and layers.
+run_values, path_now = _RUN.get, _PATH.get
 
 
 class scope:

@@ -31,7 +31,6 @@ from effax.handlers import (
     Mode,
     check_key,
     normalize_mutable,
-    static_training,
 )
 
 
@@ -354,7 +353,7 @@ class Transformed:
             training, keys, mutable = apply_options(preset, training, rngs, mutable)
             extra = flatten_handlers((handlers,))
         collections = normalize_mutable(mutable)
-        mode = None if training is None else Mode(static_training(training))
+        mode = None if training is None else Mode(training)  # `Mode` checks it is a Python bool
         if capture_intermediates:
             collections = _with_intermediates(collections)
             extra.append(CaptureIntermediates(capture_intermediates))

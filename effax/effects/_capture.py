@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import Request, current_path, path_str, send
+from effax.core import Request, path_now, path_str, send
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,4 +41,4 @@ def capture_filter() -> Callable[[Any, str], bool] | None:
     >>> fx.effects.capture_filter() is None
     True
     """
-    return send(CaptureRequest(current_path()))
+    return send(CaptureRequest(path_now()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from effax.core import Request, current_path, path_str, send
+from effax.core import Request, path_now, path_str, send
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,4 +45,4 @@ def is_initializing() -> bool:
     >>> t.init_with_output(jax.random.key(0))[0], t.apply({})
     (True, False)
     """
-    return send(InitializingRequest(current_path()))
+    return send(InitializingRequest(path_now()))

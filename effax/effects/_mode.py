@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from effax.core import Request, current_path, send
+from effax.core import Request, path_now, send
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,4 +45,6 @@ def is_training() -> bool:
     ...     fx.is_training()
     True
     """
-    return send(ModeRequest(current_path()))
+    request = object.__new__(ModeRequest)  # no `__init__` frame: layers ask on every call
+    request.__dict__["path"] = path_now()
+    return send(request)

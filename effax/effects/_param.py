@@ -18,6 +18,7 @@ from effax.core import (
     ShapeMismatchError,
     check_name,
     current_path,
+    path_now,
     path_str,
     send,
 )
@@ -82,16 +83,6 @@ class ParamRequest(Request):
         "`t.apply(variables, ...)`, or install a params handler: "
         "`with fx.handle(fx.handlers.LoadParams(variables['params'])): ...`."
     )
-
-    @classmethod
-    def _fast(cls, path: Path, init: Initializer, shape: tuple, dtype: Any, axes: Any, shared: Any) -> ParamRequest:
-        """`ParamRequest(...)` of checked arguments, without the frozen dataclass's one `object.__setattr__`
-        per field: `fx.param` builds one per call, the hottest path of an eager model."""
-        request = object.__new__(cls)
-        request.__dict__.update(
-            path=path, init=init, shape=shape, dtype=dtype, axes=axes, shared=shared, origin=None, via=()
-        )
-        return request
 
     def describe(self) -> str:
         moved = f", asked at `{path_str(self.origin)}`" if self.origin is not None else ""
@@ -251,4 +242,10 @@ def param(
                 "give one axis name (or None) per dimension."
             )
     dtype = _FLOAT32 if dtype is jnp.float32 else canonical_dtype(dtype)
-    return send(ParamRequest._fast(current_path() + (name,), init, shape, dtype, axes, shared))
+    # `ParamRequest(...)` of the checked arguments, built without the frozen dataclass's `object.__setattr__`
+    # per field: an eager model builds one per param per call, its hottest path
+    request = object.__new__(ParamRequest)
+    request.__dict__.update(
+        path=path_now() + (name,), init=init, shape=shape, dtype=dtype, axes=axes, shared=shared, origin=None, via=()
+    )
+    return send(request)

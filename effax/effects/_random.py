@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import jax
 
-from effax.core import Request, check_name, current_path, path_str, send
+from effax.core import Request, check_name, path_now, path_str, send
 
 _RANDOM_HINT = (
     "pass `rngs=` to `t.apply` (a key, or a dict {stream: key}), or install "
@@ -90,7 +90,7 @@ def next_key(stream: str = "default") -> jax.Array:
     >>> x = fx.transform(f).apply({}, rngs={"noise": jax.random.key(1)})
     """
     check_name(stream, "stream")
-    return send(RandomRequest(current_path(), stream))
+    return send(RandomRequest(path_now(), stream))
 
 
 def random_stream(stream: str) -> RandomEffect:
@@ -108,7 +108,7 @@ def random_stream(stream: str) -> RandomEffect:
     ((), True)
     """
     check_name(stream, "stream")
-    return RandomEffect(current_path(), stream)
+    return RandomEffect(path_now(), stream)
 
 
 def stream_key(stream: str) -> jax.Array:
@@ -124,4 +124,4 @@ def stream_key(stream: str) -> jax.Array:
     True
     """
     check_name(stream, "stream")
-    return send(StreamKeyRequest(current_path(), stream))
+    return send(StreamKeyRequest(path_now(), stream))

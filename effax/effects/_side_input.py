@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from effax.core import Request, UnhandledEffectError, check_name, current_path, path_str, send
+from effax.core import Request, UnhandledEffectError, check_name, path_now, path_str, send
 
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "<required>"})()
 
@@ -78,4 +78,4 @@ def side_input(tag: str, default: Any = REQUIRED) -> Any:
     1
     """
     check_name(tag, "side input tag")
-    return SideInputEffect(current_path(), tag, default).ask()
+    return SideInputEffect(path_now(), tag, default).ask()

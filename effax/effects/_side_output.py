@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from effax.core import Request, check_name, current_path, path_str, send
+from effax.core import Request, check_name, path_now, path_str, send
 from effax.effects._state import check_collection
 
 
@@ -67,4 +67,4 @@ def sow(tag: str, value: Any, *, collection: str = "intermediates") -> None:
     """
     check_name(tag, "sow tag")
     check_collection(collection, f"sow {tag!r}")
-    send(SideOutputRequest(current_path(), tag, value, collection))
+    send(SideOutputRequest(path_now(), tag, value, collection))

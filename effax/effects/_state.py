@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import EffaxError, InvalidNameError, Request, check_name, current_path, path_str, send
+from effax.core import EffaxError, InvalidNameError, Request, check_name, current_path, path_now, path_str, send
 
 _STATE_HINT = (
     "discharge the model with `fx.transform(fn)` (`t.init`, or `t.apply(..., mutable=[collection])`), "
@@ -114,7 +114,9 @@ class LocalStateEffect:
     collection: str
 
     def get(self) -> Any:
-        return send(GetStateRequest(self.path, self.collection))
+        request = object.__new__(GetStateRequest)  # as `local_state` builds its objects: no frame per read
+        request.__dict__.update(path=self.path, collection=self.collection)
+        return send(request)
 
     def set(self, value: Any) -> None:
         send(SetStateRequest(self.path, self.collection, value))
@@ -158,6 +160,11 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
         )
     if type(collection) is not str or not collection or "/" in collection or collection == "params":
         check_collection(collection, f"state {name!r}")  # raises
-    path = current_path() + (name,)
-    send(LocalStateRequest(path, collection, init))
-    return LocalStateEffect(path, collection)
+    path = path_now() + (name,)
+    # the request and the handle of checked fields, built without a frozen dataclass's `__init__` frame and
+    # `object.__setattr__` per field: an eager model builds them per variable per call
+    request, effect = object.__new__(LocalStateRequest), object.__new__(LocalStateEffect)
+    request.__dict__.update(path=path, collection=collection, init=init, origin=None, via=())
+    send(request)
+    effect.__dict__.update(path=path, collection=collection)
+    return effect

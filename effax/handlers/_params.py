@@ -202,7 +202,11 @@ class _LoadRun(_ParamRun):
         self.params = params
 
     def answer(self, request: ParamRequest) -> Any:
-        value = get_path(self.params, request.path)
+        value = self.params
+        for key in request.path:  # `get_path` inline: an eager model pays for each frame per param
+            value = value.get(key, MISSING) if type(value) is dict else get_path(value, (key,))
+            if value is MISSING:
+                break
         if value is MISSING:
             near = nearest_paths(request.path, self.params)
             raise MissingVariableError(
@@ -211,8 +215,9 @@ class _LoadRun(_ParamRun):
                 + (f"nearest: {', '.join(repr(n) for n in near)}. " if near else "")
                 + "Check the name and scope, or create the variables with `t.init` for this model."
             )
-        if isinstance(value, jax.Array):  # the usual case: an array's shape is a tuple
-            shape, dtype = value.shape, value.dtype
+        if isinstance(value, jax.Array):  # the usual case: an array's shape is a tuple (read off its aval, no frame)
+            aval = value.aval
+            shape, dtype = aval.shape, aval.dtype
         else:
             shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
             if shape is None or dtype is None:

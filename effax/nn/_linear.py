@@ -12,7 +12,7 @@ import numpy as np
 from effax.core import EffaxError
 from effax.effects import param
 from effax.nn._module import Module
-from effax.nn._partitioning import axes_of, layer_param, output_axes
+from effax.nn._partitioning import LogicalInit, axes_of, layer_param, output_axes
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 default_kernel_init: Initializer = jax.nn.initializers.lecun_normal()
@@ -72,17 +72,22 @@ class Dense(Module):
             check_sizes(self, "features")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        array = isinstance(x, jax.Array)
-        n_in = x.shape[-1] if array else jnp.shape(x)[-1]
-        axes = axes_of(self.kernel_init)
-        kernel = param("kernel", self.kernel_init, (n_in, self.features), self.param_dtype, axes=axes)
+        array = isinstance(x, jax.Array)  # then shapes and dtypes are read off `aval`, without a Python frame
+        n_in = x.aval.shape[-1] if array else jnp.shape(x)[-1]
+        init = self.kernel_init
+        axes = init.axes if isinstance(init, LogicalInit) else None  # `axes_of` inline, as below
+        kernel = param("kernel", init, (n_in, self.features), self.param_dtype, axes=axes)
         bias = None
         if self.use_bias:  # the bias takes its initializer's axes, else the kernel's output axis
-            bias_axes = axes_of(self.bias_init) or (None if axes is None else axes[-1:])
-            bias = param("bias", self.bias_init, (self.features,), self.param_dtype, axes=bias_axes)
-        dtype = kernel.dtype
-        if not (array and x.dtype == dtype and (bias is None or bias.dtype == dtype) and self.dtype in (None, dtype)):
-            x, kernel, bias = promote(self.dtype, x, kernel, bias)  # one dtype already (the usual case): no call
+            init = self.bias_init
+            bias_axes = (init.axes if isinstance(init, LogicalInit) else None) or (None if axes is None else axes[-1:])
+            bias = param("bias", init, (self.features,), self.param_dtype, axes=bias_axes)
+        plain = array and isinstance(kernel, jax.Array) and (bias is None or isinstance(bias, jax.Array))
+        if plain:
+            dtype = kernel.aval.dtype
+            plain = x.aval.dtype == dtype and (bias is None or bias.aval.dtype == dtype) and self.dtype in (None, dtype)
+        if not plain:  # one dtype already (the usual case): no call
+            x, kernel, bias = promote(self.dtype, x, kernel, bias)
         y = jnp.matmul(x, kernel)
         return y if bias is None else y + bias
 

@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import InvalidNameError, check_name, current_path, is_answered, path_str, under_path
+from effax.core import InvalidNameError, check_name, is_answered, path_now, path_str, run_values, under_path
 from effax.effects import ModuleCallRequest, call_module
 from effax.nn._naming import Names, current_names, pop_names, push_names
 
@@ -102,8 +102,9 @@ class Module:
             # Inside a run, a module is named where it is built, as Flax and Haiku name it:
             # `Dense(2)(relu(Dense(3)(x)))` makes the 2-unit layer `Dense_0`; outside a run, at its
             # first call. The most derived class names it, once.
-            if type(self) is cls and (names := current_names()) is not None:
-                parent, name = current_path(), self.name
+            if type(self) is cls and (run := run_values()) is not None:
+                names = run.get(Names) or current_names()
+                parent, name = path_now(), self.name
                 path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
                 names.bound[self] = path
 
@@ -131,7 +132,8 @@ class Module:
 
         The call is a module-call request (`fx.ModuleCallRequest`), so handlers can intercept it.
         """
-        names = current_names()
+        run = run_values()
+        names = None if run is None else run.get(Names) or current_names()
         if names is None:  # called outside any run: this call is the run
             token = push_names(fresh=True)
             try:
@@ -140,8 +142,8 @@ class Module:
                 pop_names(token)
         path = names.bound.get(self)
         if path is None:  # made outside this run: named at its first call
-            path = names.bound[self] = _claim(names, current_path(), self)
-        elif current_path() == path:  # a method of this module calling another one: same naming frame
+            path = names.bound[self] = _claim(names, path_now(), self)
+        elif path_now() == path:  # a method of this module calling another one: same naming frame
             return call_module(path, self, method, fn, args, kwargs, None)
         if is_answered(ModuleCallRequest):  # a handler looks at module calls: send the request
             return call_module(path, self, method, fn, args, kwargs, names)

@@ -88,8 +88,8 @@ def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
     """A running statistic as stored, checked: stats of another shape or dtype name their path
     (not a reshape error deep inside, nor silently used at another precision)."""
     value = state.get()
-    if isinstance(value, jax.Array) and value.shape == features and value.dtype == _F32:
-        return value  # the usual case, decided at once
+    if isinstance(value, jax.Array) and (aval := value.aval).shape == features and aval.dtype == _F32:
+        return value  # the usual case, decided at once (`aval` is read without a Python frame)
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is not None and tuple(shape) == features and dtype == jnp.float32:
         return value
@@ -193,11 +193,13 @@ class BatchNorm(Module):
     axis_name: Any = None
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        x = _as_array(x)
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        aval = x.aval  # shape and dtype without a Python frame each
         # float32 in, float32 params, no `dtype`: no casts to decide (an eager call pays for each step)
-        plain = self.dtype is None and self.param_dtype is jnp.float32 and x.dtype == _F32
+        plain = self.dtype is None and self.param_dtype is jnp.float32 and aval.dtype == _F32
         try:
-            reduce, features, bshape, last = _layout(self.axis, x.shape)
+            reduce, features, bshape, last = _layout(self.axis, aval.shape)
         except TypeError:  # an unhashable `axis` (a list): no memo
             reduce, features, bshape, last = _layout.__wrapped__(self.axis, x.shape)
         mean_state = local_state("mean", lambda: jnp.zeros(features, jnp.float32), collection="batch_stats")
