@@ -22,6 +22,7 @@ def test_tiny_lm_smoke(capsys):
     assert "tokens/s with the KV cache" in out
 
 
+@pytest.mark.slow  # 5 s of sampling: runs in CI (`--run-slow`), keeping the README's command under 5 minutes
 def test_tiny_lm_cached_sampler_refills_a_full_cache():
     """Sampling past the context: the cache is refilled from the last half window, and tokens keep coming."""
     import jax

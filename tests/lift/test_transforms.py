@@ -484,6 +484,7 @@ def test_remat_static_argnums_and_state():
 # --- purity and misuse
 
 
+@pytest.mark.slow  # 7 s; CI runs it (`--run-slow`), beside the matrix's leak sweep and the leak-checked core
 def test_no_tracer_leaks():
     with jax.checking_leaks():
         v = ts.init(key, x)
