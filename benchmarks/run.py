@@ -4,7 +4,10 @@
     python benchmarks/run.py --quick    # depths 8 and 64, one repeat: a smoke run while developing
 
 Ratios are to hand-written pure JAX measured in the same run, so machine load moves numerator and
-denominator alike; libraries are interleaved within each model, in a rotating order per repeat.
+denominator alike; libraries are interleaved within each model, in a rotating order per repeat. A
+shared machine still drifts by more than the bar between processes minutes apart, so effax's verdicts
+come from an interleaved same-process A/B (`benchmarks/trace_ab.py`) run at the end: effax, effax.nn
+and pure JAX take turns sample by sample, so drift hits all three alike.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ TIMED = {
 }
 COUNTS = {"hlo_train": "Compiled HLO ops, train step", "hlo_apply": "Compiled HLO ops, apply"}
 HEADLINE_MODEL = ("mlp", 256)
+EAGER_DEPTH = 8
 
 
 def configs(models: list[str], depths: list[int], transformer_depth: int) -> list[tuple[str, int]]:
@@ -203,9 +207,21 @@ def headline(data: dict) -> list[str]:
 
 def bar_check(data: dict) -> list[str]:
     """effax against docs/design.md's Performance bar, line by line."""
-    lines = ["## effax against the bar (docs/design.md, Performance)", ""]
+    lines = ["## effax against the bar (docs/design.md, Performance)", "",
+             "The trace and eager rows marked A/B come from the interleaved A/B below (one process, the "
+             "libraries taking turns); the others from the per-process runs of the tables further down.", ""]
     for lab in [lab for lab in ("effax", "effax.nn") if lab in data["labels"]]:
         checks = []
+        for model, cell in data.get("ab", {}).items():
+            base, ms = cell["medians"][BASELINE], cell["medians"].get(lab)
+            if ms is None:
+                continue
+            r = ms["trace_train"] / base["trace_train"]
+            checks.append((f"A/B: trace of the {model}/{cell['depth']} train step <= 1.05x", f"{r:.2f}x",
+                           "pass" if r <= 1.05 else "FAIL"))
+            r = ms["eager_apply"] / base["eager_apply"]
+            checks.append((f"A/B: eager apply of {model}/{EAGER_DEPTH} <= 1.2x", f"{r:.2f}x",
+                           "pass" if r <= 1.2 else "FAIL"))
         for config in [c for c in data["configs"] if c.startswith("mlp/") and c.split("/")[1] in ("64", "256")]:
             r = ratio(data, lab, config, "trace_train")
             if r is not None:
@@ -237,6 +253,37 @@ def bar_check(data: dict) -> list[str]:
     return lines
 
 
+def run_ab(args: argparse.Namespace) -> dict:
+    """The interleaved A/B of every model at the deepest MLP depth (and the transformer's), eager at depth 8."""
+    from benchmarks import trace_ab
+
+    ab = {}
+    for model in args.models:
+        depth = args.transformer_depth if model == "transformer" else max(args.depths)
+        samples = 2 if args.quick else 5
+        ab[model] = {"depth": depth, "samples": samples, "medians": trace_ab.main(depth, samples, model, EAGER_DEPTH)}
+    return ab
+
+
+def ab_table(data: dict) -> list[str]:
+    ab = data.get("ab")
+    if not ab:
+        return []
+    samples = next(iter(ab.values()))["samples"]
+    lines = ["## Interleaved A/B against pure JAX (the bar's verdicts)", "",
+             "`benchmarks/trace_ab.py` in one process: each sample lowers a fresh function, the three take "
+             f"turns sample by sample ({samples} samples after a warm-up round; eager: 10 calls per round). Median "
+             f"seconds and ratio to pure JAX; eager apply at depth {EAGER_DEPTH}.", "",
+             "| model | library | trace_train | abstract_init | eager_apply |", "| --- | --- | --- | --- | --- |"]
+    for model, cell in ab.items():
+        base = cell["medians"][BASELINE]
+        for lab, ms in cell["medians"].items():
+            metrics = ("trace_train", "abstract_init", "eager_apply")
+            cells = [f"**{ms[m] / base[m]:.2f}x** {fmt_time(ms[m])}" for m in metrics]
+            lines.append(f"| {model}/{cell['depth']} | {lab} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_markdown(data: dict, path: Path, plot_name: str | None) -> None:
     m = data["machine"]
     v = ", ".join(f"{k} {val}" for k, val in m["versions"].items())
@@ -262,7 +309,7 @@ def write_markdown(data: dict, path: Path, plot_name: str | None) -> None:
             for c, e in errs.items():
                 lines.append(f"- {lab} {c}: {e}")
     lines.append("")
-    lines += headline(data) + [""] + bar_check(data)
+    lines += headline(data) + [""] + bar_check(data) + ab_table(data)
     if plot_name:
         lines += [f"![trace time vs depth]({plot_name})", ""]
     for name, title in TIMED.items():
@@ -339,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data = collect(args)
     data["argv_repeats"] = args.repeats
+    if {"effax", "effax.nn"} & set(data["labels"]):
+        data["ab"] = run_ab(args)
     (out / "results.json").write_text(json.dumps(data, indent=1))
     plot_name = "trace_vs_depth.png"
     has_plot = plot(data, out / plot_name)
