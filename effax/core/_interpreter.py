@@ -105,7 +105,7 @@ def _valid_answers(answers: Any) -> bool:  # a memo: each declaration is checked
 
 
 class _Routes(dict):
-    """Request class -> `(the innermost run answering it's handle, the stack below that run)`, or `()` when
+    """Request class -> `(handle of the innermost run answering it, the stack below that run)`, or `()` when
     no run does; learned on first use, once per stack."""
 
     def __missing__(self, kind: type) -> tuple:

@@ -173,8 +173,9 @@ class _StateRun:
 
     def _declare(self, request: Any) -> None:
         """Record a declaration once per run, so one name is never both a variable and a scope. The
-        declarations of stored leaves that `handle` only noted are laid out first: they form a tree
-        already (stored variables do), so only this one can clash with them."""
+        declarations of stored leaves that `handle` only noted (while nothing of their collection was laid
+        out) are laid out first: they form a tree already, as stored variables do, so only this one can
+        clash with them; once a collection is laid out, every declaration of it comes here."""
         for c, path in self.noted:
             self._layout(c).set(path, True)
         self.noted.clear()
@@ -220,7 +221,8 @@ class _StateRun:
             c = request.collection
             self.used.add(c)
             value = get_path(self.current.get(c, {}), request.path)
-            if value is not MISSING and type(value) is not dict:  # a stored leaf (the usual case): noted only
+            leaf = value is not MISSING and type(value) is not dict and not isinstance(value, Mapping)
+            if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
                 self.noted.add((c, request.path))
                 return None
             self._declare(request)

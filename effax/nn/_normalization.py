@@ -16,8 +16,8 @@ from effax.nn._module import Module
 from effax.nn._partitioning import layer_param
 
 ones: Initializer = jax.nn.initializers.ones
-_F32 = jnp.dtype(jnp.float32)
 zeros: Initializer = jax.nn.initializers.zeros
+_F32 = jnp.dtype(jnp.float32)
 
 
 def _axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:

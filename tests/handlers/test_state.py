@@ -1,5 +1,7 @@
 """State handlers: functional threading, frozen collections, checked writes."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,22 @@ def test_a_stored_variable_read_as_a_scope_and_a_leaf_in_one_run_is_refused():
     for mutable in (False, True):
         with pytest.raises(fx.ParamConflictError, match=r"`a` in collection 'state' is a scope"):
             fx.transform(f).apply({"state": {"a": {"b": 1.0}}}, mutable=mutable)
+
+
+@pytest.mark.parametrize("scope_first", [True, False])
+def test_a_stored_scope_declared_as_a_variable_clashes_with_its_own_variables(scope_first):
+    # either order: `a` (stored as a scope, a dict or another mapping) read as a variable, and `a/b`
+    def f():
+        def inner():
+            with fx.scope("a"):
+                fx.local_state("b", lambda: 0.0)
+
+        if not scope_first:
+            inner()
+        fx.local_state("a", lambda: 0.0)
+        if scope_first:
+            inner()
+
+    for stored in ({"a": {"b": 1.0}}, types.MappingProxyType({"a": types.MappingProxyType({"b": 1.0})})):
+        with pytest.raises(fx.ParamConflictError, match=r"`a` in collection 'state' is a"):
+            fx.transform(f).apply({"state": stored})
