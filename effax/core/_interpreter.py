@@ -128,13 +128,10 @@ class _Runs(tuple):
         self.forward = self._forward  # what a handler below this stack forwards to (made once)
         return self
 
-    def _forward(self, request: Request) -> Any:  # `send` with this stack: the same steps
-        route = self.routes[type(request)]
-        if not route:
-            return request.unhandled()
-        token = _STACK.set(route[1])
+    def _forward(self, request: Request) -> Any:  # `send` with this stack installed, also when called later
+        token = _STACK.set(self)
         try:
-            return route[0](request, route[1].forward)
+            return send(request)
         finally:
             _STACK.reset(token)
 
@@ -146,7 +143,7 @@ _STACK: contextvars.ContextVar[_Runs] = contextvars.ContextVar("effax_handlers",
 def send(request: Request) -> Any:
     """Route `request` through the handler stack, innermost handler first."""
     route = _STACK.get().routes[type(request)]
-    if not route:  # `_Runs._forward` inline: a frame less per request
+    if not route:
         return request.unhandled()
     token = _STACK.set(route[1])
     try:
