@@ -202,11 +202,7 @@ class _LoadRun(_ParamRun):
         self.params = params
 
     def answer(self, request: ParamRequest) -> Any:
-        value = self.params
-        for key in request.path:  # `get_path` inline: an eager model pays for each frame per param
-            value = value.get(key, MISSING) if type(value) is dict else get_path(value, (key,))
-            if value is MISSING:
-                break
+        value = get_path(self.params, request.path)
         if value is MISSING:
             near = nearest_paths(request.path, self.params)
             raise MissingVariableError(
