@@ -74,7 +74,7 @@ def sees_module_calls(run: Any) -> bool:
 
 def _body(stack: tuple[Any, ...], fn: Callable[..., Any], names: Any, request: ModuleCallRequest) -> Any:
     """Run the method in the module's scope under the call site's handlers (all of them, the interceptors too)."""
-    saved = None if names is None else names.enter((request.path, request.method))
+    saved = None if names is None else names.enter(request.path, request.method)
     try:
         with at_path(request.path):
             return under_stack(stack, fn, request.module, *request.args, **request.kwargs)
@@ -96,7 +96,7 @@ def call_module(
     if not is_answered(ModuleCallRequest):  # the fast path: nobody looks at module calls
         if names is None:
             return fn(module, *args, **kwargs)
-        saved = names.enter((path, method))
+        saved = names.enter(path, method)
         try:
             return under_path(path, fn, module, *args, **kwargs)
         finally:

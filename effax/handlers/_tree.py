@@ -24,10 +24,11 @@ def get_path(tree: Any, path: Path) -> Any:
     """The value at `path` in nested mappings, or `MISSING` (also when a leaf blocks the way)."""
     node = tree
     for key in path:
-        if type(node) is not dict and not isinstance(node, Mapping):
-            return MISSING
-        node = node.get(key, MISSING)
-        if node is MISSING:
+        if type(node) is dict:  # the usual scope, decided at once (`MISSING` then stays MISSING below)
+            node = node.get(key, MISSING)
+        elif node is not MISSING and isinstance(node, Mapping):
+            node = node.get(key, MISSING)
+        else:
             return MISSING
     return node
 

@@ -8,7 +8,16 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import InvalidNameError, check_name, is_answered, path_now, path_str, run_values, under_path
+from effax.core import (
+    InvalidNameError,
+    check_name,
+    enter_path,
+    is_answered,
+    leave_path,
+    path_now,
+    path_str,
+    run_values,
+)
 from effax.effects import ModuleCallRequest, call_module
 from effax.nn._naming import Names, current_names, pop_names, push_names
 
@@ -32,7 +41,7 @@ def _claim_name(names: Names, parent: tuple[str, ...], name: Any) -> tuple[str, 
     name = check_name(name, "module")
     path = parent + (name,)
     base, _, n = name.rpartition("_")
-    taken = names.frame.get(parent, {}).get(base, 0)
+    taken = (names.frame or {}).get(parent, {}).get(base, 0)
     if n.isdigit() and taken > int(n) and names.owners.get(path, _EXPLICIT) == names.owner:
         raise InvalidNameError(
             f"module name {name!r} at `{path_str(parent)}` is the auto-name of an earlier {base} "
@@ -50,6 +59,81 @@ def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         return self._call(method, fn, args, kwargs)
 
     return call
+
+
+def _name_where_built(module: Module, cls: type) -> None:
+    """Inside a run, name `module` where it is built, as Flax and Haiku do: `Dense(2)(relu(Dense(3)(x)))`
+    makes the 2-unit layer `Dense_0`. Outside a run it is named at its first call (`Module._call`)."""
+    if (run := run_values()) is not None:
+        names = run.get(Names) or current_names()
+        parent, name = path_now(), module.name
+        path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
+        names.bound[module] = path
+
+
+class _Factory:
+    """The default of a field with a `default_factory` (call it), shown as `dataclasses` shows its own."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY = _Factory()
+
+
+def _named_init(cls: type) -> Callable[..., None] | None:
+    """The frozen dataclass `__init__` of `cls` fused with `_name_where_built`, as one Python frame that fills
+    `__dict__` directly; None when `cls` has pseudo-fields (`InitVar`) or a field named `self` or `_...` (the
+    names the made code uses), which keep the dataclass's own.
+
+    Same signature, defaults and `__post_init__` call as the dataclass's; the instance stays frozen (only
+    `__setattr__` is refused, and this writes no attribute through it). Why: an eager model builds every layer
+    on every call, and the dataclass's `object.__setattr__` per field plus a naming wrapper were most of that.
+    """
+    init = cls.__init__
+    fields = dataclasses.fields(cls)
+    given = [f for f in fields if f.init]
+    order = [f for f in given if not f.kw_only] + [f for f in given if f.kw_only]
+    if list(inspect.signature(init).parameters)[1:] != [f.name for f in order] or any(
+        f.name == "self" or f.name.startswith("_") for f in fields
+    ):
+        return None
+    env: dict[str, Any] = {"_cls": cls, "_FACTORY": _FACTORY, "_run_values": run_values, "_path_now": path_now,
+                           "_Names": Names, "_current_names": current_names, "_claim_name": _claim_name}
+    params, body = {}, []
+    for f in fields:
+        value, default = f.name, None  # what the field gets; the parameter's default, by name in `env`
+        if f.default is not dataclasses.MISSING:
+            env[default := f"_fx_default_{f.name}"] = f.default
+            value = f.name if f.init else default
+        elif f.default_factory is not dataclasses.MISSING:
+            env[factory := f"_fx_factory_{f.name}"] = f.default_factory
+            default = "_FACTORY"
+            value = f"{factory}() if {f.name} is _FACTORY else {f.name}" if f.init else f"{factory}()"
+        elif not f.init:
+            continue  # no value: the dataclass leaves it unset too
+        if f.init:
+            params[f.name] = f.name if default is None else f"{f.name}={default}"
+        body.append(f"    _fx_d[{f.name!r}] = {value}")
+    signature = [params[f.name] for f in order if not f.kw_only]
+    if len(signature) < len(order):
+        signature += ["*"] + [params[f.name] for f in order if f.kw_only]
+    post = "    self.__post_init__()\n" if hasattr(cls, "__post_init__") else ""
+    source = (
+        f"def __init__(self, {', '.join(signature)}):\n    _fx_d = self.__dict__\n" + "\n".join(body) + "\n" + post
+        # `_name_where_built`, inline: one frame per layer built
+        + "    if type(self) is _cls and (_fx_run := _run_values()) is not None:\n"
+        "        _fx_names = _fx_run.get(_Names) or _current_names()\n"
+        "        _fx_parent, _fx_name = _path_now(), self.name\n"
+        "        _fx_names.bound[self] = (_fx_names.auto_path(_fx_parent, _cls.__name__) if _fx_name is None\n"
+        "                                 else _claim_name(_fx_names, _fx_parent, _fx_name))\n"
+    )
+    exec(source, env)  # noqa: S102 (how `dataclasses` itself makes `__init__`)
+    made = env["__init__"]
+    made.__qualname__ = f"{cls.__qualname__}.__init__"
+    made.__module__ = cls.__module__
+    made.__annotations__ = dict(init.__annotations__)
+    return made
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,20 +177,19 @@ class Module:
                 continue
             if attr == "__call__" or not attr.startswith("_"):
                 setattr(cls, attr, _routed(attr, fn))
+        own_init = "__init__" in vars(cls)  # a subclass's own `__init__` is kept, and wrapped to name it
         dataclasses.dataclass(frozen=True, eq=False)(cls)
+        made = None if own_init else _named_init(cls)
+        if made is not None:
+            cls.__init__ = made  # type: ignore[method-assign]
+            return
         init = cls.__init__
 
         @functools.wraps(init)
         def __init__(self: Module, *args: Any, **kwargs: Any) -> None:
             init(self, *args, **kwargs)
-            # Inside a run, a module is named where it is built, as Flax and Haiku name it:
-            # `Dense(2)(relu(Dense(3)(x)))` makes the 2-unit layer `Dense_0`; outside a run, at its
-            # first call. The most derived class names it, once.
-            if type(self) is cls and (run := run_values()) is not None:
-                names = run.get(Names) or current_names()
-                parent, name = path_now(), self.name
-                path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
-                names.bound[self] = path
+            if type(self) is cls:  # the most derived class names it, once
+                _name_where_built(self, cls)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -148,8 +231,11 @@ class Module:
         if is_answered(ModuleCallRequest):  # a handler looks at module calls: send the request
             return call_module(path, self, method, fn, args, kwargs, names)
         # the fast path (what `call_module` does when nothing looks), inline: a frame per call matters eagerly
-        saved, names.frame, names.owner = (names.frame, names.owner), {}, (path, method)
+        frame, owner = names.frame, names.owner  # `names.enter`/`leave`, inline
+        names.frame, names.owner = None, path if method == "__call__" else (path, method)
+        token = enter_path(path)
         try:
-            return under_path(path, fn, self, *args, **kwargs)
+            return fn(self, *args, **kwargs)
         finally:
-            names.frame, names.owner = saved
+            leave_path(token)
+            names.frame, names.owner = frame, owner

@@ -24,14 +24,17 @@ class Names:
     def __init__(self) -> None:
         self.bound: dict[Any, tuple[str, ...]] = {}
         self.owners: dict[tuple[str, ...], Any] = {}
-        self.frame: dict[tuple[str, ...], dict[str, int]] = {}
+        self.frame: dict[tuple[str, ...], dict[str, int]] | None = None  # made when the call names a child
         self.owner: Any = None
 
     def auto_path(self, parent: tuple[str, ...], base: str) -> tuple[str, ...]:
         """`parent` + the next free `base_<n>` under it in the current call."""
-        counters = self.frame.get(parent)
+        frame = self.frame
+        if frame is None:
+            frame = self.frame = {}
+        counters = frame.get(parent)
         if counters is None:
-            counters = self.frame[parent] = {}
+            counters = frame[parent] = {}
         n, owner = counters.get(base, 0), self.owner
         path = parent + (f"{base}_{n}",)
         while self.owners.setdefault(path, owner) != owner:
@@ -40,10 +43,11 @@ class Names:
         counters[base] = n + 1
         return path
 
-    def enter(self, owner: Any) -> tuple[Any, Any]:
-        """Start a module call with its own counters; returns what `leave` restores."""
+    def enter(self, path: tuple[str, ...], method: str) -> tuple[Any, Any]:
+        """Start the call of `method` of the module at `path`, with its own counters; returns what `leave`
+        restores. The call is its children's owner: `path` itself for `__call__` (no tuple to build)."""
         saved = self.frame, self.owner
-        self.frame, self.owner = {}, owner
+        self.frame, self.owner = None, path if method == "__call__" else (path, method)
         return saved
 
     def leave(self, saved: tuple[Any, Any]) -> None:
@@ -52,6 +56,8 @@ class Names:
     def snapshot(self) -> Callable[[], None]:
         """Put the current call's counters back later (a lifted transform's learning pass names layers too)."""
         frame = self.frame
+        if frame is None:  # counters start now: made here, so `restore` empties the same dict
+            frame = self.frame = {}
         counters = {parent: dict(c) for parent, c in frame.items()}
 
         def restore() -> None:

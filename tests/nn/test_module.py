@@ -233,6 +233,94 @@ def test_modules_are_frozen_dataclasses_with_a_keyword_only_name():
     assert fx.nn.Dense(3) != fx.nn.Dense(3)  # identity, so two equal configs are two layers
 
 
+class _Config(fx.nn.Module):
+    """A module with every kind of dataclass field the fused `__init__` must build as the dataclass does."""
+
+    features: int
+    tags: list = dataclasses.field(default_factory=list)
+    scale: float = 2.0
+    count: int = dataclasses.field(default=7, init=False)
+    made: dict = dataclasses.field(default_factory=dict, init=False)
+    label: str = dataclasses.field(default="x", kw_only=True)
+    log: list = dataclasses.field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        self.log.append(("post_init", self.features, self.count))
+
+    def __call__(self, x):
+        return fx.nn.Dense(self.features)(x) * self.scale
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PlainConfig:
+    """`_Config`'s fields as a plain dataclass: the `__init__` that `dataclasses` itself makes."""
+
+    name: str | None = dataclasses.field(default=None, kw_only=True)  # first, as `fx.nn.Module` declares it
+    features: int
+    tags: list = dataclasses.field(default_factory=list)
+    scale: float = 2.0
+    count: int = dataclasses.field(default=7, init=False)
+    made: dict = dataclasses.field(default_factory=dict, init=False)
+    label: str = dataclasses.field(default="x", kw_only=True)
+    log: list = dataclasses.field(default_factory=list, init=False)
+
+
+def test_a_module_init_builds_fields_as_the_dataclass_init_does():
+    import inspect
+
+    params = inspect.signature(_Config).parameters
+    assert [(p.name, p.kind, repr(p.default)) for p in params.values()] == [
+        (p.name, p.kind, repr(p.default)) for p in inspect.signature(_PlainConfig).parameters.values()
+    ]
+    assert list(params) == ["features", "tags", "scale", "name", "label"]  # `name` (the base's) comes first
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(params.values())[3:])
+    a, b = _Config(3), _Config(3, [1], 0.5, label="y", name="c")
+    assert (a.features, a.tags, a.scale, a.count, a.made, a.label, a.name) == (3, [], 2.0, 7, {}, "x", None)
+    assert (b.tags, b.scale, b.label, b.name) == ([1], 0.5, "y", "c")
+    assert a.tags is not _Config(3).tags and a.made is not _Config(3).made  # a fresh default per instance
+    assert a.log == [("post_init", 3, 7)]  # `__post_init__` runs after every field is set, once
+    assert dataclasses.asdict(a) == dataclasses.asdict(_PlainConfig(3)) | {"log": a.log}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.scale = 1.0
+    with pytest.raises(TypeError):
+        _Config()  # `features` is required
+    with pytest.raises(TypeError):
+        _Config(3, count=1)  # not an `__init__` field
+    assert list(init_params(lambda x: _Config(2)(x), X)) == ["_Config_0"]
+
+
+def test_a_module_with_its_own_init_or_an_initvar_is_still_named_where_built():
+    class Own(fx.nn.Module):
+        features: int = 2
+
+        def __init__(self, double: int, *, name=None):
+            object.__setattr__(self, "features", 2 * double)
+            object.__setattr__(self, "name", name)
+
+        def __call__(self, x):
+            return fx.nn.Dense(self.features)(x)
+
+    class WithInitVar(fx.nn.Module):
+        features: int
+        offset: dataclasses.InitVar[int] = 0
+
+        def __post_init__(self, offset):
+            object.__setattr__(self, "features", self.features + offset)
+
+        def __call__(self, x):
+            return fx.nn.Dense(self.features)(x)
+
+    def f(x):
+        late = WithInitVar(1, offset=2)  # built first: `WithInitVar_0`, though called last
+        return late(Own(1)(x))
+
+    params = init_params(f, X)
+    assert shapes(params) == {
+        "Own_0": {"Dense_0": {"bias": (2,), "kernel": (3, 2)}},
+        "WithInitVar_0": {"Dense_0": {"bias": (3,), "kernel": (2, 3)}},
+    }
+
+
 def test_function_valued_fields_are_not_wrapped_as_methods():
     init = jax.nn.initializers.ones
     layer = fx.nn.Dense(2, kernel_init=init)
