@@ -106,6 +106,9 @@ def cast_like(new: Any, old: Any, describe: Any) -> Any:
     return jax.tree.unflatten(old_def, out)
 
 
+_EMPTY: Mapping[str, Any] = {}  # a collection not stored: read only, never written through
+
+
 class FunctionalState(Handler):
     """Thread local state through a run: read from `variables`, write to the mutable collections.
 
@@ -197,7 +200,7 @@ class _StateRun:
     def handle(self, request: Any, forward: Any) -> Any:
         kind = type(request)
         if kind is GetStateRequest:
-            value = get_path(self.current.get(request.collection, {}), request.path)
+            value = get_path(self.current.get(request.collection, _EMPTY), request.path)
             if value is MISSING:
                 raise self._missing(request)
             return value
@@ -220,8 +223,9 @@ class _StateRun:
         if kind is LocalStateRequest:
             c = request.collection
             self.used.add(c)
-            value = get_path(self.current.get(c, {}), request.path)
-            leaf = value is not MISSING and type(value) is not dict and not isinstance(value, Mapping)
+            value = get_path(self.current.get(c, _EMPTY), request.path)
+            # an array first: `isinstance(value, Mapping)` is an abstract check, a Python frame per variable
+            leaf = value is not MISSING and (isinstance(value, jax.Array) or not isinstance(value, Mapping))
             if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
                 self.noted.add((c, request.path))
                 return None
