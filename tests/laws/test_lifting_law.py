@@ -50,3 +50,16 @@ def test_a_broken_lift_is_caught():
             lifting.check_lifting(model, jnp.ones(2), jax.random.key(0), context="scan")
     finally:
         lifting.lifted = real
+
+
+def test_a_bfloat16_param_is_compared_at_bfloat16_precision():
+    """A compiled `fx.scan` body and the eager unrolled reference round a bfloat16 initializer differently
+    (XLA fuses its arithmetic): the lifted model agrees to bfloat16's precision, also in float32 outputs. This
+    model failed the law at float32's tolerance (2.2205 vs 2.2227), for every handler, on some seeds only."""
+    from effax.testing.models import Model, Param
+
+    model = Model([Param("w0", shape=(), dtype="bfloat16", init="normal")], in_size=1)
+    for training in (False, True):
+        lifting.check_lifting(model, jnp.zeros(1), jax.random.key(0), context="scan", training=training)
+    assert lifting._tolerance({"w": jnp.zeros((), jnp.bfloat16), "n": jnp.zeros((), jnp.int32)}) == 1e-2
+    assert lifting._tolerance({"w": jnp.zeros(()), "n": jnp.zeros((), jnp.int32)}) == 1e-5
