@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import effax as fx
+from effax.testing.laws import _float_dtypes, tolerance
 
 CONTEXTS = ("scan", "vmap", "remat")
 
@@ -120,17 +121,11 @@ def reference(
     return out, {c: _stack([m[c] for m in made]) for c in made[0]}
 
 
-def _tolerance(variables: Any) -> float:
-    """How close lifted and unrolled runs must agree: 1e-5, or 1e-2 once the model holds a variable of under 32
-    bits. A lifted body is compiled while the unrolled reference runs op by op, and XLA computes fused bfloat16
-    arithmetic (an initializer's, the model's) at another precision than eager ops, so a bfloat16 param and
-    everything computed from it agree only to bfloat16's precision, even in float32 outputs."""
-    low = any(jnp.issubdtype(leaf.dtype, jnp.inexact) and jnp.finfo(leaf.dtype).bits < 32
-              for leaf in jax.tree.leaves(variables))
-    return 1e-2 if low else 1e-5
-
-
-def _close(what: str, got: Any, want: Any, tol: float = 1e-5) -> None:
+def _close(what: str, got: Any, want: Any, model_dtypes: Sequence[Any] = ()) -> None:
+    """Leaves agree within `laws.tolerance` of their dtype and the model's float dtypes: a lifted body is
+    compiled while the unrolled reference runs op by op, and XLA computes fused bfloat16 arithmetic (an
+    initializer's, the model's) at another precision than eager ops, so a model with a bfloat16 variable
+    agrees only to bfloat16's precision, even in its float32 outputs."""
     got_leaves, got_tree = jax.tree.flatten(got)
     want_leaves, want_tree = jax.tree.flatten(want)
     if got_tree != want_tree:
@@ -138,8 +133,8 @@ def _close(what: str, got: Any, want: Any, tol: float = 1e-5) -> None:
             f"effax law `lifting` does not hold: {what} has structure {got_tree}, the unrolled model {want_tree}"
         )
     for a, b in zip(got_leaves, want_leaves, strict=True):
-        leaf_tol = max(tol, 1e-2 if jnp.result_type(a) == jnp.bfloat16 else 1e-5)
-        if not np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=leaf_tol, atol=leaf_tol):
+        rtol, atol = tolerance(jnp.result_type(a), *model_dtypes)
+        if not np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol):
             raise AssertionError(
                 f"effax law `lifting` does not hold: {what} differs from the unrolled model: {a} vs {b}"
             )
@@ -169,11 +164,11 @@ def check_lifting(
     common = dict(training=training, handlers=handlers)
     out, v = t.init_with_output(key, x, mutable=True, **common)
     out_ref, v_ref = reference(model, context, n, x, key, **common)
-    tol = _tolerance(v_ref)
-    _close("init's output", out, out_ref, tol)
-    _close("init's variables", v, v_ref, tol)
+    dtypes = sorted(_float_dtypes(v_ref))
+    _close("init's output", out, out_ref, dtypes)
+    _close("init's variables", v, v_ref, dtypes)
     state = t.init(key, x, **common)  # params and state, no sown values
     out, updates = t.apply(state, x, rngs=key, mutable=True, **common)
     out_ref, updates_ref = reference(model, context, n, x, key, variables=state, **common)
-    _close("apply's output", out, out_ref, tol)
-    _close("apply's updates", updates, updates_ref, tol)
+    _close("apply's output", out, out_ref, dtypes)
+    _close("apply's updates", updates, updates_ref, dtypes)
