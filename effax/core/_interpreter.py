@@ -15,8 +15,8 @@ from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectErro
 
 __all__ = [
     "Handler", "Path", "Request", "at_path", "begin_run", "check_name", "current_path", "current_stack", "end_run",
-    "enter_path", "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "leave_path", "path_now",
-    "path_str", "run_local", "run_values", "scope", "send", "under_path", "under_stack",
+    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now", "path_str", "run_local",
+    "run_values", "scope", "send", "under_path", "under_stack",
 ]
 
 Path = tuple[str, ...]
@@ -269,10 +269,9 @@ def run_local(kind: type) -> Any:
     return None if run is None else run[kind] if kind in run else run.setdefault(kind, kind())
 
 
-# The live dict of this run's local values by kind (what `run_local` fills), or None outside any run;
-# `current_path` without a Python frame, for the per-request paths of effects and layers; and `at_path` as
-# `token = enter_path(path)` ... `leave_path(token)`, for a module call's scope.
-run_values, path_now, enter_path, leave_path = _RUN.get, _PATH.get, _PATH.set, _PATH.reset
+# The live dict of this run's local values by kind (what `run_local` fills), or None outside any run; and
+# `current_path` without a Python frame, for the per-request paths of effects and layers.
+run_values, path_now = _RUN.get, _PATH.get
 
 
 class scope:

@@ -8,17 +8,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import (
-    InvalidNameError,
-    check_name,
-    enter_path,
-    is_answered,
-    leave_path,
-    path_now,
-    path_str,
-    run_values,
-)
-from effax.effects import ModuleCallRequest, call_module
+from effax.core import InvalidNameError, check_name, path_now, path_str, run_values
+from effax.effects import call_module
 from effax.nn._naming import Names, current_names, pop_names, push_names
 
 _EXPLICIT = ("explicit name",)
@@ -63,8 +54,9 @@ def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _name_where_built(module: Module, cls: type) -> None:
     """Inside a run, name `module` where it is built, as Flax and Haiku do: `Dense(2)(relu(Dense(3)(x)))`
-    makes the 2-unit layer `Dense_0`. Outside a run it is named at its first call (`Module._call`)."""
-    if (run := run_values()) is not None:
+    makes the 2-unit layer `Dense_0`. Outside a run it is named at its first call (`Module._call`). Only the
+    `__init__` of the most derived class `cls` names it, once."""
+    if type(module) is cls and (run := run_values()) is not None:
         names = run.get(Names) or current_names()
         parent, name = path_now(), module.name
         path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
@@ -82,13 +74,13 @@ _FACTORY = _Factory()
 
 
 def _named_init(cls: type) -> Callable[..., None] | None:
-    """The frozen dataclass `__init__` of `cls` fused with `_name_where_built`, as one Python frame that fills
-    `__dict__` directly; None when `cls` has pseudo-fields (`InitVar`) or a field named `self` or `_...` (the
-    names the made code uses), which keep the dataclass's own.
+    """The frozen dataclass `__init__` of `cls`, filling `__dict__` directly, then `_name_where_built`; None
+    when `cls` has pseudo-fields (`InitVar`) or a field named `self` or `_...` (the names the made code uses),
+    which keep the dataclass's own, wrapped.
 
     Same signature, defaults and `__post_init__` call as the dataclass's; the instance stays frozen (only
     `__setattr__` is refused, and this writes no attribute through it). Why: an eager model builds every layer
-    on every call, and the dataclass's `object.__setattr__` per field plus a naming wrapper were most of that.
+    on every call, and the dataclass's `object.__setattr__` per field plus a wrapper around it were most of that.
     """
     init = cls.__init__
     fields = dataclasses.fields(cls)
@@ -98,8 +90,7 @@ def _named_init(cls: type) -> Callable[..., None] | None:
         f.name == "self" or f.name.startswith("_") for f in fields
     ):
         return None
-    env: dict[str, Any] = {"_cls": cls, "_FACTORY": _FACTORY, "_run_values": run_values, "_path_now": path_now,
-                           "_Names": Names, "_current_names": current_names, "_claim_name": _claim_name}
+    env: dict[str, Any] = {"_cls": cls, "_FACTORY": _FACTORY, "_name_where_built": _name_where_built}
     params, body = {}, []
     for f in fields:
         value, default = f.name, None  # what the field gets; the parameter's default, by name in `env`
@@ -120,13 +111,8 @@ def _named_init(cls: type) -> Callable[..., None] | None:
         signature += ["*"] + [params[f.name] for f in order if f.kw_only]
     post = "    self.__post_init__()\n" if hasattr(cls, "__post_init__") else ""
     source = (
-        f"def __init__(self, {', '.join(signature)}):\n    _fx_d = self.__dict__\n" + "\n".join(body) + "\n" + post
-        # `_name_where_built`, inline: one frame per layer built
-        + "    if type(self) is _cls and (_fx_run := _run_values()) is not None:\n"
-        "        _fx_names = _fx_run.get(_Names) or _current_names()\n"
-        "        _fx_parent, _fx_name = _path_now(), self.name\n"
-        "        _fx_names.bound[self] = (_fx_names.auto_path(_fx_parent, _cls.__name__) if _fx_name is None\n"
-        "                                 else _claim_name(_fx_names, _fx_parent, _fx_name))\n"
+        f"def __init__(self, {', '.join(signature)}):\n    _fx_d = self.__dict__\n" + "\n".join(body) + "\n"
+        + post + "    _name_where_built(self, _cls)\n"
     )
     exec(source, env)  # noqa: S102 (how `dataclasses` itself makes `__init__`)
     made = env["__init__"]
@@ -188,8 +174,7 @@ class Module:
         @functools.wraps(init)
         def __init__(self: Module, *args: Any, **kwargs: Any) -> None:
             init(self, *args, **kwargs)
-            if type(self) is cls:  # the most derived class names it, once
-                _name_where_built(self, cls)
+            _name_where_built(self, cls)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -227,15 +212,5 @@ class Module:
         if path is None:  # made outside this run: named at its first call
             path = names.bound[self] = _claim(names, path_now(), self)
         elif path_now() == path:  # a method of this module calling another one: same naming frame
-            return call_module(path, self, method, fn, args, kwargs, None)
-        if is_answered(ModuleCallRequest):  # a handler looks at module calls: send the request
-            return call_module(path, self, method, fn, args, kwargs, names)
-        # the fast path (what `call_module` does when nothing looks), inline: a frame per call matters eagerly
-        frame, owner = names.frame, names.owner  # `names.enter`/`leave`, inline
-        names.frame, names.owner = None, path if method == "__call__" else (path, method)
-        token = enter_path(path)
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
-            leave_path(token)
-            names.frame, names.owner = frame, owner
+            names = None
+        return call_module(path, self, method, fn, args, kwargs, names)
