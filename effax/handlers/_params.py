@@ -201,18 +201,6 @@ class _LoadRun(_ParamRun):
         super().__init__()
         self.params = params
 
-    def handle(self, request: Any, forward: Any) -> Any:
-        # `_ParamRun.handle` for the usual request (a param asked once, no `shared=` tag, stored as an array
-        # of its shape and dtype in nested dicts), in one frame: an eager model asks for every param per call
-        if type(request) is ParamRequest and request.shared is None and (path := request.path) not in self.seen:
-            node = self.params
-            for key in path:
-                node = node.get(key) if type(node) is dict else None
-            if isinstance(node, jax.Array) and (a := node.aval).shape == request.shape and a.dtype == request.dtype:
-                self.seen[path] = (request, node)
-                return node
-        return super().handle(request, forward)
-
     def answer(self, request: ParamRequest) -> Any:
         value = get_path(self.params, request.path)
         if value is MISSING:
