@@ -251,18 +251,19 @@ class _Config(fx.nn.Module):
         return fx.nn.Dense(self.features)(x) * self.scale
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _PlainConfig:
-    """`_Config`'s fields as a plain dataclass: the `__init__` that `dataclasses` itself makes."""
+def _as_plain_dataclass(cls):
+    """`cls`'s declared fields as a plain frozen dataclass: the `__init__` that `dataclasses` itself makes."""
 
-    name: str | None = dataclasses.field(default=None, kw_only=True)  # first, as `fx.nn.Module` declares it
-    features: int
-    tags: list = dataclasses.field(default_factory=list)
-    scale: float = 2.0
-    count: int = dataclasses.field(default=7, init=False)
-    made: dict = dataclasses.field(default_factory=dict, init=False)
-    label: str = dataclasses.field(default="x", kw_only=True)
-    log: list = dataclasses.field(default_factory=list, init=False)
+    def field(f):
+        given = {"default": f.default} if f.default is not dataclasses.MISSING else (
+            {"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING else {})
+        return f.name, f.type, dataclasses.field(init=f.init, kw_only=f.kw_only, **given)
+
+    return dataclasses.make_dataclass("Plain" + cls.__name__, [field(f) for f in dataclasses.fields(cls)],
+                                      frozen=True, eq=False)
+
+
+_PlainConfig = _as_plain_dataclass(_Config)
 
 
 def test_a_module_init_builds_fields_as_the_dataclass_init_does():
