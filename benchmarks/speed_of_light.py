@@ -1,10 +1,10 @@
 """The floor of eager overhead for a Flax-style module system: how close to it effax is, same process, interleaved.
 
-Run: python -m benchmarks.speed_of_light [--rounds 200] [--model mlp | mlp_stateful | all]
+Run: python -m benchmarks.speed_of_light [--rounds 200] [--model mlp | mlp_stateful | all] [--sync-dispatch]
 
 "Speed of light" is the least a module system that names layers where they
 are built (`Dense_0`, as Flax and effax do) can do per eager call, written
-here in about 50 lines: modules fill `__dict__` and take the next name from
+here in about 60 lines: modules fill `__dict__` and take the next name from
 a per-call counter; calling one sets a path context variable; a param or a
 running statistic is a walk down the variables dict; the mode is an
 attribute. It has no handlers, no requests, no validation and no
@@ -12,9 +12,19 @@ interception, so it is not a library, only the line below which effax's
 eager overhead cannot go. It runs the benchmark's models (`benchmarks.common`)
 on the variables `effax.nn` made, and checks it computes the same output.
 
-Each round calls pure JAX, the floor, effax (raw effects) and `effax.nn` once
-each, in a shuffled order, each call waited for; the table gives medians and
-ratios to pure JAX. Timing lives here, never in tests: the machines are shared.
+A second row runs the floor's modules over effax's effects (`fx.param`,
+`fx.local_state`, effax's path, under `t.apply`): the gap between it and
+`effax.nn` is what effax's module system costs, the gap between it and the
+floor what its effects and `t.apply` cost.
+
+Each round calls pure JAX, the floor, the floor over effax's effects, effax
+(raw effects) and `effax.nn` once each, in a shuffled order, each call waited
+for; the table gives medians and ratios to pure JAX. `--sync-dispatch` turns
+off JAX's asynchronous CPU dispatch, so each op runs in the calling thread
+before Python goes on: the difference between the two tables is what the
+Python between two ops costs through its interplay with the asynchronous
+runtime, beyond its own time. Timing lives here, never in tests: the machines
+are shared.
 """
 
 from __future__ import annotations
@@ -29,55 +39,89 @@ import time
 import jax
 import jax.numpy as jnp
 
+import effax as fx
 from benchmarks.common import EPS, Spec
 from benchmarks.libs import effax_nn, effax_raw, pure_jax
+from effax.core import path_now, under_path
 
 _RUN: contextvars.ContextVar = contextvars.ContextVar("sol_run", default=None)
 _PATH: contextvars.ContextVar = contextvars.ContextVar("sol_path", default=())
 
 
 class _Run:
+    """One floor run: its variables and this call's name counters."""
+
     __slots__ = ("variables", "counters")
 
-    def __init__(self, variables: dict):
+    def __init__(self, variables: dict | None):
         self.variables, self.counters = variables, {}
 
+    @staticmethod
+    def path() -> tuple[str, ...]:
+        return _PATH.get()
 
-def _lookup(collection: str, name: str) -> jax.Array:
-    node = _RUN.get().variables[collection]
-    for key in _PATH.get() + (name,):
-        node = node[key]
-    return node
+    @staticmethod
+    def under(path: tuple[str, ...], fn, h):
+        token = _PATH.set(path)
+        try:
+            return fn(h)
+        finally:
+            _PATH.reset(token)
+
+    def lookup(self, collection: str, name: str, shape: tuple[int, ...]) -> jax.Array:
+        node = self.variables[collection]
+        for key in _PATH.get() + (name,):
+            node = node[key]
+        return node
+
+
+class _EffaxRun(_Run):
+    """The floor's modules over effax's effects: the path is effax's, a param is `fx.param`, a statistic
+    `fx.local_state(...).get()`. It splits effax.nn's overhead into its module system and its effects."""
+
+    __slots__ = ()
+    path = staticmethod(path_now)
+    under = staticmethod(under_path)
+
+    def lookup(self, collection: str, name: str, shape: tuple[int, ...]) -> jax.Array:
+        if collection == "params":
+            return fx.param(name, _ZEROS, shape)
+        return fx.local_state(name, lambda: jnp.zeros(shape), collection=collection).get()
+
+
+_ZEROS = jax.nn.initializers.zeros
 
 
 class _Module:
     """Named where built, from a per-call counter; called under its path."""
 
     def __init__(self, **fields):
-        run, parent, base = _RUN.get(), _PATH.get(), type(self).__name__
+        run, base = _RUN.get(), type(self).__name__
+        parent = run.path()
         counters = run.counters.setdefault(parent, {})
         n = counters.get(base, 0)
         counters[base] = n + 1
         self.__dict__.update(fields, path=parent + (f"{base}_{n}",))
 
     def __call__(self, h):
-        run, token = _RUN.get(), _PATH.set(self.path)
+        run = _RUN.get()
         saved, run.counters = run.counters, {}
         try:
-            return self.forward(h)
+            return run.under(self.path, self.forward, h)
         finally:
             run.counters = saved
-            _PATH.reset(token)
 
 
 class Dense(_Module):
     def forward(self, h):
-        return h @ _lookup("params", "kernel") + _lookup("params", "bias")
+        run, n = _RUN.get(), self.width
+        return h @ run.lookup("params", "kernel", (h.shape[-1], n)) + run.lookup("params", "bias", (n,))
 
 
 class BatchNorm(_Module):
     def forward(self, h):
-        mean, var = _lookup("batch_stats", "mean"), _lookup("batch_stats", "var")
+        run, n = _RUN.get(), h.shape[-1]
+        mean, var = run.lookup("batch_stats", "mean", (n,)), run.lookup("batch_stats", "var", (n,))
         return (h - mean) * jax.lax.rsqrt(var + EPS)
 
 
@@ -94,17 +138,35 @@ class Layer(_Module):
         return Dropout()(jax.nn.relu(BatchNorm()(h)))
 
 
+def _layers(spec: Spec, x: jax.Array) -> jax.Array:
+    for _ in range(spec.depth):
+        x = Layer(width=spec.width, stateful=spec.stateful)(x)
+    return x
+
+
 def floor_apply(spec: Spec):
     def apply(variables, x):
         token = _RUN.set(_Run(variables))
         try:
-            for _ in range(spec.depth):
-                x = Layer(width=spec.width, stateful=spec.stateful)(x)
-            return x
+            return _layers(spec, x)
         finally:
             _RUN.reset(token)
 
     return apply
+
+
+def floor_modules_effax_effects(spec: Spec):
+    """`apply` of the floor's modules over effax's effects, under `t.apply` (in eval, as the others)."""
+
+    def model(x):
+        token = _RUN.set(_EffaxRun(None))
+        try:
+            return _layers(spec, x)
+        finally:
+            _RUN.reset(token)
+
+    t = fx.transform(model)
+    return lambda variables, x: t.apply(variables, x, training=False)
 
 
 def main(model: str = "mlp", depth: int = 8, rounds: int = 200) -> dict[str, float]:
@@ -112,11 +174,13 @@ def main(model: str = "mlp", depth: int = 8, rounds: int = 200) -> dict[str, flo
     x = jnp.ones(spec.input_shape)
     nn, raw, pure = effax_nn.build(spec), effax_raw.build(spec), pure_jax.build(spec)
     v_nn, v_raw, v_pure = nn.init(key, x), raw.init(key, x), pure.init(key, x)
-    floor = floor_apply(spec)
-    assert jnp.allclose(floor(v_nn, x), nn.apply(v_nn, x), atol=1e-5), "the floor computes another model"
+    floor, hybrid = floor_apply(spec), floor_modules_effax_effects(spec)
+    for name, f in (("floor", floor), ("floor modules, effax effects", hybrid)):
+        assert jnp.allclose(f(v_nn, x), nn.apply(v_nn, x), atol=1e-5), f"the {name} computes another model"
     calls = {
         "pure JAX": lambda: pure.apply(v_pure, x),
         "floor": lambda: floor(v_nn, x),
+        "floor modules, effax effects": lambda: hybrid(v_nn, x),
         "effax": lambda: raw.apply(v_raw, x),
         "effax.nn": lambda: nn.apply(v_nn, x),
     }
@@ -135,9 +199,11 @@ def main(model: str = "mlp", depth: int = 8, rounds: int = 200) -> dict[str, flo
                 times[name].append(elapsed)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     base = medians["pure JAX"]
-    print(f"{model} depth {depth}, eager apply, {rounds} shuffled rounds (median, ratio to pure JAX)")
+    dispatch = "async" if jax.config.values["jax_cpu_enable_async_dispatch"] else "sync"
+    print(f"{model} depth {depth}, eager apply ({dispatch} dispatch), {rounds} shuffled rounds "
+          "(median, ratio to pure JAX)")
     for name, m in medians.items():
-        print(f"  {name:9s} {m * 1e6:7.0f} us  {m / base:.3f}x")
+        print(f"  {name:28s} {m * 1e6:7.0f} us  {m / base:.3f}x")
     return medians
 
 
@@ -146,6 +212,9 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="all", help="mlp, mlp_stateful, or all")
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--sync-dispatch", action="store_true", help="turn off JAX's asynchronous CPU dispatch")
     args = parser.parse_args()
+    if args.sync_dispatch:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     for model in ("mlp", "mlp_stateful") if args.model == "all" else (args.model,):
         main(model, args.depth, args.rounds)
