@@ -1,4 +1,4 @@
-"""Interleaved same-process A/B of trace time (and abstract init), the fairest ratio on a shared machine.
+"""Interleaved same-process A/B of trace time (and abstract init and apply), the fairest ratio on a shared machine.
 
 Run: python benchmarks/trace_ab.py [--depth 256] [--samples 5] [--model mlp | mlp_stateful | transformer | all]
 Each sample lowers a fresh function (no trace cache hit); the libraries take
@@ -32,18 +32,21 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: in
     eager = {name: lib.build(small) for name, lib in LIBS.items()}
     variables = {name: b.init(key, x) for name, b in benches.items()}
     small_vars = {name: b.init(key, x_small) for name, b in eager.items()}
-    metrics = ("trace_train", "abstract_init", "eager_apply")
+    metrics = ("trace_train", "abstract_init", "abstract_apply", "eager_apply")
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in LIBS}
     for i in range(samples + 1):
         for name, b in benches.items():
             train, _ = timed(lambda b=b, name=name: jax.jit(lambda *a: b.train_step(*a)).lower(variables[name], x, key))
             abstract, _ = timed(lambda b=b: b.eval_shape_init(key, x))
+            # a fresh function each sample: DESIGN's abstract-init bar adds pure JAX's abstract forward pass
+            forward, _ = timed(lambda b=b, name=name: jax.eval_shape(lambda v, x: b.apply(v, x), variables[name], x))
             # eager apply of the small model, 10 calls each waited for (as the worker times it): the
             # per-call cost of effects without jit
             eager_apply = [timed(lambda name=name: eager[name].apply(small_vars[name], x_small))[0] for _ in range(10)]
             if i:  # the first round warms up
                 times[name]["trace_train"].append(train)
                 times[name]["abstract_init"].append(abstract)
+                times[name]["abstract_apply"].append(forward)
                 times[name]["eager_apply"].extend(eager_apply)
     medians = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in times.items()}
     base = medians["pure JAX"]
