@@ -37,6 +37,15 @@ def test_nth_draw_follows_the_pinned_derivation():
     np.testing.assert_array_equal(data(b), data(jax.random.fold_in(expected_base, 1)))
 
 
+def test_a_traced_draw_is_the_pinned_fold_in_primitives_inline():
+    # the folds are jitted helpers (one eager dispatch each), inlined where traced: a program holds the
+    # pinned `random_fold_in`s themselves (two for the path, one for the draw index), no nested jit
+    k = jax.random.key(7)
+    jaxpr = jax.make_jaxpr(lambda k: fx.transform(draws).apply({}, rngs={"dropout": k}))(k)
+    names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    assert names.count("random_fold_in") == 4 and not {"jit", "pjit"} & set(names), names
+
+
 def test_single_key_serves_params_as_given_and_other_streams_folded():
     k = jax.random.key(1)
     f = lambda: (fx.stream_key("params"), fx.stream_key("dropout"))
