@@ -72,6 +72,10 @@ class Bench:
             return self.abstract_init(key, x)
         return jax.eval_shape(lambda k, x: self.init(k, x), key, x)  # a fresh function: no trace cache hit
 
+    def eval_shape_apply(self, variables: Any, x: jax.Array) -> Any:
+        """One abstract forward pass: what DESIGN's abstract-init bar adds to pure JAX's abstract init."""
+        return jax.eval_shape(lambda v, x: self.apply(v, x), variables, x)  # a fresh function: no trace cache hit
+
 
 def loss_of(y: jax.Array) -> jax.Array:
     """The benchmark loss: mean square of the output (the target is zero)."""

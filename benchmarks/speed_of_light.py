@@ -48,6 +48,9 @@ _RUN: contextvars.ContextVar = contextvars.ContextVar("sol_run", default=None)
 _PATH: contextvars.ContextVar = contextvars.ContextVar("sol_path", default=())
 
 
+_ZEROS = jax.nn.initializers.zeros
+
+
 class _Run:
     """One floor run: its variables and this call's name counters."""
 
@@ -87,9 +90,6 @@ class _EffaxRun(_Run):
         if collection == "params":
             return fx.param(name, _ZEROS, shape)
         return fx.local_state(name, lambda: jnp.zeros(shape), collection=collection).get()
-
-
-_ZEROS = jax.nn.initializers.zeros
 
 
 class _Module:

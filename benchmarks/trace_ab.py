@@ -38,8 +38,7 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: in
         for name, b in benches.items():
             train, _ = timed(lambda b=b, name=name: jax.jit(lambda *a: b.train_step(*a)).lower(variables[name], x, key))
             abstract, _ = timed(lambda b=b: b.eval_shape_init(key, x))
-            # a fresh function each sample: DESIGN's abstract-init bar adds pure JAX's abstract forward pass
-            forward, _ = timed(lambda b=b, name=name: jax.eval_shape(lambda v, x: b.apply(v, x), variables[name], x))
+            forward, _ = timed(lambda b=b, name=name: b.eval_shape_apply(variables[name], x))
             # eager apply of the small model, 10 calls each waited for (as the worker times it): the
             # per-call cost of effects without jit
             eager_apply = [timed(lambda name=name: eager[name].apply(small_vars[name], x_small))[0] for _ in range(10)]
