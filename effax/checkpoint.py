@@ -470,6 +470,11 @@ def _prepare(variables: Any) -> tuple[dict, dict]:
         return x
 
     tree = jax.tree_util.tree_map_with_path(leaf, dict(variables), is_leaf=lambda x: x is None)
+    if not data:
+        raise EffaxError(
+            f"`variables` holds no arrays ({sorted(variables)}), so there is no checkpoint to write: "
+            "a model without params or state has nothing to save. Pass what `t.init` returned."
+        )
     meta = {"version": _FORMAT, "checksums": _checksums(data), "keys": keys}
     return tree, meta
 
@@ -518,6 +523,25 @@ def _check_target(root: Any, target: Any, step: int | None) -> None:
         raise _refuse(target, f"it holds {what}")
 
 
+_ORBAX_WRITES = re.compile(  # every top-level entry an Orbax PyTree checkpoint may hold
+    r"_METADATA|_CHECKPOINT_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt|d|array_metadatas|descriptor"
+    r"|ocdbt\.process_\d+"
+)
+
+
+def _foreign(target: Any, written: Any) -> list[str]:
+    """The entries of the checkpoint `target` that neither Orbax's new checkpoint `written` has nor Orbax
+    writes (a user's `eval_metrics.json` put beside the arrays): replacing `target` must not delete them."""
+    if not _exists(target):
+        return []
+    ours = {c.name for c in _listdir(written)}
+    return sorted(
+        c.name + ("/" if c.is_dir() else "")
+        for c in _listdir(target)
+        if c.name not in ours and not _ORBAX_WRITES.fullmatch(c.name)
+    )
+
+
 def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | None = None) -> Any:
     """Write `variables` as an Orbax checkpoint at `path` (or `path/<step>`); returns the directory.
 
@@ -563,6 +587,10 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
         if primary:
             _fsync_tree(tmp)
         _fault("synced")
+        foreign = _foreign(target, tmp)  # on every process (read only), as `_check_target`
+        if foreign:
+            raise _refuse(target, f"it is an effax checkpoint that also holds files effax did not write "
+                          f"({', '.join(foreign[:5])}), which replacing it would delete; move them out first")
     except Exception as e:
         if primary:
             _recover(target.parent, only=target.name, force=True)
@@ -702,6 +730,14 @@ def _abstract_like(like: Any) -> tuple[dict, dict]:
     return jax.tree_util.tree_map_with_path(leaf, dict(like), is_leaf=lambda x: x is None), keys
 
 
+def _without_empty(tree: Any) -> Any:
+    """`tree` without the dict entries that hold no array (Orbax cannot match empty containers)."""
+    if not isinstance(tree, Mapping):
+        return tree
+    kept = {k: _without_empty(v) for k, v in tree.items()}
+    return {k: v for k, v in kept.items() if jax.tree.leaves(v)}
+
+
 def _echo(error: Any, where: Any) -> bool:
     """Whether an error reported from elsewhere is an echo of a failed Orbax read (others pass through)."""
     text = f"{error} {where!r}"
@@ -837,15 +873,18 @@ def restore(
     _compare(d, wanted, stored, strict, kinds)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device), item)
+    shape = jax.tree.structure(item)
+    item = _without_empty(item)
+    # Every entry was compared above, so Orbax reads only what `item` names: a partial restore, which
+    # also lets the two trees differ in empty containers (an optax `EmptyState`, a `{}` collection).
     args = ocp.args.PyTreeRestore(
-        item=item,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=not strict and len(stored) > len(wanted),
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
-    restored = _orbax_read(
+    restored = item if not jax.tree.leaves(item) else _orbax_read(  # no array wanted: nothing to read
         d, lambda: ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(d, args=args),
         lambda: _damaged_entry(ocp, d, item),
     )
+    restored = jax.tree.unflatten(shape, jax.tree.leaves(restored))  # `like`'s structure, empty parts too
     if ours is not None:
         sums = ours.get("checksums", {})
         got = _checksums({_name(p): x for p, x in jax.tree.leaves_with_path(restored)})

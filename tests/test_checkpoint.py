@@ -246,6 +246,46 @@ def test_foreign_targets_are_refused_and_kept(tmp_path, variables):
     assert_same(fx.checkpoint.restore(tmp_path / "empty", like=variables), variables)
 
 
+def test_resaving_a_checkpoint_keeps_the_users_files_in_it(tmp_path, variables):
+    """Files a user put inside an effax checkpoint (metrics beside a step) are never deleted by a re-save."""
+    fx.checkpoint.save(tmp_path / "run", variables, step=100)
+    (tmp_path / "run" / "100" / "eval_metrics.json").write_text('{"acc": 0.93}')
+    fx.checkpoint.save(tmp_path / "single", variables)
+    (tmp_path / "single" / "notes").mkdir()
+    for path, step, shown in ((tmp_path / "run", 100, "eval_metrics.json"), (tmp_path / "single", None, "notes/")):
+        with pytest.raises(fx.EffaxError, match=rf"refusing to save to .*: it is an effax checkpoint that also "
+                           rf"holds files effax did not write \({shown}\)"):
+            fx.checkpoint.save(path, {**variables, "params": jax.tree.map(jnp.zeros_like, variables["params"])},
+                               step=step)
+        assert_same(fx.checkpoint.restore(path, like=variables), variables)  # the old checkpoint, unchanged
+        parent = path if step else tmp_path
+        assert not [n for n in os.listdir(parent) if ".effax-" in n]  # the new one's temp directory is gone
+    assert (tmp_path / "run" / "100" / "eval_metrics.json").read_text() == '{"acc": 0.93}'
+    assert (tmp_path / "single" / "notes").is_dir()
+    (tmp_path / "run" / "100" / "eval_metrics.json").unlink()
+    fx.checkpoint.save(tmp_path / "run", variables, step=100)  # only what Orbax wrote: replaced as before
+
+
+def test_empty_containers_need_not_match(tmp_path, variables):
+    """An empty collection or an optax `EmptyState` holds no array: whether `like` or the checkpoint has it
+    is not a mismatch (Orbax alone would call the checkpoint damaged)."""
+    empty_opt = ((), ())  # as `optax.sgd(...).init(params)`: two `EmptyState()`s
+    cases = [  # saved extra, like extra, strict
+        ({"opt_state": empty_opt}, {}, False),
+        ({"batch_stats": {}}, {}, True),
+        ({}, {"batch_stats": {}}, True),
+        ({"opt_state": empty_opt}, {"opt_state": empty_opt}, True),
+    ]
+    like = jax.eval_shape(T.init, KEY, X)
+    for i, (saved, wanted, strict) in enumerate(cases):
+        fx.checkpoint.save(tmp_path / str(i), {**variables, **saved})
+        restored = fx.checkpoint.restore(tmp_path / str(i), like={**like, **wanted}, strict=strict)
+        assert_same(restored, {**variables, **wanted})
+    assert fx.checkpoint.restore(tmp_path / "0", like={"params": {}}, strict=False) == {"params": {}}
+    with pytest.raises(fx.EffaxError, match=r"`variables` holds no arrays \(\['params'\]\)"):
+        fx.checkpoint.save(tmp_path / "nothing", {"params": {}})
+
+
 def test_saving_without_a_step_over_steps_is_an_error(tmp_path, variables):
     for n in (100, 200):
         fx.checkpoint.save(tmp_path / "run", variables, step=n)
