@@ -11,7 +11,7 @@ from effax.core import EffaxError
 from effax.effects import is_training, local_state, next_key, side_input
 from effax.nn._dropout import dropout
 from effax.nn._linear import DenseGeneral, Initializer, default_kernel_init, zeros
-from effax.nn._module import Module
+from effax.nn._module import Module, where
 from effax.nn._partitioning import LogicalInit, axes_of
 
 
@@ -136,7 +136,7 @@ class MultiHeadAttention(Module):
         length, steps = cached_key.shape[-3], key.shape[-3]
         if cached_key.shape[:-3] != key.shape[:-3] or cached_key.shape[-2:] != key.shape[-2:] or steps > length:
             raise EffaxError(
-                f"MultiHeadAttention(decode=True): the cache holds keys of shape {cached_key.shape} "
+                f"{where('MultiHeadAttention')} (decode=True): the cache holds keys of shape {cached_key.shape} "
                 f"(batch..., max_length, heads, head_dim), but this call brings {key.shape}. Decode "
                 "with the batch shape the cache was made with (`init` on a `(batch, max_length, "
                 "features)` input), at most max_length tokens per call."
@@ -163,10 +163,16 @@ class MultiHeadAttention(Module):
         inputs_q = jnp.asarray(inputs_q)
         inputs_k = inputs_q if inputs_k is None else jnp.asarray(inputs_k)
         inputs_v = inputs_k if inputs_v is None else jnp.asarray(inputs_v)
+        if min(inputs_q.ndim, inputs_k.ndim, inputs_v.ndim) < 2:
+            raise EffaxError(
+                f"{where('MultiHeadAttention')} takes inputs (batch..., length, features), got shapes "
+                f"{inputs_q.shape}, {inputs_k.shape}, {inputs_v.shape} (query, key, value): a single token "
+                "is `x[None]`, of shape (1, features)."
+            )
         qkv = self.qkv_features or inputs_q.shape[-1]
         if qkv % self.num_heads:
             raise EffaxError(
-                f"MultiHeadAttention: qkv_features={qkv} is not divisible by num_heads={self.num_heads}."
+                f"{where('MultiHeadAttention')}: qkv_features={qkv} is not divisible by num_heads={self.num_heads}."
             )
         heads = (self.num_heads, qkv // self.num_heads)
         q = self._dense("query", heads, -1, self.kernel_init, self.bias_init)(inputs_q)

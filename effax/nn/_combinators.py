@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from effax.core import EffaxError
 from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
-from effax.nn._module import Module
+from effax.nn._module import Module, where
 
 
 class MLP(Module):
@@ -46,8 +46,8 @@ class MLP(Module):
         inits = self.kernel_init if isinstance(self.kernel_init, Sequence) else [self.kernel_init] * len(self.features)
         if len(inits) != len(self.features):
             raise EffaxError(
-                f"MLP: {len(inits)} kernel initializers for {len(self.features)} layers; give one per layer, "
-                "or a single one for all."
+                f"{where('MLP')}: {len(inits)} kernel initializers for {len(self.features)} layers; give one per "
+                "layer, or a single one for all."
             )
         for i, n in enumerate(self.features):
             x = Dense(
@@ -66,21 +66,28 @@ class MLP(Module):
 class Sequential(Module):
     """Call `layers` in order, each on the previous output; extra arguments go to the first layer.
 
-    Layers may be modules or plain functions (`jax.nn.relu`); modules are
-    named inside this one's scope (`Sequential_0/Dense_0`).
+    As in Flax, an output that is a tuple is passed to the next layer as its
+    positional arguments, and a dict as its keyword arguments.
+
+    Layers may be modules or plain functions (`jax.nn.relu`). Modules made
+    before the run are named by their place in `layers`, as Flax names them
+    (`layers_0`, `layers_2`), so a linen `nn.Sequential`'s variables apply
+    unchanged; modules made inside a model are named where they are made.
 
     >>> model = fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu, fx.nn.Dense(1)])
-    >>> v = fx.transform(lambda x: model(x)).init(jax.random.key(0), jnp.ones((2, 3)))
-    >>> sorted(v["params"]["Sequential_0"])
-    ['Dense_0', 'Dense_1']
+    >>> v = fx.transform(model).init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> sorted(v["params"])
+    ['layers_0', 'layers_2']
     """
 
     layers: Sequence[Callable[..., Any]]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.layers:
-            raise EffaxError("Sequential needs at least one layer: `fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu])`.")
+            raise EffaxError(
+                f"{where('Sequential')} needs at least one layer: `fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu])`."
+            )
         out = self.layers[0](*args, **kwargs)
-        for layer in self.layers[1:]:
-            out = layer(out)
+        for layer in self.layers[1:]:  # as Flax: a tuple is spread over the next layer's arguments, a dict too
+            out = layer(*out) if isinstance(out, tuple) else layer(**out) if isinstance(out, dict) else layer(out)
         return out

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from effax.core import EffaxError
 from effax.effects import is_training, next_key
-from effax.nn._module import Module
+from effax.nn._module import Module, where
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array, broadcast_dims: Sequence[int] = ()) -> jax.Array:
@@ -50,7 +50,7 @@ class Dropout(Module):
 
     def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
         if not 0.0 <= self.rate <= 1.0:
-            raise EffaxError(f"Dropout rate must be in [0, 1], got {self.rate}.")
+            raise EffaxError(f"{where('Dropout')}: rate must be in [0, 1], got {self.rate}.")
         if deterministic is None:
             deterministic = self.deterministic
         if self.rate == 0.0 or (not is_training() if deterministic is None else deterministic):

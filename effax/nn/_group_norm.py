@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from effax.core import EffaxError
 from effax.nn._linear import Initializer
-from effax.nn._module import Module
+from effax.nn._module import Module, where
 from effax.nn._normalization import _axes, _out_dtype, _scale_shift, _stats_dtype, ones, zeros
 
 
@@ -48,26 +48,28 @@ class GroupNorm(Module):
         if self.reduction_axes is None:
             axes = tuple(range(1, x.ndim - 1)) + (x.ndim - 1,)
         else:
-            axes = _axes(self.reduction_axes, x.ndim)
+            axes = _axes(self.reduction_axes, x.ndim, "GroupNorm")
         if not axes or axes[-1] != x.ndim - 1:
             raise EffaxError(
-                f"GroupNorm: reduction_axes {self.reduction_axes} must include the last axis, the "
+                f"{where('GroupNorm')}: reduction_axes {self.reduction_axes} must include the last axis, the "
                 "channels: e.g. `reduction_axes=(1, 2, -1)` for images."
             )
         channels = x.shape[-1]
         if (self.num_groups is None) == (self.group_size is None):
             raise EffaxError(
-                "GroupNorm takes one of `num_groups` or `group_size`: for groups of a fixed size write "
+                f"{where('GroupNorm')} takes one of `num_groups` or `group_size`: for groups of a fixed size write "
                 "`GroupNorm(num_groups=None, group_size=16)`."
             )
         if self.group_size is not None:
             if channels % self.group_size:
-                raise EffaxError(f"GroupNorm: {channels} channels are not a multiple of group_size={self.group_size}.")
+                raise EffaxError(
+                    f"{where('GroupNorm')}: {channels} channels are not a multiple of group_size={self.group_size}."
+                )
             groups = channels // self.group_size
         else:
             groups = self.num_groups
         if groups <= 0 or channels % groups:
-            raise EffaxError(f"GroupNorm: num_groups={groups} does not divide the {channels} channels.")
+            raise EffaxError(f"{where('GroupNorm')}: num_groups={groups} does not divide the {channels} channels.")
         size = channels // groups
         xs = x.astype(_stats_dtype(x))
         grouped = xs.reshape(x.shape[:-1] + (groups, size))

@@ -11,7 +11,7 @@ import numpy as np
 
 from effax.core import EffaxError
 from effax.effects import param
-from effax.nn._module import Module
+from effax.nn._module import Module, where
 from effax.nn._partitioning import LogicalInit, axes_of, layer_param, output_axes
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
@@ -73,7 +73,13 @@ class Dense(Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         array = isinstance(x, jax.Array)  # then shapes and dtypes are read off `aval`, without a Python frame
-        n_in = x.aval.shape[-1] if array else jnp.shape(x)[-1]
+        try:
+            n_in = x.aval.shape[-1] if array else jnp.shape(x)[-1]
+        except IndexError:  # a scalar
+            raise EffaxError(
+                f"{where('Dense')} maps the last axis of its input, but got a scalar: give it at least one "
+                "axis, `x[None]` or `x.reshape(1)`."
+            ) from None
         init = self.kernel_init
         axes = init.axes if isinstance(init, LogicalInit) else None  # `axes_of` inline, as below
         kernel = param("kernel", init, (n_in, self.features), self.param_dtype, axes=axes)
@@ -160,15 +166,22 @@ class DenseGeneral(Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
         features, ndim = _as_tuple(self.features), x.ndim
+        for field in ("axis", "batch_dims"):
+            given = _as_tuple(getattr(self, field))
+            if any(not -ndim <= a < ndim for a in given):
+                raise EffaxError(
+                    f"{where('DenseGeneral')}: {field}={getattr(self, field)} is out of range for an input of "
+                    f"shape {x.shape}: axes run from {-ndim} to {ndim - 1}."
+                )
         batch_dims = tuple(sorted(d % ndim for d in _as_tuple(self.batch_dims)))
         if batch_dims and batch_dims != tuple(range(len(batch_dims))):
             raise EffaxError(
-                f"DenseGeneral: batch_dims {tuple(self.batch_dims)} must be consecutive leading axes "
+                f"{where('DenseGeneral')}: batch_dims {tuple(self.batch_dims)} must be consecutive leading axes "
                 f"starting from 0, e.g. `batch_dims=(0, 1)`."
             )
         axis = tuple(a % ndim for a in _as_tuple(self.axis))
         if set(axis) & set(batch_dims):
-            raise EffaxError(f"DenseGeneral: axis {self.axis} and batch_dims {self.batch_dims} overlap.")
+            raise EffaxError(f"{where('DenseGeneral')}: axis {self.axis} and batch_dims {self.batch_dims} overlap.")
         nb, na, nf = len(batch_dims), len(axis), len(features)
         batch_shape = tuple(x.shape[d] for d in batch_dims)
         kernel_shape = batch_shape + tuple(x.shape[a] for a in axis) + features
@@ -193,15 +206,18 @@ def _tuple(value: int | Sequence[int], n: int, what: str, layer: str = "Conv") -
         return (value,) * n
     value = tuple(value)
     if len(value) != n:
-        raise EffaxError(f"{layer}: {what} {value} has {len(value)} entries, but kernel_size has {n}.")
+        raise EffaxError(f"{where(layer)}: {what} {value} has {len(value)} entries, but kernel_size has {n}.")
     return value
 
 
 def _padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> Any:
+    """`conv_general_dilated`'s padding; `'CIRCULAR'`/`'REFLECT'` stay strings (`Conv` pads the input itself)."""
     if isinstance(padding, str):
+        if padding.upper() in ("CIRCULAR", "REFLECT"):
+            return padding.upper()
         if padding.upper() == "CAUSAL":
             if len(kernel) != 1:
-                raise EffaxError(f"Conv: padding='CAUSAL' is for 1-D convolutions; kernel_size is {kernel}.")
+                raise EffaxError(f"{where('Conv')}: padding='CAUSAL' is for 1-D convolutions; kernel_size is {kernel}.")
             return [((kernel[0] - 1) * dilation[0], 0)]
         return padding.upper()
     if isinstance(padding, int):
@@ -214,7 +230,8 @@ class Conv(Module):
 
     `kernel_size` is a tuple: `(3,)` for 1-D, `(3, 3)` for 2-D. The kernel
     is `(*kernel_size, in_features // feature_group_count, features)`.
-    `padding` is `'SAME'`, `'VALID'`, `'CAUSAL'` (1-D), an int, or per-dim ints or pairs.
+    `padding` is `'SAME'`, `'VALID'`, `'CIRCULAR'` (periodic), `'REFLECT'`,
+    `'CAUSAL'` (1-D), an int, or per-dim ints or pairs, as in Flax.
 
     >>> t = fx.transform(lambda x: fx.nn.Conv(4, (3, 3))(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
@@ -241,7 +258,7 @@ class Conv(Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if isinstance(self.kernel_size, int):
             raise EffaxError(
-                f"Conv: kernel_size must be a tuple, one entry per spatial dim, got {self.kernel_size}: "
+                f"{where('Conv')}: kernel_size must be a tuple, one entry per spatial dim, got {self.kernel_size}: "
                 f"write `kernel_size=({self.kernel_size},)` for 1-D or `({self.kernel_size}, "
                 f"{self.kernel_size})` for 2-D."
             )
@@ -250,13 +267,13 @@ class Conv(Module):
         x = jnp.asarray(x)
         if x.ndim < n + 1:
             raise EffaxError(
-                f"Conv with kernel_size {kernel_size} needs inputs (batch..., {n} spatial dims, "
+                f"{where('Conv')} with kernel_size {kernel_size} needs inputs (batch..., {n} spatial dims, "
                 f"features), got shape {x.shape}."
             )
         in_features, groups = x.shape[-1], self.feature_group_count
         if in_features % groups:
             raise EffaxError(
-                f"Conv: {in_features} input features are not divisible by feature_group_count={groups}."
+                f"{where('Conv')}: {in_features} input features are not divisible by feature_group_count={groups}."
             )
         kernel_shape = kernel_size + (in_features // groups, self.features)
         kernel = layer_param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
@@ -268,12 +285,18 @@ class Conv(Module):
         batch = x.shape[: x.ndim - n - 1]
         x = x.reshape((int(np.prod(batch)),) + x.shape[len(batch) :])
         dilation = _tuple(self.kernel_dilation, n, "kernel_dilation")
+        padding = _padding(self.padding, kernel_size, dilation)
+        if padding in ("CIRCULAR", "REFLECT"):  # Flax: pad the input (periodically or mirrored), then VALID
+            spans = [(k - 1) * d for k, d in zip(kernel_size, dilation, strict=True)]
+            pads = [(0, 0)] + [(span // 2, (span + 1) // 2) for span in spans] + [(0, 0)]
+            x = jnp.pad(x, pads, mode="wrap" if padding == "CIRCULAR" else "reflect")
+            padding = "VALID"
         spec = (0, n + 1) + tuple(range(1, n + 1))  # N, C, spatial... of channels-last inputs
         y = jax.lax.conv_general_dilated(
             x,
             kernel,
             window_strides=_tuple(self.strides, n, "strides"),
-            padding=_padding(self.padding, kernel_size, dilation),
+            padding=padding,
             lhs_dilation=_tuple(self.input_dilation, n, "input_dilation"),
             rhs_dilation=dilation,
             dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n) + tuple(range(n)), spec),
@@ -294,7 +317,7 @@ def _conv_padding(padding: Any, n: int) -> Any:
     if len(pads) == 1 and n > 1:
         pads = pads * n
     if len(pads) != n:
-        raise EffaxError(f"ConvTranspose: padding {padding!r} has {len(pads)} entries for {n} spatial dims.")
+        raise EffaxError(f"{where('ConvTranspose')}: padding {padding!r} has {len(pads)} entries for {n} spatial dims.")
     return pads
 
 
@@ -336,7 +359,7 @@ class ConvTranspose(Module):
         x = jnp.asarray(x)
         if x.ndim < n + 1:
             raise EffaxError(
-                f"ConvTranspose with kernel_size {kernel_size} needs inputs (batch..., {n} spatial dims, "
+                f"{where('ConvTranspose')} with kernel_size {kernel_size} needs inputs (batch..., {n} spatial dims, "
                 f"features), got shape {x.shape}."
             )
         batch = x.shape[: x.ndim - n - 1]
@@ -350,7 +373,7 @@ class ConvTranspose(Module):
             kernel_shape = kernel_size + (in_features, self.features)
         if self.mask is not None and tuple(self.mask.shape) != kernel_shape:
             raise EffaxError(
-                f"ConvTranspose: mask has shape {tuple(self.mask.shape)}, but the kernel is {kernel_shape}."
+                f"{where('ConvTranspose')}: mask has shape {tuple(self.mask.shape)}, but the kernel is {kernel_shape}."
             )
         kernel = layer_param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         if self.mask is not None:
@@ -421,7 +444,7 @@ class Embed(Module):
         inputs = jnp.asarray(inputs)
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise EffaxError(
-                f"Embed takes integer ids, got {inputs.dtype}: cast them (`ids.astype(jnp.int32)`)."
+                f"{where('Embed')} takes integer ids, got {inputs.dtype}: cast them (`ids.astype(jnp.int32)`)."
             )
         (table,) = promote(self.dtype, self._table())
         return jnp.take(table, inputs, axis=0)

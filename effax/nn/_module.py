@@ -15,6 +15,13 @@ from effax.nn._naming import Names, current_names, pop_names, push_names
 _EXPLICIT = ("explicit name",)
 
 
+def where(kind: str) -> str:
+    """The layer in an error message: its kind and the path it runs at (`Conv `encoder/Conv_1``), so a
+    message about a wrong input or config says which layer of a model refused it."""
+    path = path_now()
+    return f"{kind} `{path_str(path)}`" if path else kind
+
+
 def _claim(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, ...]:
     """The path of `module` under `parent`: `name=`, else the next `<Class>_<n>` of this call.
 
@@ -26,6 +33,43 @@ def _claim(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, 
     if module.name is None:
         return names.auto_path(parent, type(module).__name__)
     return _claim_name(names, parent, module.name)
+
+
+def _field_name(owner: Any, module: Any) -> str | None:
+    """The name Flax gives `module` as a field of `owner`: the field (`proj`), with the index or key inside
+    a list, tuple or dict field (`layers_0`, `blocks_enc`); None when no field of `owner` holds it."""
+
+    def find(value: Any, name: str) -> str | None:
+        if value is module:
+            return name
+        if isinstance(value, dict):
+            items: Any = value.items()
+        else:
+            items = enumerate(value) if isinstance(value, list | tuple) else ()
+        for key, item in items:
+            found = find(item, f"{name}_{key}")
+            if found is not None:
+                return found
+        return None
+
+    for f in dataclasses.fields(owner):
+        found = find(owner.__dict__.get(f.name), f.name)
+        if found is not None:
+            return found
+    return None
+
+
+def _adopt(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, ...]:
+    """The path of `module`, made outside the run, at its first call under `parent`: the field of the module
+    running there that holds it, as Flax adopts a submodule passed in (`Block(proj=Dense(3))` makes
+    `proj`, `Sequential([...])` makes `layers_0`; the field's name wins over `name=`, as Flax's default);
+    else `name=` or the next auto-name."""
+    for owner, path in list(names.bound.items()):
+        if path == parent and owner is not module and isinstance(owner, Module):
+            name = _field_name(owner, module)
+            if name is not None:
+                return _claim_name(names, parent, name)
+    return _claim(names, parent, module)
 
 
 def _claim_name(names: Names, parent: tuple[str, ...], name: Any) -> tuple[str, ...]:
@@ -131,8 +175,10 @@ class Module:
     Haiku name modules: `name=` if given, else `<Class>_<n>` counted within
     the parent scope (`Dense_0`, `Dense_1`), so `Dense(2)(relu(Dense(3)(x)))`
     makes the 3-unit layer `Dense_1`. One built outside any run is named at
-    its first call; `fx.transform(module)` runs it at the root scope, as
-    Flax's top-level module. An explicit `name=` equal to an earlier
+    its first call: after the field of its caller that holds it, as Flax
+    adopts submodules passed in (`Block(proj=Dense(3))` makes `proj`, a
+    list field `layers_0`, ...), else as above. `fx.transform(module)` runs
+    it at the root scope, as Flax's top-level module. An explicit `name=` equal to an earlier
     auto-name of the same call raises `InvalidNameError` (Flax's
     `NameInUseError`). Calling the same instance again uses the same path,
     so it shares its weights; a module called twice that creates layers
@@ -210,7 +256,7 @@ class Module:
                 pop_names(token)
         path = names.bound.get(self)
         if path is None:  # made outside this run: named at its first call
-            path = names.bound[self] = _claim(names, path_now(), self)
+            path = names.bound[self] = _adopt(names, path_now(), self)
         elif path_now() == path:  # a method of this module calling another one: same naming frame
             names = None
         return call_module(path, self, method, fn, args, kwargs, names)

@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import ShapeMismatchError, path_str
+from effax.core import EffaxError, ShapeMismatchError, path_str
 from effax.effects import is_initializing, is_training, local_state
 from effax.nn._linear import Initializer
-from effax.nn._module import Module
+from effax.nn._module import Module, where
 from effax.nn._partitioning import layer_param
 
 ones: Initializer = jax.nn.initializers.ones
@@ -20,17 +20,25 @@ zeros: Initializer = jax.nn.initializers.zeros
 _F32 = jnp.dtype(jnp.float32)
 
 
-def _axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+def _axes(axes: int | Sequence[int], ndim: int, kind: str, field: str = "reduction_axes") -> tuple[int, ...]:
+    """`axes` of an input of rank `ndim`, non-negative and sorted; one out of range is refused, as Flax
+    does (wrapping it round would silently normalize another axis of an input of another rank)."""
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    if any(not -ndim <= a < ndim for a in axes):
+        raise EffaxError(
+            f"{where(kind)}: {field}={axes[0] if len(axes) == 1 else axes} is out of range for an input of "
+            f"rank {ndim}: axes run from {-ndim} to {ndim - 1}. Count the axes of this layer's input (negative "
+            "axes count from the end: -1 is the features)."
+        )
     return tuple(sorted(a % ndim for a in axes))
 
 
 @functools.lru_cache(maxsize=1024)
 def _layout(axis: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], bool]:
     """`(reduced axes, feature sizes, broadcast shape, whether the features already line up last)` of an
-    input: a memo, read once per layer call, since eager calls pay for every Python step."""
+    input to `BatchNorm`: a memo, read once per layer call, since eager calls pay for every Python step."""
     ndim = len(shape)
-    feature_axes = _axes(axis, ndim)
+    feature_axes = _axes(axis, ndim, "BatchNorm", "axis")
     reduce = tuple(a for a in range(ndim) if a not in feature_axes)
     features = tuple(shape[a] for a in feature_axes)
     bshape = tuple(shape[a] if a in feature_axes else 1 for a in range(ndim))
@@ -122,7 +130,7 @@ class LayerNorm(Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _as_array(x)
-        axes = _axes(self.reduction_axes, x.ndim)
+        axes = _axes(self.reduction_axes, x.ndim, "LayerNorm")
         xs = _cast(x, _stats_dtype(x))
         mean = xs.mean(axes, keepdims=True)
         y = (xs - mean) * jax.lax.rsqrt(xs.var(axes, keepdims=True) + self.epsilon)
@@ -149,7 +157,7 @@ class RMSNorm(Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _as_array(x)
-        axes = _axes(self.reduction_axes, x.ndim)
+        axes = _axes(self.reduction_axes, x.ndim, "RMSNorm")
         xs = _cast(x, _stats_dtype(x))
         y = xs * jax.lax.rsqrt(jnp.square(xs).mean(axes, keepdims=True) + self.epsilon)
         features = (x.shape[-1],)

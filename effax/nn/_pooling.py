@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effax.core import EffaxError
+from effax.core import EffaxError, path_now, path_str
+
+
+def _where() -> str:
+    """Pooling is a function, not a layer: its errors name the module it runs in."""
+    path = path_now()
+    return f"pooling in `{path_str(path)}`" if path else "pooling"
 
 
 def pool(
@@ -34,17 +40,19 @@ def pool(
     n = len(window_shape)
     strides = (1,) * n if strides is None else tuple(strides)
     if len(strides) != n:
-        raise EffaxError(f"pooling: strides {strides} need one entry per window dim of {window_shape}.")
+        raise EffaxError(f"{_where()}: strides {strides} need one entry per window dim of {window_shape}.")
     batch = inputs.ndim - n - 1
     if batch < 0:
         raise EffaxError(
-            f"pooling with window {window_shape} needs inputs (batch..., {n} window dims, features), "
+            f"{_where()} with window {window_shape} needs inputs (batch..., {n} window dims, features), "
             f"got shape {inputs.shape}."
         )
     if not isinstance(padding, str):
         padding = tuple(tuple(p) for p in padding)
         if len(padding) != n or any(len(p) != 2 for p in padding):
-            raise EffaxError(f"pooling: padding {padding} needs one (low, high) pair per window dim of {window_shape}.")
+            raise EffaxError(
+                f"{_where()}: padding {padding} needs one (low, high) pair per window dim of {window_shape}."
+            )
         padding = ((0, 0),) * batch + padding + ((0, 0),)
     dims = (1,) * batch + window_shape + (1,)
     strides = (1,) * batch + strides + (1,)

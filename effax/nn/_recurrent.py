@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from effax.core import EffaxError
 from effax.lift import scan
 from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
-from effax.nn._module import Module
+from effax.nn._module import Module, where
 from effax.nn._naming import current_names
 
 orthogonal: Initializer = jax.nn.initializers.orthogonal()
@@ -214,7 +214,7 @@ class RNN(Module):
         time_axis = 0 if time_major else inputs.ndim - (n_features + 1)
         if time_axis < 0:
             raise EffaxError(
-                f"RNN: inputs of shape {inputs.shape} have no time axis: give `(*batch, time, features)` "
+                f"{where('RNN')}: inputs of shape {inputs.shape} have no time axis: give `(*batch, time, features)` "
                 "(or `(time, *batch, features)` with time_major=True)."
             )
         n_batch = (inputs.ndim - n_features - 1) if time_major else time_axis

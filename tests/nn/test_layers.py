@@ -35,6 +35,10 @@ def test_dense_dtype_promotion():
         (dict(features=4, kernel_size=(3, 3)), (2, 6, 6, 2)),
         (dict(features=6, kernel_size=(2, 3), strides=(2, 1), padding=1, feature_group_count=2), (2, 6, 6, 4)),
         (dict(features=4, kernel_size=(3, 3), padding=[(1, 0), (0, 2)], input_dilation=2), (3, 2, 5, 5, 2)),
+        (dict(features=3, kernel_size=(3, 3), padding="CIRCULAR"), (2, 7, 6, 4)),
+        (dict(features=3, kernel_size=(2, 3), padding="CIRCULAR", strides=2), (1, 7, 6, 2)),
+        (dict(features=3, kernel_size=(3,), padding="REFLECT", kernel_dilation=2), (2, 9, 3)),
+        (dict(features=3, kernel_size=(4, 3), padding="REFLECT"), (6, 6, 2)),
     ],
 )
 def test_conv_matches_flax(kwargs, shape):
@@ -53,6 +57,49 @@ def test_conv_errors_say_how_to_fix():
         init(fx.nn.Conv(2, (3, 3)), (5, 2))
     with pytest.raises(fx.EffaxError, match="strides .* has 3 entries"):
         init(fx.nn.Conv(2, (3, 3), strides=(1, 1, 1)), (1, 5, 5, 2))
+
+
+class _Net(fx.nn.Module):
+    def __call__(self, x):
+        x = fx.nn.Conv(4, (3, 3))(x)
+        return fx.nn.Conv(4, (3, 3))(x.reshape(-1, 4))  # the wrong rank, at `block/Conv_1`
+
+
+@pytest.mark.parametrize(
+    "layer, shape, message",
+    [
+        (_Net(name="block"), (1, 5, 5, 2), r"Conv `block/Conv_1` with kernel_size \(3, 3\) needs inputs"),
+        (fx.nn.MultiHeadAttention(2, name="attn"), (4,), r"MultiHeadAttention `attn` takes inputs \(batch"),
+        (fx.nn.Dense(3, name="head"), (), r"Dense `head` maps the last axis of its input, but got a scalar"),
+        (fx.nn.GroupNorm(num_groups=3, name="gn"), (2, 4), r"GroupNorm `gn`: num_groups=3 does not divide"),
+        (fx.nn.Embed(3, 2, name="emb"), (2,), r"Embed `emb` takes integer ids"),
+        (fx.nn.Dropout(1.5, name="drop"), (2,), r"Dropout `drop`: rate must be in \[0, 1\]"),
+    ],
+)
+def test_errors_about_inputs_name_the_layer(layer, shape, message):
+    """A wrong input names the layer that refused it, never a bare IndexError from inside."""
+    with pytest.raises(fx.EffaxError, match=message):
+        fx.transform(lambda x: layer(x)).init(KEY, jnp.ones(shape))
+
+
+@pytest.mark.parametrize(
+    "layer, flax_layer",
+    [
+        (fx.nn.DenseGeneral(3, axis=5), nn.DenseGeneral(3, axis=5)),
+        (fx.nn.DenseGeneral(3, axis=(1, -3)), nn.DenseGeneral(3, axis=(1, -3))),
+        (fx.nn.LayerNorm(reduction_axes=3), nn.LayerNorm(reduction_axes=3)),
+        (fx.nn.RMSNorm(reduction_axes=(0, 2)), nn.RMSNorm(reduction_axes=(0, 2))),
+        (fx.nn.GroupNorm(num_groups=1, reduction_axes=(-4, -1)), nn.GroupNorm(num_groups=1, reduction_axes=(-4, -1))),
+        (fx.nn.BatchNorm(axis=2), nn.BatchNorm(axis=2, use_running_average=True)),
+    ],
+)
+def test_axes_out_of_range_are_refused_as_flax_does(layer, flax_layer):
+    """An axis beyond the input's rank would otherwise wrap round onto another axis, silently."""
+    x = rand(2, 4)
+    with pytest.raises((IndexError, TypeError, ValueError)):  # Flax refuses too, wherever the axis is first used
+        flax_layer.init(KEY, x)
+    with pytest.raises(fx.EffaxError, match=r"is out of range for an input of (rank 2|shape \(2, 4\))"):
+        fx.transform(lambda x: layer(x)).init(KEY, x)
 
 
 def test_embed_and_attend_match_flax():
@@ -309,8 +356,26 @@ def test_sequential_chains_modules_and_functions():
     t = fx.transform(model)
     x = rand(2, 3)
     v = t.init(KEY, x)
-    # `fx.transform(module)` runs the module at the root scope, as Flax's top-level module
-    assert sorted(v["params"]) == ["Dense_0", "Dense_1"]
+    # `fx.transform(module)` runs the module at the root scope, as Flax's top-level module, and layers made
+    # before the run are named by their place in `layers`, as Flax names them
+    assert sorted(v["params"]) == ["layers_0", "layers_3"]
     assert t.apply(v, x, training=False).shape == (2, 1)
     with pytest.raises(fx.EffaxError, match="at least one layer"):
         fx.nn.Sequential([])(x)
+
+
+def test_sequential_takes_a_linen_sequentials_variables():
+    linen = nn.Sequential([nn.Dense(5), nn.relu, nn.Dense(2)])
+    x = rand(2, 4)
+    v = linen.init(KEY, x)
+    t = fx.transform(fx.nn.Sequential([fx.nn.Dense(5), jax.nn.relu, fx.nn.Dense(2)]))
+    assert shapes(t.init(KEY, x)) == shapes(v)
+    np.testing.assert_allclose(t.apply(v, x), linen.apply(v, x), atol=1e-6)
+
+
+def test_sequential_spreads_tuples_and_dicts_over_the_next_layer():
+    """As Flax's: a tuple output becomes the next layer's arguments, a dict its keyword arguments."""
+    x = rand(2, 4)
+    layers = [lambda x: (x[:, :2], x[:, 2:]), lambda a, b: {"a": a, "b": b}, lambda a, b: a * b]
+    out = fx.transform(fx.nn.Sequential(layers)).apply({}, x)
+    np.testing.assert_array_equal(out, nn.Sequential(layers).apply({}, x))
