@@ -38,6 +38,8 @@ import jax.numpy as jnp
 
 from effax.core import (
     EffaxError,
+    FrozenStateError,
+    MissingVariableError,
     TraceMismatchError,
     is_stateless,
     send,
@@ -86,6 +88,22 @@ class Probe:
         raise Fresh(self, args[0] if args else None)
 
 
+class DrawingProbe(Probe):
+    """A state's `Probe` that, when called (the variable is missing outside), first draws the keys its
+    `init()` drew in the learning pass, there and then, so they are drawn only when the `init()` runs, in
+    the unrolled order; `Fresh` carries them. Existing state draws nothing: eval needs no key for it."""
+
+    def __init__(self, draws: list[tuple[str, int, str, tuple[str, ...]]]):
+        self.draws = draws  # (kind, depth, stream, path) as recorded; kind "draw" or "base"
+
+    def __call__(self, *args: Any) -> Any:
+        keys = [
+            send(RandomRequest(path, stream) if kind == "draw" else StreamKeyRequest(path, stream))
+            for kind, _, stream, path in self.draws
+        ]
+        raise Fresh(self, keys)
+
+
 class Constant:
     """An initializer returning a value created elsewhere (inside a lifted body); unhashable on purpose."""
 
@@ -125,6 +143,7 @@ class StateNeed:
     request: LocalStateRequest | None  # init stripped; None: the variable was declared outside the body
     struct: Any  # its abstract value
     written: bool = False
+    frozen: str | None = None  # a variable existing outside in a frozen collection: the refusal of a `set`
 
 
 @dataclasses.dataclass
@@ -136,6 +155,9 @@ class Needs:
     draws: dict[tuple, int] = dataclasses.field(default_factory=dict)  # (depth, stream, path)
     bases: dict[tuple, None] = dataclasses.field(default_factory=dict)  # (depth, stream, path)
     sows: dict[tuple, list] = dataclasses.field(default_factory=dict)  # (depth, collection, path, tag)
+    # the keys a state's `init()` drew, by state slot, in order: `(kind, depth, stream, path)`, kind "draw"
+    # or "base"; needed only where the variable is created (`DrawingProbe`), so not in `draws`/`bases`
+    init_draws: dict[tuple, list] = dataclasses.field(default_factory=dict)
 
 
 def struct_of(value: Any) -> Any:
@@ -147,12 +169,45 @@ def _dummy_key() -> jax.Array:
 
 
 class Recorder:
-    """Answer a body's lifted requests abstractly and note what it needs (runs under `jax.eval_shape`)."""
+    """Answer a body's lifted requests abstractly and note what it needs (runs under `jax.eval_shape`).
 
-    def __init__(self, outer: tuple[Any, ...]):
+    As in the unrolled loop, a variable's `init()` runs only when it is missing outside (it may draw keys, or
+    need what this run lacks, such as a key under eval); one that exists is read outside whenever the body
+    reads it, never kept: a nested lift asks while it learns, in a trace of its own that ends first.
+    """
+
+    def __init__(self, outer: tuple[Any, ...], view: Callable[[str, Any], Any] | None = None):
         self.outer = outer
+        self.view = view  # (collection, a variable's value outside) -> what the body sees of it; None: all
         self.needs = Needs()
-        self.values: dict[tuple, Any] = {}  # state as the body sees it in this trace; dropped with it
+        self.values: dict[tuple, Any] = {}  # state made or set by the body, in this trace; dropped with it
+        self.outside: set[tuple] = set()  # variables that exist outside: read there
+        self.init_of: tuple | None = None  # the state slot whose `init()` is running
+        # the outermost lifted body asks whether a variable may be written by writing it back (as the unrolled
+        # loop's `set` would be refused); a nested one leaves that to the lift around it
+        self.asks_writes = not any(isinstance(run, _Proxy) for run in outer)
+
+    def _exists(self, depth: int, request: LocalStateRequest) -> bool:
+        """Whether the variable exists outside: declared there with a `Probe` init, which a handler calls (or
+        refuses to, from this trace, or in a frozen collection) only for a variable that does not."""
+        try:
+            fresh, _ = probe(self.outer, depth, dataclasses.replace(request, init=Probe()))
+        except (TraceMismatchError, MissingVariableError):
+            return False
+        return not fresh
+
+    def _outside_value(self, slot: tuple) -> Any:
+        depth, collection, path = slot
+        return send_at(self.outer, depth, GetStateRequest(path, collection))
+
+    def _read(self, slot: tuple) -> Any:
+        value = self.values.get(slot, MISSING)
+        if value is not MISSING:
+            return value
+        value = self._outside_value(slot)
+        collection = slot[1]
+        declared = self.needs.state[slot].request is not None
+        return self.view(collection, value) if declared and self.view is not None else value
 
     def answer(self, depth: int, request: Any) -> Any:
         kind, needs = type(request), self.needs
@@ -163,28 +218,53 @@ class Recorder:
             return jnp.zeros(request.shape, request.dtype)
         if kind is LocalStateRequest:
             slot = (depth, request.collection, request.path)
-            if slot not in needs.state:
+            if slot in needs.state:
+                if slot not in self.outside and isinstance(request.init, Probe):
+                    request.init()  # a nested lift asking about a variable this body makes: raises `Fresh`
+                return None
+            if self._exists(depth, request):
+                needs.state[slot] = StateNeed(dataclasses.replace(request, init=_stripped), None)
+                self.outside.add(slot)
+                needs.state[slot].struct = struct_of(self._read(slot))
+                return None
+            outer_init, self.init_of = self.init_of, slot
+            try:  # a `DrawingProbe` (a nested lift's) draws here too; a `Probe` raises `Fresh`
                 value = request.init()
-                needs.state[slot] = StateNeed(dataclasses.replace(request, init=_stripped), struct_of(value))
-                self.values[slot] = value
+            finally:
+                self.init_of = outer_init
+            needs.state[slot] = StateNeed(dataclasses.replace(request, init=_stripped), struct_of(value))
+            self.values[slot] = value
             return None
         if kind is GetStateRequest or kind is SetStateRequest:
             slot = (depth, request.collection, request.path)
             if slot not in needs.state:  # a LocalStateEffect made outside the body: read it there
-                value = send_at(self.outer, depth, GetStateRequest(request.path, request.collection))
-                needs.state[slot] = StateNeed(None, struct_of(value))
-                self.values[slot] = value
+                needs.state[slot] = StateNeed(None, None)
+                self.outside.add(slot)
+                needs.state[slot].struct = struct_of(self._read(slot))
+            need = needs.state[slot]
             if kind is GetStateRequest:
-                return self.values[slot]
-            needs.state[slot].written = True
+                return self._read(slot)
+            if slot in self.outside and self.asks_writes and not need.written and need.frozen is None:
+                try:  # may it be written? Ask as the unrolled loop would: write its value back outside
+                    send_at(self.outer, depth, SetStateRequest(request.path, slot[1], self._outside_value(slot)))
+                except FrozenStateError as e:
+                    need.frozen = str(e)
+                except TraceMismatchError:
+                    pass  # writable, but not from this trace: the write is handed back outside after the body
+            if need.frozen is not None:
+                raise FrozenStateError(need.frozen)
+            need.written = True
             self.values[slot] = request.value
             return None
-        if kind is RandomRequest:
-            slot = (depth, request.stream, request.path)
-            needs.draws[slot] = needs.draws.get(slot, 0) + 1
-            return _dummy_key()
-        if kind is StreamKeyRequest:
-            needs.bases[(depth, request.stream, request.path)] = None
+        if kind is RandomRequest or kind is StreamKeyRequest:
+            if self.init_of is not None:
+                what = "draw" if kind is RandomRequest else "base"
+                needs.init_draws.setdefault(self.init_of, []).append((what, depth, request.stream, request.path))
+            elif kind is RandomRequest:
+                slot = (depth, request.stream, request.path)
+                needs.draws[slot] = needs.draws.get(slot, 0) + 1
+            else:
+                needs.bases[(depth, request.stream, request.path)] = None
             return _dummy_key()
         # a sow: its values come back from the real pass; remember their shapes for abstract runs
         needs.sows.setdefault((depth, request.collection, request.path, request.tag), []).append(
@@ -306,6 +386,9 @@ class Answerer:
                 current = self.state[slot] = self.ins[s.index]
             if kind is GetStateRequest:
                 return current
+            frozen = plan.state[slot].need.frozen
+            if frozen is not None:
+                raise FrozenStateError(frozen)
             check_trace(self.trace, request, "writes state")
             self.state[slot] = cast_like(request.value, current, request.describe)
             return None

@@ -50,6 +50,8 @@ def _merge(all_needs: list[Needs]) -> Needs:
         for slot, count in needs.draws.items():
             merged.draws[slot] = max(merged.draws.get(slot, 0), count)
         merged.bases.update(needs.bases)
+        for slot, draws in needs.init_draws.items():  # a variable's `init()`: the first branch declaring it
+            merged.init_draws.setdefault(slot, draws)
     sows = [needs.sows for needs in all_needs]
     if any(s != sows[0] for s in sows[1:]):
         raise EffaxError(

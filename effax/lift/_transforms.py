@@ -34,6 +34,7 @@ from effax.inspect import abstract_mode, run_abstractly
 from effax.lift._body import (
     Answerer,
     Constant,
+    DrawingProbe,
     Needs,
     ParamPlan,
     Plan,
@@ -54,18 +55,24 @@ def _learn(
     args: tuple,
     wrap: Callable[[Callable], Callable] | None = None,
     rollback: bool = True,
+    state_how: Callable[[str, bool], str] | None = None,
 ) -> tuple[Needs, Any, tuple[int, ...]]:
     """`body(*args)` under a `Recorder` and `jax.eval_shape` (and `wrap`, e.g. a `jax.vmap`): nothing is computed.
 
+    `state_how` is the transform's crossing of state: a variable that exists
+    outside, stacked, is seen by the body one slice at a time.
     Returns what the body needs, its output's shapes, and the shape of a
     scalar probe under `wrap` (a vmap's axis size, as JAX infers it). Module
     auto-names counted here are rolled back (unless `rollback=False`) when
     the real pass follows, so it names the layers it creates as this one did.
     """
     found: list[Needs] = []
+    view = None
+    if state_how is not None:  # a variable stacked outside (one per iteration or member) is seen sliced
+        view = lambda c, v: jax.tree.map(lambda a: a[0], v) if state_how(c, True) == "mapped" else v  # noqa: E731
 
     def run(*args: Any) -> Any:
-        recorder = Recorder(outer)
+        recorder = Recorder(outer, view)
         out = run_lifted(outer, recorder, body, *args)
         found.append(recorder.needs)
         return out, jnp.zeros(())
@@ -141,12 +148,17 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
             crossing = "carried"
         plan.params[slot] = ParamPlan(request, True, plan.add("mapped" if how.stack_params else "unmapped", key), carry)
         plan.outputs.append((crossing, "param", slot))
+    init_keys: dict[tuple, list] = {}  # draws and bases of the `init()`s of fresh state, by slot, in order
     for slot, need in needs.state.items():
         depth, collection, path = slot
         crossing = how.state_how(collection, need.request is not None)
         fresh = False
         if need.request is not None:
-            fresh, _ = probe(outer, depth, dataclasses.replace(need.request, init=Probe()))
+            draws = needs.init_draws.get(slot)
+            init = DrawingProbe(draws) if draws else Probe()
+            fresh, keys = probe(outer, depth, dataclasses.replace(need.request, init=init))
+            for (kind, *at), key in zip(draws or () if fresh else (), keys or (), strict=True):
+                init_keys.setdefault((kind, tuple(at)), []).append(key)
         if not fresh:
             value = send_at(outer, depth, GetStateRequest(path, collection))
             plan.state[slot] = StatePlan(need, False, plan.add(crossing, value))
@@ -165,14 +177,17 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
         s.initial is not None for s in plan.state.values()
     ):
         plan.first = plan.add("mapped", jnp.arange(n))
-    for slot, count in needs.draws.items():
+    # keys drawn by fresh state's `init()` come first: they were drawn first outside, in the probes above
+    for slot in dict.fromkeys([at for kind, at in init_keys if kind == "draw"] + list(needs.draws)):
         depth, stream, path = slot
         split = how.split(stream) and n is not None
-        keys = [send_at(outer, depth, RandomRequest(path, stream)) for _ in range(count)]
+        keys = init_keys.get(("draw", slot), [])
+        keys += [send_at(outer, depth, RandomRequest(path, stream)) for _ in range(needs.draws.get(slot, 0))]
         plan.draws[slot] = [plan.add("mapped", _per_index(k, n)) if split else plan.add("unmapped", k) for k in keys]
-    for slot in needs.bases:
+    for slot in dict.fromkeys([at for kind, at in init_keys if kind == "base"] + list(needs.bases)):
         depth, stream, path = slot
-        key = send_at(outer, depth, StreamKeyRequest(path, stream))
+        found = init_keys.get(("base", slot))
+        key = found[0] if found else send_at(outer, depth, StreamKeyRequest(path, stream))
         split = how.split(stream) and n is not None
         plan.bases[slot] = plan.add("mapped", _per_index(key, n)) if split else plan.add("unmapped", key)
     return plan
@@ -333,7 +348,7 @@ def scan(
         outer = current_stack()
         n = _scan_length(length, xs)
         x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
-        needs, (carry_struct, y_struct), _ = _learn(outer, body, (carry, x0))
+        needs, (carry_struct, y_struct), _ = _learn(outer, body, (carry, x0), state_how=state_how)
         plan = _plan(needs, outer, _Crossing(n, stack_params, True, state_how, split))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)
@@ -442,7 +457,7 @@ def vmap(
             axis_name=axis_name,
             spmd_axis_name=spmd_axis_name,
         )
-        needs, out_struct, (n,) = _learn(outer, fn, args, wrap=wrap)
+        needs, out_struct, (n,) = _learn(outer, fn, args, wrap=wrap, state_how=state_how)
         plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)

@@ -227,6 +227,35 @@ def test_a_missing_stream_raises_missing_rng_error_without_falling_back_to_param
     assert_same(t.apply(variables, X, train=False), Block().apply(variables, X, train=False))
 
 
+@pytest.mark.parametrize("lift", ["scan", "remat", "vmap"])
+def test_a_stateful_flax_module_inside_a_lifted_transform_equals_the_unrolled_loop(lift):
+    """Applying existing variables needs no key (Flax's init runs only for a missing variable), under the
+    eval preset too, and a frozen collection is seen as frozen inside the lifted body, as outside it."""
+    bn = fx.from_flax(nn.BatchNorm(use_running_average=True))
+
+    def unrolled(x):
+        for i in range(1 if lift == "vmap" else 2):  # vmap: each member applies it once
+            with fx.scope(f"l{i}"):
+                x = bn(x)
+        return x
+
+    def lifted(x):
+        if lift == "scan":
+            return fx.scan(lambda h, _: (bn(h), None), length=2)(x)[0]
+        if lift == "vmap":
+            return fx.vmap(bn, in_axes=None, axis_size=2)(x)[1]
+        return fx.remat(bn)(fx.remat(bn)(x))
+
+    t, plain = fx.transform(lifted), fx.transform(unrolled)
+    v, pv = t.init(K, X), plain.init(K, X)
+    stats = lambda v: jax.tree.map(lambda a: a + 1.0, v["batch_stats"])  # noqa: E731
+    v = {**v, "batch_stats": stats(v)}
+    pv = {**pv, "batch_stats": stats(pv)}
+    expected = plain.apply(pv, X)
+    for options in ({}, {"handlers": fx.handlers.eval()}, {"rngs": K}):
+        np.testing.assert_allclose(t.apply(v, X, **options), expected, rtol=1e-6, err_msg=str(options))
+
+
 def test_flax_variables_load_unchanged_and_pass_check_variables():
     module = ScanStack()
     variables = module.init({"params": K, "dropout": KD}, X)

@@ -91,6 +91,79 @@ def test_a_state_init_that_reads_the_body_input_is_made_inside_the_body(kind, in
                                else jnp.stack([init(X + i) for i in range(3)]))
 
 
+def _lifted_or_nested(kind, body):
+    if kind == "nested scan":
+        return lambda h: fx.scan(lambda h, _: (lifted("scan", body)(h), None), length=2)(h)[0]
+    if kind == "cond":
+        return lambda h: fx.cond(True, lambda h: body(h, None)[0], lambda h: h, h)
+    return lifted(kind, body)
+
+
+@pytest.mark.parametrize("kind", ["scan", "nested scan", "vmap", "remat", "cond"])
+def test_a_state_init_that_draws_keys_draws_them_only_when_it_runs(kind):
+    """As in the unrolled loop, `init()` runs only for a variable that does not exist yet, so the keys it
+    draws (or the stream key a Flax module's init asks for) are needed only then: applying existing
+    variables needs no key, under the eval preset too."""
+
+    def body(h, _):
+        noise = fx.local_state("noise", lambda: jax.random.normal(fx.next_key("params"), (3,)), collection="buf")
+        scale = fx.local_state("scale", lambda: jnp.ones(3) + 0 * jax.random.key_data(fx.stream_key("params"))[0])
+        return h * scale.get() + noise.get(), None
+
+    t = fx.transform(_lifted_or_nested(kind, body))
+    v = t.init(KEY, X)
+    expected = t.apply(v, X, rngs=jax.random.key(1))  # existing variables: the key is never used
+    np.testing.assert_array_equal(t.apply(v, X), expected)
+    np.testing.assert_array_equal(t.apply(v, X, handlers=fx.handlers.eval()), expected)
+    out, made = t.init_with_output(KEY, X)  # creating: the keys are drawn, as many as the init draws
+    np.testing.assert_array_equal(out, t.apply(made, X))
+    assert jax.tree.map(jnp.shape, made) == jax.tree.map(jnp.shape, v)
+    np.testing.assert_array_equal(made["buf"]["noise"], v["buf"]["noise"])
+
+
+def test_keys_drawn_by_a_state_init_take_their_place_among_the_bodys_draws():
+    """A draw in the body and one in a variable's `init()` at the same path get the keys of the unrolled
+    order, in init (both drawn) and in apply (only the body's)."""
+
+    def step(h):
+        before = jax.random.uniform(fx.next_key("noise"), ())
+        made = fx.local_state("made", lambda: jax.random.uniform(fx.next_key("noise"), ()), collection="buf")
+        after = jax.random.uniform(fx.next_key("noise"), ())
+        return h + before + 10 * made.get() + 100 * after
+
+    rngs = {"params": KEY, "noise": jax.random.key(5)}
+    plain, remat = fx.transform(step), fx.transform(fx.remat(step))
+    want, v = plain.init_with_output(rngs, X)
+    got, w = remat.init_with_output(rngs, X)
+    np.testing.assert_allclose(got, want)
+    np.testing.assert_allclose(w["buf"]["made"], v["buf"]["made"])
+    np.testing.assert_allclose(remat.apply(v, X, rngs=rngs), plain.apply(v, X, rngs=rngs))
+
+
+def test_a_set_in_a_frozen_collection_is_refused_where_the_unrolled_loop_refuses_it():
+    """A handler that asks whether a collection may change by writing a variable back (as `fx.from_flax`
+    does) gets the same answer inside a lifted body as outside: `FrozenStateError` at the `set`."""
+
+    def body(h, _):
+        count = fx.local_state("count", lambda: jnp.zeros(()), collection="stats")
+        try:
+            count.set(count.get())
+            writable = True
+        except fx.FrozenStateError:
+            writable = False
+        if writable:
+            count.set(count.get() + 1)
+        return h + writable, None
+
+    for kind in ("scan", "vmap", "remat"):  # nested: the outer lift refuses the inner one's `set` afterwards
+        t = fx.transform(_lifted_or_nested(kind, body))
+        v = t.init(KEY, X)
+        frozen = t.apply(v, X)
+        np.testing.assert_array_equal(frozen, jnp.broadcast_to(X, frozen.shape), err_msg=kind)  # not written
+        out, updates = t.apply(v, X, mutable=["stats"])
+        assert float(jnp.min(updates["stats"]["count"])) == 1.0 and float(jnp.min(out - X)) >= 1.0, kind
+
+
 def test_carried_state_is_made_on_the_first_step_from_its_input():
     def body(h, _):
         total = fx.local_state("total", lambda: h * 10, collection="cache")
