@@ -15,8 +15,10 @@ def split_presets(handlers: Any) -> tuple[Preset | None, list[Any]]:
     rest: list[Any] = []
 
     def walk(h: Any) -> None:
-        if isinstance(h, Preset):
-            presets.append(h)
+        preset = h if isinstance(h, Preset) else getattr(h, "preset", None)
+        if isinstance(preset, Preset):  # a preset, or one of its handlers (`[*preset, lora]`): the preset
+            if not any(p is preset for p in presets):
+                presets.append(preset)
         elif isinstance(h, (list, tuple)):
             for x in h:
                 walk(x)

@@ -66,6 +66,8 @@ class Preset(tuple):
     raises `EffaxError`. A preset is also a tuple of handlers, so
     `fx.handle(preset)` installs its mode and keys (and, for eval, refuses
     draws and writes). Make them with `fx.handlers.train` and `fx.handlers.eval`.
+    Spread into a list (`handlers=[*preset, lora]`) it is still the preset:
+    each of its handlers names it (`handler.preset`).
 
     >>> preset = fx.handlers.train(jax.random.key(0), mutable=["batch_stats"])
     >>> preset
@@ -89,6 +91,8 @@ class Preset(tuple):
         self = super().__new__(cls, (Mode(training), keys, *extra))
         self.training, self.keys, self.rngs = training, keys, rngs
         self.mutable = None if mutable is None else normalize_mutable(mutable)
+        for handler in self:  # spread into a list (`[*preset, lora]`), its handlers still name their preset
+            handler.preset = self
         return self
 
     def __repr__(self) -> str:

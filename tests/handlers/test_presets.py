@@ -133,6 +133,19 @@ def test_presets_sit_among_other_handlers():
     assert t.apply({}, handlers=(fx.handlers.train(None), side)) == 6.0
 
 
+def test_a_preset_spread_into_a_list_is_still_the_preset():
+    """`handlers=[*preset, lora]` keeps the preset's mutable collections and mode (its handlers name it)."""
+    t = fx.transform(lambda x: fx.nn.Dropout(0.5)(x) + counter())
+    side = fx.handlers.SideInputs({})
+    eval_ = fx.handlers.eval(mutable=["state"])
+    assert t.apply({}, 1.0, handlers=[*eval_, side]) == t.apply({}, 1.0, handlers=(eval_, side))
+    out, updates = t.apply({}, jnp.ones(2), handlers=[side, *fx.handlers.train(KEY, mutable=["state"])])
+    assert updates == {"state": {"n": 1}} and out.shape == (2,)
+    with pytest.raises(fx.EffaxError, match="2 presets"):
+        t.apply({}, 1.0, handlers=[*eval_, *fx.handlers.eval()])
+    assert t.apply({}, 1.0, handlers=[*eval_, eval_])[1] == {"state": {"n": 1}}  # the same one twice: one
+
+
 def test_init_takes_the_preset_mode_and_rngs():
     def f():
         return fx.param("w", jax.nn.initializers.zeros, (2 if fx.is_training() else 3,))
