@@ -21,6 +21,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyFailure
 from hypothesis.internal.conjecture import engine
 
 from effax.testing import laws, models, strategies
@@ -103,6 +104,11 @@ def assert_handler_laws(
     bad += [law for law in budget if law not in LAWS and law not in bad]
     if bad:
         raise ValueError(f"unknown laws {bad}; the laws are {list(LAWS)}.")
+    if "reference" in chosen and only is not None and reference is None:
+        raise ValueError(
+            "only= names the law 'reference', which compares the handler with the built-in it stands in for: "
+            "pass that built-in, `reference=fx.handlers.KeysFromRngs(...)` (or a factory of it)."
+        )
     subject = Subject(
         handler=handler,
         effects=effects,
@@ -137,5 +143,14 @@ def _run(law: Law, subject: Subject, n: int, seed: int | None, shrink: bool | fl
     engine.MAX_SHRINKING_SECONDS = SHRINK_SECONDS if shrink is True else float(shrink or 0)
     try:
         test()
+    except FlakyFailure as e:  # failed, then passed on the rerun: what breaks lives outside the run
+        first = next((x for x in e.exceptions if isinstance(x, AssertionError)), None)
+        if first is None:
+            raise
+        raise AssertionError(
+            f"{first}\n(The failure did not repeat when hypothesis ran the same example again: the "
+            "handler keeps something across runs, such as a class attribute, a module-level dict or a "
+            "counter, that changed the answer. Keep per-run data in the run `begin()` returns.)"
+        ) from e
     finally:
         engine.MAX_SHRINKING_SECONDS = limit

@@ -162,6 +162,12 @@ def declared_effects(handler: HandlerLike) -> tuple[str, ...] | None:
     answers = getattr(handler, "answers", None)
     if answers is None:
         return None
+    if not isinstance(answers, tuple | list):  # as the interpreter refuses it, on entry
+        name = handler.__name__ if isinstance(handler, type) else type(handler).__name__
+        raise fx.EffaxError(
+            f"{name}.answers is {answers!r}: it must be a tuple of request classes, "
+            "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
+        )
     return tuple(dict.fromkeys(e for e in map(effect_of, answers) if e is not None))
 
 
@@ -1518,7 +1524,16 @@ def check_lifting(
     """
     from effax.testing import lifting
 
-    lifting.check_lifting(model, x, key, context=context, training=training, handlers=resolve(handler))
+    case = _case("lifting", model, x, key, handler, training)
+    case.notes.append(f"lifted by: fx.{context} (`effax.testing.lifting.lifted(model, {context!r}, 2)`)")
+    try:
+        with case.running(f"the model lifted by fx.{context}"):
+            lifting.check_lifting(model, x, key, context=context, training=training, handlers=case.handlers)
+    except AssertionError as e:
+        first = str(e).split("\n")[0]
+        if first.startswith("effax law `lifting` does not hold: "):  # the bare check's line: add the case
+            raise case.fail(first.removeprefix("effax law `lifting` does not hold: ")) from None
+        raise
 
 
 def _run_lifting(subject: Subject, data: Any, key: Any, training: bool) -> None:
