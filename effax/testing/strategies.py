@@ -105,9 +105,11 @@ def _fold(items: Sequence[tuple[int, Step]], max_depth: int) -> list[Step]:
 def _name(tree: list[Any]) -> list[Step]:
     """Give every scope, param, state and sow a name, in order.
 
-    Scopes, params and sow tags are unique in the model; states are counted
-    per scope and collection, so two collections at one scope reuse names
-    (`s0` in 'state' beside `s0` in 'stats'): one path, two variables.
+    Scopes and sow tags are unique in the model; params are counted per
+    scope, so two scopes each hold a `w0` (a handler that keys params by name
+    instead of path mixes them up); states are counted per scope and
+    collection, so two collections at one scope reuse names (`s0` in 'state'
+    beside `s0` in 'stats'): one path, two variables.
     """
     counts: dict[Any, int] = {}
 
@@ -126,7 +128,7 @@ def _name(tree: list[Any]) -> list[Step]:
             elif isinstance(item, Scope):
                 out.append(Scope(fresh("blk")))
             elif isinstance(item, Param):
-                out.append(dataclasses.replace(item, name=fresh("w")))
+                out.append(dataclasses.replace(item, name=fresh("w", path)))
             elif isinstance(item, State):
                 out.append(dataclasses.replace(item, name=fresh("s", (path, item.collection))))
             elif isinstance(item, Sow):

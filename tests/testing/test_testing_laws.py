@@ -215,6 +215,58 @@ def test_assert_handler_laws_refuses_unknown_effects_and_laws():
         assert_handler_laws(fx.Handler, budget={"sharin": 3})
 
 
+class StashesAcrossRuns(fx.Handler):
+    """Answers a param with the value the previous run made at its path: kept on the class, across runs."""
+
+    stash = {}
+
+    def handle(self, request, forward):
+        value = forward(request)
+        if isinstance(request, fx.ParamRequest):
+            previous, type(self).stash[request.path] = type(self).stash.get(request.path), value
+            if previous is not None and previous.shape == value.shape and previous.dtype == value.dtype:
+                return previous
+        return value
+
+
+def test_state_kept_across_runs_fails_as_an_assertion_that_says_so():
+    """Such a failure may not repeat when hypothesis reruns the example (it raises FlakyFailure): it still
+    arrives as the kit's AssertionError, with what to look for."""
+    StashesAcrossRuns.stash.clear()
+    with pytest.raises(AssertionError, match=r"(?s)does not hold: .*keeps something across runs"):
+        assert_handler_laws(StashesAcrossRuns, ("param",), max_examples=10, seed=0, only=["determinism"])
+
+
+def test_a_lifting_failure_names_the_model_and_the_transform():
+    class _ZeroRun:
+        def handle(self, request, forward):  # creates params itself, scaling what the initializer made
+            if type(request) is fx.ParamRequest:
+                return request.init(jax.random.key(1), request.shape, request.dtype) * 0.0
+            return forward(request)
+
+    class ZeroInit(fx.Handler):
+        def begin(self):
+            return _ZeroRun()
+
+    with pytest.raises(AssertionError) as e:
+        laws.check_lifting(Model([Param("w0", init="normal")], in_size=2), X, KEY, ZeroInit, context="scan")
+    message = str(e.value)
+    assert message.startswith("effax law `lifting` does not hold: init's output differs")
+    for part in ("\nmodel: Model(", "handlers under test (innermost last): ZeroInit()", "lifted by: fx.scan",
+                 "rebuild the model: Model(["):
+        assert part in message, message
+
+
+def test_a_malformed_answers_and_a_reference_law_without_reference_are_refused():
+    class NotATuple(fx.Handler):
+        answers = fx.SideInputRequest
+
+    with pytest.raises(fx.EffaxError, match=r"NotATuple.answers is .*must be a tuple of request classes"):
+        assert_handler_laws(NotATuple, max_examples=1)
+    with pytest.raises(ValueError, match=r"only= names the law 'reference'.*reference="):
+        assert_handler_laws(fx.Handler, ("param",), only=["reference"], max_examples=1)
+
+
 def test_the_registry_lists_each_law_of_design_once():
     assert len(set(LAWS)) == len(LAWS)
     assert sorted({law.number for law in LAWS.values()}) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14]

@@ -331,6 +331,26 @@ class MySideInputs(fx.Handler):
         return forward(request)
 
 
+class ParamsCachedByName(fx.Handler):
+    """Caches params by their name, not their path: `encoder/w0` is answered with `decoder/w0`'s value."""
+
+    def begin(self):
+        return _ByNameRun()
+
+
+class _ByNameRun:
+    def __init__(self):
+        self.cache = {}
+
+    def handle(self, request, forward):
+        if not isinstance(request, fx.ParamRequest):
+            return forward(request)
+        name = request.path[-1]
+        if name not in self.cache:
+            self.cache[name] = forward(request)
+        return self.cache[name]
+
+
 # name -> (factory, effects, extra kwargs for assert_handler_laws, the law that must catch it)
 BROKEN = {
     "param answer of the wrong shape": (TransposedParams, ("param",), {}, "answers match requests"),
@@ -353,6 +373,7 @@ BROKEN = {
     "configuration read from the stack in `begin()`": (ScaleReadAtBegin, ("param",), {}, "associativity"),
     "answers kept on the handler": (RemembersAnswers, ("param",), {}, "purity under jit"),
     "a param handler undoing `fx.share`": (UndoesSharing, ("param",), {}, "sharing"),
+    "params cached by name, not path": (ParamsCachedByName, ("param",), {}, "answers match requests"),
     "a drop-in losing side-input defaults": (
         lambda: MySideInputs({"mask": 2.0}), ("side_input",),
         {"reference": lambda: fx.handlers.SideInputs({"mask": 2.0})}, "reference",
