@@ -158,6 +158,9 @@ class Needs:
     # the keys a state's `init()` drew, by state slot, in order: `(kind, depth, stream, path)`, kind "draw"
     # or "base"; needed only where the variable is created (`DrawingProbe`), so not in `draws`/`bases`
     init_draws: dict[tuple, list] = dataclasses.field(default_factory=dict)
+    # the second and later requests of a param, by slot: each use goes outside too (after the first), so a
+    # summary counts them and a tie shows, as in the unrolled loop
+    param_uses: dict[tuple, list] = dataclasses.field(default_factory=dict)
 
 
 def struct_of(value: Any) -> Any:
@@ -215,6 +218,8 @@ class Recorder:
             slot = (depth, request.path)
             if slot not in needs.params:
                 needs.params[slot] = dataclasses.replace(request, init=_stripped)
+            else:
+                needs.param_uses.setdefault(slot, []).append(dataclasses.replace(request, init=_stripped))
             return jnp.zeros(request.shape, request.dtype)
         if kind is LocalStateRequest:
             slot = (depth, request.collection, request.path)
@@ -290,6 +295,7 @@ class ParamPlan:
     fresh: bool  # created inside the body, from the key at `index`; else the value at `index`
     index: int
     carry: int | None = None  # scan with broadcast params: the carried value made on the first step
+    uses: list = dataclasses.field(default_factory=list)  # its later requests, as sent outside afterwards
 
 
 @dataclasses.dataclass

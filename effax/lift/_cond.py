@@ -52,6 +52,9 @@ def _merge(all_needs: list[Needs]) -> Needs:
         merged.bases.update(needs.bases)
         for slot, draws in needs.init_draws.items():  # a variable's `init()`: the first branch declaring it
             merged.init_draws.setdefault(slot, draws)
+        for slot, uses in needs.param_uses.items():  # a param's later uses: as many as the branch using it most
+            if len(uses) > len(merged.param_uses.get(slot, ())):
+                merged.param_uses[slot] = uses
     sows = [needs.sows for needs in all_needs]
     if any(s != sows[0] for s in sows[1:]):
         raise EffaxError(

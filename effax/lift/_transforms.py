@@ -29,7 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import EffaxError, current_stack, path_str, run_values
-from effax.effects import GetStateRequest, RandomRequest, SetStateRequest, SideOutputRequest, StreamKeyRequest
+from effax.effects import (
+    GetStateRequest,
+    ParamRequest,
+    RandomRequest,
+    SetStateRequest,
+    SideOutputRequest,
+    StreamKeyRequest,
+)
 from effax.inspect import abstract_mode, run_abstractly
 from effax.lift._body import (
     Answerer,
@@ -131,22 +138,29 @@ def _zeros(struct: Any, n: int | None = None) -> Any:
 def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     """Request the body's needs outside (step 2); return where each value enters the body."""
     plan, n = Plan(), how.n
+
+    def outside(request: ParamRequest) -> ParamRequest:  # a param as requested outside: stacked, or as is
+        if not how.stack_params:
+            return request
+        axes = None if request.axes is None else (None,) + request.axes
+        return dataclasses.replace(request, shape=(n,) + request.shape, axes=axes)
+
     for slot, request in needs.params.items():
         depth = slot[0]
-        if how.stack_params:
-            axes = None if request.axes is None else (None,) + request.axes
-            request = dataclasses.replace(request, shape=(n,) + request.shape, axes=axes)
+        request = outside(request)
+        uses = [outside(use) for use in needs.param_uses.get(slot, ())]
         fresh, found = probe(outer, depth, dataclasses.replace(request, init=Probe()))
         crossing = "mapped" if how.stack_params else "unmapped"
         if not fresh:
-            plan.params[slot] = ParamPlan(request, False, plan.add(crossing, found))
+            plan.params[slot] = ParamPlan(request, False, plan.add(crossing, found), uses=uses)
             continue
         key = _per_index(found, n) if how.stack_params else found
         carry = None
         if how.carry_params and not how.stack_params:
             carry = plan.add("carried", _zeros(request.as_empty()))
             crossing = "carried"
-        plan.params[slot] = ParamPlan(request, True, plan.add("mapped" if how.stack_params else "unmapped", key), carry)
+        index = plan.add("mapped" if how.stack_params else "unmapped", key)
+        plan.params[slot] = ParamPlan(request, True, index, carry, uses)
         plan.outputs.append((crossing, "param", slot))
     init_keys: dict[tuple, list] = {}  # draws and bases of the `init()`s of fresh state, by slot, in order
     for slot, need in needs.state.items():
@@ -203,6 +217,9 @@ def _hand_back(plan: Plan, outer: tuple[Any, ...], values: list[Any], sown: list
             send_at(outer, slot[0], dataclasses.replace(plan.params[slot].request, init=Constant(value)))
         elif what == "initial":
             send_at(outer, slot[0], dataclasses.replace(plan.state[slot].need.request, init=Constant(value)))
+    for slot, p in plan.params.items():  # a param's later uses, now that it exists: a summary counts them
+        for use in p.uses:
+            send_at(outer, slot[0], use)
     for (_, what, slot), value in zip(plan.outputs, values, strict=True):
         if what == "state" and plan.state[slot].need.written:
             depth, collection, path = slot

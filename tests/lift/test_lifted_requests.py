@@ -164,6 +164,33 @@ def test_a_set_in_a_frozen_collection_is_refused_where_the_unrolled_loop_refuses
         assert float(jnp.min(updates["stats"]["count"])) == 1.0 and float(jnp.min(out - X)) >= 1.0, kind
 
 
+def _tied(h, _):
+    with fx.scope("enc"):
+        w1 = fx.param("w", jax.nn.initializers.normal(1.0), (3, 3))
+    with fx.scope("dec"):
+        w2 = fx.param("w", jax.nn.initializers.normal(1.0), (3, 3))
+    return jnp.tanh(h @ w1) @ w2.T, None
+
+
+def _reused(h, _):
+    dense = fx.nn.Dense(3)
+    return dense(jnp.tanh(dense(h))), None
+
+
+@pytest.mark.parametrize("kind", ["scan", "nested scan", "vmap", "remat", "cond"])
+def test_summary_and_effects_of_see_every_use_of_a_param_as_unrolled(kind):
+    """A param used twice in a lifted body (a reused layer, a tie made by `fx.share` inside it) is requested
+    outside once per use, so `summary` counts the uses and notes the tie, and `effects_of` lists each use
+    with the binding that moved it, as for the model run plainly."""
+    tied = lambda h, _: (fx.share(lambda h: _tied(h, None)[0], {"dec": "enc"})(h), None)  # noqa: E731
+    for body, note in ((tied, "shared with dec/w; 2 uses"), (_reused, "2 uses")):
+        plain, lifted_ = fx.transform(lambda h: body(h, None)[0]), fx.transform(_lifted_or_nested(kind, body))
+        rows = [line for line in str(fx.summary(lifted_, X)).splitlines() if note in line]
+        assert len(rows) == len([line for line in str(fx.summary(plain, X)).splitlines() if note in line]) > 0
+        uses = lambda t: [(e.name, e.binding) for e in fx.effects_of(t, X).of_kind("param")]  # noqa: E731
+        assert uses(lifted_) == uses(plain), kind
+
+
 def test_carried_state_is_made_on_the_first_step_from_its_input():
     def body(h, _):
         total = fx.local_state("total", lambda: h * 10, collection="cache")
