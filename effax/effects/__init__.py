@@ -9,9 +9,11 @@ from effax.effects._random import (
     RandomEffect,
     RandomRequest,
     StreamKeyRequest,
+    StreamNamesRequest,
     next_key,
     random_stream,
     stream_key,
+    stream_names,
 )
 from effax.effects._side_input import SideInputEffect, SideInputRequest, side_input
 from effax.effects._side_output import SideOutputEffect, SideOutputRequest, sow
@@ -25,8 +27,8 @@ from effax.effects._state import (
 
 __all__ = [
     "ModeRequest", "is_training", "ParamRequest", "param", "RandomEffect", "RandomRequest",
-    "StreamKeyRequest", "next_key", "random_stream", "stream_key", "SideInputEffect",
-    "SideInputRequest", "side_input", "SideOutputEffect", "SideOutputRequest", "sow",
+    "StreamKeyRequest", "StreamNamesRequest", "next_key", "random_stream", "stream_key", "stream_names",
+    "SideInputEffect", "SideInputRequest", "side_input", "SideOutputEffect", "SideOutputRequest", "sow",
     "GetStateRequest", "LocalStateEffect", "LocalStateRequest", "SetStateRequest", "local_state",
     "ModuleCallRequest", "call_module", "sees_module_calls", "InitializingRequest", "is_initializing",
     "CaptureRequest", "capture_filter",

@@ -64,6 +64,38 @@ class StreamKeyRequest(Request):
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamNamesRequest(Request):
+    """Ask which streams the run's keys serve: a tuple of names, or None for any stream (one key given).
+
+    For code that hands keys to a library that checks for them (Flax's
+    `self.has_rng("dropout")`), which must see the streams the user passed.
+    Unanswered, it is None.
+
+    >>> with fx.handle(fx.handlers.KeysFromRngs({"dropout": jax.random.key(0)})):
+    ...     fx.effects.stream_names()
+    ('dropout',)
+    """
+
+    kind: ClassVar[str] = "stream_names"  # the one name of this request, in errors, tables and the testing kit
+    effect: ClassVar[str] = "random"  # the effect (family of requests) it belongs to
+
+    def describe(self) -> str:
+        return f"the names of the streams at `{path_str(self.path)}`"
+
+    def unhandled(self) -> None:
+        return None
+
+
+def stream_names() -> tuple[str, ...] | None:
+    """The streams the run's keys serve (`rngs`'s names), or None when one key serves every stream.
+
+    >>> fx.transform(lambda: fx.effects.stream_names()).apply({}, rngs={"noise": jax.random.key(0)})
+    ('noise',)
+    """
+    return send(StreamNamesRequest(path_now()))
+
+
+@dataclasses.dataclass(frozen=True)
 class RandomEffect:
     """A handle on one stream at the path where it was created.
 

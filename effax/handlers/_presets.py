@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from effax.core import EffaxError, FrozenStateError, Handler, MissingRngError
-from effax.effects import RandomRequest, SetStateRequest, StreamKeyRequest
+from effax.effects import RandomRequest, SetStateRequest, StreamKeyRequest, StreamNamesRequest
 from effax.handlers._mode import Mode, static_training
 from effax.handlers._random import KeysFromRngs
 from effax.handlers._state import normalize_mutable
@@ -15,9 +15,11 @@ from effax.handlers._state import normalize_mutable
 class _NoKeys(Handler):
     """Refuse every key draw: eval draws no randomness."""
 
-    answers = (RandomRequest, StreamKeyRequest)
+    answers = (RandomRequest, StreamKeyRequest, StreamNamesRequest)
 
     def handle(self, request: Any, forward: Any) -> Any:
+        if type(request) is StreamNamesRequest:
+            return ()  # no stream: a library checking for a key (`has_rng`) sees none
         if type(request) is RandomRequest or type(request) is StreamKeyRequest:
             raise MissingRngError(
                 f"{request.describe()} under the eval preset, which draws no randomness. Layers "

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from effax.core import EffaxError, Handler, MissingRngError, check_name
-from effax.effects import RandomRequest, StreamKeyRequest
+from effax.effects import RandomRequest, StreamKeyRequest, StreamNamesRequest
 from effax.handlers._trace import check_trace, trace_state
 
 
@@ -116,7 +116,7 @@ class KeysFromRngs(Handler):
 
 
 class _KeysRun:
-    answers = (RandomRequest, StreamKeyRequest)
+    answers = (RandomRequest, StreamKeyRequest, StreamNamesRequest)
 
     __slots__ = ("rngs", "trace", "roots", "bases", "counts")
 
@@ -168,4 +168,6 @@ class _KeysRun:
             n = self.counts.get(slot, 0)
             self.counts[slot] = n + 1
             return _fold_word(key, np.uint32(n))  # `jax.random.fold_in(key, n)`, one eager dispatch
+        if type(request) is StreamNamesRequest:  # a dict names its streams; one key (or none) serves any
+            return () if self.rngs is None else tuple(self.rngs) if isinstance(self.rngs, Mapping) else None
         return forward(request)

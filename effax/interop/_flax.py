@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from effax.core import EffaxError, FrozenStateError, at_path, check_name, current_path, path_str, scope
-from effax.effects import capture_filter, is_initializing, local_state, param, stream_key
+from effax.effects import capture_filter, is_initializing, local_state, param, stream_key, stream_names
 from effax.interop._common import is_mutable, request_tree, sow_tree
 
 _RNG_STREAM = re.compile(r'needs PRNG for "([^"]+)"')
@@ -195,7 +195,12 @@ def _apply(nn: Any, module: Any, spec: _Spec, variables: dict, frozen: set[str],
 
     path = current_path()
     mutable = nn.DenyList(("params", *sorted(frozen)))
-    streams, keys = set(spec.streams), {}
+    # the streams `rngs` names, as `module.apply(v, x, rngs=rngs)` gets them (a module may check
+    # `self.has_rng("dropout")`), but "params" only once Flax asks for it: Flax would draw a missing stream
+    # from it, where effax raises `MissingRngError`; with one key for every stream, those Flax draws from,
+    # learned on first use
+    names = stream_names()
+    streams, keys = set(spec.streams) if names is None else set(names) - {"params"}, {}
     while True:
         for stream in sorted(streams - keys.keys()):
             keys[stream] = stream_key(stream)
@@ -221,7 +226,7 @@ def _apply(nn: Any, module: Any, spec: _Spec, variables: dict, frozen: set[str],
                 "for training state in eval, run the module in eval mode (e.g. `train=False`, "
                 "`use_running_average=True`)."
             ) from None
-    if streams != spec.streams:
+    if names is None and streams != spec.streams:
         spec.streams = frozenset(streams)
     return out
 

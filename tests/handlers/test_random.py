@@ -127,3 +127,13 @@ def test_keys_handler_directly_under_jit():
             return jax.random.normal(fx.next_key("s"))
 
     assert f(jax.random.key(0)).shape == ()
+
+
+def test_the_stream_names_a_run_serves():
+    """A dict of rngs names its streams; one key serves any (None); no key, or the eval preset, none."""
+    names = fx.transform(lambda: fx.effects.stream_names())
+    assert names.apply({}, rngs={"dropout": jax.random.key(0), "noise": jax.random.key(1)}) == ("dropout", "noise")
+    assert names.apply({}, rngs=jax.random.key(0)) is None
+    assert names.apply({}) == ()
+    assert names.apply({}, handlers=fx.handlers.eval()) == ()
+    assert fx.effects.stream_names() is None  # unanswered: not known

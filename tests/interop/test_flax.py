@@ -227,6 +227,32 @@ def test_a_missing_stream_raises_missing_rng_error_without_falling_back_to_param
     assert_same(t.apply(variables, X, train=False), Block().apply(variables, X, train=False))
 
 
+class _DropoutIfKeyed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dropout(0.5, deterministic=not self.has_rng("dropout"))(x)
+
+
+class _NoisyThenDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dropout(0.5, deterministic=False)(x + jax.random.normal(self.make_rng("params"), x.shape))
+
+
+def test_flax_sees_the_streams_rngs_names_as_module_apply_does():
+    """`self.has_rng("dropout")` is True when `rngs` names the stream (dropout on, as in Flax), False without
+    keys or under the eval preset; a module drawing from "params" at apply and from another stream gets each
+    its own key."""
+    x = jnp.ones((2, 8))
+    for module, rngs in ((_DropoutIfKeyed(), {"dropout": KD}), (_NoisyThenDropout(), {"params": K, "dropout": KD})):
+        t = fx.transform(fx.from_flax(module))
+        v = t.init(K, x)
+        assert_same(t.apply(v, x, rngs=rngs), module.apply(v, x, rngs=rngs))
+    t = fx.transform(fx.from_flax(_DropoutIfKeyed()))
+    for options in ({}, {"handlers": fx.handlers.eval()}):
+        np.testing.assert_array_equal(t.apply({}, x, **options), x)
+
+
 @pytest.mark.parametrize("lift", ["scan", "remat", "vmap"])
 def test_a_stateful_flax_module_inside_a_lifted_transform_equals_the_unrolled_loop(lift):
     """Applying existing variables needs no key (Flax's init runs only for a missing variable), under the
