@@ -20,7 +20,7 @@ from effax.core import (
     current_path,
     scope,
 )
-from effax.effects import local_state, param, sow, stream_key
+from effax.effects import local_state, param, sow, stream_key, stream_names
 
 
 def _nnx() -> Any:
@@ -54,7 +54,10 @@ def _key(tag: str, shape: tuple[int, ...]) -> tuple[jax.Array, bool]:
     NNX modules hold their streams even when they do not draw (a Dropout in
     eval); the stand-in is never used: drawing from it raises below.
     """
+    names = stream_names()  # asked first: inside a lifted transform a missing key shows only outside it
     try:
+        if names is not None and tag not in names:
+            raise MissingRngError(tag)
         key, given = stream_key(tag), True
     except (MissingRngError, UnhandledEffectError):
         key, given = jax.random.key(0), False

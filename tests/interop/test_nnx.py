@@ -68,6 +68,16 @@ def test_eval_output_equals_the_module_and_needs_no_rngs():
     assert_same(jax.jit(t.apply)(variables, X), net(X))
 
 
+def test_a_stream_the_run_lacks_is_not_asked_for_inside_a_lifted_transform():
+    """An NNX module holds its streams even when it does not draw (Dropout in eval): inside `fx.scan`, as
+    outside, the run's missing key for it is no error until the module draws."""
+    f = fx.from_nnx(nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0)), name="drop")
+    t = fx.transform(lambda x: fx.scan(lambda c, _: (f(c, deterministic=True), None), length=2)(x, None)[0])
+    v = t.init(jax.random.key(0), X)
+    for options in ({}, {"handlers": fx.handlers.eval()}, {"rngs": {"other": KD}}):
+        np.testing.assert_array_equal(t.apply(v, X, **options), X)
+
+
 def test_train_output_and_batch_stats_equal_the_module_with_effax_keys():
     net = Net(nnx.Rngs(params=0, dropout=1))
     t = fx.transform(fx.from_nnx(net))
