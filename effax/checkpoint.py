@@ -118,7 +118,7 @@ class CheckpointIOError(EffaxError, OSError):
 
     >>> import tempfile
     >>> f = tempfile.mkstemp()[1]
-    >>> fx.checkpoint.save(f + "/ckpt", {"params": {}})
+    >>> fx.checkpoint.save(f + "/ckpt", {"params": {"w": jnp.ones(2)}})
     Traceback (most recent call last):
     effax.CheckpointIOError: cannot create the checkpoint directory `...`: ...
     """

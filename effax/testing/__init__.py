@@ -26,7 +26,7 @@ from hypothesis.internal.conjecture import engine
 
 from effax.testing import laws, models, strategies
 from effax.testing.laws import LAWS, HandlerLike, Law, Subject
-from effax.testing.models import EFFECTS
+from effax.testing.models import KNOWN_EFFECTS
 
 __all__ = ["assert_handler_laws", "laws", "models", "strategies", "LAWS", "Law"]
 
@@ -63,7 +63,8 @@ def assert_handler_laws(
     """Check `handler` against every law relevant to the `effects` it answers, over generated models.
 
     `effects` names what the handler *answers* (of `"param"`, `"state"`,
-    `"random"`, `"sow"`, `"side_input"`, `"mode"`; by default what its class
+    `"random"`, `"sow"`, `"side_input"`, `"mode"`, `"module_call"` for an
+    interceptor of `fx.nn` module calls; by default what its class
     declares in `answers = (fx.ParamRequest, ...)`); what it performs itself
     (`fx.is_training()` inside `handle`) is found by the kit and kept out of
     the commutation partners. Generated models always perform the answered
@@ -95,9 +96,9 @@ def assert_handler_laws(
     effects = tuple(effects)
     if not effects and handler is not None:  # a handler class may say what it answers: `answers = (...)`
         effects = laws.declared_effects(handler) or ()
-    unknown = [e for e in effects if e not in EFFECTS]
+    unknown = [e for e in effects if e not in KNOWN_EFFECTS]
     if unknown:
-        raise ValueError(f"effects names unknown effects {unknown}; the kit knows {list(EFFECTS)}.")
+        raise ValueError(f"effects names unknown effects {unknown}; the kit knows {list(KNOWN_EFFECTS)}.")
     chosen = tuple(LAWS) if only is None else tuple(only)
     bad = [law for law in chosen if law not in LAWS]
     budget = dict(budget or {})

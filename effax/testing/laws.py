@@ -51,7 +51,7 @@ import numpy as np
 
 import effax as fx
 from effax.handlers._tree import MISSING, get_path
-from effax.testing.models import EFFECTS, Model
+from effax.testing.models import EFFECTS, KNOWN_EFFECTS, Model
 
 __all__ = [
     "check_determinism", "check_locality", "check_init_apply_agreement", "check_abstract_init",
@@ -129,6 +129,7 @@ _KINDS: dict[type, str] = {
     fx.SideOutputRequest: "sow",
     fx.SideInputRequest: "side_input",
     fx.ModeRequest: "mode",
+    fx.ModuleCallRequest: "module_call",
 }
 
 
@@ -768,9 +769,9 @@ def check_forwarding_identity(
     >>> model = Model([Param("w0"), SideInput("mask")])
     >>> check_forwarding_identity(model, jnp.ones(2), jax.random.key(0), mask, effects=["side_input"])
     """
-    unknown = [e for e in effects if e not in EFFECTS]
+    unknown = [e for e in effects if e not in KNOWN_EFFECTS]
     if unknown:
-        raise ValueError(f"unknown effects {unknown}; the kit knows {list(EFFECTS)}.")
+        raise ValueError(f"unknown effects {unknown}; the kit knows {list(KNOWN_EFFECTS)}.")
     model = model.without(*effects)
     case = _case("forwarding identity", model, x, key, handler, training)
     reference = case.results()

@@ -2,7 +2,7 @@
 
 A law that fails on a generated model should show the model as the requests
 it makes, not as an object dump. So a model here is a frozen tree of steps
-(`Scope`, `Param`, `State`, `Draw`, `Sow`, `SideInput`, `Mode`); calling it
+(`Scope`, `Call`, `Param`, `State`, `Draw`, `Sow`, `SideInput`, `Mode`); calling it
 on an input array performs each step's effect in order and mixes every answer
 into the output, so any handler that changes an answer changes the output.
 
@@ -37,7 +37,11 @@ INITIALIZERS = {
 """The initializers a generated `Param` may name (by key, so the listing stays readable)."""
 
 EFFECTS = ("param", "state", "random", "sow", "side_input", "mode")
-"""The effect names the kit knows, one per kind of step."""
+"""The effects a generated model mixes by default, one per kind of step."""
+
+KNOWN_EFFECTS = EFFECTS + ("module_call",)
+"""Every effect name the kit knows: the defaults, and `"module_call"` (a `Call`, an `fx.nn.Module` call),
+which models hold only when asked for (`models(require=("module_call",))`, or a handler of module calls)."""
 
 Path = tuple[str, ...]
 
@@ -217,7 +221,44 @@ class Scope:
         return h
 
 
-Step = Param | State | Draw | Sow | SideInput | Mode | Scope
+class _Layer(fx.nn.Module):
+    """The module a `Call` runs: its steps, in its own scope."""
+
+    steps: tuple[Any, ...] = ()
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        for step in self.steps:
+            h = step.run(h)
+        return h
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """An `fx.nn.Module` named `name` whose `__call__` runs the children: a module call (`fx.ModuleCallRequest`),
+    for handlers that intercept calls (a LoRA adapter, a logger), in its scope `name`.
+
+    >>> t = fx.transform(Model([Call("mod0", [Param("w0")])], in_size=1))
+    >>> list(t.init(jax.random.key(0), jnp.zeros(1))["params"]["mod0"])
+    ['w0']
+    """
+
+    name: str
+    children: tuple[Step, ...] = ()
+
+    effect: ClassVar[str] = "module_call"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "children", tuple(self.children))
+
+    def run(self, h: jax.Array) -> jax.Array:
+        return _Layer(self.children, name=self.name)(h)
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        n = len(self.children)
+        return "module_call", _where(path + (self.name,)), f"__call__, {n} step{'s' * (n != 1)} inside"
+
+
+Step = Param | State | Draw | Sow | SideInput | Mode | Scope | Call
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -255,7 +296,7 @@ class Model:
         def visit(steps: Iterable[Step], path: Path) -> None:
             for step in steps:
                 out.append((path, step))
-                if isinstance(step, Scope):
+                if isinstance(step, Scope | Call):
                     visit(step.children, path + (step.name,))
 
         visit(self.steps, ())
@@ -317,10 +358,10 @@ class Model:
             out = []
             for step in steps:
                 index = next(counter)
-                if isinstance(step, Scope):
+                if isinstance(step, Scope | Call):
                     children = prune(step.children)
                     if keep(index, step):
-                        out.append(Scope(step.name, children))
+                        out.append(type(step)(step.name, children))
                 elif keep(index, step):
                     out.append(step)
             return out
@@ -345,8 +386,8 @@ class Model:
 
         def freeze(steps: Iterable[Step]) -> list[Step]:
             return [
-                Scope(s.name, freeze(s.children))
-                if isinstance(s, Scope)
+                type(s)(s.name, freeze(s.children))
+                if isinstance(s, Scope | Call)
                 else dataclasses.replace(s, update="none")
                 if isinstance(s, State)
                 else s

@@ -29,6 +29,8 @@ from hypothesis.extra import numpy as hnp
 from effax.testing.models import (
     EFFECTS,
     INITIALIZERS,
+    KNOWN_EFFECTS,
+    Call,
     Draw,
     Mode,
     Model,
@@ -51,9 +53,9 @@ SIDE_INPUT_TAGS = ("mask", "ctx")
 
 def _check_effects(effects: Iterable[str], what: str) -> tuple[str, ...]:
     effects = tuple(effects)
-    unknown = [e for e in effects if e not in EFFECTS]
+    unknown = [e for e in effects if e not in KNOWN_EFFECTS]
     if unknown:
-        raise ValueError(f"{what} names unknown effects {unknown}; the kit knows {list(EFFECTS)}.")
+        raise ValueError(f"{what} names unknown effects {unknown}; the kit knows {list(KNOWN_EFFECTS)}.")
     return effects
 
 
@@ -85,6 +87,8 @@ def _step(effect: str, *, param_dtypes: Sequence[str], state_updates: Sequence[s
         )
     if effect == "mode":
         return st.just(Mode())
+    if effect == "module_call":
+        return st.just(Call(""))
     return st.just(Scope(""))
 
 
@@ -95,7 +99,7 @@ def _fold(items: Sequence[tuple[int, Step]], max_depth: int) -> list[Step]:
     for depth, step in items:
         del stack[min(depth, len(stack) - 1) + 1 :]
         stack[-1].append(step)
-        if isinstance(step, Scope) and len(stack) <= max_depth:
+        if isinstance(step, Scope | Call) and len(stack) <= max_depth:
             step_children: list[Any] = []
             stack[-1][-1] = (step, step_children)
             stack.append(step_children)
@@ -123,10 +127,10 @@ def _name(tree: list[Any]) -> list[Step]:
         for item in items:
             if isinstance(item, tuple):
                 scope, children = item
-                name = fresh("blk")
-                out.append(Scope(name, visit(children, path + (name,))))
-            elif isinstance(item, Scope):
-                out.append(Scope(fresh("blk")))
+                name = fresh("mod" if isinstance(scope, Call) else "blk")
+                out.append(type(scope)(name, visit(children, path + (name,))))
+            elif isinstance(item, Scope | Call):
+                out.append(type(item)(fresh("mod" if isinstance(item, Call) else "blk")))
             elif isinstance(item, Param):
                 out.append(dataclasses.replace(item, name=fresh("w", path)))
             elif isinstance(item, State):

@@ -351,6 +351,16 @@ class _ByNameRun:
         return self.cache[name]
 
 
+class AdapterOnlyWhileInitializing(fx.Handler):
+    """Shifts the output of every module call, but only under init: init and apply disagree."""
+
+    answers = (fx.ModuleCallRequest,)
+
+    def handle(self, request, forward):
+        out = forward(request)
+        return out + 1.0 if fx.is_initializing() else out
+
+
 # name -> (factory, effects, extra kwargs for assert_handler_laws, the law that must catch it)
 BROKEN = {
     "param answer of the wrong shape": (TransposedParams, ("param",), {}, "answers match requests"),
@@ -374,6 +384,7 @@ BROKEN = {
     "answers kept on the handler": (RemembersAnswers, ("param",), {}, "purity under jit"),
     "a param handler undoing `fx.share`": (UndoesSharing, ("param",), {}, "sharing"),
     "params cached by name, not path": (ParamsCachedByName, ("param",), {}, "answers match requests"),
+    "a module-call adapter only in init": (AdapterOnlyWhileInitializing, ("module_call",), {}, "init/apply agreement"),
     "a drop-in losing side-input defaults": (
         lambda: MySideInputs({"mask": 2.0}), ("side_input",),
         {"reference": lambda: fx.handlers.SideInputs({"mask": 2.0})}, "reference",
@@ -436,6 +447,17 @@ class LoRA(fx.Handler):
         return out
 
 
+class LoRAOnModuleCalls(fx.Handler):
+    """Adds a zero-initialized adapter, a param of its own in the module's scope, to every module call's output."""
+
+    answers = (fx.ModuleCallRequest,)
+
+    def handle(self, request, forward):
+        out = forward(request)
+        with fx.scope("lora"):
+            return out + fx.param("b", jax.nn.initializers.zeros, ())
+
+
 class Bfloat16NoiseWhenTraining(fx.Handler):
     """Adds small noise to params when training, drawn at the param's own path, in the param's dtype."""
 
@@ -469,6 +491,7 @@ CORRECT = {
     "prefixed params": (PrefixedParams, ("param",), {}),
     "non-forwarding params": (lambda: FrozenRandomParams(jax.random.key(4)), ("param",), {}),
     "LoRA adapters keyed by path": (LoRA, ("param",), {}),
+    "LoRA on module calls": (LoRAOnModuleCalls, ("module_call",), {}),
     "bf16 noise under training": (Bfloat16NoiseWhenTraining, ("param",), {}),
     "a request log on the run": (RequestLog, (), {}),
     "built-in side inputs as a reference of itself": (
