@@ -184,7 +184,8 @@ def test_summary_and_effects_of_see_every_use_of_a_param_as_unrolled(kind):
     with the binding that moved it, as for the model run plainly."""
     tied = lambda h, _: (fx.share(lambda h: _tied(h, None)[0], {"dec": "enc"})(h), None)  # noqa: E731
     for body, note in ((tied, "shared with dec/w; 2 uses"), (_reused, "2 uses")):
-        plain, lifted_ = fx.transform(lambda h: body(h, None)[0]), fx.transform(_lifted_or_nested(kind, body))
+        plain = fx.transform(lambda h, body=body: body(h, None)[0])
+        lifted_ = fx.transform(_lifted_or_nested(kind, body))
         rows = [line for line in str(fx.summary(lifted_, X)).splitlines() if note in line]
         assert len(rows) == len([line for line in str(fx.summary(plain, X)).splitlines() if note in line]) > 0
         uses = lambda t: [(e.name, e.binding) for e in fx.effects_of(t, X).of_kind("param")]  # noqa: E731
