@@ -164,7 +164,9 @@ def check_lifting(
     common = dict(training=training, handlers=handlers)
     out, v = t.init_with_output(key, x, mutable=True, **common)
     out_ref, v_ref = reference(model, context, n, x, key, **common)
-    dtypes = sorted(_float_dtypes(v_ref))
+    # the model's own param dtypes too: a handler that answers params itself stores none in the variables
+    specs = model.param_specs() if hasattr(model, "param_specs") else {}
+    dtypes = sorted(_float_dtypes(v_ref) | {dtype for _, dtype in specs.values()})
     _close("init's output", out, out_ref, dtypes)
     _close("init's variables", v, v_ref, dtypes)
     state = t.init(key, x, **common)  # params and state, no sown values
