@@ -203,14 +203,19 @@ class Recorder:
         depth, collection, path = slot
         return send_at(self.outer, depth, GetStateRequest(path, collection))
 
+    def _seen(self, slot: tuple) -> Any:
+        """The abstract value the body sees of a variable that exists outside (a slice of a stacked one)."""
+        struct = struct_of(self._outside_value(slot))
+        declared = self.needs.state[slot].request is not None
+        return self.view(slot[1], struct) if declared and self.view is not None else struct
+
     def _read(self, slot: tuple) -> Any:
+        """A variable as the body sees it: as the body made or set it, else zeros of its shape (this trace
+        is abstract; nothing of the value outside is copied, nor kept)."""
         value = self.values.get(slot, MISSING)
         if value is not MISSING:
             return value
-        value = self._outside_value(slot)
-        collection = slot[1]
-        declared = self.needs.state[slot].request is not None
-        return self.view(collection, value) if declared and self.view is not None else value
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.needs.state[slot].struct)
 
     def answer(self, depth: int, request: Any) -> Any:
         kind, needs = type(request), self.needs
@@ -230,7 +235,7 @@ class Recorder:
             if self._exists(depth, request):
                 needs.state[slot] = StateNeed(dataclasses.replace(request, init=_stripped), None)
                 self.outside.add(slot)
-                needs.state[slot].struct = struct_of(self._read(slot))
+                needs.state[slot].struct = self._seen(slot)
                 return None
             outer_init, self.init_of = self.init_of, slot
             try:  # a `DrawingProbe` (a nested lift's) draws here too; a `Probe` raises `Fresh`
@@ -245,7 +250,7 @@ class Recorder:
             if slot not in needs.state:  # a LocalStateEffect made outside the body: read it there
                 needs.state[slot] = StateNeed(None, None)
                 self.outside.add(slot)
-                needs.state[slot].struct = struct_of(self._read(slot))
+                needs.state[slot].struct = self._seen(slot)
             need = needs.state[slot]
             if kind is GetStateRequest:
                 return self._read(slot)

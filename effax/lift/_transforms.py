@@ -67,16 +67,15 @@ def _learn(
     """`body(*args)` under a `Recorder` and `jax.eval_shape` (and `wrap`, e.g. a `jax.vmap`): nothing is computed.
 
     `state_how` is the transform's crossing of state: a variable that exists
-    outside, stacked, is seen by the body one slice at a time.
+    outside, stacked, is seen by the body one slice at a time (as a shape).
     Returns what the body needs, its output's shapes, and the shape of a
     scalar probe under `wrap` (a vmap's axis size, as JAX infers it). Module
     auto-names counted here are rolled back (unless `rollback=False`) when
     the real pass follows, so it names the layers it creates as this one did.
     """
     found: list[Needs] = []
-    view = None
-    if state_how is not None:  # a variable stacked outside (one per iteration or member) is seen sliced
-        view = lambda c, v: jax.tree.map(lambda a: a[0], v) if state_how(c, True) == "mapped" else v  # noqa: E731
+    view = None if state_how is None else functools.partial(_sliced, state_how)
+
 
     def run(*args: Any) -> Any:
         recorder = Recorder(outer, view)
@@ -91,6 +90,13 @@ def _learn(
         if restore is not None:
             restore()
     return found[-1], out, size.shape
+
+
+def _sliced(state_how: Callable[[str, bool], str], collection: str, struct: Any) -> Any:
+    """The shapes the body sees of a variable of `collection` that exists outside: one slice of a stacked one."""
+    if state_how(collection, True) != "mapped":
+        return struct
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), struct)
 
 
 def _names_snapshot() -> Callable[[], None] | None:
