@@ -186,9 +186,7 @@ class Recorder:
         self.values: dict[tuple, Any] = {}  # state made or set by the body, in this trace; dropped with it
         self.outside: set[tuple] = set()  # variables that exist outside: read there
         self.init_of: tuple | None = None  # the state slot whose `init()` is running
-        # the outermost lifted body asks whether a variable may be written by writing it back (as the unrolled
-        # loop's `set` would be refused); a nested one leaves that to the lift around it
-        self.asks_writes = not any(isinstance(run, _Proxy) for run in outer)
+        self.asked: set[tuple] = set()  # outside variables whose writability was asked
 
     def _exists(self, depth: int, request: LocalStateRequest) -> bool:
         """Whether the variable exists outside: declared there with a `Probe` init, which a handler calls (or
@@ -198,6 +196,28 @@ class Recorder:
         except (TraceMismatchError, MissingVariableError):
             return False
         return not fresh
+
+    def may_write(self, depth: int, slot: tuple) -> None:
+        """Raise `FrozenStateError` where the unrolled loop's `set` of this variable would. A variable this
+        body makes may be written; one outside is asked about once: of the lifted transform around this one,
+        or of the storage, by writing its value back (refused in a frozen collection)."""
+        need = self.needs.state.get(slot)
+        if need is None or slot not in self.outside:
+            return
+        if slot not in self.asked:
+            self.asked.add(slot)
+            around = self.outer[depth - 1]
+            try:
+                if isinstance(around, _Proxy):
+                    around.body.may_write(depth, slot)
+                else:
+                    send_at(self.outer, depth, SetStateRequest(slot[2], slot[1], self._outside_value(slot)))
+            except FrozenStateError as e:
+                need.frozen = str(e)
+            except TraceMismatchError:
+                pass  # writable, but not from this trace: the write is handed back outside after the body
+        if need.frozen is not None:
+            raise FrozenStateError(need.frozen)
 
     def _outside_value(self, slot: tuple) -> Any:
         depth, collection, path = slot
@@ -254,15 +274,8 @@ class Recorder:
             need = needs.state[slot]
             if kind is GetStateRequest:
                 return self._read(slot)
-            if slot in self.outside and self.asks_writes and not need.written and need.frozen is None:
-                try:  # may it be written? Ask as the unrolled loop would: write its value back outside
-                    send_at(self.outer, depth, SetStateRequest(request.path, slot[1], self._outside_value(slot)))
-                except FrozenStateError as e:
-                    need.frozen = str(e)
-                except TraceMismatchError:
-                    pass  # writable, but not from this trace: the write is handed back outside after the body
-            if need.frozen is not None:
-                raise FrozenStateError(need.frozen)
+            if slot in self.outside:
+                self.may_write(depth, slot)
             need.written = True
             self.values[slot] = request.value
             return None
@@ -420,6 +433,12 @@ class Answerer:
         check_trace(self.trace, request, "sows a value")
         self.sown.setdefault((depth, request.collection, request.path, request.tag), []).append(request.value)
         return None
+
+    def may_write(self, depth: int, slot: tuple) -> None:
+        """As `Recorder.may_write`, from what the learning pass found (a lift inside this one asks)."""
+        s = self.plan.state.get(slot)
+        if s is not None and s.need.frozen is not None:
+            raise FrozenStateError(s.need.frozen)
 
     def outputs(self) -> list[Any]:
         """The values `plan.outputs` names, in its order."""

@@ -100,6 +100,11 @@ def flax_layer(h):
     return fx.from_flax(linen.Dense(D))(h)
 
 
+def flax_stateful_layer(h):
+    """A Flax module with state: its init asks for a key only where the variables are missing."""
+    return fx.from_flax(linen.BatchNorm(use_running_average=not fx.is_training(), momentum=0.5))(h)
+
+
 def dropout_bn_layer(h):
     h = fx.nn.Dense(D)(h)
     h = fx.nn.BatchNorm(momentum=0.5)(h)
@@ -123,6 +128,7 @@ FEATURES = {
     "LoRA interceptor": Feature(nn_layer, handlers=(LoRA(),)),
     "stateful handler": Feature(raw_layer, handlers=(Scale(),)),
     "from_flax": Feature(flax_layer),
+    "from_flax with state": Feature(flax_stateful_layer),
     "Dropout and BatchNorm": Feature(dropout_bn_layer, deterministic=False),
 }
 

@@ -155,7 +155,7 @@ def test_a_set_in_a_frozen_collection_is_refused_where_the_unrolled_loop_refuses
             count.set(count.get() + 1)
         return h + writable, None
 
-    for kind in ("scan", "vmap", "remat"):  # nested: the outer lift refuses the inner one's `set` afterwards
+    for kind in ("scan", "vmap", "remat", "nested scan"):
         t = fx.transform(_lifted_or_nested(kind, body))
         v = t.init(KEY, X)
         frozen = t.apply(v, X)
