@@ -55,12 +55,12 @@ def _key(tag: str, shape: tuple[int, ...]) -> tuple[jax.Array, bool]:
     eval); the stand-in is never used: drawing from it raises below.
     """
     names = stream_names()  # asked first: inside a lifted transform a missing key shows only outside it
-    try:
-        if names is not None and tag not in names:
-            raise MissingRngError(tag)
-        key, given = stream_key(tag), True
-    except (MissingRngError, UnhandledEffectError):
-        key, given = jax.random.key(0), False
+    key, given = jax.random.key(0), False
+    if names is None or tag in names:
+        try:
+            key, given = stream_key(tag), True
+        except (MissingRngError, UnhandledEffectError):
+            pass
     return (jax.random.split(key, shape) if shape else key), given
 
 
