@@ -98,6 +98,17 @@ class Dense(Module):
         return y if bias is None else y + bias
 
 
+def check_axes(axes: tuple[int, ...], ndim: int, kind: str, field: str) -> None:
+    """Refuse an axis out of range for an input of rank `ndim`, as Flax does: wrapped round, it would silently
+    act on another axis of an input of another rank."""
+    if any(not -ndim <= a < ndim for a in axes):
+        raise EffaxError(
+            f"{where(kind)}: {field}={axes[0] if len(axes) == 1 else axes} is out of range for an input of "
+            f"rank {ndim}: axes run from {-ndim} to {ndim - 1}. Count the axes of this layer's input (negative "
+            "axes count from the end: -1 is the features)."
+        )
+
+
 def _as_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
     return (value,) if isinstance(value, int) else tuple(value)
 
@@ -167,12 +178,7 @@ class DenseGeneral(Module):
         x = jnp.asarray(x)
         features, ndim = _as_tuple(self.features), x.ndim
         for field in ("axis", "batch_dims"):
-            given = _as_tuple(getattr(self, field))
-            if any(not -ndim <= a < ndim for a in given):
-                raise EffaxError(
-                    f"{where('DenseGeneral')}: {field}={getattr(self, field)} is out of range for an input of "
-                    f"shape {x.shape}: axes run from {-ndim} to {ndim - 1}."
-                )
+            check_axes(_as_tuple(getattr(self, field)), ndim, "DenseGeneral", field)
         batch_dims = tuple(sorted(d % ndim for d in _as_tuple(self.batch_dims)))
         if batch_dims and batch_dims != tuple(range(len(batch_dims))):
             raise EffaxError(

@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError, ShapeMismatchError, path_str
+from effax.core import ShapeMismatchError, path_str
 from effax.effects import is_initializing, is_training, local_state
-from effax.nn._linear import Initializer
-from effax.nn._module import Module, where
+from effax.nn._linear import Initializer, check_axes
+from effax.nn._module import Module
 from effax.nn._partitioning import layer_param
 
 ones: Initializer = jax.nn.initializers.ones
@@ -21,15 +21,9 @@ _F32 = jnp.dtype(jnp.float32)
 
 
 def _axes(axes: int | Sequence[int], ndim: int, kind: str, field: str = "reduction_axes") -> tuple[int, ...]:
-    """`axes` of an input of rank `ndim`, non-negative and sorted; one out of range is refused, as Flax
-    does (wrapping it round would silently normalize another axis of an input of another rank)."""
+    """`axes` of an input of rank `ndim`, non-negative and sorted; one out of range is refused."""
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    if any(not -ndim <= a < ndim for a in axes):
-        raise EffaxError(
-            f"{where(kind)}: {field}={axes[0] if len(axes) == 1 else axes} is out of range for an input of "
-            f"rank {ndim}: axes run from {-ndim} to {ndim - 1}. Count the axes of this layer's input (negative "
-            "axes count from the end: -1 is the features)."
-        )
+    check_axes(axes, ndim, kind, field)
     return tuple(sorted(a % ndim for a in axes))
 
 
