@@ -1530,11 +1530,8 @@ def check_lifting(
     try:
         with case.running(f"the model lifted by fx.{context}"):
             lifting.check_lifting(model, x, key, context=context, training=training, handlers=case.handlers)
-    except AssertionError as e:
-        first = str(e).split("\n")[0]
-        if first.startswith("effax law `lifting` does not hold: "):  # the bare check's line: add the case
-            raise case.fail(first.removeprefix("effax law `lifting` does not hold: ")) from None
-        raise
+    except lifting.LiftingMismatch as e:  # the bare check's finding, with the case around it
+        raise case.fail(e.what) from None
 
 
 def _run_lifting(subject: Subject, data: Any, key: Any, training: bool) -> None:

@@ -121,6 +121,14 @@ def reference(
     return out, {c: _stack([m[c] for m in made]) for c in made[0]}
 
 
+class LiftingMismatch(AssertionError):
+    """Law 14 failed: `what` of the lifted model differs from the unrolled one (the message says so)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"effax law `lifting` does not hold: {what}")
+        self.what = what
+
+
 def _close(what: str, got: Any, want: Any, model_dtypes: Sequence[Any] = ()) -> None:
     """Leaves agree within `laws.tolerance` of their dtype and the model's float dtypes: a lifted body is
     compiled while the unrolled reference runs op by op, and XLA computes fused bfloat16 arithmetic (an
@@ -129,15 +137,11 @@ def _close(what: str, got: Any, want: Any, model_dtypes: Sequence[Any] = ()) -> 
     got_leaves, got_tree = jax.tree.flatten(got)
     want_leaves, want_tree = jax.tree.flatten(want)
     if got_tree != want_tree:
-        raise AssertionError(
-            f"effax law `lifting` does not hold: {what} has structure {got_tree}, the unrolled model {want_tree}"
-        )
+        raise LiftingMismatch(f"{what} has structure {got_tree}, the unrolled model {want_tree}")
     for a, b in zip(got_leaves, want_leaves, strict=True):
         rtol, atol = tolerance(jnp.result_type(a), *model_dtypes)
         if not np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol):
-            raise AssertionError(
-                f"effax law `lifting` does not hold: {what} differs from the unrolled model: {a} vs {b}"
-            )
+            raise LiftingMismatch(f"{what} differs from the unrolled model: {a} vs {b}")
 
 
 def check_lifting(
