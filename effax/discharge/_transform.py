@@ -300,18 +300,49 @@ class Transformed:
     ) -> tuple[Any, dict]:
         """Like `init`, also returning the output of the initializing run."""
         _refuse_nested("t.init")
+        _check_init_rngs(rngs, args)
+        return self.run_init(
+            "t.init", args, kwargs, rngs=rngs, training=training, handlers=handlers, mutable=mutable,
+            capture_intermediates=capture_intermediates, method=method,
+        )
+
+    def run_init(
+        self,
+        call: str,
+        args: tuple,
+        kwargs: dict,
+        *,
+        rngs: Any,
+        training: Any,
+        handlers: Any,
+        mutable: Any,
+        capture_intermediates: Any,
+        method: Any,
+        around: Any = (),
+        inside: Any = (),
+        default_rngs: Any = None,
+    ) -> tuple[Any, dict]:
+        """The initializing run `init` makes, for `call` (named in errors): the one place its options are read.
+
+        `fx.effects_of` runs the model through here, so a summary sees what
+        `init` makes under the same options: `around` are handlers just
+        inside the storage handlers (outside `handlers=`), `inside` the
+        innermost ones, and `default_rngs` serves the draws when neither
+        `rngs` nor a preset gives a key.
+        """
         preset, handlers = split_presets(handlers)
         training, rngs = init_options(preset, training, rngs)
-        _check_init_rngs(rngs, args)
         state_collections, sown_collections = _init_mutable(mutable)
-        extra = flatten_handlers((handlers,))
+        extra = flatten_handlers((around, handlers))
         if capture_intermediates:
             sown_collections = _with_intermediates(sown_collections)
             extra.append(CaptureIntermediates(capture_intermediates))
+        extra.extend(flatten_handlers((inside,)))
         entry = self._entry(method)
-        _check_options(entry, args, "t.init")
+        _check_options(entry, args, call)
+        keys = KeysFromRngs(default_rngs if rngs is None else rngs)
         storage = (InitState({}, state_collections), CollectSown(sown_collections), InitParams())
-        out, runs = _discharged("t.init", entry, args, kwargs, (Mode(training), KeysFromRngs(rngs)), storage, extra)
+        out, runs = _discharged(call, entry, args, kwargs, (Mode(training), keys), storage, extra)
         return out, {"params": runs.params.params, **runs.state.initial(), **runs.sown.collections()}
 
     def apply(

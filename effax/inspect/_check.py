@@ -43,12 +43,13 @@ def check_variables(
     if not callable(init):
         if not callable(t):
             raise EffaxError(
-                f"fx.check_variables takes a model: what `fx.transform` returned, or the effectful function; "
+                f"fx.check_variables takes a model: what `fx.transform` or `fx.multi_transform` returned, or the "
+                f"effectful function; "
                 f"got {type(t).__name__}."
             )
         init = transform(t).init
     variables = _check_variables_arg(variables)  # the same refusal as `t.apply`'s
     key = jax.random.key(0) if rngs is None else rngs
-    run = functools.partial(init, training=bool(training), handlers=handlers)
+    run = functools.partial(init, training=False if training is None else training, handlers=handlers)
     expected = run_abstractly(run, key, *args, **kwargs)
     return diff_variables(expected, variables)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effax.core import path_str
 from effax.handlers._tree import key_path_names
@@ -65,8 +66,7 @@ def _is_box(x: Any) -> bool:
 
 def _type(x: Any) -> str | None:
     """The dtype name of an array-like leaf (`float32`, `key<fry>`), None for anything else."""
-    if isinstance(x, (bool, int, float, complex)):
-        x = jnp.asarray(x)
+    x = _as_array(x)
     dtype = getattr(x, "dtype", None)
     if getattr(x, "shape", None) is None or dtype is None:
         return None
@@ -75,8 +75,21 @@ def _type(x: Any) -> str | None:
     return str(getattr(dtype, "name", dtype))
 
 
+def _as_array(x: Any) -> Any:
+    """A Python number, or a (nested) list of numbers, as the array `apply` makes of it; else `x`."""
+    if isinstance(x, (bool, int, float, complex)):
+        return jnp.asarray(x)
+    if isinstance(x, list):
+        try:
+            data = np.asarray(x)
+        except ValueError:  # ragged
+            return x
+        return data.astype(jax.dtypes.canonicalize_dtype(data.dtype)) if data.dtype.kind in "biufc" else x
+    return x
+
+
 def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(jnp.shape(x)) if isinstance(x, (bool, int, float, complex)) else tuple(x.shape)
+    return tuple(_as_array(x).shape)
 
 
 def spec(x: Any, dtype: str | None = None) -> str:
@@ -90,17 +103,37 @@ def spec(x: Any, dtype: str | None = None) -> str:
     return f"{name}[{', '.join(map(str, shape))}]"
 
 
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """`{"collection:a/b": leaf}` for a variables tree; a Flax box or a non-array value is one leaf."""
+def flatten(tree: Mapping[str, Any], leaves: Container[str] = ()) -> dict[str, Any]:
+    """`{"collection:a/b": leaf}` for a variables tree; a Flax box or None is one leaf, and so is any value
+    that is not a mapping at an entry named in `leaves` (a param stored as a nested list, which `apply`
+    takes as an array), so it is compared there rather than reported as entries below it."""
     out: dict[str, Any] = {}
     for collection, sub in tree.items():
         if not isinstance(sub, Mapping):
             out[str(collection)] = sub
             continue
-        for path, leaf in jax.tree.leaves_with_path(sub, is_leaf=lambda x: _is_box(x) or x is None):
-            names = key_path_names(path)
-            out[f"{collection}:{path_str(names)}"] = leaf
+
+        def is_leaf(path: Any, x: Any, collection: Any = collection) -> bool:
+            if _is_box(x) or x is None:
+                return True
+            return bool(leaves) and not isinstance(x, Mapping) and _entry(collection, path) in leaves
+
+        for path, leaf in jax.tree.leaves_with_path(sub, is_leaf=is_leaf, is_leaf_takes_path=True):
+            out[_entry(collection, path)] = leaf
     return out
+
+
+def _entry(collection: Any, path: Any) -> str:
+    return f"{collection}:{path_str(key_path_names(path))}"
+
+
+def _key_data_of(want: Any, have: Any) -> bool:
+    """Whether `have` is the raw data (`jax.random.key_data`) of keys shaped like the key array `want`."""
+    dtype = getattr(want, "dtype", None)
+    if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or _type(have) != "uint32":
+        return False
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(_shape(want), dtype))
+    return _shape(have) == tuple(data.shape)
 
 
 def diff_specs(
@@ -131,6 +164,8 @@ def diff_specs(
         if have_type is None or _is_box(have):
             report.mis_typed.append(shown + ("; unbox the variables first: `flax.linen.meta.unbox(variables)`"
                                              if _is_box(have) else ""))
+        elif want_type != have_type and _key_data_of(want, have):
+            continue  # a key stored as its data: `apply` takes it so (and a checkpoint stores keys so)
         elif _shape(want) != _shape(have):
             report.mis_shaped.append(shown)
         elif want_type != have_type:
@@ -152,4 +187,5 @@ def diff_variables(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Var
     >>> report.ok, report.missing
     (False, ['params:Dense_0/bias (float32[2])'])
     """
-    return diff_specs(flatten(expected), flatten(found), labels=("model", "variables"))
+    want = flatten(expected)
+    return diff_specs(want, flatten(found, leaves=want), labels=("model", "variables"))

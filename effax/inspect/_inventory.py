@@ -15,10 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import Path, Request, flatten_handlers, handle, hermetic, path_str
-from effax.discharge import Transformed
+from effax.core import EffaxError, Path, Request, path_str
+from effax.discharge import MultiTransformed, Transformed, transform
 from effax.effects import ModuleCallRequest
-from effax.handlers import AbstractParams, CollectSown, FunctionalState, KeysFromRngs, Mode
 from effax.inspect._abstract import run_abstractly
 
 
@@ -31,6 +30,9 @@ class RequestRecord:
     and `binding` names the binding(s) that did. `shape`/`dtype` describe the
     param, the state value, the drawn key or the sown value when it is one
     array (else None); `structure` keeps the whole abstract value.
+    `by_handler` is True when one of the `handlers=` given answered the
+    request itself, so it never reached effax's own (a param a handler
+    serves, a side input): such a param or state is in no variables tree.
 
     >>> def model(x):
     ...     with fx.scope("dense"):
@@ -49,6 +51,7 @@ class RequestRecord:
     tag: str | None = None
     origin: Path | None = None
     binding: str | None = None
+    by_handler: bool = False
     structure: Any = dataclasses.field(default=None, repr=False, compare=False)
     request: Request | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -135,7 +138,7 @@ def _dtype(dtype: Any) -> Any:
     return jnp.dtype(dtype)
 
 
-def _effect(request: Any, answer: Any) -> RequestRecord:
+def _effect(request: Any, answer: Any, by_handler: bool = False) -> RequestRecord:
     kind = request.kind
     fields: dict[str, Any] = {}
     if kind == "param":
@@ -160,7 +163,7 @@ def _effect(request: Any, answer: Any) -> RequestRecord:
     if via:
         fields["origin"] = request.origin
         fields["binding"] = " ; ".join(str(b) for b in via)
-    return RequestRecord(kind, request.path, request=request, **fields)
+    return RequestRecord(kind, request.path, by_handler=by_handler, request=request, **fields)
 
 
 class _Inventory:
@@ -192,7 +195,7 @@ class _ModelRequests:
         before = inv.recorded
         answer = forward(request)
         if inv.recorded == before:  # answered before reaching storage: record it here
-            inv.effects.append(_effect(request, answer))
+            inv.effects.append(_effect(request, answer, by_handler=True))
         return answer
 
 
@@ -213,23 +216,44 @@ class _StoredRequests:
         return answer
 
 
+def _transformed(fn: Any, what: str) -> Transformed:
+    """The `Transformed` whose `init` a summary runs: `fn` itself, a `fx.multi_transform`'s template, or
+    `fx.transform(fn)` of an effectful function; anything else is refused."""
+    if isinstance(fn, Transformed):
+        return fn
+    if isinstance(fn, MultiTransformed):
+        return fn.init.__self__  # its `init` is the template's `Transformed.init`
+    if not callable(fn):
+        raise EffaxError(
+            f"{what} take a model: what `fx.transform` or `fx.multi_transform` returned, or the effectful "
+            f"function; got {type(fn).__name__}."
+        )
+    return transform(fn)
+
+
 def effects_of(
-    fn: Callable[..., Any] | Transformed,
+    fn: Callable[..., Any] | Transformed | MultiTransformed,
     *args: Any,
     rngs: Any = None,
     training: bool = False,
     handlers: Any = (),
+    mutable: Any = True,
+    capture_intermediates: bool | Callable[[Any, str], bool] = False,
+    method: Any = None,
     **kwargs: Any,
 ) -> Inventory:
     """Every request `fn(*args, **kwargs)` performs, found without allocating any parameter.
 
-    The model runs under `jax.eval_shape` as `init` would run it (params and
-    state created abstractly, every sow collected); arrays and
+    The model runs under `jax.eval_shape` as `t.init` runs it, with the same
+    options (`training`, `handlers=` with presets and interceptors,
+    `capture_intermediates`, `method`), so it refuses what `init` refuses and
+    the params those handlers create are listed too. `mutable` is `init`'s,
+    except that its default, True, also collects every sow. Arrays and
     `jax.ShapeDtypeStruct`s in the arguments are traced, other values (Python
     numbers, flags) stay static. Without `rngs`, a dummy key serves every
-    stream; `handlers=` answers side inputs or adds handlers, as in `t.init`,
-    and the params those handlers create are listed too. Lifted transforms
-    inside are traced once each (abstract mode).
+    stream. Lifted transforms inside are traced once each (abstract mode).
+    A request one of the `handlers=` answers itself (a param it serves) is
+    marked `by_handler`: it is in no variables tree.
 
     >>> def model(x):
     ...     with fx.scope("dense"):
@@ -242,16 +266,18 @@ def effects_of(
     >>> sum(e.size for e in effects.of_kind("param"))
     6
     """
-    if isinstance(fn, Transformed):
-        fn = fn.fn
+    t = _transformed(fn, "`fx.summary` and `fx.effects_of`")
     inventory = _Inventory()
-    extra = flatten_handlers((handlers,))
-    keys = KeysFromRngs(jax.random.key(0) if rngs is None else rngs)
+    options = dict(
+        rngs=rngs, training=training, handlers=handlers, mutable=mutable,
+        capture_intermediates=capture_intermediates, method=method,
+    )
 
     def run(*a: Any, **k: Any) -> None:
-        stack = (Mode(training), keys, FunctionalState({}, True), CollectSown(True), AbstractParams())
-        with hermetic(), handle(*stack, _StoredRequests(inventory), *extra, _ModelRequests(inventory)):
-            fn(*a, **k)
+        t.run_init(
+            "fx.effects_of", a, k, **options, around=_StoredRequests(inventory), inside=_ModelRequests(inventory),
+            default_rngs=jax.random.key(0),
+        )
 
     run_abstractly(run, *args, learn_only=True, **kwargs)
     return inventory.effects

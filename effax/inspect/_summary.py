@@ -8,6 +8,7 @@ bytes and totals.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,6 +26,9 @@ class Entry:
     `collection` is the params or state collection, the sow collection, or
     the random stream; `uses` counts requests (key draws for `random`, values
     for `sow`); `aliases` are the paths a `fx.share` pass tied to this param.
+    `stored` is False for a param or state that one of the `handlers=` given
+    answers itself (frozen weights it serves): `init` does not make it, so it
+    counts in no total and is in no variables tree.
 
     >>> s = fx.summary(lambda x: fx.nn.Dense(2)(x), jnp.ones((1, 3)))
     >>> e = s.entries[0]
@@ -40,6 +44,7 @@ class Entry:
     axes: tuple[str | None, ...] | None = None
     uses: int = 1
     aliases: tuple[str, ...] = ()
+    stored: bool = True
 
     @property
     def size(self) -> int:
@@ -62,7 +67,7 @@ class Entry:
             return f"{self.uses} draw{'s' * (self.uses != 1)}" if self.uses else "base key"
         if self.kind == "sow":
             return f"{self.uses} value{'s' * (self.uses != 1)}"
-        notes = []
+        notes = [] if self.stored else ["answered by a handler, not stored"]
         if self.aliases:
             notes.append("shared with " + ", ".join(self.aliases))
         if self.uses > 1:
@@ -93,7 +98,12 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
     params = PathTree("params")
     state: dict[str, PathTree] = {}
     for e in effects:
-        if e.kind == "param":
+        if e.by_handler and e.kind in ("param", "state"):  # served by a handler: a row, no variable
+            key = (e.kind, e.path, None)
+            old = rows.get(key)
+            rows[key] = Entry(e.kind, e.path, None, e.shape, e.dtype, getattr(e.request, "axes", None),
+                              1 if old is None else old.uses + 1, stored=False)
+        elif e.kind == "param":
             key = ("param", e.path, "params")
             old = rows.get(key)
             alias = () if e.origin is None or e.origin == e.path else (path_str(e.origin),)
@@ -163,28 +173,31 @@ class Summary:
     def of_kind(self, kind: str) -> tuple[Entry, ...]:
         return tuple(e for e in self.entries if e.kind == kind)
 
+    def _stored(self, kind: str) -> tuple[Entry, ...]:
+        return tuple(e for e in self.entries if e.kind == kind and e.stored)
+
     @property
     def param_count(self) -> int:
-        """Parameters, each tied param counted once."""
-        return sum(e.size for e in self.of_kind("param"))
+        """Parameters `init` makes, each tied param counted once."""
+        return sum(e.size for e in self._stored("param"))
 
     @property
     def param_bytes(self) -> int:
-        return sum(e.nbytes for e in self.of_kind("param"))
+        return sum(e.nbytes for e in self._stored("param"))
 
     @property
     def state_count(self) -> int:
-        return sum(e.size for e in self.of_kind("state"))
+        return sum(e.size for e in self._stored("state"))
 
     @property
     def state_bytes(self) -> int:
-        return sum(e.nbytes for e in self.of_kind("state"))
+        return sum(e.nbytes for e in self._stored("state"))
 
     def totals(self) -> dict[str, tuple[int, int]]:
-        """`{collection: (elements, bytes)}` for params and every state collection."""
+        """`{collection: (elements, bytes)}` for params and every state collection `init` makes."""
         out: dict[str, tuple[int, int]] = {}
         for e in self.entries:
-            if e.kind in ("param", "state"):
+            if e.kind in ("param", "state") and e.stored:
                 count, nbytes = out.get(e.collection, (0, 0))
                 out[e.collection] = (count + e.size, nbytes + e.nbytes)
         return out
@@ -195,7 +208,7 @@ class Summary:
         for collection, tree in self.variables.items():
             specs[collection] = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), tree)
         params = PathTree("params", specs["params"])
-        for e in self.of_kind("param"):
+        for e in self._stored("param"):
             params.set(e.path, jax.sharding.PartitionSpec(*(e.axes or ())))
         return specs
 
@@ -246,7 +259,15 @@ class Summary:
 
 
 def summary(
-    t: Any, *args: Any, rngs: Any = None, training: bool = False, handlers: Any = (), **kwargs: Any
+    t: Any,
+    *args: Any,
+    rngs: Any = None,
+    training: bool = False,
+    handlers: Any = (),
+    mutable: Any = True,
+    capture_intermediates: bool | Callable[[Any, str], bool] = False,
+    method: Any = None,
+    **kwargs: Any,
 ) -> Summary:
     """A table of everything a model holds and asks for, by path, computed abstractly.
 
@@ -254,8 +275,10 @@ def summary(
     with its shape, dtype, size and bytes; tied params are marked. Nothing is
     allocated (`jax.eval_shape`), so it works for models larger than memory,
     and array arguments may be `jax.ShapeDtypeStruct`s. `t` is a
-    `fx.transform` result or the effectful function; the other arguments are
-    those of `t.init` without the key.
+    `fx.transform` or `fx.multi_transform` result, or the effectful function;
+    the other arguments are those of `t.init` without the key, and the model
+    runs as `t.init` runs it with them (see `fx.effects_of`: `mutable`
+    defaults to True, so every sow is listed).
 
     >>> def model(x):
     ...     with fx.scope("dense"):
@@ -273,6 +296,9 @@ def summary(
     >>> s.param_count
     16
     """
-    effects = effects_of(t, *args, rngs=rngs, training=training, handlers=handlers, **kwargs)
+    effects = effects_of(
+        t, *args, rngs=rngs, training=training, handlers=handlers, mutable=mutable,
+        capture_intermediates=capture_intermediates, method=method, **kwargs,
+    )
     entries, variables = entries_of(effects)
     return Summary(tuple(entries), variables)

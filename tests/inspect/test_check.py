@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import pytest
 
 import effax as fx
 
@@ -63,3 +64,36 @@ def test_check_variables_takes_a_transform_or_the_function_like_summary():
     assert fx.check_variables(model, v, X, handlers=SIDE).ok
     with pytest.raises(fx.EffaxError, match="fx.transform"):
         fx.check_variables(3, {}, X)
+
+
+def test_a_param_stored_as_a_nested_list_is_one_entry_as_apply_takes_it():
+    t = fx.transform(lambda x: x @ fx.param("w", jax.nn.initializers.ones, (3, 4)))
+    x = jnp.ones((2, 3))
+    v = {"params": {"w": [[1.0] * 4] * 3}}
+    assert t.apply(v, x).shape == (2, 4)
+    assert fx.check_variables(t, v, x).ok
+    short = fx.check_variables(t, {"params": {"w": [[1.0] * 4] * 2}}, x)
+    assert short.mis_shaped == ["params:w: model float32[3, 4], variables float32[2, 4]"]
+
+
+def test_training_must_be_a_bool_as_in_init():
+    t = fx.transform(lambda x: x)
+    for bad in ("False", jnp.array(False)):
+        with pytest.raises(fx.EffaxError, match="`training` must be True or False"):
+            fx.check_variables(t, {}, jnp.ones(2), training=bad)
+
+
+def test_key_state_stored_as_its_data_matches_as_apply_takes_it():
+    def model(x):
+        k = fx.local_state("rng", lambda: jax.random.key(3), collection="rngstate")
+        k1, k2 = jax.random.split(k.get())
+        k.set(k1)
+        return x + jax.random.normal(k2, x.shape)
+
+    t, x = fx.transform(model), jnp.ones(2)
+    v = t.init(jax.random.key(0), x)
+    raw = {**v, "rngstate": {"rng": jax.random.key_data(v["rngstate"]["rng"])}}
+    t.apply(raw, x, mutable=True)
+    assert fx.check_variables(t, raw, x).ok
+    wrong = {**v, "rngstate": {"rng": jnp.zeros(3, jnp.uint32)}}
+    assert not fx.check_variables(t, wrong, x).ok
