@@ -78,7 +78,7 @@ class Handler:
 
     A handler holds configuration. Entering it (`fx.handle`) calls `begin()`: a stateless handler returns
     itself, a stateful one a fresh run object that accumulates one run and answers `handle`. A class with
-    `answers = (fx.ParamRequest, ...)` is sent only those request classes; with None, the default, all.
+    `answers = (fx.ParamRequest, ...)` is sent only those request classes (its runs too); with None, all.
 
     >>> class Double(fx.Handler):
     ...     def handle(self, request, forward):
@@ -195,15 +195,18 @@ class _Handling:
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple([h.begin() if hasattr(h, "begin") else h for h in self._handlers])
-        for run in runs:  # a malformed `answers` is refused on entry
+        for h, run in zip(self._handlers, runs, strict=True):  # a malformed `answers` is refused on entry
             try:
+                if getattr(run, "answers", None) is None and (declared := getattr(h, "answers", None)) is not None:
+                    run.answers = declared  # declared on the handler's class: its run is sent only those too
                 ok = _valid_answers(answers := getattr(run, "answers", None))
-            except TypeError:  # unhashable: not a tuple of classes
-                ok = False
+            except (TypeError, AttributeError):  # unhashable (not a tuple of classes), or a run with __slots__
+                ok, answers = False, getattr(h, "answers", None)
             if not ok:
                 raise EffaxError(
                     f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
-                    "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request)."
+                    "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request), declared on "
+                    "the handler's class (or, for a run with __slots__, on the run's own class)."
                 )
         own = _OWN.set(_OWN.get().union([id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h]))
         self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), own))

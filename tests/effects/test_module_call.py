@@ -217,6 +217,41 @@ def test_a_handler_that_declares_its_answers_never_gets_anything_else(order):
     assert seen and set(seen) == {"ParamRequest"}
 
 
+@pytest.mark.parametrize("order", ["opt-out inside", "opt-out outside"])
+def test_a_stateful_handler_declaring_its_answers_on_its_class_sends_its_run_only_those(order):
+    class ParamsOnly(fx.Handler):
+        answers = (fx.ParamRequest,)  # on the handler's class, as the docs say; the run declares nothing
+
+        def begin(self):
+            return Run()
+
+    class Run:
+        def __init__(self):
+            self.seen = []
+
+        def handle(self, request, forward):
+            self.seen.append(type(request).__name__)
+            return forward(request)
+
+    looker = Record([])
+    handlers = [looker, ParamsOnly()] if order == "opt-out inside" else [ParamsOnly(), looker]
+    v = fx.transform(model).init(KEY, X)
+    with fx.handle(fx.handlers.LoadParams(v["params"]), *handlers) as runs:
+        model(X)
+    run = next(r for r in runs if isinstance(r, Run))
+    assert run.seen and set(run.seen) == {"ParamRequest"}
+
+    class Slotted:
+        __slots__ = ("seen",)
+
+        def handle(self, request, forward):
+            return forward(request)
+
+    ParamsOnly.begin = lambda self: Slotted()
+    with pytest.raises(fx.EffaxError, match="on the run's own class"), fx.handle(ParamsOnly()):
+        pass
+
+
 def test_a_malformed_answers_declaration_is_refused_on_entry():
     class Bad(fx.Handler):
         answers = fx.ParamRequest  # not a tuple
