@@ -493,34 +493,49 @@ def vmap(
             out = run_lifted(outer, answerer, fn, *member_args)
             return out, answerer.outputs(), sown_keys.values(answerer)
 
-        try:
-            out, values, sown = jax.vmap(
+        def run(shared: Callable[[tuple], bool]) -> Any:  # the vmap, keeping the outputs of `shared` slots shared
+            return jax.vmap(
                 member,
                 in_axes=([0 if c == "mapped" else None for c, _ in plan.inputs], args_axes),
-                out_axes=(out_axes, [0 if c == "mapped" else None for c, _, _ in plan.outputs], 0),
+                out_axes=(out_axes, [0 if c == "mapped" or not shared(s) else None for c, _, s in plan.outputs], 0),
                 axis_size=n,
                 axis_name=axis_name,
                 spmd_axis_name=spmd_axis_name,
             )([v for _, v in plan.inputs], args)
+
+        restore = _names_snapshot()  # the error path traces the body again, named as the first time
+        try:
+            out, values, sown = run(lambda slot: True)
         except ValueError as error:
-            shared = [
-                f"`{path_str(slot[-1])}`"
-                for c, _, slot in plan.outputs
-                if c == "unmapped"
-            ]
-            if shared and "out_axes" in str(error):
-                raise EffaxError(
-                    f"fx.vmap: the members make or write different values for the shared variable(s) "
-                    f"{', '.join(shared)} (params='broadcast' / state='broadcast'), so there is no one value "
-                    "to keep. Give each member its own copy with `params='stack'` / `state='stack'`, make "
-                    "the initializer independent of the member's inputs, or reduce the value over the "
-                    "mapped axis before `set` (`jax.lax.pmean(v, axis_name)` with `fx.vmap(..., axis_name=...)`)."
-                ) from error
-            raise
+            slots = list(dict.fromkeys(slot for c, _, slot in plan.outputs if c == "unmapped"))
+            if not slots or "out_axes" not in str(error):
+                raise
+            raise EffaxError(
+                f"fx.vmap: the members make or write different values for the shared variable(s) "
+                f"{', '.join(f'`{path_str(s[-1])}`' for s in _differing(run, slots, restore))} (params='broadcast' / "
+                "state='broadcast'), so there is no one value to keep. Give each member its own copy with "
+                "`params='stack'` / `state='stack'`, make the initializer independent of the member's inputs, "
+                "or reduce the value over the mapped axis before `set` (`jax.lax.pmean(v, axis_name)` with "
+                "`fx.vmap(..., axis_name=...)`)."
+            ) from error
         _hand_back(plan, outer, values, sown_keys.pairs(sown))
         return out
 
     return mapped
+
+
+def _differing(run: Callable[[Callable[[tuple], bool]], Any], slots: list[tuple], restore: Any) -> list[tuple]:
+    """The shared variables whose members differ: each one kept shared alone (abstractly, on the error path
+    only), the others mapped; all of them when none fails alone."""
+    found = []
+    for slot in slots:
+        if restore is not None:
+            restore()
+        try:
+            jax.eval_shape(functools.partial(run, slot.__eq__))
+        except ValueError:
+            found.append(slot)
+    return found or slots
 
 
 def remat(

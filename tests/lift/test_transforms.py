@@ -418,6 +418,20 @@ def test_vmap_stacked_state_and_refused_shared_writes():
         shared.apply(shared.init(None, jnp.arange(3.0)), jnp.arange(3.0), mutable=True)
 
 
+def test_vmap_shared_writes_name_only_the_variables_that_differ():
+    def member(x):
+        w = fx.param("w", jax.nn.initializers.ones, (4,))
+        n = fx.local_state("count", lambda: jnp.array(0, jnp.int32), collection="cache")
+        n.set(n.get() + 1)  # the same in every member
+        s = fx.local_state("seen", lambda: jnp.zeros(4), collection="cache")
+        s.set(x)  # differs per member
+        return fx.nn.Dense(4)(x * w)  # auto-named: the error path traces the body again, named alike
+
+    t = fx.transform(fx.vmap(member, params="broadcast"))
+    with pytest.raises(fx.EffaxError, match="shared variable.s. `seen` .params="):
+        t.init(jax.random.key(0), jnp.arange(12.0).reshape(3, 4))
+
+
 def test_vmap_shared_state_reduced_over_the_axis_is_kept():
     def body(x):
         s = fx.local_state("s", lambda: 0.0)
