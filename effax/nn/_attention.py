@@ -149,7 +149,8 @@ class MultiHeadAttention(Module):
         index.set(i + steps)
         # the query at position i + q sees the cached positions j <= i + q
         mask = jnp.arange(length)[None, :] <= (i + jnp.arange(steps))[:, None]
-        return cached_key, cached_value, mask
+        # a cache kept in another dtype (bfloat16 to halve its memory) is read back in the computation's
+        return cached_key.astype(key.dtype), cached_value.astype(value.dtype), mask
 
     def __call__(
         self,

@@ -49,6 +49,25 @@ def test_prefill_then_steps_equal_the_full_causal_pass():
     assert int(upd["cache"]["MultiHeadAttention_0"]["cache_index"]) == 8
 
 
+def test_a_cache_kept_in_bfloat16_is_read_back_in_the_computation_dtype():
+    x = rand(2, 6, 8)
+    full = fx.transform(lambda x: fx.nn.MultiHeadAttention(num_heads=2, causal=True)(x))
+    dec = fx.transform(lambda x: fx.nn.MultiHeadAttention(num_heads=2, causal=True, decode=True)(x))
+    v = full.init(KEY, x)
+    expected = full.apply(v, x)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, dec.init(KEY, x)["cache"])
+    v = {**v, "cache": half}
+    for i in range(6):
+        y, upd = dec.apply(v, x[:, i : i + 1], handlers=EVAL_CACHE)
+        assert y.dtype == jnp.float32
+        np.testing.assert_allclose(y[:, 0], expected[:, i], atol=3e-2)
+        v = {**v, **upd}
+    assert v["cache"]["MultiHeadAttention_0"]["cached_key"].dtype == jnp.bfloat16  # kept as it was made
+    bf16 = fx.transform(lambda x: fx.nn.MultiHeadAttention(num_heads=2, decode=True, dtype=jnp.bfloat16)(x))
+    y, _ = bf16.apply({**v, "cache": dec.init(KEY, x)["cache"]}, x[:, :1], handlers=EVAL_CACHE)  # an f32 cache
+    assert y.dtype == jnp.bfloat16
+
+
 def test_cache_is_inference_state_and_checks_shapes():
     x = rand(1, 4, 8)
     dec = fx.transform(lambda x: fx.nn.MultiHeadAttention(num_heads=2, decode=True)(x))
