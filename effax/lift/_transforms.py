@@ -275,6 +275,17 @@ class _Sown:
 # --- options
 
 
+def _per_instance(cls: type, lift: Callable[[Any], Any]) -> Callable[..., Any]:
+    """A module class lifted as Flax's `nn.remat(Block)` lifts it: `fx.remat(Block)(features=3)` builds
+    `Block(features=3)` and returns it lifted, to be called on the inputs (`fx.remat(Block(features=3))`)."""
+
+    @functools.wraps(cls, updated=())
+    def build(*args: Any, **kwargs: Any) -> Any:
+        return lift(cls(*args, **kwargs))
+
+    return build
+
+
 def _choice(value: Any, allowed: tuple[str, ...], what: str, where: str) -> str:
     if value not in allowed:
         raise EffaxError(f"{where}: {what}={value!r} is not one of {', '.join(map(repr, allowed))}.")
@@ -318,7 +329,9 @@ def scan(
 ) -> Callable[..., tuple[Any, Any]]:
     """`jax.lax.scan` over an effectful body: `fx.scan(fn, length)(carry, xs) -> (carry, ys)`.
 
-    `fn(carry, x) -> (carry, y)` as in `jax.lax.scan`. Deep models compile a
+    `fn(carry, x) -> (carry, y)` as in `jax.lax.scan`; a module class is lifted
+    per instance, as Flax's `nn.scan(Block, ...)`: `fx.scan(Block, 4)(features=8)`
+    is `fx.scan(Block(features=8), 4)`. Deep models compile a
     scan over layers in time flat in depth (Haiku's `layer_stack`, Flax's
     `nn.scan`). Every request the body makes, by model code or by a handler
     answering there (an interceptor's params, `capture_intermediates`), is
@@ -349,6 +362,10 @@ def scan(
     >>> t.apply(v, jnp.ones(2)).shape
     (2,)
     """
+    if isinstance(fn, type):
+        return _per_instance(fn, functools.partial(
+            scan, length=length, params=params, state=state, split_rngs=split_rngs, reverse=reverse, unroll=unroll
+        ))
     where = "fx.scan"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
     modes = _state_modes(state, "stack" if stack_params else "carry", ("stack", "carry"), where)
@@ -437,7 +454,8 @@ def vmap(
     """`jax.vmap` over an effectful function: ensembles, or a batch-free model mapped over examples.
 
     `in_axes`, `out_axes`, `axis_size`, `axis_name` and `spmd_axis_name` are
-    `jax.vmap`'s. What each member owns:
+    `jax.vmap`'s; a module class is lifted per instance, as with `fx.scan`.
+    What each member owns:
 
     - `params="stack"` (an ensemble): each param gets a leading axis of the
       mapped size, requested once, stacked; member `i` is initialized
@@ -460,6 +478,11 @@ def vmap(
     >>> t.apply(v, jnp.ones(2)).shape
     (3,)
     """
+    if isinstance(fn, type):
+        return _per_instance(fn, functools.partial(
+            vmap, in_axes=in_axes, out_axes=out_axes, axis_size=axis_size, params=params, state=state,
+            split_rngs=split_rngs, axis_name=axis_name, spmd_axis_name=spmd_axis_name,
+        ))
     where = "fx.vmap"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
     modes = _state_modes(state, "stack" if stack_params else "broadcast", ("stack", "broadcast"), where)
@@ -551,7 +574,8 @@ def remat(
     params, state and keys are requested outside exactly as `fn` would
     request them. `policy`, `prevent_cse` and `static_argnums` are
     `jax.checkpoint`'s (`policy=jax.checkpoint_policies.dots_saveable`, ...);
-    keyword arguments are treated as static.
+    keyword arguments are treated as static. A module class is lifted per
+    instance, as Flax's `nn.remat(Block)`: `fx.remat(Block)(features=8)(x)`.
 
     >>> def layer(x):
     ...     return jnp.sin(x * fx.param("w", jax.nn.initializers.ones, ()))
@@ -560,6 +584,10 @@ def remat(
     >>> float(jax.grad(lambda v: t.apply(v, 1.0))(v)["params"]["w"])  # cos(1)
     0.5403...
     """
+    if isinstance(fn, type):
+        return _per_instance(fn, functools.partial(
+            remat, policy=policy, prevent_cse=prevent_cse, static_argnums=static_argnums
+        ))
     static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
     crossing = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
 

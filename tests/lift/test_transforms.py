@@ -553,3 +553,30 @@ def test_layers_created_inside_a_body_keep_their_auto_names():
     shapes = {name: p["kernel"].shape for name, p in v["params"].items()}
     assert shapes == {"Dense_0": (D, D), "Dense_1": (L, D, D), "Dense_2": (2, D, D), "Dense_3": (D, D)}
     assert t.apply(v, x).shape == (2,) + x.shape
+
+
+class _Doubler(fx.nn.Module):
+    features: int = 3
+
+    def __call__(self, h, *x):  # a scan body when given x: (carry, x) -> (carry, y)
+        h = jnp.tanh(fx.nn.Dense(self.features)(h))
+        return (h, x[0]) if x else h
+
+
+@pytest.mark.parametrize("lift", ["scan", "vmap", "remat"])
+def test_a_module_class_is_lifted_per_instance_as_in_flax(lift):
+    x = jnp.ones((2, 3))
+    by_class = {
+        "scan": lambda h: fx.scan(_Doubler, 2)(features=3)(h, None)[0],
+        "vmap": lambda h: fx.vmap(_Doubler, axis_size=2, in_axes=None)(features=3)(h),
+        "remat": lambda h: fx.remat(_Doubler)(features=3)(h),
+    }[lift]
+    by_instance = {
+        "scan": lambda h: fx.scan(_Doubler(features=3), 2)(h, None)[0],
+        "vmap": lambda h: fx.vmap(_Doubler(features=3), axis_size=2, in_axes=None)(h),
+        "remat": lambda h: fx.remat(_Doubler(features=3))(h),
+    }[lift]
+    a, b = fx.transform(by_class), fx.transform(by_instance)
+    va, vb = a.init(jax.random.key(0), x), b.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, va) == jax.tree.map(jnp.shape, vb)
+    np.testing.assert_allclose(a.apply(va, x), b.apply(vb, x))
