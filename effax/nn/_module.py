@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import InvalidNameError, check_name, path_now, path_str, run_values
+from effax.core import InvalidNameError, check_name, path_now, path_str, run_local, run_values, under_path
 from effax.effects import call_module
 from effax.nn._naming import Names, current_names, pop_names, push_names
 
@@ -105,6 +105,87 @@ def _name_where_built(module: Module, cls: type) -> None:
         parent, name = path_now(), module.name
         path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
         names.bound[module] = path
+
+
+class _Setups(dict):
+    """Run-local: module -> the attributes its `setup()` assigned, while a call of the module runs."""
+
+
+def _run_setup(module: Module, path: tuple[str, ...]) -> dict[str, Any]:
+    """Run `module.setup()` at `path`, in a naming frame of its own; what it assigns is kept while the caller
+    (`_after_setup`) runs, and dropped after, so no value outlives the JAX trace it was made in."""
+    setups, names = run_local(_Setups), current_names()
+    setups[module] = values = {}
+    saved = names.enter(path, "setup")
+    try:
+        under_path(path, type(module).setup, module)
+    except BaseException:
+        setups.pop(module, None)
+        raise
+    finally:
+        names.leave(saved)
+    return values
+
+
+def _after_setup(fn: Callable[..., Any], self: Module, *args: Any, **kwargs: Any) -> Any:
+    """`fn(self, ...)` (a method of a module with `setup()`), after `setup()` when no call of the module is
+    running yet; its attributes live until that call returns."""
+    setups = run_local(_Setups)
+    if self in setups:  # a method called by another of this call: set up already
+        return fn(self, *args, **kwargs)
+    _run_setup(self, path_now())
+    try:
+        return fn(self, *args, **kwargs)
+    finally:
+        setups.pop(self, None)
+
+
+def _setup_values(module: Module, name: str) -> dict[str, Any]:
+    """What `setup()` assigns on `module`: the running call's, else from a `setup()` run for this read alone."""
+    if run_values() is None:
+        raise AttributeError(
+            f"{type(module).__name__}.{name} is assigned in setup(), which runs only while the module runs "
+            "(a call of it, or `t.init`/`t.apply`): read it there."
+        )
+    values = run_local(_Setups).get(module)
+    if values is not None:
+        return values
+    names = current_names()
+    path = names.bound.get(module)
+    if path is None:
+        path = names.bound[module] = _adopt(names, path_now(), module)
+    try:
+        return _run_setup(module, path)
+    finally:
+        run_local(_Setups).pop(module, None)
+
+
+def _call_with_setup(self: Module, method: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """`Module._call` of a module with `setup()`: the method runs after it (only these classes pay for it)."""
+    return Module._call(self, method, functools.partial(_after_setup, fn), args, kwargs)
+
+
+def _setup_setattr(self: Module, name: str, value: Any) -> None:
+    """`self.<name> = value` inside `setup()`: kept for this run; a module in it is named after the attribute."""
+    values = None if run_values() is None else run_local(_Setups).get(self)
+    if values is None or name in self.__dataclass_fields__:
+        raise dataclasses.FrozenInstanceError(
+            f"cannot assign to field {name!r}: a {type(self).__name__} is frozen; assign attributes in setup()"
+        )
+    values[name] = value
+    names, parent = current_names(), path_now()
+
+    def bind(item: Any, label: str) -> None:
+        if isinstance(item, Module):
+            names.bound[item] = _claim_name(names, parent, label)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                bind(sub, f"{label}_{key}")
+        elif isinstance(item, list | tuple):
+            for i, sub in enumerate(item):
+                bind(sub, f"{label}_{i}")
+
+    bind(value, name)
 
 
 class _Factory:
@@ -207,10 +288,13 @@ class Module:
         for attr, fn in list(vars(cls).items()):
             if attr in fields or not inspect.isfunction(fn):
                 continue
-            if attr == "__call__" or not attr.startswith("_"):
+            if attr == "__call__" or not attr.startswith("_") and attr != "setup":
                 setattr(cls, attr, _routed(attr, fn))
         own_init = "__init__" in vars(cls)  # a subclass's own `__init__` is kept, and wrapped to name it
         dataclasses.dataclass(frozen=True, eq=False)(cls)
+        if cls.setup is not Module.setup:  # frozen, except for what `setup()` assigns while a call runs
+            cls.__setattr__ = _setup_setattr  # type: ignore[method-assign, assignment]
+            cls._call = _call_with_setup  # type: ignore[method-assign]
         made = None if own_init else _named_init(cls)
         if made is not None:
             cls.__init__ = made  # type: ignore[method-assign]
@@ -223,6 +307,34 @@ class Module:
             _name_where_built(self, cls)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def setup(self) -> None:
+        """Assign submodules, params and state as Flax's `setup` does: it runs at the module's path when a
+        call of the module starts, and what it assigns lives while that call runs (so no value outlives its
+        JAX trace; a read from outside a call runs it for that read). A submodule is named after its
+        attribute (`self.enc = Dense(2)` makes `enc`; a list `layers_0`, ...); a param is `fx.param(...)`.
+
+        >>> class AE(fx.nn.Module):
+        ...     def setup(self):
+        ...         self.enc, self.dec = fx.nn.Dense(2), fx.nn.Dense(3)
+        ...         self.scale = fx.param("scale", jax.nn.initializers.ones, ())
+        ...     def __call__(self, x):
+        ...         return self.dec(self.enc(x)) * self.scale
+        >>> v = fx.transform(AE()).init(jax.random.key(0), jnp.ones((1, 3)))
+        >>> sorted(v["params"])
+        ['dec', 'enc', 'scale']
+        """
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not found: `setup()`'s
+        if name.startswith("__") or type(self).setup is Module.setup:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        values = _setup_values(self, name)
+        if name not in values:
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r}: it is no field, and its setup() does not "
+                f"assign it (assigned: {sorted(values) or 'nothing'})."
+            )
+        return values[name]
 
     def _effax_at_root(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn` (this module or one of its methods) run as the whole model: the module sits at the

@@ -111,6 +111,25 @@ def dropout_bn_layer(h):
     return fx.nn.Dropout(0.5)(h)
 
 
+class SetupBlock(fx.nn.Module):
+    """Submodules, a param and state assigned in `setup()`, as Flax users write them."""
+
+    def setup(self):
+        self.dense = fx.nn.Dense(D)
+        self.norms = [fx.nn.LayerNorm()]
+        self.gain = fx.param("gain", jax.nn.initializers.ones, (D,))
+        self.calls = fx.local_state("calls", lambda: jnp.zeros((), jnp.int32), collection="counters")
+
+    def __call__(self, h):
+        if fx.is_training():
+            self.calls.set(self.calls.get() + 1)
+        return self.norms[0](jax.nn.relu(self.dense(h))) * self.gain
+
+
+def setup_layer(h):
+    return SetupBlock()(h)
+
+
 @dataclasses.dataclass(frozen=True)
 class Feature:
     layer: Callable[[Any], Any]
@@ -130,6 +149,7 @@ FEATURES = {
     "from_flax": Feature(flax_layer),
     "from_flax with state": Feature(flax_stateful_layer),
     "Dropout and BatchNorm": Feature(dropout_bn_layer, deterministic=False),
+    "setup() module": Feature(setup_layer),
 }
 
 
