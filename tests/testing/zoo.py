@@ -73,6 +73,30 @@ class KeysPerPath(fx.Handler):
         return forward(request)
 
 
+class KeysIgnoringPath(fx.Handler):
+    """Folds in the stream and a per-path draw counter, but not the path: the first draw of one stream at
+    two paths repeats a key."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def begin(self):
+        return _KeysIgnoringPathRun(self.key)
+
+
+class _KeysIgnoringPathRun:
+    def __init__(self, key):
+        self.key, self.counts = key, {}
+
+    def handle(self, request, forward):
+        if isinstance(request, fx.RandomRequest):
+            slot = (request.path, request.stream)
+            n = self.counts.get(slot, 0)
+            self.counts[slot] = n + 1
+            return jax.random.fold_in(jax.random.fold_in(self.key, _h((request.stream,))), n)
+        return forward(request)
+
+
 class CallOrderKeys(fx.Handler):
     """Splits keys in call order (one counter per run): fresh and deterministic, but a draw added
     earlier shifts every later key."""
@@ -367,6 +391,7 @@ BROKEN = {
     "param answer of the wrong dtype": (Bfloat16Params, ("param",), {}, "answers match requests"),
     "state keyed by path, not collection": (StateByPath, ("state",), {}, "answers match requests"),
     "keys ignoring the draw counter": (lambda: KeysPerPath(jax.random.key(1)), ("random",), {}, "fresh keys"),
+    "keys ignoring the path": (lambda: KeysIgnoringPath(jax.random.key(1)), ("random",), {}, "fresh keys"),
     "keys split in call order": (lambda: CallOrderKeys(jax.random.key(1)), ("random",), {}, "locality"),
     "params initialized in call order": (CallOrderInitParams, ("param",), {}, "locality"),
     "keys from a global counter": (GlobalCounterKeys, ("random",), {}, "determinism"),
