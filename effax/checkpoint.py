@@ -50,6 +50,7 @@ import numpy as np
 from effax.core import EffaxError
 from effax.handlers._tree import key_path_names
 from effax.inspect._diff import diff_specs
+from effax.sharding import ShardingError
 
 __all__ = [
     "CheckpointCorruptError",
@@ -396,26 +397,54 @@ def _fmix(h: jax.Array) -> jax.Array:
     return h ^ (h >> np.uint32(16))
 
 
+def _bits(dtype: Any) -> int:
+    """Bits per element: 4 for `int4`, whose NumPy `itemsize` says 1."""
+    for info in (jnp.iinfo, jnp.finfo):
+        try:
+            return int(info(dtype).bits)
+        except (TypeError, ValueError):
+            pass
+    return 8 * jnp.dtype(dtype).itemsize
+
+
+def _is_narrow_unsigned(dtype: Any) -> bool:
+    """`uint4`, `uint2`: sub-byte unsigned ints, which TensorStore cannot store (it stores `int4` and `int2`)."""
+    return dtype != jnp.bool_ and jnp.issubdtype(dtype, jnp.unsignedinteger) and _bits(dtype) < 8
+
+
 def _words(x: jax.Array) -> jax.Array:
-    """The array's bits as a flat uint32 vector (each element widened, or split into words)."""
+    """The array's bits as uint32 words, in its own shape (each element widened, or split into words
+    along a new last axis): never reshaped, so a sharded array keeps its sharding (an `Explicit` mesh
+    axis on a minor dimension cannot be flattened without a resharding)."""
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         x = jnp.stack([x.real, x.imag], axis=-1)
     if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32).reshape(-1)
+        return x.astype(jnp.uint32)
+    if _bits(x.dtype) < 8:  # int4, uint4, float4, ...: widened exactly (each value keeps its own word), not bitcast
+        wide = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else jnp.int32
+        return jax.lax.bitcast_convert_type(x.astype(wide), jnp.uint32)
     size = jnp.dtype(x.dtype).itemsize
-    if size == 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
     if size in (1, 2):
         unsigned = jnp.uint8 if size == 1 else jnp.uint16
-        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8 bytes: two words each
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 4 bytes: one word each; 8 bytes: two, on a new axis
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """Each element's position in the flattened (C-order) array, mod 2**32, built without a reshape."""
+    i = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        i = i + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(stride % 2**32)
+        stride *= shape[d]
+    return i
 
 
 @jax.jit
 def _digest(x: jax.Array) -> jax.Array:
     """Two independent 32-bit sums; each term is a bijection of its word, so any one changed word shows."""
     w = _words(x)
-    i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+    i = _flat_index(w.shape)
     a = jnp.sum(_fmix(w + _fmix(i * np.uint32(0x9E3779B9) + np.uint32(0x7F4A7C15))), dtype=jnp.uint32)
     b = jnp.sum(_fmix((w ^ _fmix(i * np.uint32(0x85EBCA77) + np.uint32(0x165667B1))) * np.uint32(0x27D4EB2F)),
                 dtype=jnp.uint32)
@@ -437,8 +466,17 @@ def _checksums(leaves: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _is_box(x: Any) -> bool:
+    """A Flax box (`nn.Partitioned`, `LogicallyPartitioned`): an object with `.unbox()` around the array."""
+    return callable(getattr(x, "unbox", None)) and not isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
+
+
 def _name(key_path: tuple) -> str:
-    names = key_path_names(key_path)
+    return _join(key_path_names(key_path))
+
+
+def _join(names: tuple[str, ...]) -> str:
+    """An entry's name, `collection:path/to/leaf`."""
     return names[0] if len(names) == 1 else f"{names[0]}:{'/'.join(names[1:])}"
 
 
@@ -451,9 +489,17 @@ def _prepare(variables: Any) -> tuple[dict, dict]:
         )
     keys: dict[str, str] = {}
     data: dict[str, Any] = {}
+    widened: dict[str, str] = {}
 
     def leaf(key_path: tuple, x: Any) -> Any:
         name = _name(key_path)
+        if _is_box(x):  # a Flax box (`nn.Partitioned`): saved as the array inside, as `t.apply` reads it
+            x = x.unbox()
+            if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+                raise EffaxError(
+                    f"`{name}` in `variables` is a Flax box around a {type(x).__name__}, not an array: a "
+                    "checkpoint holds arrays only. Unbox it first: `flax.linen.meta.unbox(variables)`."
+                )
         if _is_key(x):
             keys[name] = str(jax.random.key_impl(x))
             x = jax.random.key_data(x)
@@ -466,16 +512,25 @@ def _prepare(variables: Any) -> tuple[dict, dict]:
                 f"`{name}` in `variables` is {type(x).__name__} {x!r:.60}, not an array: a checkpoint "
                 "holds arrays only. Drop it, or convert it (`jnp.asarray(...)`)."
             )
+        if x.size == 0:
+            raise EffaxError(
+                f"`{name}` in `variables` is a zero-size array ({_spec(x)}): Orbax cannot store arrays "
+                "with no elements. Leave it out of what you save (and of `like` when restoring), or give "
+                "it a size of at least 1."
+            )
         data[name] = x
+        if _is_narrow_unsigned(x.dtype):  # TensorStore has no uint4: stored as uint8, read back as uint4
+            widened[name] = jnp.dtype(x.dtype).name
+            return x.astype(jnp.uint8)
         return x
 
-    tree = jax.tree_util.tree_map_with_path(leaf, dict(variables), is_leaf=lambda x: x is None)
+    tree = jax.tree_util.tree_map_with_path(leaf, dict(variables), is_leaf=lambda x: x is None or _is_box(x))
     if not data:
         raise EffaxError(
             f"`variables` holds no arrays ({sorted(variables)}), so there is no checkpoint to write: "
             "a model without params or state has nothing to save. Pass what `t.init` returned."
         )
-    meta = {"version": _FORMAT, "checksums": _checksums(data), "keys": keys}
+    meta = {"version": _FORMAT, "checksums": _checksums(data), "keys": keys, "widened": widened}
     return tree, meta
 
 
@@ -550,7 +605,11 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
     checkpoint there intact and listed; every array's checksum is stored
     beside it. It refuses a target holding anything but an effax checkpoint,
     and a save without `step=` where steps exist. Typed PRNG keys are saved
-    as their key data and come back as keys. Sharded arrays are saved shard
+    as their key data and come back as keys. Flax boxes (`nn.Partitioned`)
+    are saved as the arrays inside them, as `t.apply` reads them. Sub-byte
+    dtypes round-trip (`uint4`, which TensorStore lacks, is stored as
+    `uint8`); zero-size arrays, which Orbax cannot store, are refused by
+    name before anything is written. Sharded arrays are saved shard
     by shard; on several hosts every process calls `save` (as with Orbax).
 
     >>> import tempfile
@@ -708,26 +767,88 @@ def _key_impl(x: Any) -> str:
         return str(getattr(x.dtype, "_impl", "threefry2x32"))
 
 
+def _unbox_like(like: Any) -> Any:
+    """`like` with each Flax box (`nn.Partitioned`) replaced by the one leaf inside it (never `unbox()`, which
+    would constrain an abstract value); restore puts the boxes back around what it read."""
+    inner = lambda b: jax.tree.leaves(b)[0] if _is_box(b) and len(jax.tree.leaves(b)) == 1 else b  # noqa: E731
+    return jax.tree.map(inner, dict(like), is_leaf=_is_box)
+
+
+def _not_like(name: str, x: Any) -> EffaxError:
+    """A `like` leaf that is not an array or its shape: what it is, and how to build what restore needs."""
+    if x is None or isinstance(x, str):
+        what = repr(x) if x is None else f"the str {x!r:.40} (a tree of logical axes?)"
+    elif isinstance(x, jax.sharding.PartitionSpec):
+        what = f"the PartitionSpec {x} (logical axes?)"
+    else:
+        what = f"a {type(x).__name__}"
+    if isinstance(x, (jax.sharding.Sharding, jax.sharding.PartitionSpec, str)):
+        fix = (
+            "`like` gives each entry's shape and dtype; to restore onto shardings, put them on the shapes: "
+            "`like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), "
+            "jax.eval_shape(t.init, key, x), shardings)` (shardings from `fx.sharding.logical_to_mesh`)."
+        )
+    else:
+        fix = "pass `like=jax.eval_shape(t.init, key, x)` (or real variables)."
+    return EffaxError(f"`like` entry `{name}` is {what}, not an array or its shape: {fix}")
+
+
+def _check_sharding(name: str, x: Any, sharding: Any) -> None:
+    """Refuse, before anything is read, a `like` sharding that cannot hold its entry's shape."""
+    if sharding is None:
+        return
+
+    shape, spec, mesh = tuple(x.shape), getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    shown = f"`like` entry `{name}` ({getattr(x.dtype, 'name', x.dtype)}{list(shape)})"
+    fix = (
+        "The checkpoint is fine: give that entry a sharding whose mesh axes divide its dimensions, or "
+        "change the mesh (`fx.sharding.logical_to_mesh(fx.summary(t, x), mesh, rules)` checks every dimension)."
+    )
+    if spec is not None and mesh is not None:
+        if len(spec) > len(shape):
+            raise ShardingError(f"{shown} has sharding {spec} with {len(spec)} entries for {len(shape)} "
+                                f"dimensions. {fix}")
+        for dim, (n, entry) in enumerate(zip(shape, spec, strict=False)):
+            if entry is None or entry is jax.sharding.PartitionSpec.UNCONSTRAINED:
+                continue
+            axes = (entry,) if isinstance(entry, str) else tuple(entry)
+            sizes = [int(mesh.shape[a]) for a in axes]
+            parts = int(np.prod(sizes))
+            if n % parts:
+                which = (f"mesh axis {axes[0]!r} (size {parts})" if len(axes) == 1 else
+                         f"mesh axes {axes} (sizes {' x '.join(map(str, sizes))} = {parts})")
+                raise ShardingError(
+                    f"{shown} cannot be restored onto its sharding {spec}: dimension {dim} has size {n}, "
+                    f"which {which} cannot split into equal parts. {fix}"
+                )
+        return
+    try:
+        sharding.shard_shape(shape)
+    except Exception as e:  # another kind of sharding: its own words, one line
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ShardingError(f"{shown} cannot be restored onto its sharding {sharding}: {detail}. {fix}") from None
+
+
 def _abstract_like(like: Any) -> tuple[dict, dict]:
     """`like` as `jax.ShapeDtypeStruct`s of what is stored (key data for keys); and `{entry: key dtype}`."""
     keys: dict[str, Any] = {}
 
     def leaf(key_path: tuple, x: Any) -> Any:
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            if x is None or isinstance(x, str):
-                raise EffaxError(
-                    f"`like` entry `{_name(key_path)}` is {x!r}, not an array or its shape: pass "
-                    "`like=jax.eval_shape(t.init, key, x)` (or real variables)."
-                )
+        name = _name(key_path)
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")) or isinstance(x, str):
+            if not isinstance(x, (bool, int, float, complex)):
+                raise _not_like(name, x)
             x = jnp.asarray(x)
         sharding = getattr(x, "sharding", None)
+        _check_sharding(name, x, sharding)
         if _is_key(x):
-            keys[_name(key_path)] = x
+            keys[name] = x
             data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
             return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding)
 
-    return jax.tree_util.tree_map_with_path(leaf, dict(like), is_leaf=lambda x: x is None), keys
+    plain = lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(leaf, _unbox_like(like), is_leaf=plain), keys
 
 
 def _without_empty(tree: Any) -> Any:
@@ -770,10 +891,19 @@ def _orbax_read(d: Any, read: Any, damaged: Any = None) -> Any:
     try:
         with _quiet_orbax():
             return read()
+    except MemoryError:
+        failure = "MemoryError", ""
     except Exception as e:  # dropped here, so Orbax's abandoned reads are collected while silenced
         failure = type(e).__name__, str(e)
     with _quiet_orbax(collect=True):
         pass
+    if failure[0] == "MemoryError" or re.search(r"RESOURCE_EXHAUSTED|[Oo]ut of memory", failure[1]):
+        # not the files' fault: the arrays do not fit where `like` puts them
+        raise EffaxError(
+            f"not enough memory to restore the checkpoint at `{d}` onto the devices `like` names "
+            f"({failure[0]}). Restore onto shardings that split the large arrays over more devices "
+            "(`jax.ShapeDtypeStruct(..., sharding=...)` leaves in `like`), or free memory first."
+        )
     raise _corrupt(d, failure, None if damaged is None else damaged())
 
 
@@ -825,12 +955,18 @@ def restore(
     `like` is abstract variables (`jax.eval_shape(t.init, key, x)`) or real
     ones; a leaf with a `.sharding` (a `jax.ShapeDtypeStruct(...,
     sharding=...)`, an array) is restored onto it, others onto the default
-    device. Every mismatch is reported at once in a `CheckpointMismatchError`
+    device. `like` holds shapes, not shardings: a `Sharding` or
+    `PartitionSpec` leaf is refused with the one-line fix, and a sharding that
+    cannot split its entry raises `ShardingError` before anything is read.
+    Every mismatch is reported at once in a `CheckpointMismatchError`
     before anything is read; with `strict=False` entries that `like` does not
-    name are skipped. Under a directory of steps, `step=None` reads the latest.
+    name are skipped. A Flax box saved as it is (`kernel/value`, by Orbax)
+    restores into a plain `kernel` of `like`, and boxes in `like` come back
+    around the arrays read. Under a directory of steps, `step=None` reads the latest.
     Each array written by `save` is checked against its checksum
     (`CheckpointCorruptError` names the entry); damaged or unreadable files
-    raise `CheckpointCorruptError` too, never wrong values.
+    raise `CheckpointCorruptError` too, never wrong values. Nothing else does:
+    running out of memory while reading is an `EffaxError` saying so.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -863,31 +999,49 @@ def restore(
     tree = getattr(tree, "tree", tree)
     is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
     stored = {_name(p): m for p, m in jax.tree.leaves_with_path(tree, is_leaf=is_meta) if is_meta(m)}
+    widened = {n: jnp.dtype(t) for n, t in (ours.get("widened", {}) if ours else {}).items() if n in stored}
+    stored.update({n: jax.ShapeDtypeStruct(tuple(stored[n].shape), t) for n, t in widened.items()})
+    boxed = jax.tree.structure(dict(like), is_leaf=lambda x: x is None)  # restored into, Flax boxes included
     item, like_keys = _abstract_like(like)
-    wanted = {_name(p): x for p, x in jax.tree.leaves_with_path(item)}
+    names = {_name(p): key_path_names(p) for p, _ in jax.tree.leaves_with_path(item)}
+    # A Flax box saved as it is (Orbax, or an older effax) stores `kernel/value` where `like` asks for `kernel`.
+    alias = {n: _join(k + ("value",)) for n, k in names.items() if n not in stored and _join(k + ("value",)) in stored}
+    wanted = {alias.get(_name(p), _name(p)): x for p, x in jax.tree.leaves_with_path(item)}
     stored_keys = ours.get("keys", {}) if ours else {}
     kinds = (
-        {n: str(k.dtype) for n, k in like_keys.items()},
+        {alias.get(n, n): str(k.dtype) for n, k in like_keys.items()},
         {n: _key_dtype(impl, stored.get(n)) for n, impl in stored_keys.items()} if ours else None,
     )
     _compare(d, wanted, stored, strict, kinds)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device), item)
     shape = jax.tree.structure(item)
-    item = _without_empty(item)
-    # Every entry was compared above, so Orbax reads only what `item` names: a partial restore, which
+
+    def to_read(key_path: tuple, x: Any) -> Any:
+        name = alias.get(_name(key_path), _name(key_path))
+        if name in widened:
+            x = jax.ShapeDtypeStruct(x.shape, jnp.uint8, sharding=x.sharding)
+        return {"value": x} if name != _name(key_path) else x
+
+    read = jax.tree_util.tree_map_with_path(to_read, item)
+    read = _without_empty(read)
+    # Every entry was compared above, so Orbax reads only what `read` names: a partial restore, which
     # also lets the two trees differ in empty containers (an optax `EmptyState`, a `{}` collection).
     args = ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+        item=read, restore_args=ocp.checkpoint_utils.construct_restore_args(read), partial_restore=True
     )
-    restored = item if not jax.tree.leaves(item) else _orbax_read(  # no array wanted: nothing to read
+    restored = read if not jax.tree.leaves(read) else _orbax_read(  # no array wanted: nothing to read
         d, lambda: ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(d, args=args),
-        lambda: _damaged_entry(ocp, d, item),
+        lambda: _damaged_entry(ocp, d, read),
     )
     restored = jax.tree.unflatten(shape, jax.tree.leaves(restored))  # `like`'s structure, empty parts too
+    if widened:
+        narrow = lambda p, x: x.astype(widened[n]) if (n := alias.get(_name(p), _name(p))) in widened else x  # noqa: E731
+        restored = jax.tree_util.tree_map_with_path(narrow, restored)
     if ours is not None:
         sums = ours.get("checksums", {})
-        got = _checksums({_name(p): x for p, x in jax.tree.leaves_with_path(restored)})
+        got = _checksums({alias.get(n, n): x for n, x in
+                          ((_name(p), x) for p, x in jax.tree.leaves_with_path(restored))})
         for name, digest in got.items():
             if name in sums and sums[name] != digest:
                 raise CheckpointCorruptError(
@@ -912,4 +1066,4 @@ def restore(
             return jax.random.wrap_key_data(x, impl=impl)
         return x
 
-    return jax.tree_util.tree_map_with_path(rekey, restored)
+    return jax.tree.unflatten(boxed, jax.tree.leaves(jax.tree_util.tree_map_with_path(rekey, restored)))

@@ -560,3 +560,184 @@ def test_sharded_save_and_restore_on_eight_devices(tmp_path):
         [sys.executable, "-c", EIGHT_DEVICES, str(tmp_path / "sharded")], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
+BAD_SHARDING = textwrap.dedent(
+    """
+    import sys, jax, jax.numpy as jnp, numpy as np
+    import effax as fx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    v = {"params": {"d": {"kernel": jnp.arange(96.0).reshape(8, 12)}}}
+    fx.checkpoint.save(sys.argv[1], v)
+    mesh = jax.make_mesh((8,), ("model",))
+    for spec, words in [
+        (P(None, "model"), "dimension 1 has size 12, which mesh axis 'model' (size 8) cannot split"),
+        (P("model", None), None),  # divides: no error
+    ]:
+        kernel = jax.ShapeDtypeStruct((8, 12), jnp.float32, sharding=NamedSharding(mesh, spec))
+        like = {"params": {"d": {"kernel": kernel}}}
+        try:
+            fx.checkpoint.restore(sys.argv[1], like=like)
+        except fx.CheckpointCorruptError as e:
+            raise AssertionError(f"an intact checkpoint reported corrupt: {e}")
+        except fx.sharding.ShardingError as e:
+            assert words and "`like` entry `params:d/kernel` (float32[8, 12])" in str(e) and words in str(e), e
+            assert "The checkpoint is fine" in str(e), e
+        else:
+            assert words is None, "no error"
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    like = {"params": {"d": {"kernel": jax.ShapeDtypeStruct((8, 12), jnp.float32,
+                                                            sharding=NamedSharding(mesh, P(None, ("data", "model"))))}}}
+    try:
+        fx.checkpoint.restore(sys.argv[1], like=like)
+    except fx.sharding.ShardingError as e:
+        assert "mesh axes ('data', 'model') (sizes 4 x 2 = 8)" in str(e), e
+    else:
+        raise AssertionError("no error")
+    for spec in (P("data", "model"), P(None, "model")):  # an Explicit mesh axis on the minor dimension too
+        good = fx.checkpoint.restore(sys.argv[1], like={"params": {"d": {"kernel": jax.ShapeDtypeStruct(
+            (8, 12), jnp.float32, sharding=NamedSharding(mesh, spec))}}})
+        assert good["params"]["d"]["kernel"].sharding.spec == spec
+        assert np.array_equal(np.asarray(good["params"]["d"]["kernel"]), np.asarray(v["params"]["d"]["kernel"]))
+    print("OK")
+    """
+)
+
+
+def test_a_like_sharding_that_cannot_split_an_entry_is_refused_before_reading(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", BAD_SHARDING, str(tmp_path / "c")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
+def test_running_out_of_memory_while_reading_is_not_corruption(tmp_path, variables, monkeypatch):
+    fx.checkpoint.save(tmp_path / "c", variables)
+
+    def exhausted(self, directory, *args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.")
+
+    monkeypatch.setattr(ocp.Checkpointer, "restore", exhausted)
+    with pytest.raises(fx.EffaxError, match=r"not enough memory to restore the checkpoint at `.*c`") as info:
+        fx.checkpoint.restore(tmp_path / "c", like=variables)
+    assert not isinstance(info.value, fx.CheckpointCorruptError)
+
+
+def boxed_flax_variables():
+    nn = pytest.importorskip("flax.linen")
+
+    class Logical(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            return nn.Dense(4, kernel_init=init)(x)
+
+    module = Logical()
+    return module, module.init(jax.random.key(1), X)
+
+
+def test_boxed_flax_variables_are_saved_unboxed(tmp_path):
+    nn = pytest.importorskip("flax.linen")
+    module, boxed = boxed_flax_variables()
+    t = fx.transform(fx.from_flax(module))
+    fx.checkpoint.save(tmp_path / "c", boxed)
+    meta = ocp.PyTreeCheckpointHandler().metadata(tmp_path / "c")
+    stored = [key for key, _ in jax.tree.leaves_with_path(getattr(meta, "tree", meta))]
+    assert not any("value" in jax.tree_util.keystr(k) for k in stored), stored
+    restored = fx.checkpoint.restore(tmp_path / "c", like=jax.eval_shape(t.init, KEY, X))
+    assert_same(restored, nn.meta.unbox(boxed))
+    # boxed `like` (what `jax.eval_shape(module.init, ...)` gives) gets its boxes back around the arrays
+    again = fx.checkpoint.restore(tmp_path / "c", like=jax.eval_shape(module.init, KEY, X))
+    assert isinstance(again["params"]["Dense_0"]["kernel"], nn.LogicallyPartitioned)
+    assert again["params"]["Dense_0"]["kernel"].names == ("embed", "mlp")
+    assert_same(nn.meta.unbox(again), nn.meta.unbox(boxed))
+
+
+@pytest.mark.parametrize("like_boxed", [False, True], ids=["unboxed-like", "boxed-like"])
+def test_checkpoints_of_boxed_flax_variables_written_by_orbax_load(tmp_path, like_boxed):
+    nn = pytest.importorskip("flax.linen")
+    module, boxed = boxed_flax_variables()
+    checkpointer = ocp.StandardCheckpointer()  # stores each box as `<path>/value`
+    checkpointer.save(tmp_path / "flax", boxed)
+    checkpointer.wait_until_finished()
+    t = fx.transform(fx.from_flax(module))
+    like = jax.eval_shape(module.init if like_boxed else t.init, KEY, X)
+    restored = fx.checkpoint.restore(tmp_path / "flax", like=like)
+    assert_same(nn.meta.unbox(restored), nn.meta.unbox(boxed))
+    np.testing.assert_array_equal(t.apply(restored, X), module.apply(boxed, X))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int4, jnp.uint4, jnp.int2, jnp.uint2, jnp.float4_e2m1fn],
+                         ids=["int4", "uint4", "int2", "uint2", "float4"])
+def test_sub_byte_dtypes_round_trip(tmp_path, dtype):
+    w = (jnp.arange(32).reshape(8, 4) % 4).astype(dtype)
+    v = {"params": {"w": w}}
+    fx.checkpoint.save(tmp_path / "c", v)
+    restored = fx.checkpoint.restore(tmp_path / "c", like=jax.eval_shape(lambda: v))
+    assert restored["params"]["w"].dtype == dtype
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.asarray(w))
+
+
+def test_sub_byte_checksums_see_each_element():
+    from effax.checkpoint import _checksums
+
+    for dtype in (jnp.int4, jnp.uint4):
+        x = jnp.arange(6).astype(dtype)
+        base = _checksums({"x": x})["x"]
+        for i in range(6):
+            assert _checksums({"x": x.at[i].set((i + 1) % 6)})["x"] != base, (dtype, i)
+        assert _checksums({"x": x[::-1]})["x"] != base
+
+
+def test_a_like_of_shardings_or_logical_axes_is_refused_with_the_fix(tmp_path):
+    def f(x):
+        with fx.scope("d"):
+            return x @ fx.param("kernel", init.ones, (3, 4), axes=("embed", "mlp"))
+
+    t = fx.transform(f)
+    fx.checkpoint.save(tmp_path / "c", t.init(KEY, X))
+    s = fx.summary(t, X)
+    shardings = fx.sharding.logical_to_mesh(s, jax.make_mesh((1,), ("model",)), [("embed", None), ("mlp", "model")])
+    fix = "jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)"
+    for like, what in [(shardings, "a NamedSharding"), (fx.sharding.logical_axes(s), "the PartitionSpec"),
+                       ({"params": {"d": {"kernel": ("embed", "mlp")}}}, "the str 'embed'")]:
+        with pytest.raises(fx.EffaxError, match=f"`like` entry `params:d/kernel.*` is {what}") as info:
+            fx.checkpoint.restore(tmp_path / "c", like=like)
+        assert fix in str(info.value) and type(info.value) is fx.EffaxError
+    with pytest.raises(fx.EffaxError, match=r"`like` entry `params:d/kernel` is a object, not an array"):
+        fx.checkpoint.restore(tmp_path / "c", like={"params": {"d": {"kernel": object()}}})
+    # the fix works
+    like = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        jax.eval_shape(t.init, KEY, X), shardings)
+    assert fx.checkpoint.restore(tmp_path / "c", like=like)["params"]["d"]["kernel"].sharding == shardings[
+        "params"]["d"]["kernel"]
+
+
+def test_zero_size_entries_are_refused_before_writing(tmp_path):
+    v = {"params": {"w": jnp.ones((4, 4)), "lora": {"a": jnp.zeros((4, 0))}}}
+    with pytest.raises(fx.EffaxError, match=r"`params:lora/a` in `variables` is a zero-size array \(float32\[4, 0\]\): "
+                       r"Orbax cannot store") as info:
+        fx.checkpoint.save(tmp_path / "c", v)
+    assert not isinstance(info.value, fx.CheckpointIOError)
+    assert "Leave it out" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_boxed_checkpoints_of_an_earlier_effax_are_verified_by_their_checksums(tmp_path, monkeypatch):
+    """An effax that did not unbox wrote `kernel/value`, with the checksum under that name: still verified."""
+    import effax.checkpoint as checkpoint
+
+    module, boxed = boxed_flax_variables()
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_is_box", lambda x: False)  # the save of an effax without unboxing
+        fx.checkpoint.save(tmp_path / "c", boxed)
+    like = jax.eval_shape(fx.transform(fx.from_flax(module)).init, KEY, X)
+    restored = fx.checkpoint.restore(tmp_path / "c", like=like)
+    np.testing.assert_array_equal(restored["params"]["Dense_0"]["kernel"], boxed["params"]["Dense_0"]["kernel"].value)
+    real = checkpoint._checksums
+    monkeypatch.setattr(checkpoint, "_checksums",
+                        lambda leaves: {n: "0" * 16 if "kernel" in n else d for n, d in real(leaves).items()})
+    with pytest.raises(fx.CheckpointCorruptError, match=r"entry `params:Dense_0/kernel/value`.*checksum"):
+        fx.checkpoint.restore(tmp_path / "c", like=like)

@@ -108,6 +108,66 @@ def test_error_names_the_param_path():
         fx.sharding.logical_to_mesh(fx.summary(fx.transform(f), X), mesh_1x1(), RULES)
 
 
+def test_a_variables_tree_is_refused_by_path_and_type_without_its_values():
+    variables = fx.transform(model).init(jax.random.key(0), X)
+    for f in (fx.sharding.logical_axes, lambda v: fx.sharding.logical_to_mesh(v, mesh_1x1(), RULES)):
+        with pytest.raises(ShardingError, match=r"entry `params:down/kernel` holds jax.Array float32\[8, 6\]") as info:
+            f(variables)
+        assert "Array(" not in str(info.value) and "[[" not in str(info.value)
+
+
+def test_bad_axes_in_an_axes_tree_name_the_entry():
+    with pytest.raises(ShardingError, match=r"entry `params:w`: logical axes \('embed', 1\) hold int 1"):
+        fx.sharding.logical_axes({"params": {"w": ("embed", 1)}})
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: fx.sharding.logical_to_mesh(s, None, RULES), r"`mesh` must be a `jax.sharding.Mesh`, got NoneType"),
+        (lambda s: fx.sharding.logical_to_mesh(s, "mesh", RULES), r"`mesh` must be a `jax.sharding.Mesh`, got str"),
+        (lambda s: fx.sharding.logical_to_mesh(s, mesh_1x1(), None), r"`rules` must be a list .* got NoneType"),
+        (lambda s: fx.sharding.logical_to_mesh(s, mesh_1x1(), ("mlp", "model")),
+         r"got tuple .*for one rule write `\[\('mlp', 'model'\)\]`"),
+        (lambda s: logical_to_spec(("mlp",), None, [("mlp", 1)]),
+         r"rule \('mlp', 1\): the mesh axes must be a mesh axis name, a tuple of them, or None .* got int 1"),
+        (lambda s: logical_to_spec(("mlp",), None, [(1, "model")]), r"rule \(1, 'model'\): the logical axis must be"),
+        (lambda s: logical_to_spec(("mlp",), None, [("mlp", ("model", "model"))]),
+         r"names a mesh axis twice.*`\('mlp', 'model'\)`"),
+        (lambda s: logical_to_spec("mlp", None, RULES), r"got str 'mlp' \(write `\('mlp',\)` for one dimension\)"),
+        (lambda s: logical_to_spec(("mlp", ""), None, RULES), r"hold str ''"),
+    ],
+    ids=["mesh-None", "mesh-str", "rules-None", "rules-one-pair", "target-int", "logical-int", "target-twice",
+         "axes-str", "axes-empty-name"],
+)
+def test_argument_errors_say_what_was_given_and_the_fix(call, message):
+    s = fx.summary(fx.transform(model), X)
+    with pytest.raises(ShardingError, match=message):
+        call(s)
+
+
+def test_a_dimension_split_over_several_names_maps_name_by_name():
+    rules = [("batch", "data"), ("seq", "model"), ("embed", None)]
+    assert logical_to_spec((("batch", "seq"), "embed"), None, rules) == P(("data", "model"), None)
+    assert logical_to_spec((("batch", "embed"), None), None, rules) == P("data", None)  # embed replicates
+    assert logical_to_spec((("embed",), None), None, rules) == P(None, None)
+    # the rule order decides between dimensions, member by member (Flax's rule)
+    assert logical_to_spec((("batch", "seq"), "seq"), None, rules) == P(("data", "model"), None)
+    assert logical_to_spec(("seq", ("batch", "seq")), None, rules) == P("model", "data")
+    with pytest.raises(ShardingError, match=r"logical axis 'heads', but no rule maps it"):
+        logical_to_spec((("batch", "heads"),), None, rules)
+
+    def f(x):
+        return x @ fx.param("w", init.ones, (6, 4), axes=(("batch", "seq"), None))
+
+    mesh = mesh_1x1()
+    shardings = fx.sharding.logical_to_mesh(fx.summary(fx.transform(f), X), mesh, rules)
+    assert shardings["params"]["w"] == NamedSharding(mesh, P(("data", "model"), None))
+    assert fx.sharding.logical_axes({"params": {"w": (("batch", "seq"), None)}})["params"]["w"] == P(
+        ("batch", "seq"), None
+    )
+
+
 EIGHT_DEVICES = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
@@ -138,6 +198,15 @@ EIGHT_DEVICES = textwrap.dedent(
         assert "dimension 1 (logical axis 'mlp') has size 7" in str(e), e
     else:
         raise AssertionError("no error for a dimension that does not divide")
+
+    def split(x):
+        return x @ fx.param("w", jax.nn.initializers.ones, (6, 8), axes=(("batch", "mlp"), None))
+    try:
+        fx.sharding.logical_to_mesh(fx.summary(fx.transform(split), x), mesh, RULES)
+    except fx.sharding.ShardingError as e:
+        assert "dimension 0 (logical axis ('batch', 'mlp')) has size 6, which mesh axes ('data', 'model')" in str(e), e
+    else:
+        raise AssertionError("no error for a split dimension that does not divide")
     print("OK")
     """
 )

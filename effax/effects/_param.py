@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from effax.core import (
     EffaxError,
+    InvalidNameError,
     Path,
     Request,
     ShapeMismatchError,
@@ -193,6 +194,41 @@ def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
     return dims
 
 
+def check_axes(axes: Any, shape: tuple[int, ...], name: str) -> tuple[Any, ...]:
+    """`axes` of `fx.param(name, ..., shape, axes=axes)` as a tuple; an error naming the param's path if not.
+
+    A str or a bad entry raises `InvalidNameError`, a wrong count `ShapeMismatchError`.
+
+    Each entry is a non-empty name, None (replicated), or a non-empty tuple of
+    names: a dimension split over several, as a `PartitionSpec` entry splits
+    one over several mesh axes (`fx.sharding` maps them name by name).
+    """
+    where = f"param `{path_str(current_path() + (name,))}`"
+    fix = "Give one logical name (or None) per dimension, e.g. `axes=('embed', 'mlp')`"
+    if isinstance(axes, str) or not hasattr(axes, "__iter__"):
+        one = f" (`axes=({axes!r},)` for one dimension)" if isinstance(axes, str) else ""
+        raise InvalidNameError(
+            f"{where}: `axes` must be a tuple of names, got {type(axes).__name__} {axes!r:.40}. {fix}{one}."
+        )
+    axes = tuple(axes)
+    for a in axes:
+        if a is None or (type(a) is str and a):
+            continue
+        if type(a) is tuple and a and all(type(n) is str and n for n in a):
+            continue  # a dimension split over several names
+        what = "an empty name ''" if a == "" else f"{type(a).__name__} {a!r:.40}"
+        raise InvalidNameError(
+            f"{where}: `axes={axes!r:.80}` holds {what}; each entry is a non-empty str, None (replicated), "
+            f"or a tuple of names (one dimension split over several). {fix}."
+        )
+    if len(axes) != len(shape):
+        raise ShapeMismatchError(
+            f"{where} has {len(shape)} dims {shape} but {len(axes)} logical axes {axes}: "
+            "give one axis name (or None) per dimension."
+        )
+    return axes
+
+
 def param(
     name: str,
     init: Initializer,
@@ -203,6 +239,10 @@ def param(
     shared: str | None = None,
 ) -> jax.Array:
     """Request the param `name` at the current path; `init(key, shape, dtype)` makes it under init.
+
+    `axes` names each dimension for `fx.sharding`: a non-empty str, None
+    (replicated), or a tuple of names for a dimension split over several
+    (`(("data", "model"), None)`, Flax's `nn.with_partitioning` spelling).
 
     `shared=tag` declares the param shareable, as Penzai's `mark_shareable`:
     every use with the same tag becomes one param once a `fx.share(fn,
@@ -234,13 +274,15 @@ def param(
                 break
     else:
         shape = canonical_shape(shape, name)
-    if axes is not None:
-        axes = tuple(axes)
+    if axes is not None:  # checked inline, as the shape: a helper runs only for a tuple entry or a mistake
+        if type(axes) is not tuple:
+            axes = check_axes(axes, shape, name)
+        for a in axes:
+            if (type(a) is not str or not a) and a is not None:
+                axes = check_axes(axes, shape, name)
+                break
         if len(axes) != len(shape):
-            raise ShapeMismatchError(
-                f"param {name!r} has {len(shape)} dims {shape} but {len(axes)} logical axes {axes}: "
-                "give one axis name (or None) per dimension."
-            )
+            check_axes(axes, shape, name)
     dtype = _FLOAT32 if dtype is jnp.float32 else canonical_dtype(dtype)
     # `ParamRequest(...)` of the checked arguments, built without the frozen dataclass's `object.__setattr__`
     # per field: an eager model builds one per param per call, its hottest path

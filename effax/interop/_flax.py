@@ -68,13 +68,30 @@ def _leaves(tree: Mapping[str, Any]) -> list[Any]:
 
 
 def _param_leaf(nn: Any, node: Any, where: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, Any]:
+    """A Flax param's abstract value and logical axes: a box's names become `axes`, never dropped.
+
+    A name entry that is a tuple of names (`nn.with_partitioning(init, (("data", "model"),
+    None))`, a dimension split over several mesh axes) is kept as it is: `fx.param` and
+    `fx.sharding` take tuple entries and map them name by name, so such a param is sharded as
+    Flax shards it. Names that are neither (or not one per dimension) are refused, never
+    replaced by a silent replication.
+    """
     axes = None
     if isinstance(node, nn.meta.AxisMetadata):
         names = getattr(node, "names", None)
-        node = node.unbox()
-        if names is not None and len(names) == len(node.shape):
-            if all(n is None or isinstance(n, str) for n in names):
-                axes = tuple(names)
+        node = node.unbox(apply_constraint=False) if isinstance(node, nn.Partitioned) else node.unbox()
+        if names is not None:
+            names = tuple(names)
+            name = lambda m: type(m) is str and m != ""  # noqa: E731
+            ok = all(n is None or name(n) or (isinstance(n, tuple) and n and all(map(name, n))) for n in names)
+            if not ok or len(names) != len(getattr(node, "shape", names)):
+                raise EffaxError(
+                    f"Flax param `{path_str(where)}` has partition names {names!r:.80} for shape "
+                    f"{tuple(getattr(node, 'shape', ()))}: effax takes one entry per dimension, each a name, None "
+                    "or a tuple of names. Fix the names given to `nn.with_partitioning` / "
+                    "`nn.with_logical_partitioning`, or drop the box to leave the param replicated."
+                )
+            axes = names
     if not isinstance(node, jax.ShapeDtypeStruct):
         raise EffaxError(
             f"Flax param `{path_str(where)}` is a {type(node).__name__}, not one array; effax params "
@@ -376,7 +393,11 @@ def from_flax(module: Any, *, name: str | None = None) -> FlaxFunction:
     in Flax's own nesting under the current scope (plus `name`). A Flax
     checkpoint of the whole model therefore loads unchanged into `t.apply`
     (boxed values such as `nn.Partitioned` are unboxed; under init their
-    names become `axes`). It then runs Flax's own `module.apply` on them,
+    names become `axes`, a tuple entry such as `(("data", "model"), None)`
+    included: `fx.sharding` maps a tuple entry name by name into one
+    `PartitionSpec` tuple entry, as Flax does, so the param is sharded as in
+    Flax rather than silently replicated; names that do not fit the shape are
+    refused). It then runs Flax's own `module.apply` on them,
     writes the collections Flax changed back with `set`, and re-sows Flax's
     sown values (`intermediates`, and any collection whose variables are all
     tuples) through `fx.sow`. With `capture_intermediates=` in effax, Flax

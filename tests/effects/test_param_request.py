@@ -156,3 +156,40 @@ def test_a_bool_dimension_is_refused_even_after_the_same_int_shape_was_checked()
     fx.transform(lambda: fx.param("w", zeros, (1,))).init(jax.random.key(0))
     with pytest.raises(fx.ShapeMismatchError, match="non-negative ints"):
         fx.transform(lambda: fx.param("w", zeros, (True,))).init(jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    "axes, shape, what",
+    [
+        ("mlp", (8,), r"`axes` must be a tuple of names, got str 'mlp'.*`axes=\('mlp',\)`"),
+        (("embed", 1), (8, 8), r"`axes=\('embed', 1\)` holds int 1"),
+        (("", "mlp"), (8, 8), r"`axes=\('', 'mlp'\)` holds an empty name ''"),
+        ((("embed", ""), None), (8, 8), r"`axes=.*` holds tuple \('embed', ''\)"),
+        (("embed", ["a", "b"]), (8, 8), r"`axes=.*` holds list \['a', 'b'\]"),
+    ],
+    ids=["str", "int-entry", "empty-name", "empty-name-in-tuple", "list-entry"],
+)
+def test_param_axes_are_checked_at_the_param_naming_its_full_path(axes, shape, what):
+    def model():
+        with fx.scope("encoder"), fx.scope("dense"):
+            return fx.param("kernel", jax.nn.initializers.ones, shape, axes=axes)
+
+    with pytest.raises(fx.InvalidNameError, match=r"param `encoder/dense/kernel`: " + what) as info:
+        fx.transform(model).init(KEY)
+    assert "one logical name (or None) per dimension" in str(info.value)
+
+
+def test_param_axes_count_error_names_the_full_path():
+    def model():
+        with fx.scope("encoder"), fx.scope("dense"):
+            return fx.param("kernel", jax.nn.initializers.ones, (8, 8), axes=("embed",))
+
+    with pytest.raises(fx.ShapeMismatchError, match=r"param `encoder/dense/kernel` has 2 dims \(8, 8\) but 1 logical"):
+        fx.transform(model).init(KEY)
+
+
+def test_param_axes_entries_that_are_kept():
+    """None, names, and a tuple of names (one dimension split over several) reach the request as given."""
+    axes = [("embed", None), (("data", "model"), "mlp"), ["embed", "mlp"]]
+    seen = captured(lambda: [fx.param(f"w{i}", NORMAL, (2, 2), axes=a) for i, a in enumerate(axes)])
+    assert [r.axes for r in seen] == [("embed", None), (("data", "model"), "mlp"), ("embed", "mlp")]

@@ -321,6 +321,41 @@ def test_partitioned_params_are_unboxed_and_keep_their_logical_axes():
     assert_same(variables, nn.unbox(Partitioned().init(K, X)))
 
 
+def test_partition_names_splitting_a_dimension_over_several_mesh_axes_are_kept():
+    """`nn.with_partitioning(init, (("data", "model"), None))`: the tuple entry becomes a tuple axis, never dropped."""
+
+    class MultiAxis(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (("data", "model"), None))
+            return nn.Dense(4, use_bias=False, kernel_init=init)(x)
+
+    module = MultiAxis()
+    t = fx.transform(fx.from_flax(module))
+    s = fx.summary(t, X)
+    axes = fx.sharding.logical_axes(s)["params"]["Dense_0"]["kernel"]
+    flax_spec = nn.get_partition_spec(jax.eval_shape(module.init, K, X))["params"]["Dense_0"]["kernel"]
+    assert axes == flax_spec == jax.sharding.PartitionSpec(("data", "model"), None)
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    shardings = fx.sharding.logical_to_mesh(s, mesh, [("data", "data"), ("model", "model")])
+    assert shardings["params"]["Dense_0"]["kernel"].spec == flax_spec
+    variables = jax.jit(t.init, out_shardings=shardings)(K, X)
+    assert_same(variables, nn.unbox(module.init(K, X)))
+
+
+def test_partition_names_that_do_not_fit_the_param_are_refused():
+    class Wrong(nn.Module):
+        names: tuple
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, use_bias=False, kernel_init=nn.with_partitioning(nn.initializers.ones, self.names))(x)
+
+    for names in [("embed",), ("embed", 3)]:
+        with pytest.raises(fx.EffaxError, match=r"Flax param `Dense_0/kernel` has partition names .* for shape"):
+            fx.summary(fx.transform(fx.from_flax(Wrong(names))), X)
+
+
 def test_the_structure_is_traced_once_per_signature():
     traces = []
 

@@ -82,7 +82,7 @@ def test_logical_to_mesh_shards_an_nn_model():
 
 
 def test_wrong_number_of_axes_is_an_error_naming_the_param():
-    with pytest.raises(fx.ShapeMismatchError, match="'kernel' has 2 dims .* 3 logical axes"):
+    with pytest.raises(fx.ShapeMismatchError, match=r"param `Dense_0/kernel` has 2 dims .* 3 logical axes"):
         fx.transform(lambda x: fx.nn.Dense(3, kernel_init=part(lecun, ("a", "b", "c")))(x)).init(jax.random.key(0), X2)
 
 
