@@ -13,7 +13,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from effax.core import EffaxError, FrozenStateError, at_path, check_name, current_path, path_str, scope
+from effax.core import (
+    EffaxError,
+    FrozenStateError,
+    MissingRngError,
+    MissingVariableError,
+    at_path,
+    check_name,
+    current_path,
+    path_str,
+    scope,
+)
 from effax.effects import capture_filter, is_initializing, local_state, param, stream_key, stream_names
 from effax.interop._common import is_mutable, request_tree, sow_tree
 
@@ -184,7 +194,17 @@ class _FlaxInit:
     def value(self, where: tuple[str, ...]) -> Any:
         if self.variables is None:
             with at_path(self.path):
-                key = stream_key("params")
+                try:
+                    key = stream_key("params")
+                except MissingRngError as e:  # under apply: a variable is missing, which is what to say
+                    collection, *rest = where
+                    raise MissingVariableError(
+                        f"no {path_str(self.path + tuple(rest))} in variables[{collection!r}]: the Flax module "
+                        f"`{type(self.module).__name__}` at `{path_str(self.path)}` writes it, so it is made by "
+                        "running Flax's init, which needs a 'params' key this run does not give. Pass "
+                        f"the variables `t.init` made (variables[{collection!r}], e.g. "
+                        "a decode cache), or `rngs=` to create it."
+                    ) from e
             self.keep(self.module.init({"params": key}, *self.args, method=self.method, **self.kwargs))
         return _at(self.variables, where)
 

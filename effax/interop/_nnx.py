@@ -39,11 +39,14 @@ def _collection(nnx: Any, kind: type) -> str:
         return kind.__name__
 
 
-def _axes(var: Any, shape: tuple[int, ...]) -> tuple[str | None, ...] | None:
+def _axes(var: Any, shape: tuple[int, ...]) -> tuple[Any, ...] | None:
+    """The variable's sharding names as `axes`, a tuple entry (one dimension split over several names)
+    included, as `from_flax` keeps them; None when it has none or they do not name one entry per dimension."""
     metadata = var.get_metadata()
     names = next((metadata[k] for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k)), None)
     if isinstance(names, tuple) and len(names) == len(shape):
-        if all(n is None or isinstance(n, str) for n in names):
+        name = lambda n: type(n) is str and n != ""  # noqa: E731
+        if all(n is None or name(n) or (type(n) is tuple and n and all(map(name, n))) for n in names):
             return names
     return None
 

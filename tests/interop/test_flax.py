@@ -218,6 +218,17 @@ def test_a_frozen_collection_that_flax_writes_raises_frozen_state_error():
         t.apply(variables, X, train=True, rngs={"dropout": KD})
 
 
+def test_a_missing_decode_cache_is_named_not_blamed_on_a_key():
+    t = fx.transform(fx.from_flax(nn.MultiHeadDotProductAttention(2, decode=True), name="attn"))
+    x = jax.random.normal(jax.random.key(1), (2, 4, 8))
+    v = t.init(jax.random.key(0), x)
+    missing = r"no attn/cache_index in variables\['cache'\].*Pass the variables"
+    with pytest.raises(fx.MissingVariableError, match=missing):
+        t.apply({"params": v["params"]}, x[:, :1], handlers=fx.handlers.eval(mutable=["cache"]))
+    y, _ = t.apply(v, x[:, :1], handlers=fx.handlers.eval(mutable=["cache"]))  # with the cache: no key needed
+    assert y.shape == (2, 1, 8)
+
+
 def test_a_missing_stream_raises_missing_rng_error_without_falling_back_to_params():
     t = fx.transform(fx.from_flax(Block()))
     variables = t.init(K, X, train=False)

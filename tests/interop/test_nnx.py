@@ -182,6 +182,18 @@ def test_sharding_names_become_logical_axes():
     assert seen == {("w",): ("embed", "mlp")}
 
 
+def test_a_dimension_split_over_several_names_keeps_its_names():
+    class Split(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((4, 2)), out_sharding=(("data", "model"), None), eager_sharding=False)
+
+        def __call__(self, x):
+            return x @ self.w[...]
+
+    s = fx.summary(fx.transform(fx.from_nnx(Split())), jnp.ones((1, 4)))
+    assert s.entries[0].axes == (("data", "model"), None)
+
+
 def test_refuses_what_it_cannot_run():
     import flax.linen as nn
 
