@@ -67,7 +67,9 @@ def _method_of(owner: Any, method: Any) -> Callable[..., Any]:
         target = getattr(owner, method, None)
         if callable(target):
             return target
-        methods = sorted(m for m in dir(type(owner)) if not m.startswith("_") and callable(getattr(owner, m, None)))
+        methods = sorted(  # `setup` is a module's own, never an entry point
+            m for m in dir(type(owner)) if not m.startswith("_") and m != "setup" and callable(getattr(owner, m, None))
+        )
         raise EffaxError(
             f"method={method!r}: {type(owner).__name__} {getattr(owner, '__name__', '')} has no method "
             f"{method!r} (its public methods: {methods or 'none'}). Name one of them, or pass a function "
