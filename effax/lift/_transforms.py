@@ -275,15 +275,33 @@ class _Sown:
 # --- options
 
 
-def _per_instance(cls: type, lift: Callable[[Any], Any]) -> Callable[..., Any]:
+def _per_instance(cls: type, lift: Callable[[Any], Any], prefix: str) -> Callable[..., Any]:
     """A module class lifted as Flax's `nn.remat(Block)` lifts it: `fx.remat(Block)(features=3)` builds
-    `Block(features=3)` and returns it lifted, to be called on the inputs (`fx.remat(Block(features=3))`)."""
+    `Block(features=3)` and returns it lifted, to be called on the inputs (`fx.remat(Block(features=3))`).
+
+    As in Flax, the class built is a subclass named `<prefix><Block>` (`CheckpointBlock`, `ScanBlock`,
+    `VmapBlock`), so an auto-named instance is `CheckpointBlock_0`, where a linen checkpoint has it; the
+    lifted function carries the instance (`_effax_module`), so `setup()` names it after its attribute.
+    """
+    made = _renamed(cls, prefix)
 
     @functools.wraps(cls, updated=())
     def build(*args: Any, **kwargs: Any) -> Any:
-        return lift(cls(*args, **kwargs))
+        module = made(*args, **kwargs)
+        lifted = lift(module)
+        lifted._effax_module = module
+        return lifted
 
     return build
+
+
+@functools.lru_cache(maxsize=256)
+def _renamed(cls: type, prefix: str) -> type:
+    """`cls`'s subclass `<prefix><cls>`, made once; `cls` itself when it cannot be subclassed."""
+    try:
+        return type(prefix + cls.__name__, (cls,), {"__module__": cls.__module__})
+    except TypeError:
+        return cls
 
 
 def _choice(value: Any, allowed: tuple[str, ...], what: str, where: str) -> str:
@@ -365,7 +383,7 @@ def scan(
     if isinstance(fn, type):
         return _per_instance(fn, functools.partial(
             scan, length=length, params=params, state=state, split_rngs=split_rngs, reverse=reverse, unroll=unroll
-        ))
+        ), "Scan")
     where = "fx.scan"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
     modes = _state_modes(state, "stack" if stack_params else "carry", ("stack", "carry"), where)
@@ -482,7 +500,7 @@ def vmap(
         return _per_instance(fn, functools.partial(
             vmap, in_axes=in_axes, out_axes=out_axes, axis_size=axis_size, params=params, state=state,
             split_rngs=split_rngs, axis_name=axis_name, spmd_axis_name=spmd_axis_name,
-        ))
+        ), "Vmap")
     where = "fx.vmap"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
     modes = _state_modes(state, "stack" if stack_params else "broadcast", ("stack", "broadcast"), where)
@@ -587,7 +605,7 @@ def remat(
     if isinstance(fn, type):
         return _per_instance(fn, functools.partial(
             remat, policy=policy, prevent_cse=prevent_cse, static_argnums=static_argnums
-        ))
+        ), "Checkpoint")
     static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
     crossing = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
 

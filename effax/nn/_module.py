@@ -102,6 +102,8 @@ def _name_where_built(module: Module, cls: type) -> None:
     `__init__` of the most derived class `cls` names it, once."""
     if type(module) is cls and (run := run_values()) is not None:
         names = run.get(Names) or current_names()
+        if type(owner := names.owner) is tuple and owner and owner[-1] is _SETUP:
+            return  # built in `setup()`: named by the attribute that holds it, or where it is adopted (Flax)
         parent, name = path_now(), module.name
         path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
         names.bound[module] = path
@@ -111,12 +113,21 @@ class _Setups(dict):
     """Run-local: module -> the attributes its `setup()` assigned, while a call of the module runs."""
 
 
+class _Assigned(dict):
+    """What one `setup()` assigned; `open` while it runs (only then may it assign)."""
+
+    open = True
+
+
+_SETUP = object()  # the naming frame of a `setup()`: the modules it builds are not named where built
+
+
 def _run_setup(module: Module, path: tuple[str, ...]) -> dict[str, Any]:
     """Run `module.setup()` at `path`, in a naming frame of its own; what it assigns is kept while the caller
     (`_after_setup`) runs, and dropped after, so no value outlives the JAX trace it was made in."""
     setups, names = run_local(_Setups), current_names()
-    setups[module] = values = {}
-    saved = names.enter(path, "setup")
+    setups[module] = values = _Assigned()
+    saved = names.enter(path, _SETUP)
     try:
         under_path(path, type(module).setup, module)
     except BaseException:
@@ -124,6 +135,7 @@ def _run_setup(module: Module, path: tuple[str, ...]) -> dict[str, Any]:
         raise
     finally:
         names.leave(saved)
+        values.open = False
     return values
 
 
@@ -166,18 +178,29 @@ def _call_with_setup(self: Module, method: str, fn: Callable[..., Any], args: tu
 
 
 def _setup_setattr(self: Module, name: str, value: Any) -> None:
-    """`self.<name> = value` inside `setup()`: kept for this run; a module in it is named after the attribute."""
+    """`self.<name> = value` inside `setup()`: kept for this call; a module in it is named after the attribute
+    (its own `name=` first, as in Flax; one already named keeps its name, so `self.b = self.a` is `a`)."""
     values = None if run_values() is None else run_local(_Setups).get(self)
-    if values is None or name in self.__dataclass_fields__:
+    cls = type(self).__name__
+    if name in self.__dataclass_fields__:
         raise dataclasses.FrozenInstanceError(
-            f"cannot assign to field {name!r}: a {type(self).__name__} is frozen; assign attributes in setup()"
+            f"cannot assign to field {name!r} of {cls}: fields configure the module and stay as given, even in "
+            f"setup(); assign what setup() makes to another attribute (`self.{name}_ = ...`)."
+        )
+    if values is None or not values.open:
+        raise dataclasses.FrozenInstanceError(
+            f"cannot assign {cls}.{name} here: a module is frozen, and attributes are assigned only in "
+            "setup() (Flax's AssignSubModuleError). Assign it in setup(), or build the layer inline and call it."
         )
     values[name] = value
     names, parent = current_names(), path_now()
 
     def bind(item: Any, label: str) -> None:
+        if not isinstance(item, Module):  # a lifted module class's instance (`fx.remat(Block)()`)
+            item = getattr(item, "_effax_module", item)
         if isinstance(item, Module):
-            names.bound[item] = _claim_name(names, parent, label)
+            if item not in names.bound:
+                names.bound[item] = _claim_name(names, parent, label if item.name is None else item.name)
         elif isinstance(item, dict):
             for key, sub in item.items():
                 bind(sub, f"{label}_{key}")
@@ -326,7 +349,7 @@ class Module:
         """
 
     def __getattr__(self, name: str) -> Any:  # only for attributes not found: `setup()`'s
-        if name.startswith("__") or type(self).setup is Module.setup:
+        if name.startswith(("__", "_effax")) or type(self).setup is Module.setup:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         values = _setup_values(self, name)
         if name not in values:
