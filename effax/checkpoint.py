@@ -793,6 +793,24 @@ def _not_like(name: str, x: Any) -> EffaxError:
     return EffaxError(f"`like` entry `{name}` is {what}, not an array or its shape: {fix}")
 
 
+def _on_devices(name: str, sharding: Any) -> Any:
+    """`sharding`, with an abstract mesh (what `jax.eval_shape` gives for sharded arrays) replaced by the
+    concrete mesh set with `jax.set_mesh` when it is that mesh; refused, with the fix, when there is none."""
+    mesh = getattr(sharding, "mesh", None)
+    if not isinstance(mesh, jax.sharding.AbstractMesh):
+        return sharding
+    current = jax.sharding.get_mesh()
+    if not current.empty and current.abstract_mesh == mesh:
+        return jax.sharding.NamedSharding(current, sharding.spec)
+    axes = ", ".join(f"{a}: {n}" for a, n in mesh.shape.items())
+    raise ShardingError(
+        f"`like` entry `{name}` has a sharding on an abstract mesh ({axes}), what `jax.eval_shape` gives for "
+        "sharded arrays: it names no devices to restore onto. Restore inside "
+        "`with jax.set_mesh(mesh):` (that mesh is used), or put the shardings on your mesh: `like = jax.tree.map("
+        "lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.NamedSharding(mesh, s.sharding.spec)), like)`."
+    )
+
+
 def _check_sharding(name: str, x: Any, sharding: Any) -> None:
     """Refuse, before anything is read, a `like` sharding that cannot hold its entry's shape."""
     if sharding is None:
@@ -839,7 +857,7 @@ def _abstract_like(like: Any) -> tuple[dict, dict]:
             if not isinstance(x, (bool, int, float, complex)):
                 raise _not_like(name, x)
             x = jnp.asarray(x)
-        sharding = getattr(x, "sharding", None)
+        sharding = _on_devices(name, getattr(x, "sharding", None))
         _check_sharding(name, x, sharding)
         if _is_key(x):
             keys[name] = x
@@ -1013,7 +1031,12 @@ def restore(
         {n: _key_dtype(impl, stored.get(n)) for n, impl in stored_keys.items()} if ours else None,
     )
     _compare(d, wanted, stored, strict, kinds)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # An entry `like` gives no sharding (a step counter, a key beside sharded params) is replicated on the mesh
+    # of the others, so the restored state enters the same jitted step; with no mesh, it goes to one device.
+    mesh = next((s.mesh for s in (x.sharding for x in jax.tree.leaves(item)) if isinstance(s, jax.NamedSharding)), None)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else jax.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()
+    )
     item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device), item)
     shape = jax.tree.structure(item)
 

@@ -613,6 +613,47 @@ def test_a_like_sharding_that_cannot_split_an_entry_is_refused_before_reading(tm
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
 
 
+ABSTRACT_MESH = """
+import sys
+import jax, jax.numpy as jnp
+import effax as fx
+mesh = jax.make_mesh((8,), ("data",))
+state = {
+    "params": {"w": jax.device_put(jnp.ones((8, 4)), jax.NamedSharding(mesh, jax.P("data")))},
+    "step": jnp.array(3), "key": jax.random.key(1),
+}
+fx.checkpoint.save(sys.argv[1], state)
+like = jax.eval_shape(lambda: state)  # shardings on an abstract mesh
+try:
+    fx.checkpoint.restore(sys.argv[1], like=like)
+    raise SystemExit("an abstract mesh was not refused")
+except fx.CheckpointCorruptError as e:
+    raise SystemExit(f"reported as corrupt: {e}")
+except fx.sharding.ShardingError as e:
+    assert "abstract mesh (data: 8)" in str(e) and "jax.set_mesh" in str(e), e
+with jax.set_mesh(mesh):
+    restored = fx.checkpoint.restore(sys.argv[1], like=like)
+assert restored["params"]["w"].sharding.is_equivalent_to(state["params"]["w"].sharding, 2)
+# entries `like` gives no sharding are replicated on the others' mesh: the restored state enters a jitted step
+plain = {**like, "step": jax.ShapeDtypeStruct((), jnp.int32), "key": jax.eval_shape(lambda: jax.random.key(0))}
+plain["params"] = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=jax.NamedSharding(mesh, jax.P("data")))}
+restored = fx.checkpoint.restore(sys.argv[1], like=plain)
+assert restored["step"].sharding == jax.NamedSharding(mesh, jax.P()), restored["step"].sharding
+step = jax.jit(lambda s: {**s, "step": s["step"] + 1, "key": jax.random.split(s["key"])[0]})
+step(restored)
+print("OK")
+"""
+
+
+def test_like_from_eval_shape_of_sharded_arrays_and_unsharded_entries_beside_them(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", ABSTRACT_MESH, str(tmp_path / "c")], env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
 def test_running_out_of_memory_while_reading_is_not_corruption(tmp_path, variables, monkeypatch):
     fx.checkpoint.save(tmp_path / "c", variables)
 

@@ -209,7 +209,13 @@ class _LoadRun(_ParamRun):
                 f"no param `{path_str(request.path)}` in variables['params'] (asked for "
                 f"{request.spec()}); "
                 + (f"nearest: {', '.join(repr(n) for n in near)}. " if near else "")
-                + "Check the name and scope, or create the variables with `t.init` for this model."
+                + (
+                    "variables['params'] is empty or missing: pass the whole variables `t.init` returned, "
+                    "`{'params': ..., <collection>: ...}` (a params tree alone goes in as "
+                    "`t.apply({'params': params}, x)`)."
+                    if not self.params
+                    else "Check the name and scope, or create the variables with `t.init` for this model."
+                )
             )
         if isinstance(value, jax.Array):  # the usual case: an array's shape is a tuple (read off its aval, no frame)
             aval = value.aval

@@ -86,6 +86,15 @@ def test_leaf_and_scope_of_same_name_conflict():
         fx.transform(g).init(jax.random.key(0))
 
 
+def test_params_passed_without_their_collection_say_so():
+    t = fx.transform(lambda x: fx.nn.Dense(2)(x))
+    x = jnp.ones((1, 3))
+    params = t.init(jax.random.key(0), x)["params"]
+    empty = r"variables\['params'\] is empty or missing: .*\{'params': params\}"
+    with pytest.raises(fx.MissingVariableError, match=empty):
+        t.apply(params, x)  # the params tree alone
+
+
 def test_missing_param_names_path_and_nearest():
     def f():
         with fx.scope("encoder"), fx.scope("dense"):
