@@ -34,9 +34,9 @@ class Block(fx.nn.Module):
     decode: bool
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = fx.nn.LayerNorm(name="ln1")(x)
+        h = fx.nn.LayerNorm(name="ln1", use_fast_variance=False)(x)
         x = x + fx.nn.MultiHeadAttention(self.heads, causal=True, decode=self.decode, name="attn")(h)
-        h = fx.nn.LayerNorm(name="ln2")(x)
+        h = fx.nn.LayerNorm(name="ln2", use_fast_variance=False)(x)
         h = fx.nn.Dense(self.mlp_dim, name="up")(h)
         return x + fx.nn.Dense(x.shape[-1], name="down")(jax.nn.gelu(h))
 
@@ -57,7 +57,7 @@ class Decoder(fx.nn.Module):
         x = embed(tokens) + fx.nn.Embed(s.context, s.d_model, name="positions")(start + jnp.arange(tokens.shape[-1]))
         for i in range(s.depth):
             x = Block(s.heads, s.mlp_dim, self.decode, name=f"block_{i}")(x)
-        return embed.attend(fx.nn.LayerNorm(name="ln_f")(x))
+        return embed.attend(fx.nn.LayerNorm(name="ln_f", use_fast_variance=False)(x))
 
 
 EVAL_CACHE = fx.handlers.eval(mutable=["cache"])

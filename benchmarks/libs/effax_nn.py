@@ -26,10 +26,10 @@ class Block(fx.nn.Module):
 
     def __call__(self, x):
         d = self.spec.d_model
-        h = fx.nn.LayerNorm(epsilon=1e-6)(x)
+        h = fx.nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)(x)
         a = attention(fx.nn.Dense(d)(h), fx.nn.Dense(d)(h), fx.nn.Dense(d)(h), self.spec.heads)
         x = x + fx.nn.Dense(d)(a)
-        h = fx.nn.LayerNorm(epsilon=1e-6)(x)
+        h = fx.nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)(x)
         return x + fx.nn.Dense(d)(jax.nn.gelu(fx.nn.Dense(self.spec.mlp_dim)(h)))
 
 

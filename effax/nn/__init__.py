@@ -14,11 +14,12 @@ from effax.nn._module import Module
 from effax.nn._normalization import BatchNorm, LayerNorm, RMSNorm
 from effax.nn._partitioning import LogicalInit, with_logical_partitioning
 from effax.nn._pooling import avg_pool, max_pool, min_pool, pool
-from effax.nn._recurrent import RNN, GRUCell, LSTMCell, flip_sequences
+from effax.nn._recurrent import RNN, Bidirectional, GRUCell, LSTMCell, OptimizedLSTMCell, flip_sequences
 
 __all__ = [
     "Module", "Dense", "Conv", "Embed", "LayerNorm", "RMSNorm", "BatchNorm", "Dropout",
     "MultiHeadAttention", "MLP", "Sequential",
     "DenseGeneral", "ConvTranspose", "GroupNorm", "pool", "max_pool", "avg_pool", "min_pool",
-    "LSTMCell", "GRUCell", "RNN", "flip_sequences", "with_logical_partitioning", "LogicalInit",
+    "LSTMCell", "OptimizedLSTMCell", "GRUCell", "RNN", "Bidirectional", "flip_sequences",
+    "with_logical_partitioning", "LogicalInit",
 ]

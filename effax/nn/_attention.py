@@ -2,34 +2,64 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effax.core import EffaxError
-from effax.effects import is_training, local_state, next_key, side_input
+from effax.effects import is_training, local_state, next_key, side_input, sow
 from effax.nn._dropout import dropout
-from effax.nn._linear import DenseGeneral, Initializer, default_kernel_init, zeros
+from effax.nn._linear import DenseGeneral, Initializer, check_sizes, default_kernel_init, zeros
 from effax.nn._module import Module, where
+from effax.nn._normalization import LayerNorm
 from effax.nn._partitioning import LogicalInit, axes_of
 
 
 def attention_with_dropout(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, rate: float, key: jax.Array, broadcast: bool
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Any,
+    rate: float,
+    key: jax.Array | None,
+    broadcast: bool,
+    *,
+    precision: Any = None,
+    force_fp32_for_softmax: bool = False,
+    sow_weights: bool = False,
 ) -> jax.Array:
     """Dot-product attention with dropout on the weights, which `jax.nn.dot_product_attention` lacks.
 
     Shapes `(batch..., length, heads, head_dim)`; `mask` broadcasts to
     `(batch..., heads, q_length, kv_length)`, True where attending.
+    `sow_weights` sows the weights (before dropout) as `attention_weights`,
+    and `force_fp32_for_softmax` keeps them in float32, as Flax's.
     """
     q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, precision=precision)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32))).astype(q.dtype)
-    weights = dropout(weights, rate, key, tuple(range(weights.ndim - 2)) if broadcast else ())
-    return jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    if force_fp32_for_softmax and logits.dtype != jnp.float32:  # Flax: the weights stay in float32
+        weights = jax.nn.softmax(logits.astype(jnp.float32))
+    else:
+        weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32))).astype(q.dtype)
+    if sow_weights:
+        sow("attention_weights", weights)
+    if rate > 0.0:
+        weights = dropout(weights, rate, key, tuple(range(weights.ndim - 2)) if broadcast else ())
+    return jnp.einsum("...hqk,...khd->...qhd", weights, v, precision=precision)
+
+
+class _Sower:
+    """The `module` a Flax `attention_fn` sows its weights through (`module.sow(collection, name, value)`)."""
+
+    def sow(self, collection: str, name: str, value: Any, *args: Any, **kwargs: Any) -> bool:
+        sow(name, value, collection=collection)
+        return True
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> jax.Array:
@@ -80,6 +110,22 @@ class MultiHeadAttention(Module):
     >>> v["params"]["MultiHeadAttention_0"]["query"]["kernel"].shape, t.apply(v, x).shape
     ((8, 2, 4), (1, 5, 8))
 
+    Flax's options: `normalize_qk` normalizes queries and keys with a
+    `LayerNorm` each (`query_ln`, `key_ln`, scale only); `force_fp32_for_softmax`
+    keeps the attention weights in float32; `precision` goes to every
+    product; `attention_fn` replaces the attention core with a function of
+    Flax's `dot_product_attention` signature (it gets the keyword arguments
+    it names); the call argument `sow_weights=True` sows the weights as
+    `attention_weights` in `"intermediates"` at the layer's path:
+
+    >>> w = fx.transform(lambda x: fx.nn.MultiHeadAttention(num_heads=2, normalize_qk=True)(x, sow_weights=True))
+    >>> vw = w.init(jax.random.key(0), x)
+    >>> sorted(vw["params"]["MultiHeadAttention_0"])
+    ['key', 'key_ln', 'out', 'query', 'query_ln', 'value']
+    >>> _, sown = w.apply(vw, x, mutable="intermediates")
+    >>> sown["intermediates"]["MultiHeadAttention_0"]["attention_weights"][0].shape   # (batch, heads, q, k)
+    (1, 2, 5, 5)
+
     Decoding token by token gives what the full causal pass gives:
 
     >>> d = fx.transform(lambda x: fx.nn.MultiHeadAttention(num_heads=2, decode=True)(x))
@@ -110,11 +156,18 @@ class MultiHeadAttention(Module):
     out_kernel_init: Initializer | None = None
     out_bias_init: Initializer | None = None
     decode: bool = False
+    precision: Any = None
+    attention_fn: Callable[..., jax.Array] | None = None
+    normalize_qk: bool = False
+    force_fp32_for_softmax: bool = False
+
+    def __post_init__(self) -> None:
+        check_sizes(self, "num_heads", *(f for f in ("qkv_features", "out_features") if getattr(self, f) is not None))
 
     def _dense(self, name: str, features: Any, axis: Any, kernel_init: Initializer, bias_init: Initializer) -> Any:
         return DenseGeneral(
             features, axis=axis, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=kernel_init, bias_init=bias_init, name=name,
+            kernel_init=kernel_init, bias_init=bias_init, precision=self.precision, name=name,
         )
 
     def _mask(self, mask: Any, tq: int, tk: int) -> list[Any]:
@@ -126,6 +179,35 @@ class MultiHeadAttention(Module):
         if self.causal and not self.decode:  # a decode step's cache mask is causal already
             masks.append(jnp.tril(jnp.ones((tq, tk), bool), tk - tq))
         return masks
+
+    def _check_mask(self, m: jax.Array, want: tuple[int, ...], given: bool) -> None:
+        """Refuse a mask that does not broadcast to `want`, `(batch..., heads, q_length, kv_length)`."""
+        try:
+            fits = np.broadcast_shapes(m.shape, want) == want
+        except ValueError:
+            fits = False
+        if not fits:
+            what = "mask" if given else f"the side input {self.mask_tag!r}"
+            raise EffaxError(
+                f"{where('MultiHeadAttention')}: {what} of shape {m.shape} does not broadcast to (batch..., heads, "
+                f"q_length, kv_length) = {want}. Give it one entry per query and key position, e.g. a key "
+                "padding mask `keep` of shape (batch, kv_length) as `mask=keep[:, None, None, :]`."
+            )
+
+    def _custom_attention(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, dropout_on: bool, sow_weights: bool
+    ) -> jax.Array:
+        """Call `attention_fn` as Flax does: the keyword arguments of `dot_product_attention` it takes."""
+        kwargs = dict(
+            mask=mask, dropout_rng=next_key("dropout") if dropout_on else None, dropout_rate=self.dropout_rate,
+            broadcast_dropout=self.broadcast_dropout, deterministic=not dropout_on, dtype=self.dtype,
+            precision=self.precision, force_fp32_for_softmax=self.force_fp32_for_softmax,
+        )
+        takes = inspect.signature(self.attention_fn).parameters  # type: ignore[arg-type]
+        kwargs = {name: value for name, value in kwargs.items() if name in takes}
+        if sow_weights:
+            kwargs["module"] = _Sower()
+        return self.attention_fn(q, k, v, **kwargs)  # type: ignore[misc]
 
     def _cached(self, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Write this call's keys and values into the cache at `cache_index`; the keys, values and mask to use."""
@@ -160,6 +242,7 @@ class MultiHeadAttention(Module):
         *,
         mask: Any = None,
         deterministic: bool | None = None,
+        sow_weights: bool = False,
     ) -> jax.Array:
         inputs_q = jnp.asarray(inputs_q)
         inputs_k = inputs_q if inputs_k is None else jnp.asarray(inputs_k)
@@ -170,6 +253,12 @@ class MultiHeadAttention(Module):
                 f"{inputs_q.shape}, {inputs_k.shape}, {inputs_v.shape} (query, key, value): a single token "
                 "is `x[None]`, of shape (1, features)."
             )
+        if inputs_q.shape[:-2] != inputs_k.shape[:-2] or inputs_k.shape[:-1] != inputs_v.shape[:-1]:
+            raise EffaxError(
+                f"{where('MultiHeadAttention')}: query, key and value must share their batch dims, and key and "
+                f"value their length too; got shapes {inputs_q.shape}, {inputs_k.shape}, {inputs_v.shape} "
+                "(batch..., length, features). Pair each query sequence with its own keys and values."
+            )
         qkv = self.qkv_features or inputs_q.shape[-1]
         if qkv % self.num_heads:
             raise EffaxError(
@@ -179,18 +268,29 @@ class MultiHeadAttention(Module):
         q = self._dense("query", heads, -1, self.kernel_init, self.bias_init)(inputs_q)
         k = self._dense("key", heads, -1, self.kernel_init, self.bias_init)(inputs_k)
         v = self._dense("value", heads, -1, self.kernel_init, self.bias_init)(inputs_v)
+        if self.normalize_qk:  # Flax's QK normalization (arxiv.org/abs/2302.05442), same names
+            ln = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            q, k = LayerNorm(name="query_ln", **ln)(q), LayerNorm(name="key_ln", **ln)(k)
         masks = self._mask(mask, q.shape[-3], k.shape[-3])
         if self.decode:
             k, v, cache_mask = self._cached(k, v)
             masks.append(cache_mask)
+        want = q.shape[:-3] + (self.num_heads, q.shape[-3], k.shape[-3])
+        for i, m in enumerate(masks[: (mask is not None) + (self.mask_tag is not None)]):
+            self._check_mask(m, want, given=i == 0 and mask is not None)
         combined = None
         for m in masks:
             combined = m if combined is None else jnp.logical_and(combined, m)
         if deterministic is None:
             deterministic = self.deterministic
-        if self.dropout_rate > 0.0 and (is_training() if deterministic is None else not deterministic):
+        dropout_on = self.dropout_rate > 0.0 and (is_training() if deterministic is None else not deterministic)
+        if self.attention_fn is not None:
+            out = self._custom_attention(q, k, v, combined, dropout_on, sow_weights)
+        elif dropout_on or sow_weights or self.force_fp32_for_softmax or self.precision is not None:
             out = attention_with_dropout(
-                q, k, v, combined, self.dropout_rate, next_key("dropout"), self.broadcast_dropout
+                q, k, v, combined, self.dropout_rate if dropout_on else 0.0,
+                next_key("dropout") if dropout_on else None, self.broadcast_dropout, precision=self.precision,
+                force_fp32_for_softmax=self.force_fp32_for_softmax, sow_weights=sow_weights,
             )
         else:
             out = _attention(q, k, v, combined)

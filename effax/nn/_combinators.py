@@ -82,6 +82,14 @@ class Sequential(Module):
 
     layers: Sequence[Callable[..., Any]]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, Sequence) or isinstance(self.layers, str):
+            name = type(self.layers).__name__
+            raise EffaxError(
+                f"Sequential(layers={name}(...)): `layers` must be a list of layers, got one {name}. "
+                f"Write `fx.nn.Sequential([layer])`, or `fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu])` for several."
+            )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.layers:
             raise EffaxError(

@@ -20,7 +20,9 @@ class GroupNorm(Module):
     Statistics do not depend on the batch, so train and eval agree and no
     state is kept. By default they are taken over every axis but the first
     (the batch), as in Flax; give `group_size` instead of `num_groups` with
-    `num_groups=None`. `scale` and `bias` are per channel.
+    `num_groups=None`. `scale` and `bias` are per channel. The variance is
+    `E[x^2] - E[x]^2` clipped at 0 (`use_fast_variance=True`, Flax's
+    default) or `E[(x - mean)^2]` (`False`).
 
     >>> t = fx.transform(lambda x: fx.nn.GroupNorm(num_groups=2)(x))
     >>> x = jnp.arange(16.0).reshape(1, 2, 2, 4)
@@ -42,6 +44,7 @@ class GroupNorm(Module):
     bias_init: Initializer = zeros
     scale_init: Initializer = ones
     reduction_axes: int | Sequence[int] | None = None
+    use_fast_variance: bool = True
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
@@ -75,7 +78,10 @@ class GroupNorm(Module):
         grouped = xs.reshape(x.shape[:-1] + (groups, size))
         stat_axes = axes[:-1] + (grouped.ndim - 1,)
         mean = grouped.mean(stat_axes)
-        var = jnp.maximum(0.0, jnp.square(grouped).mean(stat_axes) - jnp.square(mean))  # Flax's fast variance
+        if self.use_fast_variance:  # Flax's default
+            var = jnp.maximum(0.0, jnp.square(grouped).mean(stat_axes) - jnp.square(mean))
+        else:
+            var = jnp.square(grouped - jnp.expand_dims(mean, stat_axes)).mean(stat_axes)
         mean = jnp.expand_dims(jnp.repeat(mean, size, axis=-1), axes[:-1])
         var = jnp.expand_dims(jnp.repeat(var, size, axis=-1), axes[:-1])
         y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)

@@ -52,6 +52,9 @@ def promote(dtype: Any, *arrays: Any) -> tuple[jax.Array, ...]:
 class Dense(Module):
     """`y = x @ kernel + bias` over the last axis; `kernel` is `(in, features)` as in Flax.
 
+    `precision` goes to the matmul (`jax.lax.Precision` or a string such as
+    `"highest"`), as Flax's.
+
     >>> t = fx.transform(lambda x: fx.nn.Dense(3)(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((2, 4)))
     >>> jax.tree.map(jnp.shape, v["params"])
@@ -64,6 +67,7 @@ class Dense(Module):
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    precision: Any = None
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
 
@@ -94,7 +98,7 @@ class Dense(Module):
             plain = x.aval.dtype == dtype and (bias is None or bias.aval.dtype == dtype) and self.dtype in (None, dtype)
         if not plain:  # one dtype already (the usual case): no call
             x, kernel, bias = promote(self.dtype, x, kernel, bias)
-        y = jnp.matmul(x, kernel)
+        y = jnp.matmul(x, kernel, precision=self.precision)
         return y if bias is None else y + bias
 
 
@@ -153,6 +157,8 @@ class DenseGeneral(Module):
     bias `(*batch_shape, *features)`; initializers see the flat 2-D shape
     `(inputs, outputs)`, as in Flax, so `lecun_normal` has the right fan-in.
     `batch_dims` (leading axes, each with its own kernel) are Flax's too.
+    `axis` is sorted, as Flax sorts it: `axis=(-1, -2)` is `(-2, -1)`.
+    `precision` goes to the `dot_general`.
 
     >>> t = fx.transform(lambda x: fx.nn.DenseGeneral((2, 3), axis=(-2, -1))(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((5, 4, 6)))
@@ -170,6 +176,7 @@ class DenseGeneral(Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
+    precision: Any = None
 
     def __post_init__(self) -> None:
         check_sizes(self, several=("features",))
@@ -185,7 +192,12 @@ class DenseGeneral(Module):
                 f"{where('DenseGeneral')}: batch_dims {tuple(self.batch_dims)} must be consecutive leading axes "
                 f"starting from 0, e.g. `batch_dims=(0, 1)`."
             )
-        axis = tuple(a % ndim for a in _as_tuple(self.axis))
+        axis = tuple(sorted(a % ndim for a in _as_tuple(self.axis)))  # sorted, as Flax's `_normalize_axes`
+        if len(set(axis)) != len(axis):
+            raise EffaxError(
+                f"{where('DenseGeneral')}: axis={self.axis} names the same axis of this rank-{ndim} input twice "
+                f"(as {axis}); list each contracted axis once, e.g. `axis=(-2, -1)`."
+            )
         if set(axis) & set(batch_dims):
             raise EffaxError(f"{where('DenseGeneral')}: axis {self.axis} and batch_dims {self.batch_dims} overlap.")
         nb, na, nf = len(batch_dims), len(axis), len(features)
@@ -200,7 +212,7 @@ class DenseGeneral(Module):
             bias = _flat_param("bias", self.bias_init, batch_shape + features, self.param_dtype, None, bias_axes)
         x, kernel, bias = promote(self.dtype, x, kernel, bias)
         contract = tuple(range(nb, nb + na))
-        y = jax.lax.dot_general(x, kernel, ((axis, contract), (batch_dims, tuple(range(nb)))))
+        y = jax.lax.dot_general(x, kernel, ((axis, contract), (batch_dims, tuple(range(nb)))), self.precision)
         if bias is None:
             return y
         expanded = tuple(x.shape[a] if a in batch_dims else 1 for a in range(ndim) if a not in axis)
@@ -238,6 +250,7 @@ class Conv(Module):
     is `(*kernel_size, in_features // feature_group_count, features)`.
     `padding` is `'SAME'`, `'VALID'`, `'CIRCULAR'` (periodic), `'REFLECT'`,
     `'CAUSAL'` (1-D), an int, or per-dim ints or pairs, as in Flax.
+    `precision` goes to the convolution.
 
     >>> t = fx.transform(lambda x: fx.nn.Conv(4, (3, 3))(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
@@ -255,6 +268,7 @@ class Conv(Module):
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    precision: Any = None
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
 
@@ -307,6 +321,7 @@ class Conv(Module):
             rhs_dilation=dilation,
             dimension_numbers=jax.lax.ConvDimensionNumbers(spec, (n + 1, n) + tuple(range(n)), spec),
             feature_group_count=groups,
+            precision=self.precision,
         )
         if bias is not None:
             y = y + bias
@@ -334,7 +349,8 @@ class ConvTranspose(Module):
     features, in_features)` with `transpose_kernel=True`, which makes it the
     exact gradient of a `Conv` with the same kernel). Strides upsample:
     `'SAME'` padding with stride 2 doubles each spatial dim. `'CIRCULAR'`
-    padding wraps the output periodically, as in Flax.
+    padding wraps the output periodically, as in Flax. `precision` goes to
+    the convolution.
 
     >>> t = fx.transform(lambda x: fx.nn.ConvTranspose(3, (2, 2), strides=2)(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
@@ -351,6 +367,7 @@ class ConvTranspose(Module):
     mask: Any = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    precision: Any = None
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
     transpose_kernel: bool = False
@@ -398,6 +415,7 @@ class ConvTranspose(Module):
             strides,
             "VALID" if circular else padding,
             rhs_dilation=dilation,
+            precision=self.precision,
             transpose_kernel=self.transpose_kernel,
         )
         if circular:
@@ -457,5 +475,12 @@ class Embed(Module):
 
     def attend(self, query: jax.Array) -> jax.Array:
         """`query @ embedding.T`: logits over the table, sharing the input embedding's weights."""
+        width = jnp.shape(query)[-1:]
+        if width != (self.features,):
+            raise EffaxError(
+                f"{where('Embed')}.attend: the query's last axis must be the embedding width, features="
+                f"{self.features}, but the query has shape {jnp.shape(query)}. Give it vectors of the table's "
+                f"width (project them first, e.g. `fx.nn.Dense({self.features})(h)`)."
+            )
         query, table = promote(self.dtype, query, self._table())
         return jnp.matmul(query, table.T)

@@ -70,11 +70,26 @@ def _scale_shift(
 
 @functools.lru_cache(maxsize=256)
 def _result_dtype(x_dtype: Any, param_dtype: Any) -> Any:
-    return jnp.result_type(x_dtype, param_dtype)
+    """Flax's `canonicalize_dtype` of the input and the params (None: there are none), made inexact."""
+    dtype = jnp.result_type(x_dtype) if param_dtype is None else jnp.result_type(x_dtype, param_dtype)
+    return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.promote_types(jnp.float32, dtype)
 
 
 def _out_dtype(module: Any, x: jax.Array) -> Any:
-    return _result_dtype(x.dtype, module.param_dtype) if module.dtype is None else module.dtype
+    """The output dtype, as Flax's: `dtype`, else promoted from the input and only the params that exist."""
+    if module.dtype is not None:
+        return module.dtype
+    has_params = getattr(module, "use_scale", True) or getattr(module, "use_bias", False)
+    return _result_dtype(x.dtype, module.param_dtype if has_params else None)
+
+
+def _feature_layout(feature_axes: Any, shape: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`(feature sizes, broadcast shape)` of the `scale` and `bias` over `feature_axes`, as Flax's `_normalize`."""
+    ndim = len(shape)
+    if feature_axes == -1:  # the default, decided at once
+        return shape[-1:], (1,) * (ndim - 1) + shape[-1:]
+    axes = _axes(feature_axes, ndim, kind, "feature_axes")
+    return tuple(shape[a] for a in axes), tuple(shape[a] if a in axes else 1 for a in range(ndim))
 
 
 @functools.lru_cache(maxsize=256)
@@ -86,6 +101,13 @@ def _stats_dtype(x: jax.Array) -> Any:
     return _promoted(x.dtype)  # statistics at least in float32, as Flax
 
 
+def _canonical(dtype: Any) -> Any:
+    try:
+        return jax.dtypes.canonicalize_dtype(dtype)
+    except TypeError:  # not a dtype JAX knows (a string array): shown as it is
+        return dtype
+
+
 def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
     """A running statistic as stored, checked: stats of another shape or dtype name their path
     (not a reshape error deep inside, nor silently used at another precision)."""
@@ -93,12 +115,12 @@ def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
     if isinstance(value, jax.Array) and (aval := value.aval).shape == features and aval.dtype == _F32:
         return value  # the usual case, decided at once (`aval` is read without a Python frame)
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape is not None and tuple(shape) == features and dtype == jnp.float32:
-        return value
+    if shape is not None and tuple(shape) == features and dtype is not None and _canonical(dtype) == jnp.float32:
+        return value  # float64 read back from NumPy is float32 without x64, as everywhere in effax
     have = f"{jnp.dtype(dtype).name}{list(shape)}" if shape is not None and dtype is not None else type(value).__name__
     raise ShapeMismatchError(
         f"state `{path_str(state.path)}` in collection {state.collection!r} holds {have}, but this "
-        f"BatchNorm needs float32{list(features)}, the size of its input's feature axes. The variables "
+        f"BatchNorm needs float32{list(features)} (the size of its input's feature axes). The variables "
         "were made for another model or input width: re-run `t.init` for this model, or list every "
         "mismatch at once with `fx.check_variables(t, variables, x)`."
     )
@@ -107,10 +129,18 @@ def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
 class LayerNorm(Module):
     """Normalize each example over its last axis (or `reduction_axes`), then scale and shift.
 
+    As Flax's: `scale` and `bias` are shaped over `feature_axes` (the last
+    axis by default), and `use_fast_variance=True` (the default) takes the
+    variance as `E[x^2] - E[x]^2` clipped at 0, in one pass; `False` takes
+    `E[(x - mean)^2]`, slower but exact for inputs far from zero.
+
     >>> t = fx.transform(lambda x: fx.nn.LayerNorm()(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((2, 3)))
     >>> jax.tree.map(jnp.shape, v["params"])
     {'LayerNorm_0': {'bias': (3,), 'scale': (3,)}}
+    >>> t2 = fx.transform(lambda x: fx.nn.LayerNorm(reduction_axes=(1, 2), feature_axes=(1, 2))(x))
+    >>> jax.tree.map(jnp.shape, t2.init(jax.random.key(0), jnp.ones((2, 3, 4)))["params"])
+    {'LayerNorm_0': {'bias': (3, 4), 'scale': (3, 4)}}
     """
 
     epsilon: float = 1e-6
@@ -121,20 +151,34 @@ class LayerNorm(Module):
     param_dtype: Any = jnp.float32
     bias_init: Initializer = zeros
     scale_init: Initializer = ones
+    feature_axes: int | Sequence[int] = -1
+    use_fast_variance: bool = True
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _as_array(x)
         axes = _axes(self.reduction_axes, x.ndim, "LayerNorm")
         xs = _cast(x, _stats_dtype(x))
         mean = xs.mean(axes, keepdims=True)
-        y = (xs - mean) * jax.lax.rsqrt(xs.var(axes, keepdims=True) + self.epsilon)
-        features = (x.shape[-1],)
-        y = _scale_shift(self, y, features, (1,) * (x.ndim - 1) + features)
+        if self.use_fast_variance:  # Flax's default: E[x^2] - E[x]^2, clipped at 0 against round-off
+            var = jnp.maximum(0.0, jnp.square(xs).mean(axes, keepdims=True) - jnp.square(mean))
+        else:
+            var = xs.var(axes, keepdims=True)
+        y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.feature_axes == -1:  # the default, inline: an eager call pays for each Python step
+            features = x.shape[-1:]
+            bshape = (1,) * (x.ndim - 1) + features
+        else:
+            features, bshape = _feature_layout(self.feature_axes, x.shape, "LayerNorm")
+        y = _scale_shift(self, y, features, bshape)
         return _cast(y, _out_dtype(self, x))
 
 
 class RMSNorm(Module):
     """Divide by the root mean square over the last axis (or `reduction_axes`), then scale; no centering.
+
+    `scale` is shaped over `feature_axes` (the last axis by default), as in
+    Flax. `use_fast_variance` is accepted for Flax's signature and changes
+    nothing: without centering, the mean square is the only formula.
 
     >>> t = fx.transform(lambda x: fx.nn.RMSNorm()(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((2, 3)))
@@ -148,14 +192,16 @@ class RMSNorm(Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     scale_init: Initializer = ones
+    feature_axes: int | Sequence[int] = -1
+    use_fast_variance: bool = True
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _as_array(x)
         axes = _axes(self.reduction_axes, x.ndim, "RMSNorm")
         xs = _cast(x, _stats_dtype(x))
         y = xs * jax.lax.rsqrt(jnp.square(xs).mean(axes, keepdims=True) + self.epsilon)
-        features = (x.shape[-1],)
-        y = _scale_shift(self, y, features, (1,) * (x.ndim - 1) + features)
+        features, bshape = _feature_layout(self.feature_axes, x.shape, "RMSNorm")
+        y = _scale_shift(self, y, features, bshape)
         return _cast(y, _out_dtype(self, x))
 
 

@@ -36,6 +36,12 @@ def pool(
            [5.]], dtype=float32)
     """
     inputs = jnp.asarray(inputs)
+    for field, value in (("window_shape", window_shape), ("strides", strides)):
+        if isinstance(value, int):  # Flax takes tuples only (one entry per window dim), and so do we
+            raise EffaxError(
+                f"{_where()}: {field}={value} must be a tuple, one entry per window dim: write "
+                f"`{field}=({value}, {value})` for a 2-D window or `({value},)` for a 1-D one."
+            )
     window_shape = tuple(window_shape)
     n = len(window_shape)
     strides = (1,) * n if strides is None else tuple(strides)
@@ -47,7 +53,13 @@ def pool(
             f"{_where()} with window {window_shape} needs inputs (batch..., {n} window dims, features), "
             f"got shape {inputs.shape}."
         )
-    if not isinstance(padding, str):
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+            raise EffaxError(
+                f"{_where()}: padding={padding!r} is not one of 'SAME', 'VALID', 'SAME_LOWER'; for other padding "
+                f"give one (low, high) pair per window dim, e.g. `padding=((1, 1), (1, 1))`."
+            )
+    else:
         padding = tuple(tuple(p) for p in padding)
         if len(padding) != n or any(len(p) != 2 for p in padding):
             raise EffaxError(

@@ -8,12 +8,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effax.core import EffaxError
 from effax.lift import scan
-from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
+from effax.nn._linear import Dense, Initializer, check_sizes, default_kernel_init, promote, zeros
 from effax.nn._module import Module, where
 from effax.nn._naming import current_names
+from effax.nn._partitioning import layer_param, output_axes
 
 orthogonal: Initializer = jax.nn.initializers.orthogonal()
 
@@ -49,6 +51,9 @@ class LSTMCell(Module):
     param_dtype: Any = jnp.float32
     carry_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        check_sizes(self, "features")
+
     def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array) -> tuple[Any, jax.Array]:
         c, h = carry
         n = h.shape[-1]
@@ -80,6 +85,71 @@ class LSTMCell(Module):
         return 1
 
 
+class _DenseParams(Module):
+    """A `Dense` layer's `(kernel, bias)` without applying them, as Flax's `DenseParams`."""
+
+    features: int
+    use_bias: bool = True
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = zeros
+
+    def __call__(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        kernel = layer_param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        if not self.use_bias:
+            return kernel, None
+        axes = output_axes(self.kernel_init, 1)
+        return kernel, layer_param("bias", self.bias_init, (self.features,), self.param_dtype, axes)
+
+
+class OptimizedLSTMCell(LSTMCell):
+    """An `LSTMCell` that runs its four input and four recurrent kernels as two matmuls, as Flax's.
+
+    The params are `LSTMCell`'s, named and shaped the same (`ii` ... `io`
+    without bias, `hi` ... `ho` with it), so either cell loads the other's
+    variables and Flax's `OptimizedLSTMCell` checkpoints load unchanged; the
+    kernels are concatenated per call, one `(in, 4 * features)` product each.
+
+    >>> cell = fx.nn.OptimizedLSTMCell(3)
+    >>> x = jnp.ones((2, 5))
+    >>> t = fx.transform(lambda x: cell(cell.initialize_carry(jax.random.key(0), x.shape), x))
+    >>> v = t.init(jax.random.key(0), x)
+    >>> sorted(v["params"]["OptimizedLSTMCell_0"])
+    ['hf', 'hg', 'hi', 'ho', 'if', 'ig', 'ii', 'io']
+    >>> (c, h), y = t.apply(v, x)
+    >>> y.shape
+    (2, 3)
+    """
+
+    def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array) -> tuple[Any, jax.Array]:
+        c, h = carry
+        n = h.shape[-1]
+
+        def gates(x: jax.Array, kind: str, init: Initializer, use_bias: bool) -> list[jax.Array]:
+            params = [
+                _DenseParams(n, use_bias=use_bias, param_dtype=self.param_dtype, kernel_init=init,
+                             bias_init=self.bias_init, name=f"{kind}{gate}")(x)
+                for gate in "ifgo"
+            ]
+            kernel = jnp.concatenate([k for k, _ in params], axis=-1)
+            bias = jnp.concatenate([b for _, b in params], axis=-1) if use_bias else None
+            x, kernel, bias = promote(self.dtype, x, kernel, bias)
+            y = jnp.dot(x, kernel)
+            if bias is not None:
+                y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+            return jnp.split(y, 4, axis=-1)
+
+        hi, hf, hg, ho = gates(h, "h", self.recurrent_kernel_init, True)
+        ii, if_, ig, io = gates(inputs, "i", self.kernel_init, False)
+        i = self.gate_fn(hi + ii)
+        f = self.gate_fn(hf + if_)
+        g = self.activation_fn(hg + ig)
+        o = self.gate_fn(ho + io)
+        new_c = f * c + i * g
+        new_h = o * self.activation_fn(new_c)
+        return (new_c, new_h), new_h
+
+
 class GRUCell(Module):
     """One step of a gated recurrent unit: `(h, x) -> (h, h)`, as Flax's.
 
@@ -106,6 +176,9 @@ class GRUCell(Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     carry_init: Initializer = zeros
+
+    def __post_init__(self) -> None:
+        check_sizes(self, "features")
 
     def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = carry
@@ -162,6 +235,28 @@ def _select_last(carries: Any, seq_lengths: Any) -> Any:
         return jnp.take_along_axis(x, idx, axis=0)[0]
 
     return jax.tree.map(pick, carries)
+
+
+def _check_carry(cell: Any, carry: Any, step_shape: tuple[int, ...]) -> None:
+    """Refuse an `initial_carry` whose structure or shapes differ from the cell's own, before the scan does
+    with a message that names neither the layer nor the carry the cell wants."""
+    make = getattr(cell, "initialize_carry", None)
+    if make is None:
+        return
+    try:
+        want = jax.eval_shape(lambda: make(jax.random.key(0), step_shape))
+    except Exception:  # a cell that cannot make its carry abstractly: the scan still checks the given one
+        return
+    if jax.tree.structure(carry) == jax.tree.structure(want) and all(
+        np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(want), strict=True)
+    ):
+        return
+    show = lambda tree: jax.tree.map(lambda a: f"{jnp.result_type(a).name}{list(np.shape(a))}", tree)
+    raise EffaxError(
+        f"{where('RNN')}: initial_carry is {show(carry)}, but {type(cell).__name__} carries {show(want)} for "
+        f"steps of shape {step_shape}. Make it with the cell: "
+        f"`initial_carry=cell.initialize_carry(key, {step_shape})`."
+    )
 
 
 class RNN(Module):
@@ -226,10 +321,19 @@ class RNN(Module):
             # built outside the model (Flax's top-level `nn.RNN(nn.LSTMCell(4))`): the RNN adopts it as `cell`;
             # one built inside keeps the name it got there (`LSTMCell_0`, beside `RNN_0`), as in Flax
             cell = dataclasses.replace(cell, name="cell")
+        batch_shape = inputs.shape[1 : 1 + n_batch] if time_major else inputs.shape[:n_batch]
+        if seq_lengths is not None and jnp.shape(seq_lengths) != batch_shape:
+            raise EffaxError(
+                f"{where('RNN')}: seq_lengths has shape {jnp.shape(seq_lengths)}, but inputs of shape "
+                f"{inputs.shape} hold sequences of batch shape {batch_shape}: give one length per sequence, "
+                f"an int array of shape {batch_shape}."
+            )
+        step_shape = inputs.shape[:time_axis] + inputs.shape[time_axis + 1 :]
         if initial_carry is None:
             key = jax.random.key(0) if init_key is None else init_key
-            step_shape = inputs.shape[:time_axis] + inputs.shape[time_axis + 1 :]
             initial_carry = cell.initialize_carry(key, step_shape)
+        else:
+            _check_carry(cell, initial_carry, step_shape)
         slice_carry = seq_lengths is not None and return_carry
 
         def body(carry: Any, x: jax.Array) -> tuple[Any, Any]:
@@ -245,3 +349,68 @@ class RNN(Module):
         if reverse and keep_order:
             outputs = jax.tree.map(lambda y: flip_sequences(y, seq_lengths, n_batch, time_major), outputs)
         return (carry, outputs) if return_carry else outputs
+
+
+def _concatenate(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Join the two directions' outputs along the features, Flax's default `merge_fn`."""
+    return jnp.concatenate([a, b], axis=-1)
+
+
+class Bidirectional(Module):
+    """Run `forward_rnn` over a sequence and `backward_rnn` over it reversed, and merge their outputs, as Flax's.
+
+    The backward outputs are put back in time order (`keep_order`), so
+    `merge_fn` (default: concatenate the features) joins the two views of
+    each step. With `return_carry` the carry is `(forward, backward)`, and
+    an `initial_carry` is that pair too. Params live under `forward_rnn` and
+    `backward_rnn`, as in Flax.
+
+    >>> bi = fx.nn.Bidirectional(fx.nn.RNN(fx.nn.GRUCell(4)), fx.nn.RNN(fx.nn.GRUCell(4)))
+    >>> t = fx.transform(lambda x: bi(x))
+    >>> x = jnp.ones((2, 7, 3))
+    >>> v = t.init(jax.random.key(0), x)
+    >>> sorted(v["params"]["Bidirectional_0"]), t.apply(v, x).shape
+    (['backward_rnn', 'forward_rnn'], (2, 7, 8))
+    """
+
+    forward_rnn: Module
+    backward_rnn: Module
+    merge_fn: Callable[[jax.Array, jax.Array], jax.Array] = _concatenate
+    time_major: bool = False
+    return_carry: bool = False
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        initial_carry: Any = None,
+        init_key: jax.Array | None = None,
+        seq_lengths: Any = None,
+        return_carry: bool | None = None,
+        time_major: bool | None = None,
+        reverse: bool | None = None,
+        keep_order: bool | None = None,
+    ) -> Any:
+        time_major = self.time_major if time_major is None else time_major
+        return_carry = self.return_carry if return_carry is None else return_carry
+        key_forward = key_backward = None
+        if init_key is not None:
+            key_forward, key_backward = jax.random.split(init_key)
+        carry_forward = carry_backward = None
+        if initial_carry is not None:
+            if not (isinstance(initial_carry, (tuple, list)) and len(initial_carry) == 2):
+                raise EffaxError(
+                    f"{where('Bidirectional')}: initial_carry must be a pair (forward carry, backward carry), got "
+                    f"{type(initial_carry).__name__}: write `initial_carry=(carry_fwd, carry_bwd)`."
+                )
+            carry_forward, carry_backward = initial_carry
+        carry_forward, outputs_forward = self.forward_rnn(
+            inputs, initial_carry=carry_forward, init_key=key_forward, seq_lengths=seq_lengths,
+            return_carry=True, time_major=time_major, reverse=False,
+        )
+        carry_backward, outputs_backward = self.backward_rnn(
+            inputs, initial_carry=carry_backward, init_key=key_backward, seq_lengths=seq_lengths,
+            return_carry=True, time_major=time_major, reverse=True, keep_order=True,
+        )
+        outputs = jax.tree.map(self.merge_fn, outputs_forward, outputs_backward)
+        return ((carry_forward, carry_backward), outputs) if return_carry else outputs

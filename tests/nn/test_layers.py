@@ -202,6 +202,18 @@ def test_batch_norm_updates_stats_only_in_train():
         t.apply(v, x, training=True)  # training writes the stats: batch_stats must be mutable
 
 
+def test_batch_norm_takes_float64_stats_read_back_from_numpy_as_float32():
+    x = rand(6, 3)
+    t = fx.transform(bn_model)
+    v = t.init(KEY, x)
+    from_numpy = jax.tree.map(lambda a: np.asarray(a, np.float64), v)  # what np.load gives back
+    np.testing.assert_allclose(t.apply(from_numpy, x, training=False), t.apply(v, x, training=False), rtol=1e-6)
+    assert fx.check_variables(t, from_numpy, x).ok
+    wrong = {**v, "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}}
+    with pytest.raises(fx.ShapeMismatchError, match=r"holds float32\[4\], but this BatchNorm needs float32\[3\]"):
+        t.apply(wrong, x, training=False)
+
+
 def test_batch_norm_use_running_average_overrides_the_mode():
     x = rand(4, 2) + 5
     t = fx.transform(lambda x: fx.nn.BatchNorm()(x, use_running_average=True))

@@ -229,7 +229,7 @@ def test_modules_are_frozen_dataclasses_with_a_keyword_only_name():
     with pytest.raises(dataclasses.FrozenInstanceError):
         layer.features = 4
     with pytest.raises(TypeError):
-        fx.nn.Dense(3, True, None, jnp.float32, None, None, "d")  # name is keyword-only
+        fx.nn.Dense(3, True, None, jnp.float32, None, None, None, "d")  # name is keyword-only
     assert fx.nn.Dense(3) != fx.nn.Dense(3)  # identity, so two equal configs are two layers
 
 
