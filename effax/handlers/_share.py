@@ -220,8 +220,8 @@ class _ShareRun:
             return forward(self.declare(request))
         if (kind is GetStateRequest or kind is SetStateRequest) and self.share.state != "forbidden":
             path, applied, _ = self.share.resolve(request.path)
-            if applied:
-                request = dataclasses.replace(request, path=path)
+            if applied:  # where its declaration went, through the passes nested inside this one too
+                request = dataclasses.replace(request, path=self._through_inner_passes(path)[0])
         return forward(request)
 
     def _move(self, request: Any, tag_binding: ShareBinding | None) -> tuple[Path, tuple[ShareBinding, ...]]:

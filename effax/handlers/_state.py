@@ -269,6 +269,12 @@ class _InitStateRun(_StateRun):
 
     def _missing(self, request: Any) -> MissingVariableError:
         c = request.collection
+        if is_mutable(self.mutable, c):  # created by this init, but never declared where it is read
+            return MissingVariableError(
+                f"{request.describe()}: no `fx.local_state` declared it at that path in this run, so there is "
+                "nothing to read. Read it through the handle `fx.local_state(...)` returns (its path is where "
+                "it was declared), after the declaration."
+            )
         return MissingVariableError(
             f"{request.describe()} is not created: `t.init(..., mutable=...)` leaves collection "
             f"{c!r} out. Add it, `mutable=[..., {c!r}]`, or leave `mutable` out: by default "

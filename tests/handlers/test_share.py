@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import effax as fx
+from effax.core import send
 
 INIT = jax.nn.initializers.normal(1.0)
 KEY = jax.random.key(0)
@@ -581,3 +582,30 @@ def test_a_share_pass_around_another_resolves_the_chain_through_it():
         v = t.init(jax.random.key(0))
         assert list(v["params"]) == ["a"]  # c -> b -> a: all three tied
     assert twice.apply(v) == once.apply(v)
+
+
+def test_state_reads_and_writes_follow_a_chain_through_nested_passes():
+    def model(x):
+        for name in ("a", "b", "c"):
+            with fx.scope(name):
+                n = fx.local_state("n", lambda: jnp.zeros(()))
+                n.set(n.get() + 1)
+                x = x * fx.param("w", jax.nn.initializers.ones, (2,))
+        return x.sum()
+
+    once = fx.transform(fx.share(model, {"c": "b", "b": "a"}, state="allowed"))
+    twice = fx.transform(fx.share(fx.share(model, {"b": "a"}, state="allowed"), {"c": "b"}, state="allowed"))
+    x = jnp.ones(2)
+    for t in (once, twice):
+        v = t.init(jax.random.key(0), x)
+        assert jax.tree.map(jnp.shape, v) == {"params": {"a": {"w": (2,)}}, "state": {"a": {"n": ()}}}
+        _, updates = t.apply(v, x, mutable=True)
+        assert float(updates["state"]["a"]["n"]) == 3.0  # every layer's counter is the one at `a`
+
+
+def test_a_read_of_undeclared_state_in_init_says_so_not_that_mutable_left_it_out():
+    def model():
+        return send(fx.GetStateRequest(("ghost",), "state"))  # a read no declaration made (a handler's own)
+
+    with pytest.raises(fx.MissingVariableError, match="no `fx.local_state` declared it at that path"):
+        fx.transform(model).init(None)
