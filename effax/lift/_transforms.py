@@ -136,6 +136,15 @@ def _per_index(key: jax.Array, n: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
+# Each iteration's (member's) base key is `fold_in(fold_in(base, _BASES), i)`: `fold_in(base, i)` itself is
+# the i-th `next_key` drawn at the same path outside (DESIGN's draw formula), which would repeat it.
+_BASES = 0xFFFF_FFFF  # a draw index no run reaches (4e9 draws at one path)
+
+
+def _bases_of(key: jax.Array) -> jax.Array:
+    return jax.random.fold_in(key, _BASES)
+
+
 def _zeros(struct: Any, n: int | None = None) -> Any:
     lead = () if n is None else (n,)
     return jax.tree.map(lambda s: jnp.zeros(lead + tuple(s.shape), s.dtype), struct)
@@ -209,7 +218,7 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
         found = init_keys.get(("base", slot))
         key = found[0] if found else send_at(outer, depth, StreamKeyRequest(path, stream))
         split = how.split(stream) and n is not None
-        plan.bases[slot] = plan.add("mapped", _per_index(key, n)) if split else plan.add("unmapped", key)
+        plan.bases[slot] = plan.add("mapped", _per_index(_bases_of(key), n)) if split else plan.add("unmapped", key)
     return plan
 
 

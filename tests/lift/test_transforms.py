@@ -190,7 +190,18 @@ def test_two_scans_at_one_path_draw_different_keys_and_stream_keys_split():
     assert not np.array_equal(d1, d2)  # a second call is a second draw, like calling the body twice
     np.testing.assert_array_equal(s1, s2)  # the base key is a base key
     assert not np.array_equal(s1[0], s1[1])
-    np.testing.assert_array_equal(s1[1], data(jax.random.fold_in(jax.random.key(0), 1)))
+    base = jax.random.fold_in(jax.random.key(0), 0xFFFF_FFFF)  # the iterations' bases: never a draw outside
+    np.testing.assert_array_equal(s1[1], data(jax.random.fold_in(base, 1)))
+
+
+def test_stream_keys_in_a_body_never_repeat_the_draws_at_the_same_path_outside():
+    def model():
+        inside = fx.scan(lambda c, _: (c, jax.random.key_data(fx.stream_key("s"))), length=3)(0)[1]
+        outside = jnp.stack([jax.random.key_data(fx.next_key("s")) for _ in range(3)])
+        return inside, outside
+
+    inside, outside = fx.transform(model).apply({}, rngs={"s": jax.random.key(0)})
+    assert not any(np.array_equal(a, b) for a in inside for b in outside)
 
 
 def test_missing_stream_is_reported_by_the_outer_handler():
