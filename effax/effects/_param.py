@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import operator
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -135,9 +136,29 @@ class ParamRequest(Request):
 
     def initialize(self, key: jax.Array) -> jax.Array:
         """Run the initializer on `key` as given, and check it made the declared shape and dtype."""
-        value = self.init(key, self.shape, self.dtype)
+        try:
+            value = self.init(key, self.shape, self.dtype)
+        except TypeError as e:
+            raise self.init_error(e) from None
         self._check(value, "its initializer returned", strict_dtype=True)
         return value
+
+    def init_error(self, error: TypeError) -> Exception:
+        """What a `TypeError` from calling the initializer means: an `EffaxError` when `init` cannot take
+        `(key, shape, dtype)` at all (a Haiku-style `init(shape, dtype)`), else the error itself."""
+        try:
+            inspect.signature(self.init).bind(None, self.shape, self.dtype)
+            return error
+        except TypeError:
+            pass
+        except ValueError:  # no signature to read (a builtin)
+            return error
+        return EffaxError(
+            f"param `{self.name}`: its initializer {getattr(self.init, '__name__', type(self.init).__name__)} "
+            f"cannot be called as `init(key, shape, dtype)`, as `fx.param` calls it ({error}). A Haiku-style "
+            "`init(shape, dtype)` takes the key first in effax: `lambda key, shape, dtype: ...`, or use "
+            "`jax.nn.initializers`."
+        )
 
     def initialize_with_value(
         self, value: Any, check_structure: bool = True, strict_dtype: bool = True
@@ -283,7 +304,16 @@ def param(
                 break
         if len(axes) != len(shape):
             check_axes(axes, shape, name)
-    dtype = _FLOAT32 if dtype is jnp.float32 else canonical_dtype(dtype)
+    if dtype is jnp.float32:
+        dtype = _FLOAT32
+    else:
+        try:
+            dtype = canonical_dtype(dtype)
+        except TypeError:  # not a dtype: `"flaot32"`
+            raise EffaxError(
+                f"param `{path_str(current_path() + (name,))}`: dtype={dtype!r} is not a dtype JAX knows. "
+                "Pass one such as `jnp.float32`, `jnp.bfloat16` or `'float32'`."
+            ) from None
     # `ParamRequest(...)` of the checked arguments, built without the frozen dataclass's `object.__setattr__`
     # per field: an eager model builds one per param per call, its hottest path
     request = object.__new__(ParamRequest)

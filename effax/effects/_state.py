@@ -125,9 +125,10 @@ class LocalStateEffect:
 def check_collection(collection: str, what: str) -> str:
     check_name(collection, "collection")
     if collection == "params":
+        examples = "'intermediates' or 'losses'" if what.startswith("sow") else "'state' or 'batch_stats'"
         raise InvalidNameError(
             f"{what} cannot use collection 'params': it is reserved for `fx.param`. "
-            "Pick another collection, e.g. collection='state' or 'batch_stats'."
+            f"Pick another collection, e.g. collection={examples}."
         )
     return collection
 

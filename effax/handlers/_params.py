@@ -131,6 +131,8 @@ def _initialize(request: ParamRequest, key: Any) -> Any:
             value = _jitted_init(request.init, request.shape, request.dtype, key)
         except TraceMismatchError:
             return request.initialize(key)
+        except TypeError as e:
+            raise request.init_error(e) from None
         request._check(value, "its initializer returned", strict_dtype=True)
         return value
     return request.initialize(key)

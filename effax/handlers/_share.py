@@ -133,6 +133,11 @@ class Share(Handler):
         elif isinstance(tags, str):
             self.tags = {check_name(tags, "shared tag"): None}
         elif tags not in (None, False, True):
+            if not isinstance(tags, Iterable):
+                raise ShareError(
+                    f"tags={tags!r} is not a set of tags: pass a list of the `shared=` tags to bind "
+                    "(`tags=['embed']`), a dict `{tag: canonical path}`, or `tags=True` for every tag."
+                )
             self.tags = {check_name(t, "shared tag"): None for t in tags}
         self._cache: dict[Path, tuple[Path, tuple[ShareBinding, ...], frozenset[Path]]] = {}
         for alias in self.by_alias:
@@ -326,6 +331,13 @@ class _ShareRun:
         hints = []
         for b in self.share.by_alias.values():
             if str(b) in unmatched:
+                under = path_str(self.base + (b.alias or ()))
+                if self.base and under in seen:  # written relative to where `fx.share` is called
+                    hints.append(
+                        f"Bindings name paths from the root, and this pass runs at `{path_str(self.base)}`: "
+                        f"write `{under}` -> `{path_str(self.base + b.canonical)}`."
+                    )
+                    continue
                 near = difflib.get_close_matches(path_str(b.alias or ()), seen, n=2, cutoff=0.6)
                 if near:
                     hints.append(f"For `{path_str(b.alias or ())}`, did you mean {' or '.join(repr(n) for n in near)}?")

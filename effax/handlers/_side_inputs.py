@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from effax.core import Handler, check_name
+from effax.core import EffaxError, Handler, check_name
 from effax.effects import SideInputRequest
 
 
@@ -20,6 +20,11 @@ class SideInputs(Handler):
     answers = (SideInputRequest,)
 
     def __init__(self, values: Mapping[str, Any]):
+        if not isinstance(values, Mapping):
+            raise EffaxError(
+                f"SideInputs takes a dict {{tag: value}}, got {type(values).__name__} {values!r:.60}: e.g. "
+                "`fx.handlers.SideInputs({'mask': mask})`."
+            )
         for tag in values:
             check_name(tag, "side input tag")
         self.values = dict(values)

@@ -166,6 +166,11 @@ def _items(
             for _ in range(require.count(effect) - sum(step.effect == effect for _, step in items)):
                 at = draw(st.integers(0, len(items)))
                 items.insert(at, (draw(st.integers(0, max_depth)), draw(_step(effect, **opts))))
+        writes = [u for u in state_updates if u != "none"]
+        states = [i for i, (_, step) in enumerate(items) if isinstance(step, State)]
+        if "state" in require and writes and states and all(items[i][1].update == "none" for i in states):
+            depth, step = items[states[0]]  # a state handler always meets a `set`
+            items[states[0]] = (depth, dataclasses.replace(step, update=draw(st.sampled_from(writes))))
         if "random" in require and max_depth > 0 and draw(st.booleans()):  # one stream drawn at two paths
             stream, at = draw(st.sampled_from(STREAMS)), draw(st.integers(0, len(items)))
             items[at:at] = [(0, Draw(stream)), (0, Scope("")), (1, Draw(stream))]
@@ -188,7 +193,8 @@ def models(
 
     Every effect in `require` appears at least once (as often as it is
     named there), so a law about a handler of that effect always has
-    something to check; with `"random"` required, about half the models
+    something to check (a required state is set at least once); with
+    `"random"` required, about half the models
     also draw one stream at two paths (at the root and inside a scope), so a
     key handler that ignores paths repeats a key. Draws come one to
     three at a path, states are read twice after their sets, and state names

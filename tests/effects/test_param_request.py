@@ -193,3 +193,21 @@ def test_param_axes_entries_that_are_kept():
     axes = [("embed", None), (("data", "model"), "mlp"), ["embed", "mlp"]]
     seen = captured(lambda: [fx.param(f"w{i}", NORMAL, (2, 2), axes=a) for i, a in enumerate(axes)])
     assert [r.axes for r in seen] == [("embed", None), (("data", "model"), "mlp"), ("embed", "mlp")]
+
+
+def test_an_initializer_that_cannot_take_a_key_is_named_with_the_fix():
+    haiku_style = lambda shape, dtype: jnp.zeros(shape, dtype)  # noqa: E731
+    t = fx.transform(lambda: fx.param("w", haiku_style, (2,)))
+    for init in (lambda: t.init(jax.random.key(0)), lambda: jax.eval_shape(t.init, jax.random.key(0))):
+        no_key = r"param `w`: its initializer .* cannot be called as `init\(key, shape, dtype\)`"
+        with pytest.raises(fx.EffaxError, match=no_key):
+            init()
+    broken = lambda key, shape, dtype: jnp.zeros(shape, dtype) + "a"  # noqa: E731  # a TypeError of its own
+    with pytest.raises(TypeError):
+        fx.transform(lambda: fx.param("w", broken, (2,))).init(jax.random.key(0))
+
+
+def test_an_unknown_dtype_is_named_at_the_param():
+    with fx.scope("enc"), pytest.raises(fx.EffaxError, match=r"param `enc/w`: dtype='flaot32' is not a dtype"):
+        with fx.handle(fx.handlers.InitParams(jax.random.key(0))):
+            fx.param("w", jax.nn.initializers.zeros, (2,), "flaot32")

@@ -609,3 +609,21 @@ def test_a_read_of_undeclared_state_in_init_says_so_not_that_mutable_left_it_out
 
     with pytest.raises(fx.MissingVariableError, match="no `fx.local_state` declared it at that path"):
         fx.transform(model).init(None)
+
+
+def test_share_arguments_and_bindings_written_relative_to_the_call_path_are_explained():
+    with pytest.raises(fx.ShareError, match="tags=3 is not a set of tags"):
+        fx.share(lambda: None, tags=3)
+
+    def model(x):
+        with fx.scope("block"):
+            def inner(x):
+                for name in ("enc", "dec"):
+                    with fx.scope(name):
+                        x = x * fx.param("w", jax.nn.initializers.ones, (2,))
+                return x
+
+            return fx.share(inner, {"dec": "enc"})(x)
+
+    with pytest.raises(fx.ShareError, match="this pass runs at `block`: write `block/dec` -> `block/enc`"):
+        fx.transform(model).init(jax.random.key(0), jnp.ones(2))

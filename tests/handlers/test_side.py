@@ -72,3 +72,10 @@ def test_mode_and_unhandled_mode_message():
         fx.is_training()
     with pytest.raises(fx.EffaxError, match="True or False"):
         Mode(jnp.array(1))
+
+
+def test_side_inputs_take_a_dict_and_sows_are_told_which_collection_fits():
+    with pytest.raises(fx.EffaxError, match="SideInputs takes a dict .tag: value., got list"):
+        fx.handlers.SideInputs(["mask"])
+    with pytest.raises(fx.InvalidNameError, match="collection='intermediates' or 'losses'"):
+        fx.sow("h", 1.0, collection="params")

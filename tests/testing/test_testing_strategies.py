@@ -146,3 +146,15 @@ def test_unknown_effects_are_refused_with_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown effects \['params'\]; the kit knows \['param'"):
         s.models(require=("params",))
     assert set(EFFECTS) == {"param", "state", "random", "sow", "side_input", "mode"}
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(s.models(require=("state",)))
+def test_a_required_state_is_set_at_least_once(model):
+    def states(steps):
+        for step in steps:
+            if isinstance(step, State):
+                yield step
+            yield from states(getattr(step, "children", ()))
+
+    assert any(step.update != "none" for step in states(model.steps))
