@@ -303,12 +303,12 @@ class Transformed:
         """Like `init`, also returning the output of the initializing run."""
         _refuse_nested("t.init")
         _check_init_rngs(rngs, args)
-        return self.run_init(
+        return self._run_init(
             "t.init", args, kwargs, rngs=rngs, training=training, handlers=handlers, mutable=mutable,
             capture_intermediates=capture_intermediates, method=method,
         )
 
-    def run_init(
+    def _run_init(
         self,
         call: str,
         args: tuple,

@@ -274,7 +274,7 @@ def effects_of(
     )
 
     def run(*a: Any, **k: Any) -> None:
-        t.run_init(
+        t._run_init(
             "fx.effects_of", a, k, **options, around=_StoredRequests(inventory), inside=_ModelRequests(inventory),
             default_rngs=jax.random.key(0),
         )
