@@ -275,10 +275,12 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
     capture = capture_filter() or False
     initializing = is_initializing()
     if initializing:  # Flax's own init, in Flax's init mode: its variables and its output
+        names = stream_names()  # every stream `rngs` names, as `module.init(rngs, x)` gets them
         with at_path(path):
-            key = stream_key("params")
+            rngs = {"params": stream_key("params")}
+            rngs.update({s: stream_key(s) for s in sorted(set(names or ()) - {"params"})})
         out, made = module.init_with_output(
-            {"params": key}, *args, method=method, mutable=True, capture_intermediates=capture, **kwargs
+            rngs, *args, method=method, mutable=True, capture_intermediates=capture, **kwargs
         )
         init.keep(made)
 
@@ -293,15 +295,21 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
     cells: dict[str, list] = {}
     for collection, tree in spec.state.items():
         held = cells[collection] = []
+        optional = collection == "perturbations" and not initializing  # Flax's `perturb`: read only if given
 
-        def one_state(name: str, node: Any, c: str = collection, held: list = held) -> Any:
+        def one_state(name: str, node: Any, c: str = collection, held: list = held, optional: bool = optional) -> Any:
             where = relative(name)
-            cell = local_state(name, lambda: init.value((c,) + where), collection=c)
+            cell = local_state(name, _absent if optional else lambda: init.value((c,) + where), collection=c)
             value = cell.get()
             held.append((where, cell, value))
             return value
 
-        variables[collection] = request_tree(tree, one_state)
+        try:
+            variables[collection] = request_tree(tree, one_state)
+        except (_Absent, MissingVariableError):
+            if not optional:
+                raise
+            del cells[collection]  # not given: `perturb` adds nothing, as in Flax
     if initializing:  # init creates, it does not step: no state is written back
         _sow_rest(init.variables, spec)
         return out
@@ -309,20 +317,53 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
 
     out, updates = _apply(nn, module, spec, variables, frozen, method, args, kwargs, capture)
     for collection, tree in updates.items():
-        if collection in spec.state and collection not in frozen:
+        if collection in cells and collection not in frozen:
             for where, cell, old in cells[collection]:
                 new = _at(tree, where)
+                if isinstance(old, tuple) and isinstance(new, tuple) and len(new) > len(old):
+                    raise EffaxError(
+                        f"the Flax module sows `{path_str(path + where)}` into collection {collection!r}, where "
+                        "it also keeps variables: effax keeps a collection for state or for sown values, not "
+                        f"both. Sow into another collection (`self.sow('intermediates', ...)`), or keep "
+                        "the value as a variable."
+                    )
                 if new is not old:
                     cell.set(new)
     _sow_rest(updates, spec)
     return out
 
 
+class _Absent(Exception):
+    """Raised by the `init()` of a variable that is read only when given (Flax's `perturbations`)."""
+
+
+def _absent() -> Any:
+    raise _Absent
+
+
 def _sow_rest(collections: Mapping[str, Any], spec: _Spec) -> None:
-    """Re-sow what Flax sowed (every collection that is neither params nor state) through `fx.sow`."""
+    """Re-sow what Flax sowed (every collection that is neither params nor state) through `fx.sow`.
+
+    Flax's sown values are tuples (its default `reduce_fn` appends). Anything else there is a sow with a
+    `reduce_fn` of its own, or a variable Flax created only at apply time, outside what its init makes:
+    effax collects sows as tuples and learns a module's variables from its init, so it refuses both, by
+    path, rather than hand back a value shaped unlike Flax's.
+    """
     for collection, tree in collections.items():
-        if collection != "params" and collection not in spec.state:
-            sow_tree(tree, collection)
+        if collection == "params" or collection in spec.state:
+            continue
+        for path, leaf in jax.tree.leaves_with_path(tree, is_leaf=lambda x: isinstance(x, tuple)):
+            if not isinstance(leaf, tuple):
+                where = path_str(current_path() + tuple(str(getattr(k, "key", k)) for k in path))
+                shown = f"an array {leaf.dtype}{list(leaf.shape)}" if hasattr(leaf, "shape") else type(leaf).__name__
+                raise EffaxError(
+                    f"the Flax module wrote `{where}` in collection {collection!r} as {shown}, not as "
+                    "Flax's default sow makes it (a tuple): a `self.sow` with "
+                    "a `reduce_fn`/`init_fn`, or a `self.variable` created only at apply time. effax "
+                    "collects sown values as tuples and learns a module's variables from its init: keep "
+                    "the default sow, or create the variable at init (so that code path runs there too)."
+                )
+        sow_tree(tree, collection)
 
 
 @functools.cache

@@ -431,3 +431,68 @@ def test_law_9_from_flax_returns_what_module_apply_returns(seed, batch, features
     mutable = ["batch_stats", "intermediates"] if train else False
     ours, theirs = run_both(module, x, variables, mutable=mutable, rngs=rngs, train=train)
     assert_same(ours, theirs)
+
+
+class _Perturbed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(self.perturb("h", nn.Dense(3)(x)))
+
+
+def test_perturb_is_a_no_op_without_perturbations_and_adds_them_when_given():
+    m, x = _Perturbed(), jnp.ones((2, 4))
+    variables = m.init(jax.random.key(0), x)
+    t = fx.transform(fx.from_flax(m))
+    assert sorted(t.init(jax.random.key(0), x)) == sorted(variables)  # init makes them, as Flax's
+    params_only = {"params": variables["params"]}
+    np.testing.assert_allclose(t.apply(params_only, x), m.apply(params_only, x), rtol=1e-6)
+    _, updates = t.apply(params_only, x, mutable=True)
+    assert "perturbations" not in updates or not jax.tree.leaves(updates["perturbations"])
+    loss = lambda f: (lambda v: f(v, x).sum())  # noqa: E731
+    ours, theirs = jax.grad(loss(t.apply))(variables), jax.grad(loss(m.apply))(variables)
+    np.testing.assert_allclose(ours["perturbations"]["h"], theirs["perturbations"]["h"], rtol=1e-6)
+    assert list(jax.grad(loss(t.apply))(params_only)) == ["params"]
+
+
+class _DropoutAtInit(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(3)(x)
+        return nn.Dropout(0.5, deterministic=not self.has_rng("dropout"))(x)
+
+
+def test_init_gives_flax_every_stream_the_rngs_dict_names():
+    m, x = _DropoutAtInit(), jnp.ones((2, 4))
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    out, v = fx.transform(fx.from_flax(m)).init_with_output(rngs, x)
+    flax_out, flax_v = m.init_with_output(rngs, x)
+    np.testing.assert_allclose(out, flax_out, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b), v, flax_v)
+
+
+class _ReducedSow(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(3)(x)
+        self.sow("intermediates", "total", x.sum(), init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+        return x
+
+
+class _SowBesideState(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        calls = self.variable("stats", "calls", lambda: jnp.zeros((), jnp.int32))
+        calls.value += 1
+        self.sow("stats", "act_mean", x.mean())
+        return x
+
+
+def test_sows_flax_makes_unlike_effax_are_refused_by_path_not_reshaped():
+    x = jnp.ones((1, 4))
+    t = fx.transform(fx.from_flax(_ReducedSow()))
+    with pytest.raises(fx.EffaxError, match=r"wrote `total` in collection 'intermediates' as an array float32\[\]"):
+        t.init(jax.random.key(0), x, mutable=True)
+    t = fx.transform(fx.from_flax(_SowBesideState()))
+    v = t.init(jax.random.key(0), x)
+    with pytest.raises(fx.EffaxError, match="sows `act_mean` into collection 'stats', where it also keeps variables"):
+        t.apply(v, x, mutable=["stats"])
