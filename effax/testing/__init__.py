@@ -101,6 +101,11 @@ def assert_handler_laws(
         raise ValueError(f"effects names unknown effects {unknown}; the kit knows {list(KNOWN_EFFECTS)}.")
     chosen = tuple(LAWS) if only is None else tuple(only)
     bad = [law for law in chosen if law not in LAWS]
+    if budget is not None and not isinstance(budget, Mapping):
+        raise ValueError(
+            f"budget={budget!r} is not a dict: `budget={{'law name': n}}` sets one law's examples; "
+            "`max_examples=n` sets every law's."
+        )
     budget = dict(budget or {})
     bad += [law for law in budget if law not in LAWS and law not in bad]
     if bad:

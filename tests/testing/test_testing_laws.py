@@ -265,6 +265,8 @@ def test_a_malformed_answers_and_a_reference_law_without_reference_are_refused()
         assert_handler_laws(NotATuple, max_examples=1)
     with pytest.raises(ValueError, match=r"only= names the law 'reference'.*reference="):
         assert_handler_laws(fx.Handler, ("param",), only=["reference"], max_examples=1)
+    with pytest.raises(ValueError, match=r"budget=2 is not a dict: .*max_examples=n"):
+        assert_handler_laws(fx.Handler, ("param",), budget=2)
 
 
 def test_the_registry_lists_each_law_of_design_once():
