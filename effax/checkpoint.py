@@ -49,7 +49,7 @@ import numpy as np
 
 from effax.core import EffaxError
 from effax.handlers._tree import key_path_names
-from effax.inspect._diff import diff_specs
+from effax.inspect._diff import _is_box, diff_specs
 from effax.sharding import ShardingError
 
 __all__ = [
@@ -464,11 +464,6 @@ def _checksums(leaves: dict[str, Any]) -> dict[str, str]:
         words = np.asarray(s.addressable_data(0) if hasattr(s, "addressable_data") else s)
         out[name] = f"{int(words[0]):08x}{int(words[1]):08x}"
     return out
-
-
-def _is_box(x: Any) -> bool:
-    """A Flax box (`nn.Partitioned`, `LogicallyPartitioned`): an object with `.unbox()` around the array."""
-    return callable(getattr(x, "unbox", None)) and not isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
 
 
 def _name(key_path: tuple) -> str:

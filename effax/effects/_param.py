@@ -215,6 +215,14 @@ def canonical_shape(shape: Any, name: str) -> tuple[int, ...]:
     return dims
 
 
+def is_axis(a: Any) -> bool:
+    """One dimension's logical axis: None (replicated), a non-empty name, or a non-empty tuple of names (a
+    dimension split over several); what `fx.param(axes=...)` takes and `fx.from_flax`/`from_nnx` keep."""
+    return a is None or (type(a) is str and a != "") or (
+        type(a) is tuple and len(a) > 0 and all(type(n) is str and n != "" for n in a)
+    )
+
+
 def check_axes(axes: Any, shape: tuple[int, ...], name: str) -> tuple[Any, ...]:
     """`axes` of `fx.param(name, ..., shape, axes=axes)` as a tuple; an error naming the param's path if not.
 
@@ -233,10 +241,8 @@ def check_axes(axes: Any, shape: tuple[int, ...], name: str) -> tuple[Any, ...]:
         )
     axes = tuple(axes)
     for a in axes:
-        if a is None or (type(a) is str and a):
+        if is_axis(a):
             continue
-        if type(a) is tuple and a and all(type(n) is str and n for n in a):
-            continue  # a dimension split over several names
         what = "an empty name ''" if a == "" else f"{type(a).__name__} {a!r:.40}"
         raise InvalidNameError(
             f"{where}: `axes={axes!r:.80}` holds {what}; each entry is a non-empty str, None (replicated), "

@@ -25,6 +25,7 @@ from effax.core import (
     scope,
 )
 from effax.effects import capture_filter, is_initializing, local_state, param, stream_key, stream_names
+from effax.effects._param import is_axis
 from effax.interop._common import is_mutable, request_tree, sow_tree
 
 _RNG_STREAM = re.compile(r'needs PRNG for "([^"]+)"')
@@ -92,9 +93,7 @@ def _param_leaf(nn: Any, node: Any, where: tuple[str, ...]) -> tuple[jax.ShapeDt
         node = node.unbox(apply_constraint=False) if isinstance(node, nn.Partitioned) else node.unbox()
         if names is not None:
             names = tuple(names)
-            name = lambda m: type(m) is str and m != ""  # noqa: E731
-            ok = all(n is None or name(n) or (isinstance(n, tuple) and n and all(map(name, n))) for n in names)
-            if not ok or len(names) != len(getattr(node, "shape", names)):
+            if not all(map(is_axis, names)) or len(names) != len(getattr(node, "shape", names)):
                 raise EffaxError(
                     f"Flax param `{path_str(where)}` has partition names {names!r:.80} for shape "
                     f"{tuple(getattr(node, 'shape', ()))}: effax takes one entry per dimension, each a name, None "

@@ -21,6 +21,7 @@ from effax.core import (
     scope,
 )
 from effax.effects import local_state, param, sow, stream_key, stream_names
+from effax.effects._param import is_axis
 
 
 def _nnx() -> Any:
@@ -45,8 +46,7 @@ def _axes(var: Any, shape: tuple[int, ...]) -> tuple[Any, ...] | None:
     metadata = var.get_metadata()
     names = next((metadata[k] for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k)), None)
     if isinstance(names, tuple) and len(names) == len(shape):
-        name = lambda n: type(n) is str and n != ""  # noqa: E731
-        if all(n is None or name(n) or (type(n) is tuple and n and all(map(name, n))) for n in names):
+        if all(map(is_axis, names)):
             return names
     return None
 
