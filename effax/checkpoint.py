@@ -39,6 +39,7 @@ import shutil
 import socket
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -236,10 +237,32 @@ def _owner() -> str:
     return f"{pid}-{host:08x}"
 
 
-def _alive(pid: int, host: str) -> bool:
-    """Whether the save that left a leftover may still be running (always True for another host)."""
+# A leftover of another host (a restarted job often gets another host name) is taken as dead once nothing in
+# it has changed for this long: a running save writes its files continuously, and moving a checkpoint aside
+# (the commit) stamps the directory's change time.
+_STALE_SECONDS = 3600.0
+
+
+def _untouched_for(p: Any) -> float:
+    """Seconds since anything in leftover `p` was written or renamed (0 for remote storage: never stale)."""
+    if not _local(p):  # pragma: no cover - remote storage keeps no change times to trust
+        return 0.0
+    newest = 0.0
+    for where, _, files in os.walk(os.fspath(p)):
+        for f in [where, *(os.path.join(where, name) for name in files)]:
+            try:
+                st = os.lstat(f)
+            except OSError:  # removed while we look: its save is alive (or its cleaner is)
+                return 0.0
+            newest = max(newest, st.st_mtime, st.st_ctime)
+    return time.time() - newest
+
+
+def _alive(pid: int, host: str, p: Any = None) -> bool:
+    """Whether the save that left leftover `p` may still be running: on this host, whether its process is;
+    on another, whether anything in `p` changed in the last `_STALE_SECONDS`."""
     if host != _host():
-        return True
+        return p is None or _untouched_for(p) < _STALE_SECONDS
     if pid == os.getpid():
         return True  # another thread's save in progress (a failed save of ours cleans up after itself)
     try:
@@ -276,15 +299,15 @@ def _recover(parent: Any, only: str | None = None, force: bool = False) -> None:
     for target, kinds in _leftovers(parent).items():
         if only is not None and target != only:
             continue
-        dead = lambda m: force or not _alive(int(m["pid"]), m["host"])  # noqa: E731
+        dead = lambda p, m: force or not _alive(int(m["pid"]), m["host"], p)  # noqa: E731
         final = parent / target
-        olds = sorted((p for p, m in kinds["old"] if dead(m) and _is_complete_old(m)), key=lambda p: p.name)
+        olds = sorted((p for p, m in kinds["old"] if dead(p, m) and _is_complete_old(m)), key=lambda p: p.name)
         try:
             if olds and not _exists(final):
                 _rename(olds.pop(), final)  # roll back: the new version was never renamed in
                 _fsync_dir(parent)
             for p, m in kinds["tmp"] + kinds["old"]:
-                if dead(m) and _exists(p) and p != final:
+                if dead(p, m) and _exists(p) and p != final:
                     _remove(p)
         except OSError as e:
             raise _storage("clean up the leftovers of an interrupted save beside", final, e) from e
@@ -525,8 +548,42 @@ def _prepare(variables: Any) -> tuple[dict, dict]:
             f"`variables` holds no arrays ({sorted(variables)}), so there is no checkpoint to write: "
             "a model without params or state has nothing to save. Pass what `t.init` returned."
         )
+    if jax.process_count() > 1:  # pragma: no cover - multi-process runs (tests/distributed)
+        tree = _global(tree)
     meta = {"version": _FORMAT, "checksums": _checksums(data), "keys": keys, "widened": widened}
     return tree, meta
+
+
+def _global(tree: dict) -> dict:
+    """On several processes, each leaf one process holds alone (a step counter, a NumPy array, a key) made a
+    global array replicated on every device, as Orbax writes only global arrays and `restore` gives such
+    leaves back replicated. Every process must hold the same value: a differing one is refused by name."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    local = {_name(path): np.asarray(x) for path, x in leaves if x.is_fully_addressable}
+    if not local:
+        return tree
+    digests = np.array([zlib.crc32(x.tobytes()) for x in local.values()], np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(digests))  # (processes, entries)
+    differ = [name for i, name in enumerate(local) if (every[:, i] != every[0, i]).any()]
+    if differ:
+        raise EffaxError(
+            f"{', '.join(f'`{n}`' for n in differ[:5])} in `variables` differ between processes: each is held "
+            "by every process alone (not a global array), so the checkpoint can hold only one value of it. "
+            "Save the same value on every process (computed alike, e.g. the step counter), or make it a global "
+            "array (`jax.make_array_from_process_local_data`)."
+        )
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("processes",)), PartitionSpec())
+
+    def leaf(key_path: tuple, x: Any) -> Any:
+        host = local.get(_name(key_path))
+        if host is None:
+            return x
+        return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 # --- save
@@ -605,7 +662,9 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
     dtypes round-trip (`uint4`, which TensorStore lacks, is stored as
     `uint8`); zero-size arrays, which Orbax cannot store, are refused by
     name before anything is written. Sharded arrays are saved shard
-    by shard; on several hosts every process calls `save` (as with Orbax).
+    by shard; on several hosts every process calls `save` (as with Orbax),
+    and a leaf each process holds alone (a step counter) is saved once,
+    replicated, if every process holds the same value.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()

@@ -135,12 +135,16 @@ def worker(args: argparse.Namespace) -> None:
     if args.restore:  # check a checkpoint written by another topology, then stop
         abstract = jax.eval_shape(t.init, jax.random.key(0), x_spec)
         like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        restored = host(fx.checkpoint.restore(args.restore, like=like))
+        like["progress"] = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
+        restored = fx.checkpoint.restore(args.restore, like=like)
+        step = int(restored.pop("progress")["step"])
+        restored = host(restored)
         expected = np.load(args.expect)
         flat = by_name(restored)
         bad = [k for k in expected.files if not np.array_equal(expected[k], flat[k])]
         assert not bad and sorted(expected.files) == sorted(flat), f"restore differs at {bad}"
-        print(f"process {jax.process_index()}: restored {len(flat)} arrays bit for bit on {devices.size} devices")
+        print(f"process {jax.process_index()}: restored {len(flat)} arrays bit for bit on {devices.size} devices "
+              f"(saved at step {step})")
         if args.processes > 1:
             jax.distributed.shutdown()
         return
@@ -177,10 +181,12 @@ def worker(args: argparse.Namespace) -> None:
         losses.append(float(loss))
         print(f"process {jax.process_index()}: step {i:3d} loss {losses[-1]:.6f}", flush=True)
 
-    if args.ckpt:
-        fx.checkpoint.save(args.ckpt, variables, step=args.steps)
+    if args.ckpt:  # every process saves its part, beside a step counter each process holds alone
+        fx.checkpoint.save(args.ckpt, {**variables, "progress": {"step": args.steps}}, step=args.steps)
         like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), variables, shardings)
+        like["progress"] = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
         restored = fx.checkpoint.restore(args.ckpt, like=like, step=args.steps)
+        assert int(restored.pop("progress")["step"]) == args.steps
         same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), host(restored), host(variables))
         assert all(jax.tree.leaves(same)), "the restored checkpoint differs from the trained variables"
         print(f"process {jax.process_index()}: checkpoint saved and restored bit for bit", flush=True)

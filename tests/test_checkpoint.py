@@ -206,6 +206,23 @@ def test_leftovers_of_a_save_still_running_are_left_alone(tmp_path, variables):
     assert sorted(os.listdir(tmp_path / "run")) == ["1", *sorted(running)]
 
 
+def test_leftovers_of_another_host_untouched_for_an_hour_are_cleaned(tmp_path, variables, monkeypatch):
+    """A restarted job often runs on another host: what its crashed save left is cleaned once nothing in it
+    has changed for `_STALE_SECONDS` (a running save writes its files all along); a fresh one is kept."""
+    fx.checkpoint.save(tmp_path / "run", variables, step=1)
+    other = "0badf00d" if fx.checkpoint._host() != "0badf00d" else "0badf00e"
+    crashed = tmp_path / "run" / f"2.effax-tmp-4242-{other}"
+    crashed.mkdir()
+    (crashed / "data").write_text("half written")
+    moved_aside = tmp_path / "run" / f"1.effax-old-4242-{other}"  # the commit of a new step 1 never finished
+    os.rename(tmp_path / "run" / "1", moved_aside)
+    assert sorted(os.listdir(tmp_path / "run")) == sorted([crashed.name, moved_aside.name])  # fresh: kept
+    assert fx.checkpoint.steps(tmp_path / "run") == [1]
+    monkeypatch.setattr(fx.checkpoint, "_STALE_SECONDS", -1.0)  # as an hour later
+    assert_same(fx.checkpoint.restore(tmp_path / "run", like=variables), variables)
+    assert sorted(os.listdir(tmp_path / "run")) == ["1"]  # step 1 moved back, the temp copy gone
+
+
 def test_foreign_targets_are_refused_and_kept(tmp_path, variables):
     """A directory that is not an effax checkpoint is never replaced; its files survive every attempt."""
     work = tmp_path / "work"

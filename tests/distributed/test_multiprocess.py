@@ -93,3 +93,54 @@ def test_batchnorm_axis_name_under_shard_map_on_8_devices_equals_the_full_batch(
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+SAVE_WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process,
+                               initialization_timeout=60, heartbeat_timeout_seconds=10)
+    import jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import effax as fx
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    w = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("data", "model")))
+    # a step counter, a NumPy array and a key held by each process alone, beside a global array
+    same = {"params": {"w": w}, "progress": {"step": 7, "seen": np.arange(3), "key": jax.random.key(1)}}
+    fx.checkpoint.save(path, same, step=1)
+    back = fx.checkpoint.restore(path, like=same, step=1)
+    assert int(back["progress"]["step"]) == 7 and np.array_equal(back["progress"]["seen"], np.arange(3))
+    assert np.array_equal(jax.random.key_data(back["progress"]["key"]), jax.random.key_data(jax.random.key(1)))
+    try:
+        fx.checkpoint.save(path, {**same, "progress": {"step": process}}, step=2)
+    except fx.EffaxError as e:
+        print("REFUSED", e)
+    assert fx.checkpoint.steps(path) == [1]
+    print("ok")
+    jax.distributed.shutdown()
+""")
+
+
+def test_a_leaf_each_process_holds_alone_is_saved_replicated_and_must_agree(tmp_path):
+    """A step counter, a NumPy array, a key beside global arrays: saved once, restored on every process; a
+    value that differs between processes is refused by name, and nothing is written."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen([sys.executable, "-c", SAVE_WORKER, str(i), port, str(tmp_path / "ckpt")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+        assert "REFUSED `progress:step` in `variables` differ between processes" in out
