@@ -131,6 +131,7 @@ class _Crossing:
     carry_params: bool  # an unstacked param not existing yet is made on the first step and carried (scan)
     state_how: Callable[[str, bool], str]  # (collection, declared in the body) -> mapped / unmapped / carried
     split: Callable[[str], bool]  # whether a stream gives each iteration/member its own keys
+    stack_axis: str | None = None  # the logical axis name of the stacked dimension of params
 
 
 def _per_index(key: jax.Array, n: int) -> jax.Array:
@@ -158,7 +159,10 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     def outside(request: ParamRequest) -> ParamRequest:  # a param as requested outside: stacked, or as is
         if not how.stack_params:
             return request
-        axes = None if request.axes is None else (None,) + request.axes
+        if request.axes is not None:
+            axes = (how.stack_axis,) + request.axes
+        else:  # a name for the stacked dimension alone gives the others None
+            axes = None if how.stack_axis is None else (how.stack_axis,) + (None,) * len(request.shape)
         return dataclasses.replace(request, shape=(n,) + request.shape, axes=axes)
 
     for slot, request in needs.params.items():
@@ -388,6 +392,24 @@ def _check_fn(fn: Any, where: str, usage: str) -> None:
         )
 
 
+def _check_stack_axis(stack_axis: Any, stack_params: bool, where: str) -> str | None:
+    """`stack_axis=`: the logical name of the stacked dimension of params (Flax's `metadata_params=
+    {nn.PARTITION_NAME: "layers"}`), so sharding rules can map it."""
+    if stack_axis is None:
+        return None
+    if type(stack_axis) is not str or not stack_axis:
+        raise EffaxError(
+            f"{where}: stack_axis={_shown(stack_axis)} is not a logical axis name: give a non-empty str, "
+            "e.g. `stack_axis='layers'`, and map it with a sharding rule (`('layers', None)` to replicate it)."
+        )
+    if not stack_params:
+        raise EffaxError(
+            f"{where}: stack_axis={stack_axis!r} names the stacked dimension of params, but params='broadcast' "
+            "stacks none: drop stack_axis, or use params='stack'."
+        )
+    return stack_axis
+
+
 def _check_length(length: Any) -> int | None:
     """`length=` as an int >= 0 (numpy and concrete JAX ints too); refused, never truncated."""
     if length is None:
@@ -417,6 +439,7 @@ def scan(
     split_rngs: bool | Iterable[str] = True,
     reverse: bool = False,
     unroll: int | bool = 1,
+    stack_axis: str | None = None,
 ) -> Callable[..., tuple[Any, Any]]:
     """`jax.lax.scan` over an effectful body: `fx.scan(fn, length)(carry, xs) -> (carry, ys)`.
 
@@ -442,6 +465,11 @@ def scan(
       iteration `i` is `fold_in(k_n, i)`, `k_n` drawn outside); False, or
       the streams not named, repeat the same keys in every iteration.
     - sown values come back stacked, one `sow` per value the body sowed.
+    - `stack_axis="layers"` names the stacked dimension of params as a
+      logical axis (Flax's `metadata_params={nn.PARTITION_NAME: "layers"}`):
+      a param with `axes=("embed", "mlp")` is stacked with axes
+      `("layers", "embed", "mlp")`, one without with `("layers", None, ...)`,
+      so sharding rules can map it (by default it is None: replicated).
 
     >>> def block(x, _):
     ...     w = fx.param("w", jax.nn.initializers.normal(), (2, 2))
@@ -457,10 +485,12 @@ def scan(
     length = _check_length(length)
     if isinstance(fn, type):
         return _per_instance(fn, functools.partial(
-            scan, length=length, params=params, state=state, split_rngs=split_rngs, reverse=reverse, unroll=unroll
+            scan, length=length, params=params, state=state, split_rngs=split_rngs, reverse=reverse, unroll=unroll,
+            stack_axis=stack_axis,
         ), "Scan")
     where = "fx.scan"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
+    stack_axis = _check_stack_axis(stack_axis, stack_params, where)
     modes = _state_modes(state, "stack" if stack_params else "carry", ("stack", "carry"), where)
     split = _split_streams(split_rngs, where)
 
@@ -483,7 +513,7 @@ def scan(
         x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
         needs, (carry_struct, y_struct), _ = _learn(outer, body, (carry, x0), state_how=state_how)
         _check_carry(carry, carry_struct)
-        plan = _plan(needs, outer, _Crossing(n, stack_params, True, state_how, split))
+        plan = _plan(needs, outer, _Crossing(n, stack_params, True, state_how, split, stack_axis))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)
             _hand_back(plan, outer, values, sown)
@@ -592,6 +622,7 @@ def vmap(
     split_rngs: bool | Iterable[str] = True,
     axis_name: Any = None,
     spmd_axis_name: Any = None,
+    stack_axis: str | None = None,
 ) -> Callable[..., Any]:
     """`jax.vmap` over an effectful function: ensembles, or a batch-free model mapped over examples.
 
@@ -610,6 +641,9 @@ def vmap(
     - `split_rngs=True` gives every member its own keys; False, or the
       streams not named, give all members the same keys.
     - sown values come back stacked along axis 0.
+    - `stack_axis="ensemble"` names the members' dimension of stacked
+      params as a logical axis, as in `fx.scan` (`axis_name` is JAX's
+      collective axis name, a different thing).
 
     >>> def member(x):
     ...     return x @ fx.param("w", jax.nn.initializers.normal(), (2,))
@@ -625,10 +659,11 @@ def vmap(
     if isinstance(fn, type):
         return _per_instance(fn, functools.partial(
             vmap, in_axes=in_axes, out_axes=out_axes, axis_size=axis_size, params=params, state=state,
-            split_rngs=split_rngs, axis_name=axis_name, spmd_axis_name=spmd_axis_name,
+            split_rngs=split_rngs, axis_name=axis_name, spmd_axis_name=spmd_axis_name, stack_axis=stack_axis,
         ), "Vmap")
     where = "fx.vmap"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
+    stack_axis = _check_stack_axis(stack_axis, stack_params, where)
     modes = _state_modes(state, "stack" if stack_params else "broadcast", ("stack", "broadcast"), where)
     split = _split_streams(split_rngs, where)
 
@@ -648,7 +683,7 @@ def vmap(
             spmd_axis_name=spmd_axis_name,
         )
         needs, out_struct, (n,) = _learn(outer, fn, args, wrap=wrap, state_how=state_how)
-        plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split))
+        plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split, stack_axis))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)
             _hand_back(plan, outer, values, sown)

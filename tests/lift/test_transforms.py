@@ -662,3 +662,36 @@ def test_vmap_in_axes_are_checked_against_the_arguments():
 def test_lifting_what_is_not_a_function_is_refused_when_made(lift):
     with pytest.raises(fx.EffaxError, match=rf"fx\.{lift.__name__} takes the function to lift .*, got int 3"):
         lift(3)
+
+
+def test_stack_axis_names_the_stacked_dimension_for_sharding_rules():
+    """Flax's `metadata_params={nn.PARTITION_NAME: "layers"}`: the stacked axis gets a logical name, so
+    `logical_axes` and `logical_to_mesh` shard it; values are those made without it."""
+    from jax.sharding import PartitionSpec as P
+
+    def layer(h, _):
+        w = fx.param("w", normal, (D, D), axes=("embed", "mlp"))
+        return jnp.tanh(h @ w + fx.param("b", jax.nn.initializers.zeros, (D,))), None
+
+    named = fx.transform(lambda h: fx.scan(layer, length=L, stack_axis="layers")(h)[0])
+    plain = fx.transform(lambda h: fx.scan(layer, length=L)(h)[0])
+    assert fx.sharding.logical_axes(fx.summary(plain, x))["params"] == {"b": P(), "w": P(None, "embed", "mlp")}
+    axes = fx.sharding.logical_axes(fx.summary(named, x))["params"]
+    assert axes == {"b": P("layers", None), "w": P("layers", "embed", "mlp")}
+    mesh = jax.make_mesh((1,), ("stage",))
+    rules = [("layers", "stage"), ("embed", None), ("mlp", None)]
+    shardings = fx.sharding.logical_to_mesh(fx.summary(named, x), mesh, rules)
+    assert shardings["params"]["w"].spec == P("stage", None, None) and shardings["params"]["b"].spec == P("stage", None)
+    v = jax.jit(named.init, out_shardings=shardings)(key, x)
+    np.testing.assert_array_equal(v["params"]["w"], plain.init(key, x)["params"]["w"])
+
+    ensemble = fx.transform(fx.vmap(lambda h: layer(h, None)[0], in_axes=None, axis_size=2, stack_axis="ensemble"))
+    assert fx.sharding.logical_axes(fx.summary(ensemble, x))["params"]["w"] == P("ensemble", "embed", "mlp")
+    nested = fx.transform(lambda h: fx.scan(
+        lambda h, _: (fx.scan(layer, length=2, stack_axis="inner")(h)[0], None), length=L, stack_axis="outer"
+    )(h)[0])
+    assert fx.sharding.logical_axes(fx.summary(nested, x))["params"]["w"] == P("outer", "inner", "embed", "mlp")
+    with pytest.raises(fx.EffaxError, match=r"stack_axis=3 is not a logical axis name"):
+        fx.scan(layer, length=L, stack_axis=3)
+    with pytest.raises(fx.EffaxError, match=r"params='broadcast' stacks none"):
+        fx.vmap(layer, params="broadcast", stack_axis="ensemble")
