@@ -234,12 +234,13 @@ def logical_axes(source: Any) -> Any:
     source = _as_summary(source)
     if callable(getattr(source, "logical_axes", None)):
         return source.logical_axes()
+    _check_not_a_model(source)
     for path, leaf in jax.tree.leaves_with_path(source, is_leaf=_looks_like_axes):
         if type(leaf) is tuple and not _is_axes_leaf(leaf):
-            _check_axes(leaf, f"entry `{_entry(path)}`")  # raises, naming the bad entry
+            _check_axes(leaf, _entry_where(path))  # raises, naming the bad entry
         if not _is_axes_leaf(leaf):
             raise ShardingError(
-                f"logical axes must be PartitionSpecs, tuples of names or None, but entry `{_entry(path)}` "
+                f"logical axes must be PartitionSpecs, tuples of names or None, but {_entry_where(path)} "
                 f"holds {_what(leaf)}. Variables and abstract arrays (`jax.eval_shape(t.init, ...)`) do "
                 "not carry logical axes: pass `fx.summary(t, *args)` instead, which records the `axes=` "
                 "of every `fx.param`."
@@ -249,9 +250,25 @@ def logical_axes(source: Any) -> Any:
     )
 
 
+def _check_not_a_model(source: Any) -> None:
+    """The model itself (a function, `fx.transform`'s pair) is not a source: its axes show only when it runs."""
+    if callable(source) or (hasattr(source, "init") and hasattr(source, "apply")):
+        kind = "an `fx.transform`ed model" if hasattr(source, "apply") else f"a callable ({type(source).__name__})"
+        raise ShardingError(
+            f"the source of logical axes is {kind}, but a model says its axes only when it runs. Pass "
+            "`fx.summary(t, *args)` (it runs `t` abstractly, with the arguments of a call, and records the "
+            "`axes=` of every `fx.param`), or a tree of logical axes that mirrors the variables."
+        )
+
+
 def _entry(path: Any) -> str:
     names = key_path_names(path)
     return names[0] if len(names) == 1 else f"{names[0]}:{'/'.join(names[1:])}"
+
+
+def _entry_where(path: Any) -> str:
+    """Where a leaf sits, for errors: `entry `params:dense/w``, or the source itself at the root."""
+    return f"entry `{_entry(path)}`" if path else "the source (not a tree of variables)"
 
 
 def _what(x: Any) -> str:
@@ -297,7 +314,7 @@ def logical_to_mesh(source: Any, mesh: Mesh, rules: Rules) -> Any:
 
     def one(path: Any, axes: PartitionSpec) -> NamedSharding:
         names = key_path_names(path)
-        where = f"variable `{names[0]}:{'/'.join(names[1:])}`"
+        where = f"variable `{_entry(path)}`" if names else "the source's one entry"
         spec = _resolve(_check_axes(tuple(axes), where), rules_list, where)
         shape = shapes.get(names)
         for dim, (n, target) in enumerate(zip(shape or (), spec, strict=False)):

@@ -121,6 +121,22 @@ def test_bad_axes_in_an_axes_tree_name_the_entry():
         fx.sharding.logical_axes({"params": {"w": ("embed", 1)}})
 
 
+def test_the_model_itself_or_a_root_leaf_is_refused_with_the_fix():
+    t = fx.transform(model)
+    for source in (t, model):
+        for f in (fx.sharding.logical_axes, lambda v: fx.sharding.logical_to_mesh(v, mesh_1x1(), RULES)):
+            with pytest.raises(ShardingError, match=r"a model says its axes only when it runs. Pass `fx.summary"):
+                f(source)
+    with pytest.raises(ShardingError, match=r"but the source \(not a tree of variables\) holds int 3"):
+        fx.sharding.logical_axes(3)
+    with pytest.raises(ShardingError, match=r"the source \(not a tree of variables\): logical axes \('mlp', 3\)"):
+        fx.sharding.logical_axes(("mlp", 3))
+    # the suggested fix works, and a root that is one entry's axes maps as that entry
+    assert fx.sharding.logical_to_mesh(fx.summary(t, X), mesh_1x1(), RULES)["params"]["up"]["bias"].spec == P("model")
+    assert fx.sharding.logical_to_mesh(P("mlp"), mesh_1x1(), RULES).spec == P("model")
+    assert fx.sharding.logical_axes(None) == P()
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

@@ -30,7 +30,8 @@ from effax.core import (
     path_str,
     run_local,
 )
-from effax.effects import GetStateRequest, LocalStateRequest, ParamRequest, SetStateRequest
+from effax.effects import GetStateRequest, LocalStateRequest, ParamRequest, SetStateRequest, is_initializing
+from effax.handlers._tree import nearest
 
 StatePolicy = Literal["forbidden", "allowed", "unsafe"]
 _POLICIES = ("forbidden", "allowed", "unsafe")
@@ -207,13 +208,15 @@ class _ShareRun:
 
     answers = (ParamRequest, LocalStateRequest, GetStateRequest, SetStateRequest)
 
-    __slots__ = ("share", "base", "matched", "tags_used", "params", "states")
+    __slots__ = ("share", "base", "matched", "tags_used", "params", "states", "asked", "passed_on")
 
     def __init__(self, share: Share, base: Path):
         self.share = share
         self.base = base
         self.matched: set[Path] = set()
         self.tags_used: set[str] = set()
+        self.asked: set[Path] = set()  # every path the model asked for (a canonical asked directly is a tie)
+        self.passed_on: set[ShareBinding] = set()  # bindings whose canonical a request left again (a chain)
         self.params: dict[Path, ParamRequest] = {}
         self.states: dict[tuple[str, Path], LocalStateRequest] = {}
 
@@ -233,6 +236,7 @@ class _ShareRun:
         """Where `request` goes, and the bindings that send it there; records what matched."""
         start = request.path if tag_binding is None else tag_binding.canonical
         path, applied, matched = self.share.resolve(start)
+        self.asked.add(request.path if request.origin is None else request.origin)
         if matched:
             self.matched.update(matched)
         for asked in (request.origin, request.path if tag_binding else None):
@@ -241,6 +245,8 @@ class _ShareRun:
         if applied:  # a share pass inside this one was passed already: send the result through its bindings too
             path, more = self._through_inner_passes(path)
             applied += more
+            # every binding but the last sent the request on (a chain); after a tag, the tag made the tie
+            self.passed_on.update(applied if tag_binding else applied[:-1])
         return path, ((tag_binding,) if tag_binding else ()) + applied
 
     def _through_inner_passes(self, path: Path) -> tuple[Path, tuple[ShareBinding, ...]]:
@@ -318,12 +324,14 @@ class _ShareRun:
         return request
 
     def finish(self) -> None:
-        """Raise `ShareError` for bindings and tags that matched nothing in this run."""
+        """Raise `ShareError` for bindings and tags that matched nothing in this run, and, in a run
+        that creates variables, for a binding whose canonical path the model never asks for."""
         if not self.share.strict:
             return
         unmatched = [str(b) for a, b in self.share.by_alias.items() if a not in self.matched]
         unmatched += [f"shared={t!r}" for t in self.share.tags if t not in self.tags_used]
         if not unmatched:
+            self._check_canonicals()
             return
         asked = [r.original_path for r in self.params.values()]
         asked += [r.path if r.origin is None else r.origin for r in self.states.values()]
@@ -349,6 +357,44 @@ class _ShareRun:
             "of the model."
         )
 
+    def _check_canonicals(self) -> None:
+        """A binding whose canonical path the model never asks for renames its alias instead of tying it.
+
+        The canonical counts as asked when a request asked under it (not under the alias), or
+        when the requests sent there go on to another path (a chain, through this pass, a pass
+        inside it, or one around it). Checked only in a run that creates variables: an apply that
+        runs only the alias's part of the model (a decode method) reads the canonical entry.
+        """
+        suspects = [
+            b for b in self.share.by_alias.values()
+            if b not in self.passed_on
+            and not any(_under(p, b.canonical) and not _under(p, b.alias or ()) for p in self.asked)
+        ]
+        if suspects:
+            around = [run for run in run_local(_ActivePasses).runs if run is not self]
+            suspects = [b for b in suspects if not any(run.share.resolve(b.canonical)[1] for run in around)]
+        if not suspects or not is_initializing():
+            return
+        aliases = [b.alias for b in self.share.by_alias.values() if b.alias is not None]
+        scopes = {p[:i] for p in self.asked for i in range(1, len(p) + 1)}
+        scopes = {q for q in scopes if not any(_under(q, a) for a in aliases)}
+        lines = []
+        for b in suspects:
+            alike = [q for q in scopes if len(q) == len(b.canonical)] or scopes
+            near = nearest(b.canonical, alike, n=2)
+            lines.append(
+                f"`{b}`: nothing asks for `{path_str(b.canonical)}` but the alias, so the params under "
+                f"`{path_str(b.alias or ())}` are created there, under a new name"
+                + (f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else "")
+                + "."
+            )
+        raise ShareError(
+            f"share binding(s) tie nothing in this run, they rename: {' '.join(lines)} A canonical "
+            "path must be one the model uses itself: fix it (`fx.share(fn, {alias: path the model "
+            "asks for})`), or pass `strict=False` to `fx.share` when this run skips the canonical's "
+            "part of the model (an init of one method)."
+        )
+
 
 def share(
     fn: Callable[..., Any],
@@ -369,7 +415,9 @@ def share(
     structure (`"allowed"`), or shared unchecked (`"unsafe"`); random keys and
     sows are never tied. A binding that matches nothing in a run raises
     `ShareError` (unless `strict=False`), as do cycles, conflicting bindings,
-    and tied params that disagree on shape or dtype.
+    tied params that disagree on shape or dtype, and, under `init`, a
+    canonical path the model never asks for itself (a typo there would rename
+    the alias's params instead of tying them).
 
     >>> def model(x):
     ...     with fx.scope("encoder"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from effax.core import ParamConflictError, Path, path_str
@@ -44,12 +44,17 @@ def flatten_paths(tree: Any, prefix: Path = ()) -> list[tuple[Path, Any]]:
     return out
 
 
+def nearest(path: Path, paths: Iterable[Path], n: int = 3) -> list[str]:
+    """The paths among `paths` closest to `path`, written `a/b`, for 'did you mean' hints in errors."""
+    names = list(dict.fromkeys("/".join(p) for p in paths))
+    return difflib.get_close_matches("/".join(path), names, n=n, cutoff=0.5)
+
+
 def nearest_paths(path: Path, tree: Any, n: int = 3) -> list[str]:
     """The stored paths closest to `path`, for 'did you mean' hints in errors."""
     if not _is_scope(tree):
         return []
-    names = ["/".join(p) for p, _ in flatten_paths(tree)]
-    return difflib.get_close_matches("/".join(path), names, n=n, cutoff=0.5)
+    return nearest(path, (p for p, _ in flatten_paths(tree)), n)
 
 
 class PathTree:

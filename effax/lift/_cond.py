@@ -14,7 +14,7 @@ branch taken, so every branch must sow the same tags with the same shapes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +23,18 @@ import jax.numpy as jnp
 from effax.core import EffaxError, current_stack, path_str
 from effax.inspect import abstract_mode
 from effax.lift._body import Answerer, Needs, run_lifted
-from effax.lift._transforms import _abstract_results, _Crossing, _hand_back, _learn, _names_snapshot, _plan, _zeros
+from effax.lift._transforms import (
+    _abstract_results,
+    _brief,
+    _Crossing,
+    _hand_back,
+    _here,
+    _learn,
+    _names_snapshot,
+    _plan,
+    _type_of,
+    _zeros,
+)
 
 _ONE = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
 
@@ -105,9 +116,21 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     >>> t.apply(v, 2.0, 1)
     Array(20., dtype=float32)
     """
-    branches = list(branches)
-    if not branches or not all(callable(b) for b in branches):
-        raise EffaxError(f"fx.switch takes a non-empty list of functions, got {branches!r}.")
+    listed = not callable(branches) and not hasattr(branches, "shape") and isinstance(branches, Iterable)
+    if listed:
+        branches = list(branches)
+    if not listed or not branches:
+        raise EffaxError(
+            f"fx.switch takes a non-empty list of branch functions, got {_brief(branches)}: "
+            "`fx.switch(index, [f0, f1], *operands)`."
+        )
+    for i, b in enumerate(branches):
+        if not callable(b):
+            raise EffaxError(
+                f"fx.switch: branch {i} is {_brief(b)}, not a function; every branch is called on the operands: "
+                "`fx.switch(index, [f0, f1], *operands)`."
+            )
+    _check_scalar(index, "fx.switch", "index", "an int", "`jnp.argmax(scores)`")
     outer = current_stack()
     restore = _names_snapshot()  # branches are named in order, as the real pass traces them: learn them so too
     try:
@@ -154,9 +177,27 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     return out
 
 
+def _check_scalar(value: Any, where: str, what: str, kind: str, example: str) -> None:
+    """A branch selector is one scalar for the whole call (`jax.lax.cond`/`switch`), never per element."""
+    try:
+        shape = jnp.shape(value)
+        dtype = jnp.result_type(value)
+    except TypeError:
+        shape, dtype = None, None
+    if shape != () or not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.number)):
+        got = _type_of(value) if shape is not None else _brief(value)
+        raise EffaxError(
+            f"{_here(where)}: {what} must be a scalar ({kind}, shape ()), as in jax.lax.{where[3:]}: it picks "
+            f"one branch for the whole call; got {got}. Reduce it to one value ({example}); to choose "
+            "element by element, compute both results and use `jnp.where(mask, a, b)`."
+        )
+
+
 def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands: Any) -> Any:
     """`jax.lax.cond` over effectful branches: `true_fn(*operands)` if `pred` else `false_fn(*operands)`.
 
+    `pred` is one scalar, a bool or a number (nonzero is true), for the whole
+    call, as in `jax.lax.cond`; for an element-wise choice use `jnp.where`.
     Both branches' params exist after `init`, whichever branch runs (Flax's
     `nn.cond`); keys and sown values follow the branch taken, and a branch
     that writes state writes through.
@@ -171,5 +212,12 @@ def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *
     >>> t.apply(v, jnp.ones(2), False)
     Array([2., 2.], dtype=float32)
     """
+    for name, fn in (("true_fn", true_fn), ("false_fn", false_fn)):
+        if not callable(fn):
+            raise EffaxError(
+                f"fx.cond: {name} is {_brief(fn)}, not a function; the operands follow the two branches: "
+                "`fx.cond(pred, true_fn, false_fn, *operands)`."
+            )
+    _check_scalar(pred, "fx.cond", "pred", "a bool or a number", "`jnp.all(x > 0)`, `(x > 0).any()`")
     index = jnp.where(jnp.asarray(pred), 0, 1)  # true_fn first: layers made inline are named in reading order
     return switch(index, [true_fn, false_fn], *operands)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError, current_stack, path_str, run_values
+from effax.core import EffaxError, current_path, current_stack, path_str, run_values
 from effax.effects import (
     GetStateRequest,
     ParamRequest,
@@ -130,6 +131,7 @@ class _Crossing:
     carry_params: bool  # an unstacked param not existing yet is made on the first step and carried (scan)
     state_how: Callable[[str, bool], str]  # (collection, declared in the body) -> mapped / unmapped / carried
     split: Callable[[str], bool]  # whether a stream gives each iteration/member its own keys
+    stack_axis: str | None = None  # the logical axis name of the stacked dimension of params
 
 
 def _per_index(key: jax.Array, n: int) -> jax.Array:
@@ -157,7 +159,10 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     def outside(request: ParamRequest) -> ParamRequest:  # a param as requested outside: stacked, or as is
         if not how.stack_params:
             return request
-        axes = None if request.axes is None else (None,) + request.axes
+        if request.axes is not None:
+            axes = (how.stack_axis,) + request.axes
+        else:  # a name for the stacked dimension alone gives the others None
+            axes = None if how.stack_axis is None else (how.stack_axis,) + (None,) * len(request.shape)
         return dataclasses.replace(request, shape=(n,) + request.shape, axes=axes)
 
     for slot, request in needs.params.items():
@@ -341,6 +346,87 @@ def _split_streams(split_rngs: Any, where: str) -> Callable[[str], bool]:
     raise EffaxError(f"{where}: split_rngs must be True, False or stream names, got {split_rngs!r}.")
 
 
+def _brief(value: Any) -> str:
+    """A value named in an error without dumping it: an array by its shape and dtype."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array {_type_of(value)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _shown(value: Any) -> str:
+    """A value as written after `name=` in an error: its repr, an array as `<array float32[2]>`."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"<array {_type_of(value)}>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_of(value: Any) -> str:
+    """`float32[2,3]`: the shape and dtype JAX sees (a `ShapeDtypeStruct`, an array or a Python scalar)."""
+    if not hasattr(value, "shape"):
+        value = jax.typeof(value)
+    return f"{jnp.dtype(value.dtype).name}[{','.join(map(str, value.shape))}]"
+
+
+class _Shown(str):
+    """A string shown bare inside a container's repr: `(float32[2], float32[2])`."""
+
+    __repr__ = str.__str__
+
+
+def _types(tree: Any) -> str:
+    return str(jax.tree.map(lambda v: _Shown(_type_of(v)), tree))
+
+
+def _here(what: str) -> str:
+    return f"{what} at `{path_str(current_path())}`"
+
+
+def _check_fn(fn: Any, where: str, usage: str) -> None:
+    """Refuse what cannot be lifted when the transform is made, not when JAX first calls it."""
+    if not callable(fn):
+        raise EffaxError(
+            f"{where} takes the function to lift (a function, a module, or a module class), got "
+            f"{_brief(fn)}: {usage}."
+        )
+
+
+def _check_stack_axis(stack_axis: Any, stack_params: bool, where: str) -> str | None:
+    """`stack_axis=`: the logical name of the stacked dimension of params (Flax's `metadata_params=
+    {nn.PARTITION_NAME: "layers"}`), so sharding rules can map it."""
+    if stack_axis is None:
+        return None
+    if type(stack_axis) is not str or not stack_axis:
+        raise EffaxError(
+            f"{where}: stack_axis={_shown(stack_axis)} is not a logical axis name: give a non-empty str, "
+            "e.g. `stack_axis='layers'`, and map it with a sharding rule (`('layers', None)` to replicate it)."
+        )
+    if not stack_params:
+        raise EffaxError(
+            f"{where}: stack_axis={stack_axis!r} names the stacked dimension of params, but params='broadcast' "
+            "stacks none: drop stack_axis, or use params='stack'."
+        )
+    return stack_axis
+
+
+def _check_length(length: Any) -> int | None:
+    """`length=` as an int >= 0 (numpy and concrete JAX ints too); refused, never truncated."""
+    if length is None:
+        return None
+    try:
+        n = None if isinstance(length, bool) else operator.index(length)
+    except TypeError:
+        n = None
+    if n is None or n < 0:
+        raise EffaxError(
+            f"fx.scan: length={_shown(length)} is not a "
+            "non-negative int: it is how many times the body runs (`fx.scan(body, length=3)`); leave it "
+            "out to run once per slice of xs."
+        )
+    return n
+
+
 # --- the transforms
 
 
@@ -353,6 +439,7 @@ def scan(
     split_rngs: bool | Iterable[str] = True,
     reverse: bool = False,
     unroll: int | bool = 1,
+    stack_axis: str | None = None,
 ) -> Callable[..., tuple[Any, Any]]:
     """`jax.lax.scan` over an effectful body: `fx.scan(fn, length)(carry, xs) -> (carry, ys)`.
 
@@ -378,6 +465,11 @@ def scan(
       iteration `i` is `fold_in(k_n, i)`, `k_n` drawn outside); False, or
       the streams not named, repeat the same keys in every iteration.
     - sown values come back stacked, one `sow` per value the body sowed.
+    - `stack_axis="layers"` names the stacked dimension of params as a
+      logical axis (Flax's `metadata_params={nn.PARTITION_NAME: "layers"}`):
+      a param with `axes=("embed", "mlp")` is stacked with axes
+      `("layers", "embed", "mlp")`, one without with `("layers", None, ...)`,
+      so sharding rules can map it (by default it is None: replicated).
 
     >>> def block(x, _):
     ...     w = fx.param("w", jax.nn.initializers.normal(), (2, 2))
@@ -389,12 +481,16 @@ def scan(
     >>> t.apply(v, jnp.ones(2)).shape
     (2,)
     """
+    _check_fn(fn, "fx.scan", "`fx.scan(body, length=n)(carry, xs)`, with `body(carry, x) -> (carry, y)`")
+    length = _check_length(length)
     if isinstance(fn, type):
         return _per_instance(fn, functools.partial(
-            scan, length=length, params=params, state=state, split_rngs=split_rngs, reverse=reverse, unroll=unroll
+            scan, length=length, params=params, state=state, split_rngs=split_rngs, reverse=reverse, unroll=unroll,
+            stack_axis=stack_axis,
         ), "Scan")
     where = "fx.scan"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
+    stack_axis = _check_stack_axis(stack_axis, stack_params, where)
     modes = _state_modes(state, "stack" if stack_params else "carry", ("stack", "carry"), where)
     split = _split_streams(split_rngs, where)
 
@@ -416,7 +512,8 @@ def scan(
         n = _scan_length(length, xs)
         x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
         needs, (carry_struct, y_struct), _ = _learn(outer, body, (carry, x0), state_how=state_how)
-        plan = _plan(needs, outer, _Crossing(n, stack_params, True, state_how, split))
+        _check_carry(carry, carry_struct)
+        plan = _plan(needs, outer, _Crossing(n, stack_params, True, state_how, split, stack_axis))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)
             _hand_back(plan, outer, values, sown)
@@ -455,15 +552,63 @@ def scan(
 
 
 def _scan_length(length: int | None, xs: Any) -> int:
+    """The number of iterations: `length`, which every leaf of xs must agree with, or xs's leading axis."""
+    sizes = []
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(xs)[0]:
+        name = "xs" + jax.tree_util.keystr(key_path)
+        if not jnp.shape(leaf):
+            raise EffaxError(
+                f"{_here('fx.scan')}: `{name}` is {_brief(leaf)}, without a leading axis to scan over; "
+                "each iteration gets one slice of every leaf of xs. Give it a leading axis of the number "
+                "of iterations (`jnp.stack`), or pass a value every iteration uses whole in the carry or "
+                "by closing over it."
+            )
+        sizes.append((name, jnp.shape(leaf)[0], jnp.shape(leaf)))
+    if len({size for _, size, _ in sizes}) > 1:
+        raise EffaxError(
+            f"{_here('fx.scan')}: the leaves of xs disagree on their leading axis "
+            f"({', '.join(f'`{name}`: {size}' for name, size, _ in sizes)}); each iteration takes one slice of "
+            "every leaf, so they must all have the same length."
+        )
     if length is not None:
-        return int(length)
-    leaves = jax.tree.leaves(xs)
-    if not leaves or not jnp.shape(leaves[0]):
+        if sizes and sizes[0][1] != length:
+            raise EffaxError(
+                f"{_here('fx.scan')}: length={length}, but xs has {sizes[0][1]} slices (`{sizes[0][0]}` "
+                f"has shape {sizes[0][2]}); each iteration takes one slice of xs. Leave `length=` out "
+                f"(xs says how many), or pass length={sizes[0][1]}."
+            )
+        return length
+    if not sizes:
         raise EffaxError(
             "fx.scan needs `length=` when there are no xs to scan over: "
             "`fx.scan(body, length=n)(carry)` runs the body n times."
         )
-    return jnp.shape(leaves[0])[0]
+    return sizes[0][1]
+
+
+def _check_carry(carry: Any, out: Any) -> None:
+    """The body's carry keeps its structure, shapes and dtypes from step to step (as `jax.lax.scan`
+    requires; a weakly typed input, a Python scalar, takes the dtype the body returns, as there)."""
+    if jax.tree.structure(carry) != jax.tree.structure(out):
+        raise EffaxError(
+            f"{_here('fx.scan')}: the body returns a carry of another structure than the one it takes: "
+            f"it takes {_types(carry)} and returns {_types(out)}. The carry keeps one structure, shapes "
+            "and dtypes from step to step, as in jax.lax.scan: return `(new_carry, y)` with new_carry "
+            "built like the carry given, and anything else per step in y."
+        )
+    differ = []
+    given_leaves = jax.tree_util.tree_flatten_with_path(carry)[0]
+    for (key_path, given), made in zip(given_leaves, jax.tree.leaves(out), strict=True):
+        aval = jax.typeof(given)
+        if aval.shape != made.shape or (aval.dtype != made.dtype and not aval.weak_type):
+            differ.append(f"`carry{jax.tree_util.keystr(key_path)}`: {_type_of(aval)} -> {_type_of(made)}")
+    if differ:
+        raise EffaxError(
+            f"{_here('fx.scan')}: the body changes the carry's shape or dtype in one step "
+            f"({', '.join(differ)}); the carry keeps one structure, shapes and dtypes from step to step, "
+            "as in jax.lax.scan. Return it as it came (cast with `.astype(c.dtype)`, keep its shape), or "
+            "start from a carry of the shape and dtype the body returns."
+        )
 
 
 def vmap(
@@ -477,6 +622,7 @@ def vmap(
     split_rngs: bool | Iterable[str] = True,
     axis_name: Any = None,
     spmd_axis_name: Any = None,
+    stack_axis: str | None = None,
 ) -> Callable[..., Any]:
     """`jax.vmap` over an effectful function: ensembles, or a batch-free model mapped over examples.
 
@@ -495,6 +641,9 @@ def vmap(
     - `split_rngs=True` gives every member its own keys; False, or the
       streams not named, give all members the same keys.
     - sown values come back stacked along axis 0.
+    - `stack_axis="ensemble"` names the members' dimension of stacked
+      params as a logical axis, as in `fx.scan` (`axis_name` is JAX's
+      collective axis name, a different thing).
 
     >>> def member(x):
     ...     return x @ fx.param("w", jax.nn.initializers.normal(), (2,))
@@ -505,16 +654,18 @@ def vmap(
     >>> t.apply(v, jnp.ones(2)).shape
     (3,)
     """
+    _check_fn(fn, "fx.vmap", "`fx.vmap(fn, in_axes=0)(x)`")
+    args_axes = _check_in_axes(in_axes)
     if isinstance(fn, type):
         return _per_instance(fn, functools.partial(
             vmap, in_axes=in_axes, out_axes=out_axes, axis_size=axis_size, params=params, state=state,
-            split_rngs=split_rngs, axis_name=axis_name, spmd_axis_name=spmd_axis_name,
+            split_rngs=split_rngs, axis_name=axis_name, spmd_axis_name=spmd_axis_name, stack_axis=stack_axis,
         ), "Vmap")
     where = "fx.vmap"
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
+    stack_axis = _check_stack_axis(stack_axis, stack_params, where)
     modes = _state_modes(state, "stack" if stack_params else "broadcast", ("stack", "broadcast"), where)
     split = _split_streams(split_rngs, where)
-    args_axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
 
     def state_how(collection: str, declared: bool) -> str:
         return "mapped" if declared and modes(collection) == "stack" else "unmapped"
@@ -522,6 +673,7 @@ def vmap(
     @functools.wraps(fn)
     def mapped(*args: Any) -> Any:
         outer = current_stack()
+        _check_mapped_args(args, args_axes, axis_size)
         wrap = functools.partial(
             jax.vmap,
             in_axes=args_axes,
@@ -531,7 +683,7 @@ def vmap(
             spmd_axis_name=spmd_axis_name,
         )
         needs, out_struct, (n,) = _learn(outer, fn, args, wrap=wrap, state_how=state_how)
-        plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split))
+        plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split, stack_axis))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)
             _hand_back(plan, outer, values, sown)
@@ -574,6 +726,74 @@ def vmap(
     return mapped
 
 
+class _Part(tuple):
+    """`(key path, axis, part of the argument)`: one leaf of in_axes over the argument (not a pytree node)."""
+
+
+def _check_in_axes(in_axes: Any) -> Any:
+    """`in_axes` as `jax.vmap` takes it (an int, None, or a tuple with an entry per positional argument,
+    each an int, None, or a container of them); a list is a tuple."""
+    axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
+    leaves = jax.tree.leaves(axes, is_leaf=lambda a: a is None) if isinstance(axes, tuple) else [axes]
+    if not all(a is None or (isinstance(a, int) and not isinstance(a, bool)) for a in leaves):
+        raise EffaxError(
+            f"fx.vmap: in_axes={_shown(in_axes)} is not an axis spec: give an int (map every argument "
+            "along that axis), None (share it), or a tuple with one entry per positional argument, each "
+            "an int, None, or a container of the argument's structure holding them (`in_axes=(0, None)`)."
+        )
+    return axes
+
+
+def _check_mapped_args(args: tuple, axes: Any, axis_size: int | None) -> None:
+    """The arguments fit `in_axes`, and every mapped axis has one size (`axis_size` when given)."""
+    if isinstance(axes, tuple) and len(axes) != len(args):
+        raise EffaxError(
+            f"{_here('fx.vmap')}: in_axes={axes!r} has {len(axes)} entries, but the function was called with "
+            f"{len(args)} positional argument(s); give one entry per argument (None for one every member "
+            f"shares whole), or one int for all: `in_axes={(0,) + (None,) * (len(args) - 1)!r}`."
+        )
+    sizes = []
+    for i, arg in enumerate(args):
+        entry = axes[i] if isinstance(axes, tuple) else axes
+        try:  # (where in the argument, its axis, the part it maps)
+            pairs = jax.tree.leaves(
+                jax.tree_util.tree_map_with_path(lambda *p: _Part(p), entry, arg, is_leaf=lambda a: a is None)
+            )
+        except (ValueError, TypeError):
+            raise EffaxError(
+                f"{_here('fx.vmap')}: in_axes entry {i} ({entry!r}) does not fit argument {i}, "
+                f"{_types(arg)}: an entry is an int or None for the whole argument, or a container of the "
+                "argument's own structure with an int or None at each part."
+            ) from None
+        for key_path, axis, sub in pairs:
+            if axis is None:
+                continue
+            for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
+                name = f"args[{i}]" + jax.tree_util.keystr(key_path + leaf_path)
+                rank = len(jnp.shape(leaf))
+                if not -rank <= axis < rank:
+                    raise EffaxError(
+                        f"{_here('fx.vmap')}: in_axes maps `{name}` along axis {axis}, but it is "
+                        f"{_type_of(leaf)}, of rank {rank}; name an axis it has"
+                        + (f" (from {-rank} to {rank - 1})" if rank else "")
+                        + ", or None to give every member the whole value."
+                    )
+                sizes.append((name, jnp.shape(leaf)[axis]))
+    if not sizes and axis_size is None:
+        raise EffaxError(
+            f"{_here('fx.vmap')}: in_axes maps no argument (every entry is None), so the number of members "
+            "is unknown: pass `axis_size=n` (`fx.vmap(fn, in_axes=None, axis_size=3)`), or map an argument."
+        )
+    known = {size for _, size in sizes} | ({axis_size} if axis_size is not None else set())
+    if len(known) > 1:
+        said = [f"`{name}`: {size}" for name, size in sizes]
+        said += [f"axis_size={axis_size}"] if axis_size is not None else []
+        raise EffaxError(
+            f"{_here('fx.vmap')}: the mapped axes disagree on the number of members ({', '.join(said)}); "
+            "every mapped axis has one entry per member. Fix the shapes or in_axes, or the axis_size."
+        )
+
+
 def _differing(run: Callable[[Callable[[tuple], bool]], Any], slots: list[tuple], restore: Any) -> list[tuple]:
     """The shared variables whose members differ: each one kept shared alone (abstractly, on the error path
     only), the others mapped; all of them when none fails alone."""
@@ -611,6 +831,7 @@ def remat(
     >>> float(jax.grad(lambda v: t.apply(v, 1.0))(v)["params"]["w"])  # cos(1)
     0.5403...
     """
+    _check_fn(fn, "fx.remat", "`fx.remat(fn)(x)`")
     if isinstance(fn, type):
         return _per_instance(fn, functools.partial(
             remat, policy=policy, prevent_cse=prevent_cse, static_argnums=static_argnums

@@ -13,6 +13,7 @@ import numpy as np
 from effax.core import EffaxError
 from effax.effects import is_training, local_state, next_key, side_input, sow
 from effax.nn._dropout import dropout
+from effax.nn._fields import check_bools, check_dtypes, check_rate
 from effax.nn._linear import DenseGeneral, Initializer, check_sizes, default_kernel_init, zeros
 from effax.nn._module import Module, where
 from effax.nn._normalization import LayerNorm
@@ -163,6 +164,11 @@ class MultiHeadAttention(Module):
 
     def __post_init__(self) -> None:
         check_sizes(self, "num_heads", *(f for f in ("qkv_features", "out_features") if getattr(self, f) is not None))
+        check_bools(self, "causal", "broadcast_dropout", "use_bias", "decode", "normalize_qk", "force_fp32_for_softmax",
+                    optional=("deterministic",))
+        check_dtypes(self, "dtype", "param_dtype")
+        if self.dropout_rate != 0.0:
+            check_rate(self, "dropout_rate")
 
     def _dense(self, name: str, features: Any, axis: Any, kernel_init: Initializer, bias_init: Initializer) -> Any:
         return DenseGeneral(

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import EffaxError
-from effax.nn._linear import Dense, Initializer, default_kernel_init, zeros
+from effax.nn._fields import check_callables, check_layer
+from effax.nn._linear import Dense, Initializer, check_sizes, default_kernel_init, zeros
 from effax.nn._module import Module, where
 
 
@@ -40,6 +41,11 @@ class MLP(Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer | Sequence[Initializer] = default_kernel_init
     bias_init: Initializer = zeros
+
+    def __post_init__(self) -> None:
+        check_sizes(self, several=("features",))
+        check_layer(self, ("activate_final", "use_bias"))
+        check_callables(self, "activation")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         last = len(self.features) - 1
@@ -89,6 +95,14 @@ class Sequential(Module):
                 f"Sequential(layers={name}(...)): `layers` must be a list of layers, got one {name}. "
                 f"Write `fx.nn.Sequential([layer])`, or `fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu])` for several."
             )
+        for i, layer in enumerate(self.layers):
+            if not callable(layer):
+                size = " (a size: a layer of that many units is `fx.nn.Dense(n)`)" if type(layer) is int else ""
+                raise EffaxError(
+                    f"Sequential(layers=[...]): layers[{i}] is {type(layer).__name__} {layer!r:.40}{size}, not a "
+                    "layer; every entry is called on the previous output. Write e.g. "
+                    "`fx.nn.Sequential([fx.nn.Dense(4), jax.nn.relu, fx.nn.Dense(1)])`."
+                )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.layers:

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError
 from effax.effects import is_training, next_key
-from effax.nn._module import Module, where
+from effax.nn._fields import check_bools, check_rate
+from effax.nn._module import Module
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array, broadcast_dims: Sequence[int] = ()) -> jax.Array:
@@ -48,9 +48,14 @@ class Dropout(Module):
     deterministic: bool | None = None
     stream: str = "dropout"
 
+    def __post_init__(self) -> None:
+        rate, deterministic = self.rate, self.deterministic
+        if type(rate) is not float or not 0.0 <= rate <= 1.0:  # a float in range is decided inline
+            check_rate(self, "rate")
+        if deterministic is not None and type(deterministic) is not bool:
+            check_bools(self, optional=("deterministic",))
+
     def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
-        if not 0.0 <= self.rate <= 1.0:
-            raise EffaxError(f"{where('Dropout')}: rate must be in [0, 1], got {self.rate}.")
         if deterministic is None:
             deterministic = self.deterministic
         if self.rate == 0.0 or (not is_training() if deterministic is None else deterministic):

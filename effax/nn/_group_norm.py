@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import EffaxError
+from effax.nn._fields import check_layer
 from effax.nn._linear import Initializer
 from effax.nn._module import Module, where
 from effax.nn._normalization import _axes, _out_dtype, _scale_shift, _stats_dtype, ones, zeros
@@ -45,6 +46,9 @@ class GroupNorm(Module):
     scale_init: Initializer = ones
     reduction_axes: int | Sequence[int] | None = None
     use_fast_variance: bool = True
+
+    def __post_init__(self) -> None:
+        check_layer(self, ("use_bias", "use_scale", "use_fast_variance"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)

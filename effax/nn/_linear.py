@@ -11,12 +11,19 @@ import numpy as np
 
 from effax.core import EffaxError
 from effax.effects import param
+from effax.nn._fields import (
+    TRANSPOSE_PADDINGS,
+    check_layer,
+    check_padding,
+    check_positive,
+)
 from effax.nn._module import Module, where
 from effax.nn._partitioning import LogicalInit, axes_of, layer_param, output_axes
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 default_kernel_init: Initializer = jax.nn.initializers.lecun_normal()
 zeros: Initializer = jax.nn.initializers.zeros
+_F32 = jnp.float32
 
 
 def check_sizes(module: Any, *fields: str, several: tuple[str, ...] = ()) -> None:
@@ -74,6 +81,8 @@ class Dense(Module):
     def __post_init__(self) -> None:
         if type(self.features) is not int or self.features <= 0:  # the usual size is decided inline
             check_sizes(self, "features")
+        if type(self.use_bias) is not bool or self.dtype is not None or self.param_dtype is not _F32:  # not defaults
+            check_layer(self, ("use_bias",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         array = isinstance(x, jax.Array)  # then shapes and dtypes are read off `aval`, without a Python frame
@@ -180,6 +189,7 @@ class DenseGeneral(Module):
 
     def __post_init__(self) -> None:
         check_sizes(self, several=("features",))
+        check_layer(self, ("use_bias",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
@@ -220,8 +230,8 @@ class DenseGeneral(Module):
 
 
 def _tuple(value: int | Sequence[int], n: int, what: str, layer: str = "Conv") -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
+    if isinstance(value, (int, np.integer)):
+        return (int(value),) * n
     value = tuple(value)
     if len(value) != n:
         raise EffaxError(f"{where(layer)}: {what} {value} has {len(value)} entries, but kernel_size has {n}.")
@@ -273,7 +283,18 @@ class Conv(Module):
     bias_init: Initializer = zeros
 
     def __post_init__(self) -> None:
-        check_sizes(self, "features", several=() if isinstance(self.kernel_size, int) else ("kernel_size",))
+        check_sizes(self, "features", "feature_group_count",
+                    several=() if isinstance(self.kernel_size, int) else ("kernel_size",))
+        check_positive(self, "strides", "input_dilation", "kernel_dilation")
+        check_padding(self)
+        dilated = self.input_dilation != 1 and set(_as_tuple(self.input_dilation)) != {1}
+        if dilated and isinstance(self.padding, str) and self.padding.upper() != "CAUSAL":
+            raise EffaxError(
+                f"Conv(input_dilation={self.input_dilation!r}, padding={self.padding!r}): JAX's convolution takes "
+                "no padding by name when the input is dilated; give it as ints, one `(low, high)` pair per "
+                "spatial dim (`padding=((1, 1),)`), or upsample with `fx.nn.ConvTranspose`."
+            )
+        check_layer(self, ("use_bias",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if isinstance(self.kernel_size, int):
@@ -374,6 +395,9 @@ class ConvTranspose(Module):
 
     def __post_init__(self) -> None:
         check_sizes(self, "features", several=("kernel_size",))
+        check_positive(self, optional=("strides", "kernel_dilation"))
+        check_padding(self, TRANSPOSE_PADDINGS)
+        check_layer(self, ("use_bias", "transpose_kernel"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel_size = _as_tuple(self.kernel_size)
@@ -459,6 +483,7 @@ class Embed(Module):
 
     def __post_init__(self) -> None:
         check_sizes(self, "num_embeddings", "features")
+        check_layer(self, ())
 
     def _table(self) -> jax.Array:
         shape = (self.num_embeddings, self.features)

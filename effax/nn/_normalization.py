@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from effax.core import ShapeMismatchError, path_str
 from effax.effects import is_initializing, is_training, local_state
+from effax.nn._fields import check_bools, check_dtypes, check_layer
 from effax.nn._linear import Initializer, check_axes
 from effax.nn._module import Module
 from effax.nn._partitioning import layer_param
@@ -18,6 +19,7 @@ from effax.nn._partitioning import layer_param
 ones: Initializer = jax.nn.initializers.ones
 zeros: Initializer = jax.nn.initializers.zeros
 _F32 = jnp.dtype(jnp.float32)
+_F32_TYPE = jnp.float32
 
 
 def _axes(axes: int | Sequence[int], ndim: int, kind: str, field: str = "reduction_axes") -> tuple[int, ...]:
@@ -154,6 +156,13 @@ class LayerNorm(Module):
     feature_axes: int | Sequence[int] = -1
     use_fast_variance: bool = True
 
+    def __post_init__(self) -> None:
+        if (  # the defaults, decided inline: a layer is built on every eager call
+            type(self.use_bias) is not bool or type(self.use_scale) is not bool
+            or type(self.use_fast_variance) is not bool or self.dtype is not None or self.param_dtype is not _F32_TYPE
+        ):
+            check_layer(self, ("use_bias", "use_scale", "use_fast_variance"))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _as_array(x)
         axes = _axes(self.reduction_axes, x.ndim, "LayerNorm")
@@ -194,6 +203,9 @@ class RMSNorm(Module):
     scale_init: Initializer = ones
     feature_axes: int | Sequence[int] = -1
     use_fast_variance: bool = True
+
+    def __post_init__(self) -> None:
+        check_layer(self, ("use_scale", "use_fast_variance"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _as_array(x)
@@ -239,6 +251,16 @@ class BatchNorm(Module):
     bias_init: Initializer = zeros
     scale_init: Initializer = ones
     axis_name: Any = None
+
+    def __post_init__(self) -> None:
+        running = self.use_running_average
+        if (  # the defaults, decided inline: a layer is built on every eager call
+            type(self.use_bias) is not bool or type(self.use_scale) is not bool
+            or (running is not None and type(running) is not bool) or self.dtype is not None
+            or self.param_dtype is not _F32_TYPE
+        ):
+            check_bools(self, "use_bias", "use_scale", optional=("use_running_average",))
+            check_dtypes(self, "dtype", "param_dtype")
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         if not isinstance(x, jax.Array):

@@ -12,6 +12,7 @@ import numpy as np
 
 from effax.core import EffaxError
 from effax.lift import scan
+from effax.nn._fields import check_bools, check_callables, check_dtypes
 from effax.nn._linear import Dense, Initializer, check_sizes, default_kernel_init, promote, zeros
 from effax.nn._module import Module, where
 from effax.nn._naming import current_names
@@ -53,6 +54,8 @@ class LSTMCell(Module):
 
     def __post_init__(self) -> None:
         check_sizes(self, "features")
+        check_dtypes(self, "dtype", "param_dtype")
+        check_callables(self, "gate_fn", "activation_fn")
 
     def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array) -> tuple[Any, jax.Array]:
         c, h = carry
@@ -179,6 +182,8 @@ class GRUCell(Module):
 
     def __post_init__(self) -> None:
         check_sizes(self, "features")
+        check_dtypes(self, "dtype", "param_dtype")
+        check_callables(self, "gate_fn", "activation_fn")
 
     def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = carry
@@ -288,6 +293,10 @@ class RNN(Module):
     unroll: int = 1
     split_rngs: bool | Iterable[str] = True
 
+    def __post_init__(self) -> None:
+        check_bools(self, "time_major", "return_carry", "reverse", "keep_order")
+        check_callables(self, "cell")
+
     def __call__(
         self,
         inputs: jax.Array,
@@ -378,6 +387,10 @@ class Bidirectional(Module):
     merge_fn: Callable[[jax.Array, jax.Array], jax.Array] = _concatenate
     time_major: bool = False
     return_carry: bool = False
+
+    def __post_init__(self) -> None:
+        check_bools(self, "time_major", "return_carry")
+        check_callables(self, "forward_rnn", "backward_rnn", "merge_fn")
 
     def __call__(
         self,

@@ -26,9 +26,9 @@ from hypothesis.internal.conjecture import engine
 
 from effax.testing import laws, models, strategies
 from effax.testing.laws import LAWS, HandlerLike, Law, Subject
-from effax.testing.models import KNOWN_EFFECTS
+from effax.testing.models import KNOWN_EFFECTS, LawKitError, LawKitTypeError, _names
 
-__all__ = ["assert_handler_laws", "laws", "models", "strategies", "LAWS", "Law"]
+__all__ = ["assert_handler_laws", "laws", "models", "strategies", "LAWS", "Law", "LawKitError", "LawKitTypeError"]
 
 
 def _settings(n: int, shrink: bool) -> settings:
@@ -85,7 +85,9 @@ def assert_handler_laws(
     `strategies.models_and_inputs(require=effects)`); a failing model is
     shrunk for at most `SHRINK_SECONDS` (`shrink=` seconds, or `False` to
     report the first failing model as found). The first law that fails raises an
-    `AssertionError` naming it, the request and what differed.
+    `AssertionError` naming it, the request and what differed. One name may
+    be given as a string (`effects="param"`, `only="determinism"`); arguments
+    the kit cannot use raise `LawKitError` (`LawKitTypeError` for the wrong kind of object).
 
     >>> from effax.testing import assert_handler_laws
     >>> class LogRequests(fx.Handler):
@@ -93,25 +95,19 @@ def assert_handler_laws(
     ...         return forward(request)   # a real one would log `request.describe()`
     >>> assert_handler_laws(LogRequests, max_examples=2, seed=0, only=["determinism", "reuse"])
     """
-    effects = tuple(effects)
+    effects = _names(effects, "effects", KNOWN_EFFECTS, "effects")
     if not effects and handler is not None:  # a handler class may say what it answers: `answers = (...)`
         effects = laws.declared_effects(handler) or ()
-    unknown = [e for e in effects if e not in KNOWN_EFFECTS]
-    if unknown:
-        raise ValueError(f"effects names unknown effects {unknown}; the kit knows {list(KNOWN_EFFECTS)}.")
-    chosen = tuple(LAWS) if only is None else tuple(only)
-    bad = [law for law in chosen if law not in LAWS]
     if budget is not None and not isinstance(budget, Mapping):
-        raise ValueError(
+        raise LawKitError(
             f"budget={budget!r} is not a dict: `budget={{'law name': n}}` sets one law's examples; "
             "`max_examples=n` sets every law's."
         )
     budget = dict(budget or {})
-    bad += [law for law in budget if law not in LAWS and law not in bad]
-    if bad:
-        raise ValueError(f"unknown laws {bad}; the laws are {list(LAWS)}.")
+    chosen = tuple(LAWS) if only is None else _names(only, "only", LAWS, "laws", "the laws are")
+    _names(tuple(budget), "budget", LAWS, "laws", "the laws are")
     if "reference" in chosen and only is not None and reference is None:
-        raise ValueError(
+        raise LawKitError(
             "only= names the law 'reference', which compares the handler with the built-in it stands in for: "
             "pass that built-in, `reference=fx.handlers.KeysFromRngs(...)` (or a factory of it)."
         )

@@ -51,7 +51,7 @@ import numpy as np
 
 import effax as fx
 from effax.handlers._tree import MISSING, get_path
-from effax.testing.models import EFFECTS, KNOWN_EFFECTS, Model
+from effax.testing.models import EFFECTS, KNOWN_EFFECTS, LawKitError, LawKitTypeError, Model, _names
 
 __all__ = [
     "check_determinism", "check_locality", "check_init_apply_agreement", "check_abstract_init",
@@ -80,7 +80,11 @@ def resolve(handler: HandlerLike) -> tuple[Any, ...]:
         return tuple(h for item in handler for h in resolve(item))
     if isinstance(handler, type) or not callable(getattr(handler, "handle", None)):
         if not callable(handler):
-            raise TypeError(f"{handler!r} is neither a handler nor a factory of handlers.")
+            raise LawKitTypeError(
+                f"handler={handler!r:.60} (type {type(handler).__name__}) is neither a handler nor a factory of "
+                "handlers: pass an `fx.Handler` instance (`MyHandler()`), its class or a function making one "
+                "(`MyHandler`, `lambda: MyHandler(3)`), None, or a list of those."
+            )
         return resolve(handler())
     return (handler,)
 
@@ -554,7 +558,10 @@ class _Case:
 
 def _case(law: str, model: Model, x: Any, key: Any, handler: HandlerLike, training: bool) -> _Case:
     if not isinstance(model, Model):
-        raise TypeError(f"the laws run an `effax.testing.models.Model`, got {type(model).__name__}.")
+        raise LawKitTypeError(
+            f"the laws run an `effax.testing.models.Model`, got {type(model).__name__}: draw one with "
+            "`effax.testing.strategies.models()` or build one, `Model([Param('w0')])`."
+        )
     return _Case(law, model, jnp.asarray(x, jnp.float32), key, resolve(handler), bool(training))
 
 
@@ -769,9 +776,7 @@ def check_forwarding_identity(
     >>> model = Model([Param("w0"), SideInput("mask")])
     >>> check_forwarding_identity(model, jnp.ones(2), jax.random.key(0), mask, effects=["side_input"])
     """
-    unknown = [e for e in effects if e not in KNOWN_EFFECTS]
-    if unknown:
-        raise ValueError(f"unknown effects {unknown}; the kit knows {list(KNOWN_EFFECTS)}.")
+    effects = _names(effects, "effects", KNOWN_EFFECTS, "effects")
     model = model.without(*effects)
     case = _case("forwarding identity", model, x, key, handler, training)
     reference = case.results()
@@ -1378,7 +1383,7 @@ def partner(effect: str) -> fx.Handler:
         return fx.handlers.SideInputs({"mask": 3.0, "ctx": -2.0})
     if effect == "mode":
         return fx.handlers.Mode(True)
-    raise ValueError(f"unknown effect {effect!r}; the kit knows {list(EFFECTS)}.")
+    raise LawKitError(f"unknown effect {effect!r}; the kit knows {list(EFFECTS)}.")
 
 
 # --- the registry: every law once, with what it needs ---------------------------------------------

@@ -25,6 +25,7 @@ import numpy as np
 
 import effax as fx
 from effax.testing.laws import _float_dtypes, tolerance
+from effax.testing.models import LawKitError
 
 CONTEXTS = ("scan", "vmap", "remat")
 
@@ -70,7 +71,7 @@ def lifted(model: Callable[[Any], Any], context: str, n: int) -> Callable[[Any],
         return fx.vmap(model, in_axes=None, axis_size=n)
     if context == "remat":
         return fx.remat(model)
-    raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    raise LawKitError(f"context must be one of {CONTEXTS}, got {context!r}.")
 
 
 def _slice(tree: Any, i: int) -> Any:

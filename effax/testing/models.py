@@ -20,6 +20,7 @@ Model(in_size=2), 2 requests in order:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -42,6 +43,46 @@ EFFECTS = ("param", "state", "random", "sow", "side_input", "mode")
 KNOWN_EFFECTS = EFFECTS + ("module_call",)
 """Every effect name the kit knows: the defaults, and `"module_call"` (a `Call`, an `fx.nn.Module` call),
 which models hold only when asked for (`models(require=("module_call",))`, or a handler of module calls)."""
+
+
+class LawKitError(fx.EffaxError, ValueError):
+    """The testing kit cannot use an argument: an unknown effect, law or context, a budget that is not a dict.
+
+    A `ValueError` too, as Python reports a wrong value; `LawKitTypeError` is the wrong-kind variant.
+
+    >>> from effax.testing import assert_handler_laws
+    >>> assert_handler_laws(fx.Handler, effects=["params"])
+    Traceback (most recent call last):
+    effax.LawKitError: effects names unknown effects ['params']; the kit knows [...]. Did you mean 'param'?
+    """
+
+
+class LawKitTypeError(LawKitError, TypeError):
+    """The testing kit was given an object of the wrong kind: a handler that is neither a handler nor a
+    factory of handlers, a model that is not a `Model`. A `TypeError` too.
+
+    >>> from effax.testing import assert_handler_laws
+    >>> assert_handler_laws(3, only=["determinism"])
+    Traceback (most recent call last):
+    effax.LawKitTypeError: handler=3 (type int) is neither a handler nor a factory of handlers: ...
+    """
+
+
+# errors report module `effax`, so doctest would not look for their examples here: name them
+__test__ = {"LawKitError": LawKitError, "LawKitTypeError": LawKitTypeError}
+
+
+def _names(value: Any, what: str, known: Iterable[str], kind: str, listing: str = "the kit knows") -> tuple[str, ...]:
+    """`value` as a tuple of names, each one of `known`: one string is one name (`only="determinism"`,
+    as hypothesis and pytest take one name for a list of one), never its letters."""
+    names = (value,) if isinstance(value, str) else tuple(value)
+    known = tuple(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        near = [m for n in unknown if isinstance(n, str) for m in difflib.get_close_matches(n, known, n=1)]
+        hint = f" Did you mean {' or '.join(map(repr, dict.fromkeys(near)))}?" if near else ""
+        raise LawKitError(f"{what} names unknown {kind} {unknown}; {listing} {list(known)}.{hint}")
+    return names
 
 Path = tuple[str, ...]
 

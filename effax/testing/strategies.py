@@ -41,6 +41,7 @@ from effax.testing.models import (
     Sow,
     State,
     Step,
+    _names,
 )
 
 PARAM_SHAPES = ((), (1,), (2,), (3,), (2, 3))
@@ -52,11 +53,7 @@ SIDE_INPUT_TAGS = ("mask", "ctx")
 
 
 def _check_effects(effects: Iterable[str], what: str) -> tuple[str, ...]:
-    effects = tuple(effects)
-    unknown = [e for e in effects if e not in KNOWN_EFFECTS]
-    if unknown:
-        raise ValueError(f"{what} names unknown effects {unknown}; the kit knows {list(KNOWN_EFFECTS)}.")
-    return effects
+    return _names(effects, what, KNOWN_EFFECTS, "effects")
 
 
 def _step(effect: str, *, param_dtypes: Sequence[str], state_updates: Sequence[str]) -> st.SearchStrategy[Step]:
@@ -319,6 +316,8 @@ def removals(model: Model, effects: Sequence[str] | None = None) -> st.SearchStr
     ...     assert drop <= {0, 1}
     >>> test()
     """
+    if effects is not None:
+        effects = _check_effects(effects, "removals(effects=...)")
     n = len(model.walk())
     if not n:
         return st.just(frozenset())
@@ -410,7 +409,7 @@ def sharing_cases(
     ...     fx.transform(fx.share(model, bindings)).init(jax.random.key(0), x)
     >>> test()
     """
-    require = tuple(dict.fromkeys(("param",) + tuple(require)))
+    require = tuple(dict.fromkeys(("param",) + _check_effects(require, "sharing_cases(require=...)")))
     options = dict(max_steps=6, max_depth=2, param_dtypes=("float32", "bfloat16"),
                    state_updates=("none", "once", "twice"))
     in_sizes = tuple(model_options.pop("in_sizes", (1, 2, 3)))

@@ -627,3 +627,80 @@ def test_share_arguments_and_bindings_written_relative_to_the_call_path_are_expl
 
     with pytest.raises(fx.ShareError, match="this pass runs at `block`: write `block/dec` -> `block/enc`"):
         fx.transform(model).init(jax.random.key(0), jnp.ones(2))
+
+
+# --- a canonical path the model never asks for: a rename, not a tie
+
+
+def embed_model(tokens):
+    """The README's tied embedding: the decoder's projection reads the encoder's table."""
+    out = tokens.astype(jnp.float32)
+    for name in ("encoder", "decoder"):
+        with fx.scope(name), fx.scope("embed"):
+            out = out + fx.param("table", INIT, (3,)).sum()
+    return out
+
+
+def test_a_canonical_typo_raises_with_the_nearest_path_and_the_suggestion_works():
+    with pytest.raises(fx.ShareError) as e:
+        fx.transform(fx.share(embed_model, {"decoder/embed": "encoder/embd"})).init(KEY, TOKENS)
+    msg = str(e.value)
+    assert "`decoder/embed -> encoder/embd`" in msg and "nothing asks for `encoder/embd`" in msg
+    assert "did you mean 'encoder/embed'?" in msg and "strict=False" in msg
+    fixed = fx.transform(fx.share(embed_model, {"decoder/embed": "encoder/embed"})).init(KEY, TOKENS)
+    assert shapes(fixed) == {"params": {"encoder": {"embed": {"table": (3,)}}}}
+    loose = fx.transform(fx.share(embed_model, {"decoder/embed": "encoder/embd"}, strict=False))
+    assert sorted(loose.init(KEY, TOKENS)["params"]["encoder"]) == ["embd", "embed"]  # strict=False: as asked
+
+
+def test_a_canonical_asked_for_only_after_its_alias_is_a_tie():
+    def model(x):
+        return dense("l2", x).sum() + dense("l1", x).sum()
+
+    assert sorted(fx.transform(fx.share(model, {"l2": "l1"})).init(KEY, X)["params"]) == ["l1"]
+
+
+def test_a_canonical_reached_through_a_chain_or_another_pass_is_a_tie():
+    """`c -> x -> a`: `x` is only a step of the chain, in one pass or across two (either nesting)."""
+    for t in (
+        fx.share(mlp, {"l2": "x", "x": "l1"}),
+        fx.share(fx.share(mlp, {"l2": "x"}), {"x": "l1"}),
+        fx.share(fx.share(mlp, {"x": "l1"}), {"l2": "x"}),
+    ):
+        assert sorted(fx.transform(t).init(KEY, X)["params"]) == ["l1", "l3", "l4"]
+
+
+def test_a_canonical_asked_for_in_a_lifted_body_or_a_flax_module_is_a_tie():
+    nn = pytest.importorskip("flax.linen")
+
+    def lifted(x):
+        with fx.scope("enc"):
+            x = fx.remat(lambda h: jnp.tanh(dense("l", h)))(x)
+        with fx.scope("dec"):
+            return dense("l", x)
+
+    assert list(fx.transform(fx.share(lifted, {"dec/l": "enc/l"})).init(KEY, X)["params"]) == ["enc"]
+
+    def flax_model(x):
+        with fx.scope("enc"):
+            x = fx.from_flax(nn.Dense(3))(x)
+        with fx.scope("dec"):
+            return x @ fx.param("kernel", INIT, (3, 3)) + fx.param("bias", INIT, (3,))
+
+    params = fx.transform(fx.share(flax_model, {"dec": "enc"})).init(KEY, X)["params"]
+    assert shapes(params) == {"enc": {"kernel": (3, 3), "bias": (3,)}}
+
+
+def test_an_apply_that_runs_only_the_alias_part_reads_the_canonical_entry():
+    """A decode-only apply never asks for the encoder: the tie still holds, no error."""
+
+    def seq2seq(x, decode_only=False):
+        if not decode_only:
+            with fx.scope("encoder"):
+                x = x @ fx.param("w", INIT, (3, 3))
+        with fx.scope("decoder"):
+            return x @ fx.param("w", INIT, (3, 3)).T
+
+    t = fx.transform(fx.share(seq2seq, {"decoder": "encoder"}))
+    v = t.init(KEY, X)
+    np.testing.assert_allclose(t.apply(v, X, decode_only=True), X @ v["params"]["encoder"]["w"].T, rtol=1e-6)

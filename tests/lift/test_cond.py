@@ -125,3 +125,25 @@ def test_layers_made_inline_in_each_branch_get_their_own_names():
                                2 * (jnp.ones(3) @ v["params"]["Dense_1"]["kernel"] + v["params"]["Dense_1"]["bias"]),
                                rtol=1e-6)
     assert fx.summary(t, jnp.ones(3), True).param_count == 16
+
+
+def test_a_predicate_that_is_not_one_scalar_is_refused_with_the_rule():
+    x = jnp.ones((2, 3))
+    with pytest.raises(fx.EffaxError, match=r"fx\.cond at `<root>`: pred must be a scalar .* got bool\[2,3\]"):
+        fx.transform(lambda x: fx.cond(x > 0, lambda x: x, lambda x: -x, x)).init(KEY, x)
+    with pytest.raises(fx.EffaxError, match=r"fx\.switch at `<root>`: index must be a scalar .* got int32\[2\]"):
+        fx.transform(lambda x: fx.switch(jnp.arange(2), [lambda x: x, lambda x: -x], x)).init(KEY, x)
+    t = fx.transform(lambda x: fx.cond(jnp.all(x > 0), lambda x: x, lambda x: -x, x))  # the suggested fix
+    np.testing.assert_array_equal(t.apply({}, x), x)
+    assert fx.transform(lambda x: fx.cond(1, lambda x: x, lambda x: -x, x)).apply({}, x).sum() == 6  # a number
+
+
+def test_branches_that_are_not_functions_are_named_without_dumping_arrays():
+    x = jnp.ones((2, 3))
+    with pytest.raises(fx.EffaxError, match=r"fx\.cond: true_fn is an array float32\[2,3\], not a function") as e:
+        fx.transform(lambda x: fx.cond(True, x, lambda x: x, x)).init(KEY, x)
+    assert "Array(" not in str(e.value) and "fx.switch" not in str(e.value)
+    with pytest.raises(fx.EffaxError, match=r"fx\.switch: branch 1 is int 3, not a function"):
+        fx.switch(0, [lambda: 1, 3])
+    with pytest.raises(fx.EffaxError, match=r"fx\.switch takes a non-empty list of branch functions, got list \[\]"):
+        fx.switch(0, [])

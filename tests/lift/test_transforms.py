@@ -594,3 +594,104 @@ def test_a_module_class_is_lifted_per_instance_as_in_flax(lift):
     renamed = {"params": {"_Doubler_0": va["params"][f"{prefix}_Doubler_0"]}}
     assert jax.tree.map(jnp.shape, renamed) == jax.tree.map(jnp.shape, vb)
     np.testing.assert_allclose(a.apply(va, x), b.apply(renamed, x))
+
+
+def _layer(h, _):
+    return h @ fx.param("w", jax.nn.initializers.ones, (D, D)), None
+
+
+def test_scan_length_is_a_non_negative_int_that_agrees_with_xs():
+    """A `length` JAX would refuse (or silently truncate) is an EffaxError naming the scan and the fix."""
+    for bad in (-1, 2.7, "3", True):
+        with pytest.raises(fx.EffaxError, match=r"fx\.scan: length=.* is not a non-negative int"):
+            fx.scan(_layer, length=bad)
+    with pytest.raises(fx.EffaxError, match=r"length=4, but xs has 3 slices .* pass length=3"):
+        fx.transform(lambda h: fx.scan(_layer, length=4)(h, jnp.ones((3, 1)))[0]).init(key, x)
+    with pytest.raises(fx.EffaxError, match=r"fx\.scan at `enc`: the leaves of xs .*`xs\[0\]`: 3, `xs\[1\]`: 4"):
+        with fx.handle(fx.handlers.InitParams(key)), fx.scope("enc"):
+            fx.scan(_layer)(x, (jnp.ones(3), jnp.ones(4)))
+    with pytest.raises(fx.EffaxError, match=r"`xs\['t'\]` is an array float32\[\], without a leading axis"):
+        fx.transform(lambda h: fx.scan(_layer)(h, {"t": jnp.float32(1)})[0]).init(key, x)
+    v = fx.transform(lambda h: fx.scan(_layer, length=np.int64(2))(h)[0]).init(key, x)
+    assert v["params"]["w"].shape == (2, D, D)  # a NumPy int is an int
+    assert fx.transform(lambda h: fx.scan(_layer, length=3)(h, jnp.ones((3, 1)))[0]).init(key, x)
+
+
+def test_a_carry_that_changes_type_in_one_step_is_shown_both_ways():
+    with pytest.raises(fx.EffaxError) as e:
+        fx.transform(lambda h: fx.scan(lambda h, _: ((h, h), None), length=2)(h)[0]).init(key, x)
+    assert "fx.scan at `<root>`" in str(e.value)
+    assert "takes float32[2,3] and returns (float32[2,3], float32[2,3])" in str(e.value)
+    with pytest.raises(fx.EffaxError, match=r"`carry\[1\]`: float32\[2,3\] -> bfloat16\[2,3\]"):
+        body = lambda c, _: ((c[0], c[1].astype(jnp.bfloat16)), None)  # noqa: E731
+        fx.transform(lambda h: fx.scan(body, length=2)((h, h))[0]).init(key, x)
+    with pytest.raises(fx.EffaxError, match=r"`carry`: float32\[2,3\] -> float32\[2,6\]"):
+        fx.transform(lambda h: fx.scan(lambda c, _: (jnp.concatenate([c, c], 1), None), length=2)(h)[0]).init(key, x)
+    # a Python scalar carry takes the body's dtype, as in jax.lax.scan
+    assert fx.transform(lambda: fx.scan(lambda c, _: (c + 0.5, None), length=2)(0)[0]).apply({}) == 1.0
+
+
+def test_vmap_in_axes_are_checked_against_the_arguments():
+    def one(h):
+        return h @ fx.param("w", jax.nn.initializers.ones, (D,))
+
+    def init(f, *args):
+        return fx.transform(f).init(key, *args)
+
+    with pytest.raises(fx.EffaxError, match=r"fx\.vmap at `<root>`: in_axes=\(0, 0\) has 2 entries, .* 1 positional"):
+        init(fx.vmap(one, in_axes=(0, 0)), x)
+    with pytest.raises(fx.EffaxError, match=r"in_axes maps no argument .* `axis_size=n`"):
+        init(fx.vmap(one, in_axes=None), x)
+    with pytest.raises(fx.EffaxError, match=r"maps `args\[0\]` along axis 5, but it is float32\[2,3\], of rank 2"):
+        init(fx.vmap(one, in_axes=5), x)
+    with pytest.raises(fx.EffaxError, match=r"`args\[0\]\['a'\]`: 2, `args\[0\]\['b'\]`: 4"):
+        init(fx.vmap(lambda d: one(d["a"]) + d["b"].sum()), {"a": x, "b": jnp.ones(4)})
+    with pytest.raises(fx.EffaxError, match=r"`args\[0\]`: 2, axis_size=3"):
+        init(fx.vmap(one, axis_size=3), x)
+    with pytest.raises(fx.EffaxError, match=r"in_axes entry 0 \(\(0, 0\)\) does not fit argument 0"):
+        init(fx.vmap(one, in_axes=((0, 0),)), x)
+    with pytest.raises(fx.EffaxError, match=r"in_axes='0' is not an axis spec"):
+        fx.vmap(one, in_axes="0")
+    # what jax.vmap takes still works: negative axes, a list, a container per argument, None with axis_size
+    assert init(fx.vmap(one, in_axes=-2), x)["params"]["w"].shape == (2, D)
+    assert init(fx.vmap(lambda d, s: one(d["a"]) * s, in_axes=[{"a": 1}, None]), {"a": x.T}, 2.0)
+    assert init(fx.vmap(one, in_axes=None, axis_size=3), x[0])["params"]["w"].shape == (3, D)
+
+
+@pytest.mark.parametrize("lift", [fx.scan, fx.vmap, fx.remat])
+def test_lifting_what_is_not_a_function_is_refused_when_made(lift):
+    with pytest.raises(fx.EffaxError, match=rf"fx\.{lift.__name__} takes the function to lift .*, got int 3"):
+        lift(3)
+
+
+def test_stack_axis_names_the_stacked_dimension_for_sharding_rules():
+    """Flax's `metadata_params={nn.PARTITION_NAME: "layers"}`: the stacked axis gets a logical name, so
+    `logical_axes` and `logical_to_mesh` shard it; values are those made without it."""
+    from jax.sharding import PartitionSpec as P
+
+    def layer(h, _):
+        w = fx.param("w", normal, (D, D), axes=("embed", "mlp"))
+        return jnp.tanh(h @ w + fx.param("b", jax.nn.initializers.zeros, (D,))), None
+
+    named = fx.transform(lambda h: fx.scan(layer, length=L, stack_axis="layers")(h)[0])
+    plain = fx.transform(lambda h: fx.scan(layer, length=L)(h)[0])
+    assert fx.sharding.logical_axes(fx.summary(plain, x))["params"] == {"b": P(), "w": P(None, "embed", "mlp")}
+    axes = fx.sharding.logical_axes(fx.summary(named, x))["params"]
+    assert axes == {"b": P("layers", None), "w": P("layers", "embed", "mlp")}
+    mesh = jax.make_mesh((1,), ("stage",))
+    rules = [("layers", "stage"), ("embed", None), ("mlp", None)]
+    shardings = fx.sharding.logical_to_mesh(fx.summary(named, x), mesh, rules)
+    assert shardings["params"]["w"].spec == P("stage", None, None) and shardings["params"]["b"].spec == P("stage", None)
+    v = jax.jit(named.init, out_shardings=shardings)(key, x)
+    np.testing.assert_array_equal(v["params"]["w"], plain.init(key, x)["params"]["w"])
+
+    ensemble = fx.transform(fx.vmap(lambda h: layer(h, None)[0], in_axes=None, axis_size=2, stack_axis="ensemble"))
+    assert fx.sharding.logical_axes(fx.summary(ensemble, x))["params"]["w"] == P("ensemble", "embed", "mlp")
+    nested = fx.transform(lambda h: fx.scan(
+        lambda h, _: (fx.scan(layer, length=2, stack_axis="inner")(h)[0], None), length=L, stack_axis="outer"
+    )(h)[0])
+    assert fx.sharding.logical_axes(fx.summary(nested, x))["params"]["w"] == P("outer", "inner", "embed", "mlp")
+    with pytest.raises(fx.EffaxError, match=r"stack_axis=3 is not a logical axis name"):
+        fx.scan(layer, length=L, stack_axis=3)
+    with pytest.raises(fx.EffaxError, match=r"params='broadcast' stacks none"):
+        fx.vmap(layer, params="broadcast", stack_axis="ensemble")

@@ -278,3 +278,30 @@ def test_the_registry_lists_each_law_of_design_once():
 def test_importing_effax_does_not_import_hypothesis():
     code = "import sys, effax; assert 'hypothesis' not in sys.modules and 'effax.testing' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_kit_raises_effax_errors_and_takes_one_name_as_a_string():
+    """`effects="param"` and `only="determinism"` are lists of one (never checked letter by letter); wrong
+    arguments raise `LawKitError` (an `fx.EffaxError`, and a ValueError or TypeError as before)."""
+    from effax.testing import LawKitError, LawKitTypeError
+
+    assert_handler_laws(fx.Handler, effects="param", only="determinism", max_examples=1, seed=0)
+    with pytest.raises(LawKitError, match=r"only names unknown laws \['determinsm'\].* Did you mean 'determinism'\?"):
+        assert_handler_laws(fx.Handler, only="determinsm")
+    with pytest.raises(LawKitError, match=r"effects names unknown effects \['params'\].* Did you mean 'param'\?"):
+        assert_handler_laws(fx.Handler, effects="params")
+    with pytest.raises(LawKitTypeError, match=r"handler=3 \(type int\) is neither a handler nor a factory"):
+        assert_handler_laws(3, only=["determinism"], max_examples=1)
+    with pytest.raises(LawKitTypeError, match="the laws run an `effax.testing.models.Model`"):
+        laws.check_determinism(lambda x: x, X, KEY)
+    with pytest.raises(LawKitError, match="unknown effect 'dropout'"):
+        laws.partner("dropout")
+    model = Model([Param("w0"), SideInput("mask")])
+    laws.check_forwarding_identity(model, X, KEY, fx.handlers.SideInputs({"mask": 0.0}), effects="side_input")
+    from effax.testing import lifting
+
+    with pytest.raises(LawKitError, match="context must be one of"):
+        lifting.lifted(model, "pmap", 2)
+    for error in (LawKitError, LawKitTypeError):
+        assert issubclass(error, fx.EffaxError) and error.__module__ == "effax"
+    assert issubclass(LawKitError, ValueError) and issubclass(LawKitTypeError, TypeError)

@@ -158,3 +158,20 @@ def test_a_required_state_is_set_at_least_once(model):
             yield from states(getattr(step, "children", ()))
 
     assert any(step.update != "none" for step in states(model.steps))
+
+
+def test_one_effect_name_as_a_string_is_one_effect_not_its_letters():
+    """`require="state"` is `require=("state",)`, as hypothesis and pytest take one name for a list of one."""
+    from effax.testing.models import LawKitError
+
+    @settings(max_examples=5, deadline=None, database=None)
+    @given(s.models(effects="param", require="state"), s.sharing_cases(require="state"), st.data())
+    def check(model, case, data):
+        assert {"param", "state"} >= set(model.effects()) and "state" in model.effects()
+        assert "state" in case[0].effects()
+        assert data.draw(s.removals(model, effects="state")) <= set(range(len(model.walk())))
+
+    check()
+    with pytest.raises(LawKitError, match=r"unknown effects \['stat'\]; the kit knows .* Did you mean 'state'\?"):
+        s.models(require="stat")
+    assert issubclass(LawKitError, fx.EffaxError) and issubclass(LawKitError, ValueError)
