@@ -138,6 +138,25 @@ def test_variables_must_be_a_dict():
         t.apply([1, 2], x, training=False)
 
 
+class _MLP(fx.nn.Module):
+    hidden: int = 4
+
+    def __call__(self, x):
+        return fx.nn.Dense(self.hidden)(x)
+
+
+@pytest.mark.parametrize("cls", [_MLP, fx.nn.Dense])
+def test_a_module_class_is_refused_with_the_instance_to_pass(cls):
+    """`fx.transform(MLP)` ran `MLP(x)`: init made `{'params': {}}` and apply returned a module built from x."""
+    name = cls.__name__
+    with pytest.raises(fx.EffaxError, match=rf"fx.transform got the class {name}; pass an instance: "
+                                            rf"fx.transform\({name}\(\.\.\.\)\)"):
+        fx.transform(cls)
+    instance = fx.transform(cls(4) if cls is fx.nn.Dense else cls())  # the fix works
+    v = instance.init(key, x)
+    assert instance.apply(v, x).shape == (4, 4)
+
+
 def test_raw_jax_transform_inside_model_is_refused():
     def scanned(x):
         def body(c, _):

@@ -34,6 +34,21 @@ from effax.handlers import (
 )
 
 
+def refuse_module_class(fn: Any, call: str, example: str = "{}") -> None:
+    """Refuse an `fx.nn.Module` class where a model goes (`fx.transform(MLP)`): called with the model's
+    inputs it would build a module from them (the input taken as its first field), and return that module.
+
+    `call` names the function refusing it, `example` the fixed call, `{}` standing for the instance."""
+    if isinstance(fn, type) and getattr(fn, "_effax_at_root", None) is not None:
+        name = fn.__name__
+        raise EffaxError(
+            f"{call} got the class {name}; pass an instance: {example.format(f'{name}(...)')}. A class called "
+            "with the model's inputs builds a module from them (an input taken as its first field) instead "
+            "of running one. (`fx.scan`, `fx.vmap` and `fx.remat` take a class on purpose: they lift "
+            "it per instance.)"
+        )
+
+
 def _check_variables_arg(variables: Any) -> Mapping[str, Any]:
     if type(variables) is not dict and not isinstance(variables, Mapping):
         raise EffaxError(
@@ -412,7 +427,8 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     `method(module, *args)`), and `init`/`apply` take `method=` to run
     another one, as in Flax. Give the submodules that two entry points share
     explicit names (`Dense(2, name="encoder")`): an inline `Dense` reached
-    from `decode` alone would otherwise be counted afresh.
+    from `decode` alone would otherwise be counted afresh. A module class
+    is refused: pass an instance, `fx.transform(MLP(...))`.
 
     A keyword argument of `fn` named like an option of `init`/`apply`
     (`training`, `rngs`, `mutable`, `handlers`, `method`,
@@ -431,6 +447,7 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     """
     if not callable(fn):
         raise EffaxError(f"`fx.transform` takes a function, got {type(fn).__name__}.")
+    refuse_module_class(fn, "fx.transform", "fx.transform({})")
     if method is None and getattr(type(fn), "_effax_at_root", None) is None:
         return Transformed(fn)
     return Transformed(_entry_point(fn, method), fn)

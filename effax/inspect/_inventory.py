@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from effax.core import EffaxError, Path, Request, path_str
 from effax.discharge import MultiTransformed, Transformed, transform
+from effax.discharge._transform import refuse_module_class
 from effax.effects import ModuleCallRequest
 from effax.inspect._abstract import run_abstractly
 
@@ -216,9 +217,9 @@ class _StoredRequests:
         return answer
 
 
-def _transformed(fn: Any, what: str) -> Transformed:
+def _transformed(fn: Any, what: str, call: str = "fx.effects_of") -> Transformed:
     """The `Transformed` whose `init` a summary runs: `fn` itself, a `fx.multi_transform`'s template, or
-    `fx.transform(fn)` of an effectful function; anything else is refused."""
+    `fx.transform(fn)` of an effectful function; anything else (a module class too) is refused, by `call`."""
     if isinstance(fn, Transformed):
         return fn
     if isinstance(fn, MultiTransformed):
@@ -228,6 +229,7 @@ def _transformed(fn: Any, what: str) -> Transformed:
             f"{what} take a model: what `fx.transform` or `fx.multi_transform` returned, or the effectful "
             f"function; got {type(fn).__name__}."
         )
+    refuse_module_class(fn, call, f"{call}({{}}, x)")
     return transform(fn)
 
 

@@ -140,3 +140,12 @@ def test_treescope_rendering():
     text = treescope.render_to_text(fx.summary(fx.transform(model), X))
     assert text.startswith("Summary(")
     assert "'param enc/w': Entry(" in text and "totals=" in text
+
+
+@pytest.mark.parametrize("call", ["fx.summary", "fx.effects_of"])
+def test_a_module_class_is_refused_with_the_instance_to_pass(call):
+    """`fx.summary(fx.nn.Dense, x)` built a Dense from x and blamed its `features`."""
+    fn = fx.summary if call == "fx.summary" else fx.effects_of
+    with pytest.raises(fx.EffaxError, match=rf"{call} got the class Dense; pass an instance: {call}\(Dense\("):
+        fn(fx.nn.Dense, X)
+    assert len(fn(fx.nn.Dense(4), X).entries if call == "fx.summary" else fn(fx.nn.Dense(4), X)) == 2
