@@ -133,8 +133,27 @@ def _keyword_options(fn: Any, bound: bool) -> tuple[tuple[str, int | None], ...]
     return tuple(found)
 
 
-def _check_options(entry: Callable[..., Any], args: tuple, call: str) -> None:
-    """Refuse a model keyword named like an option: effax would take it, and the model would never see it."""
+def _positional_names(fn: Callable[..., Any]) -> str:
+    """`"x, y"`: the positional parameters of `fn` before its options, spelled for a lambda; `"*a"` if unsure."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return "*a"
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name in OPTIONS:
+            break
+        names.append(p.name)
+    return ", ".join(names) or "*a"
+
+
+def _check_options(entry: Callable[..., Any], args: tuple, call: str, owner: Any = None, method: Any = None) -> None:
+    """Refuse a model keyword named like an option: effax would take it, and the model would never see it.
+
+    The fix it suggests for a module at the root scope (`owner`, what `fx.transform` got) keeps it there,
+    `method=lambda m, x: m(x, training=fx.is_training())`: a wrapping lambda would make the module a
+    layer of the lambda (`Critic_0/Dense_0`), so the variables of the linen model it ports would not load.
+    """
     bound = inspect.ismethod(entry)
     fn = entry.__func__ if bound else entry
     try:
@@ -144,13 +163,25 @@ def _check_options(entry: Callable[..., Any], args: tuple, call: str) -> None:
     for name, position in clashes:
         if position is not None and position < len(args):
             continue  # given positionally: it reaches the model, nothing is taken
-        fix = (
-            "ask for the mode inside the model, "
-            "`fx.transform(lambda x: model(x, training=fx.is_training()))`, and pass `training=` to "
-            f"`{call}` as usual"
-            if name == "training"
-            else f"bind it in a wrapper, `fx.transform(functools.partial(model, {name}=...))`"
-        )
+        value = "fx.is_training()" if name == "training" else "..."
+        if getattr(type(owner), "_effax_at_root", None) is not None:  # a module: keep it at the root scope
+            target = method if method is not None else getattr(getattr(entry, "__wrapped__", None), "__name__", 0)
+            called = f"m.{target}" if isinstance(target, str) and target != "__call__" else "m"
+            a = _positional_names(entry)
+            fix = (
+                f"call it through `method=`, which keeps the module at the root scope (a wrapping lambda "
+                f"would rename its params `{type(owner).__name__}_0/...`, so linen variables would not load): "
+                f"`fx.transform(model, method=lambda m, {a}: {called}({a}, {name}={value}))`"
+            )
+        elif name == "training":
+            fix = (
+                "ask for the mode inside the model, "
+                "`fx.transform(lambda x: model(x, training=fx.is_training()))`"
+            )
+        else:
+            fix = f"bind it in a wrapper, `fx.transform(functools.partial(model, {name}=...))`"
+        if name == "training":
+            fix += f", and pass `training=` to `{call}` as usual"
         raise EffaxError(
             f"`{call}`: the model {getattr(entry, '__name__', type(entry).__name__)} takes a keyword "
             f"argument {name!r}, which is also an option of `t.init`/`t.apply` ({', '.join(OPTIONS)}): "
@@ -356,7 +387,7 @@ class Transformed:
             extra.append(CaptureIntermediates(capture_intermediates))
         extra.extend(flatten_handlers((inside,)))
         entry = self._entry(method)
-        _check_options(entry, args, call)
+        _check_options(entry, args, call, self.owner, method)
         keys = KeysFromRngs(default_rngs if rngs is None else rngs)
         storage = (InitState({}, state_collections), CollectSown(sown_collections), InitParams())
         out, runs = _discharged(call, entry, args, kwargs, (Mode(training), keys), storage, extra)
@@ -406,7 +437,7 @@ class Transformed:
             collections = _with_intermediates(collections)
             extra.append(CaptureIntermediates(capture_intermediates))
         entry = self._entry(method)
-        _check_options(entry, args, "t.apply")
+        _check_options(entry, args, "t.apply", self.owner, method)
         storage = (
             FunctionalState(variables, collections), CollectSown(collections), LoadParams(variables.get("params", {}))
         )
@@ -434,8 +465,10 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     (`training`, `rngs`, `mutable`, `handlers`, `method`,
     `capture_intermediates`) would be taken by effax and never reach `fn`,
     so calls refuse it with an `EffaxError`: read the mode inside the model
-    (`fx.transform(lambda x: model(x, training=fx.is_training()))`), bind it
-    with `functools.partial`, or pass it positionally.
+    (`fx.transform(lambda x: model(x, training=fx.is_training()))`; for a
+    module, `fx.transform(module, method=lambda m, x: m(x,
+    training=fx.is_training()))`, which keeps it at the root scope), bind
+    it with `functools.partial`, or pass it positionally.
 
     >>> def model(x):
     ...     w = fx.param("w", jax.nn.initializers.ones, (x.shape[-1], 2))
