@@ -20,6 +20,7 @@ from effax.core import (
 )
 from effax.effects import InitializingRequest, ParamRequest, StreamKeyRequest
 from effax.handlers._random import as_typed_key, fold, h_path
+from effax.handlers._state import abstract_value_error
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, get_path, nearest_paths
 
@@ -223,6 +224,8 @@ class _LoadRun(_ParamRun):
             aval = value.aval
             shape, dtype = aval.shape, aval.dtype
         else:
+            if type(value) is jax.ShapeDtypeStruct:  # an abstract value outside `jax.eval_shape` (a tracer there)
+                raise abstract_value_error(f"param `{path_str(request.path)}`", "params")
             shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
             if shape is None or dtype is None:
                 value = _unboxed(value, request)

@@ -109,6 +109,16 @@ def cast_like(new: Any, old: Any, describe: Any) -> Any:
 _EMPTY: Mapping[str, Any] = {}  # a collection not stored: read only, never written through
 
 
+def abstract_value_error(what: str, collection: str) -> MissingVariableError:
+    """A `jax.ShapeDtypeStruct` stored where a value is read: the variables are `jax.eval_shape(t.init)`'s."""
+    return MissingVariableError(
+        f"{what}: variables[{collection!r}] holds abstract values (jax.ShapeDtypeStruct), as "
+        "`jax.eval_shape(t.init, ...)` returns: they have a shape and dtype but no value. Restore or init real "
+        "arrays (`fx.checkpoint.restore(path, like=abstract)`, or `t.init(key, x)`); inside `jax.eval_shape` "
+        "they can be applied as they are: `jax.eval_shape(t.apply, abstract, x)`."
+    )
+
+
 class FunctionalState(Handler):
     """Thread local state through a run: read from `variables`, write to the mutable collections.
 
@@ -143,6 +153,13 @@ class FrozenState(FunctionalState):
 
     def __init__(self, variables: Mapping[str, Any] | None = None):
         super().__init__(variables, mutable=False)
+
+
+def _check_concrete(value: Any, request: Any) -> None:
+    """Refuse a stored state holding `jax.ShapeDtypeStruct`s (read outside `jax.eval_shape`, where they are
+    tracers): the model would get a value without data."""
+    if any(type(leaf) is jax.ShapeDtypeStruct for leaf in jax.tree.leaves(value)):
+        raise abstract_value_error(request.describe(), request.collection)
 
 
 class _StateRun:
@@ -226,6 +243,8 @@ class _StateRun:
             value = get_path(self.current.get(c, _EMPTY), request.path)
             # an array first: `isinstance(value, Mapping)` is an abstract check, a Python frame per variable
             leaf = value is not MISSING and (isinstance(value, jax.Array) or not isinstance(value, Mapping))
+            if value is not MISSING and not isinstance(value, jax.Array):  # a tree, a NumPy or abstract value
+                _check_concrete(value, request)
             if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
                 self.noted.add((c, request.path))
                 return None

@@ -186,3 +186,19 @@ def test_initializer_that_performs_effects_runs_in_the_models_trace():
     t = fx.transform(lambda: fx.param("w", effectful_init, (2,)))
     eager = t.init(jax.random.key(0))
     np.testing.assert_array_equal(jax.jit(t.init)(jax.random.key(0))["params"]["w"], eager["params"]["w"])
+
+
+def test_abstract_params_outside_eval_shape_are_refused_by_path():
+    """`t.apply(jax.eval_shape(t.init, ...), x)` handed the model a ShapeDtypeStruct: a raw TypeError in its `@`."""
+
+    def model(x):
+        with fx.scope("dense"):
+            return x @ fx.param("kernel", jax.nn.initializers.ones, (3, 4))
+
+    t, x = fx.transform(model), jnp.ones((2, 3))
+    abstract = jax.eval_shape(t.init, jax.random.key(0), x)
+    with pytest.raises(fx.MissingVariableError, match=r"param `dense/kernel`: variables\['params'\] holds abstract "
+                                                      r"values \(jax.ShapeDtypeStruct\).*jax.eval_shape\(t.init"):
+        t.apply(abstract, x)
+    assert jax.eval_shape(t.apply, abstract, x).shape == (2, 4)  # inside eval_shape they are tracers: fine
+    assert t.apply(t.init(jax.random.key(0), x), x).shape == (2, 4)  # the fix: real arrays

@@ -171,3 +171,18 @@ def test_a_stored_scope_declared_as_a_variable_clashes_with_its_own_variables(sc
     for stored in ({"a": {"b": 1.0}}, types.MappingProxyType({"a": types.MappingProxyType({"b": 1.0})})):
         with pytest.raises(fx.ParamConflictError, match=r"`a` in collection 'state' is a"):
             fx.transform(f).apply({"state": stored})
+
+
+def test_abstract_state_outside_eval_shape_is_refused_by_path():
+    """A state read from `jax.eval_shape(t.init)`'s variables reached the model as a ShapeDtypeStruct."""
+    t, x = fx.transform(lambda x: fx.nn.BatchNorm()(x)), jnp.ones((2, 3))
+    abstract = jax.eval_shape(t.init, jax.random.key(0), x)
+    real = t.init(jax.random.key(0), x)
+    with pytest.raises(fx.MissingVariableError, match=r"state `BatchNorm_0/mean` in collection 'batch_stats': "
+                                                      r"variables\['batch_stats'\] holds abstract values"):
+        t.apply({**real, "batch_stats": abstract["batch_stats"]}, x, training=False)
+    pair = fx.transform(lambda: fx.local_state("s", lambda: (jnp.zeros(2), jnp.ones(()))).get())
+    with pytest.raises(fx.MissingVariableError, match=r"state `s`.*abstract values"):  # inside a tree too
+        pair.apply({"state": {"s": (jax.ShapeDtypeStruct((2,), jnp.float32), jnp.ones(()))}})
+    assert jax.eval_shape(lambda v: t.apply(v, x, training=True, mutable=True), abstract)[0].shape == (2, 3)
+    assert t.apply(real, x, training=False).shape == (2, 3)
