@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from effax.core import (
+    EffaxError,
     Handler,
     MissingVariableError,
     ParamConflictError,
@@ -20,7 +21,7 @@ from effax.core import (
 )
 from effax.effects import InitializingRequest, ParamRequest, StreamKeyRequest
 from effax.handlers._random import as_typed_key, fold, h_path
-from effax.handlers._state import abstract_value_error
+from effax.handlers._state import abstract_value_error, value_phrase
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, get_path, nearest_paths
 
@@ -190,7 +191,14 @@ class LoadParams(Handler):
     """
 
     def __init__(self, params: Any):
-        self.params = params if params is not None else {}
+        params = params if params is not None else {}
+        if type(params) is not dict and not isinstance(params, Mapping):
+            raise EffaxError(
+                f"variables['params'] (what `LoadParams` answers from) is {value_phrase(params)}, not a nested dict of "
+                "params by path (`{'Dense_0': {'kernel': ...}}`). Pass the variables `t.init` returned, "
+                "`t.apply(variables, x)`; a lone array goes in under its name: `t.apply({'params': {'w': w}}, x)`."
+            )
+        self.params = params
 
     def begin(self) -> _LoadRun:
         return _LoadRun(self.params)

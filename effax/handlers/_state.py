@@ -73,6 +73,13 @@ def is_mutable(mutable: frozenset[str] | bool, collection: str) -> bool:
     return mutable is ALL or collection in mutable  # type: ignore[operator]
 
 
+def value_phrase(x: Any) -> str:
+    """A value in one short phrase for messages: `Array float32[3]`, `int 3`; never an array dump."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{'Array' if isinstance(x, jax.Array) else type(x).__name__} {_leaf_spec(x)}"
+    return f"{type(x).__name__} {x!r:.40}"
+
+
 def _leaf_spec(x: Any) -> str:
     shape = getattr(x, "shape", None)
     if shape is None:
@@ -136,7 +143,19 @@ class FunctionalState(Handler):
 
     def __init__(self, variables: Mapping[str, Any] | None = None, mutable: Any = True):
         variables = {} if variables is None else variables
+        if type(variables) is not dict and not isinstance(variables, Mapping):
+            raise EffaxError(
+                f"{type(self).__name__} takes the variables by collection, a dict like "
+                f"{{'batch_stats': {{...}}}} (what `t.init` returned), got {value_phrase(variables)}."
+            )
         self.variables = {c: v for c, v in variables.items() if c != "params"}
+        for c, v in self.variables.items():  # a few collections: each is a dict of variables by path
+            if type(v) is not dict and not isinstance(v, Mapping):
+                raise EffaxError(
+                    f"variables[{c!r}] is {value_phrase(v)}, not a dict of variables by path "
+                    f"({{'BatchNorm_0': {{'mean': ...}}}}). Pass the variables `t.init` returned (merged with "
+                    "the updates of earlier runs: `{**variables, **updates}`)."
+                )
         self.mutable = normalize_mutable(mutable)
 
     def begin(self) -> _StateRun:

@@ -202,3 +202,14 @@ def test_abstract_params_outside_eval_shape_are_refused_by_path():
         t.apply(abstract, x)
     assert jax.eval_shape(t.apply, abstract, x).shape == (2, 4)  # inside eval_shape they are tracers: fine
     assert t.apply(t.init(jax.random.key(0), x), x).shape == (2, 4)  # the fix: real arrays
+
+
+def test_params_that_are_not_a_dict_are_refused_with_the_fix():
+    """`t.apply({'params': array}, x)` and `LoadParams(array)` were a raw `truth value of an array` ValueError."""
+    t, x = fx.transform(lambda x: x * fx.param("w", jax.nn.initializers.ones, (3,))), jnp.ones(3)
+    fix = r"variables\['params'\].*is Array float32\[3\], not a nested dict.*`t.apply\(\{'params': \{'w': w\}\}, x\)`"
+    with pytest.raises(fx.EffaxError, match=fix):
+        t.apply({"params": jnp.ones(3)}, x)
+    with pytest.raises(fx.EffaxError, match=fix):
+        LoadParams(jnp.ones(3))
+    np.testing.assert_array_equal(t.apply({"params": {"w": jnp.full(3, 2.0)}}, x), jnp.full(3, 2.0))  # the fix

@@ -186,3 +186,15 @@ def test_abstract_state_outside_eval_shape_is_refused_by_path():
         pair.apply({"state": {"s": (jax.ShapeDtypeStruct((2,), jnp.float32), jnp.ones(()))}})
     assert jax.eval_shape(lambda v: t.apply(v, x, training=True, mutable=True), abstract)[0].shape == (2, 3)
     assert t.apply(real, x, training=False).shape == (2, 3)
+
+
+def test_state_variables_that_are_not_dicts_are_refused():
+    """`FunctionalState(3)` was an AttributeError `'int' object has no attribute 'items'`."""
+    with pytest.raises(fx.EffaxError, match=r"FunctionalState takes the variables by collection.*got int 3"):
+        FunctionalState(3)
+    with pytest.raises(fx.EffaxError, match=r"FrozenState takes the variables by collection.*got list"):
+        FrozenState([1])
+    with pytest.raises(fx.EffaxError, match=r"variables\['counts'\] is Array float32\[3\], not a dict"):
+        FunctionalState({"counts": jnp.ones(3)})
+    with fx.handle(FunctionalState({"counts": {"n": jnp.array(1, jnp.int32)}})):
+        assert counter() == 2
