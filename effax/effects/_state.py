@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -47,6 +48,25 @@ class LocalStateRequest(Request):
 
     def describe(self) -> str:
         return f"state `{path_str(self.path)}` in collection {self.collection!r}"
+
+    def initialize(self) -> Any:
+        """`init()`, checked: an `init` that takes arguments (Flax's `self.variable(c, n, init_fn, shape)`)
+        is refused by name; what creates state calls this, never `init()` itself."""
+        try:
+            value = self.init()
+        except TypeError as e:
+            try:
+                inspect.signature(self.init).bind()
+            except TypeError:
+                name = getattr(self.init, "__name__", type(self.init).__name__)
+                raise EffaxError(
+                    f"{self.describe()}: its init {name} cannot be called as `init()`, as `fx.local_state` calls "
+                    f"it ({e}). init() takes no arguments; close over the shape: `lambda: jnp.zeros(shape)`."
+                ) from None
+            except ValueError:  # no signature to read (a builtin): the error is the init's own
+                pass
+            raise
+        return value
 
 
 @dataclasses.dataclass(frozen=True)

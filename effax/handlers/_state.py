@@ -273,7 +273,7 @@ class _StateRun:
             if not is_mutable(self.mutable, c):
                 raise self._missing(request)
             check_trace(self.trace, request, "creates state")
-            value = request.init()
+            value = request.initialize()
             tree = self.created.get(c)
             if tree is None:
                 tree = self.created[c] = PathTree(f"collection {c!r}")

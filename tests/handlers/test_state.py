@@ -198,3 +198,24 @@ def test_state_variables_that_are_not_dicts_are_refused():
         FunctionalState({"counts": jnp.ones(3)})
     with fx.handle(FunctionalState({"counts": {"n": jnp.array(1, jnp.int32)}})):
         assert counter() == 2
+
+
+def test_an_init_taking_arguments_is_refused_with_the_fix():
+    """Flax's `self.variable(c, name, init_fn, shape)` habit: a raw TypeError from the state handler."""
+
+    def model(x, init):
+        return x + fx.local_state("mean", init, collection="batch_stats").get()
+
+    x = jnp.ones((2, 3))
+    t = fx.transform(lambda x: model(x, lambda shape: jnp.zeros(shape)))
+    fix = r"close over the shape: `lambda: jnp.zeros\(shape\)`"
+    with pytest.raises(fx.EffaxError, match=r"state `mean` in collection 'batch_stats': its init <lambda> cannot be "
+                                            r"called as `init\(\)`.*" + fix):
+        t.init(jax.random.key(0), x)
+    shape = x.shape[-1:]
+    fixed = fx.transform(lambda x: model(x, lambda: jnp.zeros(shape)))  # the fix
+    assert fixed.init(jax.random.key(0), x)["batch_stats"]["mean"].shape == (3,)
+    step = lambda c, _: (model(c, lambda shape: jnp.zeros(shape)), None)  # noqa: E731
+    scanned = fx.transform(lambda x: fx.scan(step, length=2)(x, None))
+    with pytest.raises(fx.EffaxError, match=r"state `mean`.*" + fix):  # where a lifted body makes it too
+        scanned.init(jax.random.key(0), x)
