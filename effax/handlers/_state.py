@@ -16,8 +16,10 @@ from effax.core import (
     Handler,
     InvalidNameError,
     MissingVariableError,
+    ParamConflictError,
     ShapeMismatchError,
     check_name,
+    hermetic,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
 from effax.handlers._trace import check_trace, trace_state
@@ -181,10 +183,37 @@ def _check_concrete(value: Any, request: Any) -> None:
         raise abstract_value_error(request.describe(), request.collection)
 
 
+def _made_by(init: Any) -> Any:
+    """What `init()` makes, as a tree of `float32[2]` strings, computed abstractly with no handler installed
+    (an `init` that draws a key counts no draw); None when it cannot be computed so."""
+    try:
+        with hermetic():
+            shapes = jax.eval_shape(init)
+    except (EffaxError, TypeError):  # an init that performs effects (draws, reads the mode): not compared
+        return None
+    return jax.tree.map(_leaf_spec, shapes)
+
+
+def _check_same_init(first: Any, request: Any) -> None:
+    """Two declarations of one variable in one run whose `init()`s make different shapes or dtypes would
+    silently give the second the first's value: `ParamConflictError`, as `fx.param` raises for the same."""
+    if (first.origin or first.path) != (request.origin or request.path):
+        return  # two variables tied by a `fx.share` binding: its `state=` policy checks them, or not ('unsafe')
+    a, b = _made_by(first.init), _made_by(request.init)
+    if a is not None and b is not None and jax.tree.flatten(a) != jax.tree.flatten(b):
+        raise ParamConflictError(
+            f"{request.describe()} is declared twice in one run with `init()`s that disagree: first {a}, now "
+            f"{b}. A path names one variable: give the second one another name or scope "
+            "(`fx.local_state('count_b', ...)`), or make the two inits agree."
+        )
+
+
 class _StateRun:
     answers = (LocalStateRequest, GetStateRequest, SetStateRequest)
 
-    __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "declared", "noted", "layout", "trace")
+    __slots__ = (
+        "mutable", "stored", "current", "owned", "created", "inits", "used", "declared", "noted", "layout", "trace",
+    )
 
     def __init__(self, stored: dict[str, Any], mutable: frozenset[str] | bool):
         self.mutable = mutable
@@ -192,6 +221,7 @@ class _StateRun:
         self.current: dict[str, Any] = dict(stored)
         self.owned: set[str] = set()
         self.created: dict[str, PathTree] = {}
+        self.inits: dict[tuple[str, tuple[str, ...]], Any] = {}  # the request that created each variable
         self.used: set[str] = set()
         self.declared: set[tuple[str, tuple[str, ...]]] = set()
         self.noted: set[tuple[str, tuple[str, ...]]] = set()  # declarations of stored leaves, laid out lazily
@@ -269,11 +299,15 @@ class _StateRun:
                 return None
             self._declare(request)
             if value is not MISSING:
+                first = self.inits.get((c, request.path)) if self.inits else None
+                if first is not None and first.init is not request.init:  # made in this run: declared again
+                    _check_same_init(first, request)  # (state a `fx.share` pass ties is its policy's to check)
                 return None
             if not is_mutable(self.mutable, c):
                 raise self._missing(request)
             check_trace(self.trace, request, "creates state")
             value = request.initialize()
+            self.inits[(c, request.path)] = request
             tree = self.created.get(c)
             if tree is None:
                 tree = self.created[c] = PathTree(f"collection {c!r}")

@@ -219,3 +219,42 @@ def test_an_init_taking_arguments_is_refused_with_the_fix():
     scanned = fx.transform(lambda x: fx.scan(step, length=2)(x, None))
     with pytest.raises(fx.EffaxError, match=r"state `mean`.*" + fix):  # where a lifted body makes it too
         scanned.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(("init", "said"), [
+    (lambda: "not an array", r"returned str 'not an array', but state is a pytree of arrays"),
+    (lambda: None, r"returned None \(a forgotten `return`\?\)"),
+    (lambda: (jnp.zeros(2), None), r"returned None .* in its tree"),
+])
+def test_an_init_value_that_is_not_arrays_is_refused(init, said):
+    """`init()` returning a str or None was stored silently."""
+    with pytest.raises(fx.EffaxError, match=r"state `s` in collection 'state': its init\(\) " + said):
+        fx.transform(lambda: fx.local_state("s", init)).init(None)
+
+
+def test_numbers_and_numpy_values_are_state():
+    def model():
+        for name, init in [("n", lambda: 0), ("f", lambda: 1.5), ("np", lambda: np.zeros(2)), ("t", lambda: {})]:
+            fx.local_state(name, init)
+
+    assert sorted(fx.transform(model).init(None)["state"]) == ["f", "n", "np", "t"]
+
+
+def test_one_state_declared_twice_with_other_shapes_is_a_conflict():
+    """The second declaration silently got the first's value; `fx.param` raises ParamConflictError for the same."""
+
+    def model(n):
+        fx.local_state("count", lambda: jnp.zeros(2))
+        return fx.local_state("count", lambda: jnp.zeros(n)).get()
+
+    with pytest.raises(fx.ParamConflictError, match=r"state `count` in collection 'state' is declared twice in one run "
+                                                    r"with `init\(\)`s that disagree: first float32\[2\], now "
+                                                    r"float32\[3\].*another name"):
+        fx.transform(lambda: model(3)).init(None)
+    assert fx.transform(lambda: model(2)).init_with_output(None)[0].shape == (2,)  # agreeing inits: one variable
+
+    def renamed():  # the fix
+        fx.local_state("count", lambda: jnp.zeros(2))
+        return fx.local_state("count_b", lambda: jnp.zeros(3)).get()
+
+    assert fx.transform(renamed).init_with_output(None)[0].shape == (3,)
