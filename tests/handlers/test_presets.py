@@ -178,3 +178,21 @@ def test_preset_is_a_tuple_of_handlers_with_its_options():
     assert repr(fx.handlers.train({"dropout": KEY})) == "fx.handlers.train(rngs={'dropout': <key>}, mutable=None)"
     with pytest.raises(fx.InvalidNameError, match="params"):
         fx.handlers.train(KEY, mutable=["params"])
+
+
+@pytest.mark.parametrize(("call", "given"), [
+    (lambda: fx.handlers.eval(KEY), "key"),
+    (lambda: fx.handlers.eval(jax.random.PRNGKey(0)), "key"),
+    (lambda: fx.handlers.eval({"dropout": KEY}), "key"),
+    (lambda: fx.handlers.eval(rngs=KEY), r"rngs=\.\.\."),
+])
+def test_eval_given_a_key_says_it_draws_none(call, given):
+    """`eval(key)`, by symmetry with `train(key)`, took the key for `mutable` (and dumped it over two lines);
+    `eval(rngs=k)` was a raw TypeError."""
+    with pytest.raises(fx.EffaxError, match=rf"fx.handlers.eval\({given}\): eval draws no keys, as dropout is off in "
+                                            r"eval.*takes only mutable=\[\.\.\.\]") as info:
+        call()
+    assert "\n" not in str(info.value)
+    assert T.apply(V, X, handlers=fx.handlers.eval()).shape == X.shape  # the fix
+    mc = T.apply(V, X, training=False, rngs={"dropout": KEY})  # draws at eval time, as the message says
+    np.testing.assert_array_equal(mc, T.apply(V, X, handlers=fx.handlers.eval()))
