@@ -22,6 +22,7 @@ from effax.core import (
     hermetic,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
+from effax.handlers._random import refuse_handlers_as
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, copy_scopes, get_path, nearest_paths
 
@@ -48,6 +49,7 @@ def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
     elif isinstance(mutable, np.bool_):
         return normalize_mutable(bool(mutable))
     else:
+        refuse_handlers_as(mutable, "mutable")
         if isinstance(mutable, Mapping):
             chosen = [c for c, on in mutable.items() if on]
             fix = (
@@ -62,6 +64,8 @@ def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
             f"names. {fix[0].upper()}{fix[1:]}."
         )
     for name in names:
+        if type(name) is not str:
+            refuse_handlers_as(mutable, "mutable")
         check_name(name, "collection")
         if name == "params":
             raise InvalidNameError(

@@ -1,5 +1,7 @@
 """Train/eval presets: one argument sets training, rngs and mutable; eval draws nothing and writes nothing."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,3 +198,15 @@ def test_eval_given_a_key_says_it_draws_none(call, given):
     assert T.apply(V, X, handlers=fx.handlers.eval()).shape == X.shape  # the fix
     mc = T.apply(V, X, training=False, rngs={"dropout": KEY})  # draws at eval time, as the message says
     np.testing.assert_array_equal(mc, T.apply(V, X, handlers=fx.handlers.eval()))
+
+
+@pytest.mark.parametrize("option", ["rngs", "mutable"])
+@pytest.mark.parametrize(
+    "preset", [fx.handlers.train(KEY, mutable=["batch_stats"]), fx.handlers.eval()], ids=["train", "eval"]
+)
+def test_a_preset_given_for_rngs_or_mutable_says_to_pass_it_as_handlers(option, preset):
+    """Was a truncated `rngs is Preset fx.handlers.train(rngs=<key>, mutable=No` or an InvalidNameError on a Mode."""
+    with pytest.raises(fx.EffaxError, match=rf"`{option}=` got {re.escape(repr(preset))}: pass presets and "
+                                            r"handlers as `handlers=`"):
+        T.apply(V, X, **{option: preset})
+    T.apply(V, X, handlers=preset)  # the fix
