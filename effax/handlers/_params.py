@@ -26,6 +26,13 @@ from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, get_path, nearest_paths
 
 
+def _asked(request: ParamRequest) -> str:
+    """Where the model asked for a param that a `fx.share` binding moved, for messages; "" if not moved."""
+    if not request.via:
+        return ""
+    return f" (asked at `{path_str(request.original_path)}`, via `{request.via[-1]}`)"
+
+
 class _ParamRun:
     """What every params run shares: one path, one array, one spec within a run."""
 
@@ -63,6 +70,16 @@ class _ParamRun:
                 f"{first.spec()}, now {request.spec()}. A path names one variable: give the second "
                 "one another name or scope."
             )
+        if first.axes != request.axes:  # None is unspecified: it takes the other's; two names disagree
+            if first.axes is not None and request.axes is not None:
+                raise ParamConflictError(
+                    f"param `{path_str(request.path)}` is requested twice with different logical axes: first "
+                    f"axes={first.axes}{_asked(first)}, now axes={request.axes}{_asked(request)}, so its sharding "
+                    "would depend on which runs first. Give both requests the same `axes=` (or leave it out of "
+                    "one: None takes the other's)."
+                )
+            if first.axes is None:
+                self.seen[request.path] = (request, value)  # a third request is checked against these axes
         return value
 
     def handle(self, request: Any, forward: Any) -> Any:

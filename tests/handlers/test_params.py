@@ -213,3 +213,33 @@ def test_params_that_are_not_a_dict_are_refused_with_the_fix():
     with pytest.raises(fx.EffaxError, match=fix):
         LoadParams(jnp.ones(3))
     np.testing.assert_array_equal(t.apply({"params": {"w": jnp.full(3, 2.0)}}, x), jnp.full(3, 2.0))  # the fix
+
+
+def test_two_requests_with_different_axes_conflict_and_none_takes_the_others():
+    """Two different non-None `axes=` of one param were no conflict: the first won, so its sharding depended on
+    call order (also for params tied by `fx.share`)."""
+
+    def same_path(first, second, third=None):
+        fx.param("w", normal, (16, 8), axes=first)
+        fx.param("w", normal, (16, 8), axes=second)
+        return fx.param("w", normal, (16, 8), axes=third)
+
+    with pytest.raises(fx.ParamConflictError, match=r"param `w` is requested twice with different logical axes: "
+                                                    r"first axes=\('vocab', 'embed'\), now axes=\('embed', 'vocab'\)"):
+        fx.transform(lambda: same_path(("vocab", "embed"), ("embed", "vocab"))).init(jax.random.key(0))
+    with pytest.raises(fx.ParamConflictError, match=r"first axes=\('vocab', 'embed'\), now axes=\('embed', 'vocab'\)"):
+        fx.transform(lambda: same_path(None, ("vocab", "embed"), ("embed", "vocab"))).init(jax.random.key(0))
+    merged = fx.summary(fx.transform(lambda: same_path(None, ("vocab", "embed"))))  # None is unspecified: merges
+    assert fx.sharding.logical_axes(merged) == {"params": {"w": jax.sharding.PartitionSpec("vocab", "embed")}}
+
+    def tied(ids):
+        with fx.scope("decoder"):  # the alias is used first
+            d = fx.param("embed", normal, (16, 8), axes=("embed", "vocab"))
+        with fx.scope("encoder"):
+            e = fx.param("embed", normal, (16, 8), axes=("vocab", "embed"))
+        return e[ids] @ d.T
+
+    asked = r"\(asked at `decoder/embed`, via `decoder/embed -> encoder/embed`\)"
+    both = rf"first axes=\('embed', 'vocab'\) {asked}, now axes=\('vocab', 'embed'\)"
+    with pytest.raises(fx.ParamConflictError, match=r"param `encoder/embed` .* different logical axes: " + both):
+        fx.summary(fx.transform(fx.share(tied, {"decoder/embed": "encoder/embed"})), jnp.arange(4))
