@@ -233,17 +233,16 @@ class _LoadRun(_ParamRun):
         value = get_path(self.params, request.path)
         if value is MISSING:
             near = nearest_paths(request.path, self.params)
-            raise MissingVariableError(
-                f"no param `{path_str(request.path)}` in variables['params'] (asked for "
-                f"{request.spec()}); "
-                + (f"nearest: {', '.join(repr(n) for n in near)}. " if near else "")
-                + (
-                    "variables['params'] is empty or missing: pass the whole variables `t.init` returned, "
-                    "`{'params': ..., <collection>: ...}` (a params tree alone goes in as "
+            asked = f"no param `{path_str(request.path)}` in variables['params'] (asked for {request.spec()})"
+            if not self.params:
+                raise MissingVariableError(
+                    f"{asked}; variables['params'] is empty or missing: pass the whole variables `t.init` "
+                    "returned, `{'params': ..., <collection>: ...}` (a params tree alone goes in as "
                     "`t.apply({'params': params}, x)`)."
-                    if not self.params
-                    else "Check the name and scope, or create the variables with `t.init` for this model."
                 )
+            nearest = f"; nearest: {', '.join(repr(n) for n in near)}" if near else ""
+            raise MissingVariableError(
+                f"{asked}{nearest}. Check the name and scope, or create the variables with `t.init` for this model."
             )
         if isinstance(value, jax.Array):  # the usual case: an array's shape is a tuple (read off its aval, no frame)
             aval = value.aval

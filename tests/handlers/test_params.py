@@ -243,3 +243,12 @@ def test_two_requests_with_different_axes_conflict_and_none_takes_the_others():
     both = rf"first axes=\('embed', 'vocab'\) {asked}, now axes=\('vocab', 'embed'\)"
     with pytest.raises(fx.ParamConflictError, match=r"param `encoder/embed` .* different logical axes: " + both):
         fx.summary(fx.transform(fx.share(tied, {"decoder/embed": "encoder/embed"})), jnp.arange(4))
+
+
+def test_a_missing_param_without_a_near_name_reads_as_one_sentence():
+    """It read "(asked for shape (2,), float32); Check the name": a capital after a semicolon."""
+    t = fx.transform(lambda: fx.param("w", normal, (2,)))
+    with pytest.raises(fx.MissingVariableError, match=r"^no param `w` in variables\['params'\] \(asked for shape "
+                                                      r"\(2,\), float32\)\. Check the name and scope") as info:
+        t.apply({"params": {"enc": {"dense": {"kernel": jnp.ones(2)}}}})
+    assert "; Check" not in str(info.value)
