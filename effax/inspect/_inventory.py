@@ -8,6 +8,7 @@ is the basis of summaries (param counts, state, streams, tied weights).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -233,6 +234,33 @@ def _transformed(fn: Any, what: str, call: str = "fx.effects_of") -> Transformed
     return transform(fn)
 
 
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == jnp.uint32 and tuple(x.shape) == (2,))
+
+
+def check_arguments(t: Transformed, method: Any, args: tuple, kwargs: dict, call: str) -> None:
+    """Refuse arguments the model's entry point cannot take, before running it: `fx.summary(t, key, x)`
+    (`t.init`'s habit, a key first) was a raw `model() takes 1 positional argument but 2 were given`."""
+    entry = t._entry(method)
+    try:
+        signature = inspect.signature(entry)
+    except (TypeError, ValueError):  # no signature to read: the call itself will say
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        key = (" Its first argument is a key, as `t.init(key, x)` takes: drop it; pass `rngs=key` if the draws "
+               "should use it.") if args and _is_key(args[0]) else ""
+        raise EffaxError(
+            f"{call}: the model `{getattr(entry, '__name__', type(entry).__name__)}` cannot take these arguments "
+            f"({e}). {call} takes the model's own arguments, `{call}(t, x)`, as `t.apply(variables, x)` passes "
+            f"them, with no key (a dummy key serves every stream).{key}"
+        ) from None
+
+
 def effects_of(
     fn: Callable[..., Any] | Transformed | MultiTransformed,
     *args: Any,
@@ -269,6 +297,7 @@ def effects_of(
     6
     """
     t = _transformed(fn, "`fx.summary` and `fx.effects_of`")
+    check_arguments(t, method, args, kwargs, "fx.effects_of")
     inventory = _Inventory()
     options = dict(
         rngs=rngs, training=training, handlers=handlers, mutable=mutable,
