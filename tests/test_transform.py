@@ -157,6 +157,19 @@ def test_a_module_class_is_refused_with_the_instance_to_pass(cls):
     assert instance.apply(v, x).shape == (4, 4)
 
 
+def test_calling_a_transform_says_to_call_init_or_apply():
+    """`t(v, x)` was "'Transformed' object is not callable" and `jax.jit(t)` JAX's "Expected a callable value"."""
+    v = t.init(key, x)
+    for call in (lambda: t(v, x), lambda: jax.jit(t)(v, x)):
+        with pytest.raises(fx.EffaxError, match=r"`t.init\(key, x\)` creates the variables and `t.apply\(variables, "
+                                                r"x\)` runs the model; jit those, `jax.jit\(t.apply\)"):
+            call()
+    jitted = jax.jit(t.apply, static_argnames=("training",))  # the fix
+    np.testing.assert_allclose(jitted(v, x, training=False), t.apply(v, x, training=False), rtol=1e-6)
+    with pytest.raises(fx.EffaxError, match="takes a function, got Transformed"):
+        fx.transform(t)
+
+
 def test_raw_jax_transform_inside_model_is_refused():
     def scanned(x):
         def body(c, _):

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
@@ -281,6 +281,20 @@ class Transformed:
 
     fn: Callable[..., Any]
     owner: Any = None
+    _effax_discharged: ClassVar[bool] = True  # callable, but no model: what takes a model refuses it
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse a call: `t(variables, x)` and `jax.jit(t)` (Haiku's and Flax's habits) mean `t.apply`.
+
+        Why a call raises rather than runs `apply`: `t` is a pair of pure functions, and the one a call
+        would run is ambiguous (Haiku's `transform` returns the same pair); so a call says which to use.
+        Handlers given to a jitted `apply` are no arrays: a preset is a pytree (its keys are traced),
+        other handlers go in a function that calls `apply`, or static (`static_argnames=("handlers",)`).
+        """
+        raise EffaxError(
+            "a transformed model is not called itself: `t.init(key, x)` creates the variables and "
+            "`t.apply(variables, x)` runs the model; jit those, `jax.jit(t.apply)(variables, x)`."
+        )
 
     def _entry(self, method: Any) -> Callable[..., Any]:
         if method is None:
@@ -478,7 +492,7 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     >>> t.apply(variables, jnp.ones((1, 3)))
     Array([[3., 3.]], dtype=float32)
     """
-    if not callable(fn):
+    if not callable(fn) or getattr(type(fn), "_effax_discharged", False):
         raise EffaxError(f"`fx.transform` takes a function, got {type(fn).__name__}.")
     refuse_module_class(fn, "fx.transform", "fx.transform({})")
     if method is None and getattr(type(fn), "_effax_at_root", None) is None:

@@ -72,7 +72,9 @@ class Preset(tuple):
     `fx.handle(preset)` installs its mode and keys (and, for eval, refuses
     draws and writes). Make them with `fx.handlers.train` and `fx.handlers.eval`.
     Spread into a list (`handlers=[*preset, lora]`) it is still the preset:
-    each of its handlers names it (`handler.preset`).
+    each of its handlers names it (`handler.preset`). It is a pytree whose
+    leaves are the train preset's keys, so `jax.jit(t.apply)(v, x,
+    handlers=preset)` traces the keys and keeps the mode and mutable static.
 
     >>> preset = fx.handlers.train(jax.random.key(0), mutable=["batch_stats"])
     >>> preset
@@ -106,6 +108,25 @@ class Preset(tuple):
             return f"fx.handlers.eval(mutable={mutable!r})" if self.mutable else "fx.handlers.eval()"
         mutable = self.mutable if self.mutable is None or self.mutable is True else tuple(sorted(self.mutable))
         return f"fx.handlers.train(rngs={brief(self.rngs)}, mutable={mutable!r})"
+
+
+def _flatten_preset(preset: Preset) -> tuple[tuple, tuple]:
+    """A preset as a pytree, so `jax.jit(t.apply)(v, x, handlers=fx.handlers.train(key))` traces it: the train
+    preset's keys are its leaves (each step's fresh key reuses one compiled program), the mode and mutable
+    collections its static part (two presets of one mode compare equal, so jit's cache hits)."""
+    return ((preset.rngs,) if preset.training else ()), (preset.training, preset.mutable)
+
+
+def _unflatten_preset(static: tuple, leaves: Any) -> Preset:
+    training, mutable = static
+    if not training:
+        return eval(mutable)
+    keys = object.__new__(KeysFromRngs)  # unchecked: under a trace the leaves are tracers (or JAX's placeholders)
+    keys.rngs = leaves[0]
+    return Preset(True, keys, mutable, leaves[0])
+
+
+jax.tree_util.register_pytree_node(Preset, _flatten_preset, _unflatten_preset)
 
 
 def train(rngs: Any, mutable: Any = None) -> Preset:

@@ -210,3 +210,24 @@ def test_a_preset_given_for_rngs_or_mutable_says_to_pass_it_as_handlers(option, 
                                             r"handlers as `handlers=`"):
         T.apply(V, X, **{option: preset})
     T.apply(V, X, handlers=preset)  # the fix
+
+
+def test_a_preset_passes_through_jit_with_its_keys_traced():
+    """`jax.jit(t.apply)(v, x, handlers=fx.handlers.eval())` was a raw JAX error: a Preset is no array. A preset is
+    a pytree: the train preset's keys are traced, the mode and mutable collections static, so a fresh key (and a
+    fresh preset object) each step reuses one compiled program."""
+    traces = []
+
+    def step(v, x, handlers):
+        traces.append(1)
+        return T.apply(v, x, handlers=handlers)
+
+    jitted = jax.jit(step)
+    for seed in range(3):
+        preset = fx.handlers.train(jax.random.key(seed), mutable=["batch_stats"])
+        got, expected = jitted(V, X, preset), T.apply(V, X, handlers=preset)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
+    assert len(traces) == 1
+    np.testing.assert_allclose(jax.jit(T.apply)(V, X, handlers=fx.handlers.eval()),
+                               T.apply(V, X, handlers=fx.handlers.eval()), rtol=1e-6)
+    assert jax.tree.leaves(fx.handlers.eval()) == [] and len(jax.tree.leaves(fx.handlers.train(KEY))) == 1
