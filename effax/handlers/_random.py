@@ -60,7 +60,10 @@ def refuse_handlers_as(value: Any, option: str) -> None:
     """Raise if `value`, given for `option` (`rngs`, `mutable`), is a preset or a handler: they go in `handlers=`."""
     hs = value if isinstance(value, tuple) else (value,)
     if hs and all(callable(getattr(h, "handle", None)) for h in hs):
-        what = repr(value) if type(value).__name__ == "Preset" else f"a {type(value).__name__} of handlers"
+        if type(value).__name__ == "Preset":  # (`_presets` imports this module: the class is known by name)
+            what = repr(value)
+        else:
+            what = f"a {type(value).__name__} of handlers" if hs is value else f"the handler {type(value).__name__}"
         raise EffaxError(
             f"`{option}=` got {what}: pass presets and handlers as `handlers=`, "
             "`t.apply(variables, x, handlers=fx.handlers.train(key))`; a preset sets rngs and mutable itself."

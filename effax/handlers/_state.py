@@ -295,9 +295,13 @@ class _StateRun:
             self.used.add(c)
             value = get_path(self.current.get(c, _EMPTY), request.path)
             # an array first: `isinstance(value, Mapping)` is an abstract check, a Python frame per variable
-            leaf = value is not MISSING and (isinstance(value, jax.Array) or not isinstance(value, Mapping))
-            if value is not MISSING and not isinstance(value, jax.Array):  # a tree, a NumPy or abstract value
+            if value is MISSING:
+                leaf = False
+            elif isinstance(value, jax.Array):
+                leaf = True
+            else:  # a tree, a NumPy array, or an abstract value (`jax.eval_shape(t.init)`'s): refused
                 _check_concrete(value, request)
+                leaf = not isinstance(value, Mapping)
             if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
                 self.noted.add((c, request.path))
                 return None

@@ -209,6 +209,8 @@ def test_a_preset_given_for_rngs_or_mutable_says_to_pass_it_as_handlers(option, 
     with pytest.raises(fx.EffaxError, match=rf"`{option}=` got {re.escape(repr(preset))}: pass presets and "
                                             r"handlers as `handlers=`"):
         T.apply(V, X, **{option: preset})
+    with pytest.raises(fx.EffaxError, match=rf"`{option}=` got the handler Mode: pass presets and handlers as"):
+        T.apply(V, X, **{option: fx.handlers.Mode(True)})
     T.apply(V, X, handlers=preset)  # the fix
 
 
