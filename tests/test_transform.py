@@ -138,6 +138,38 @@ def test_variables_must_be_a_dict():
         t.apply([1, 2], x, training=False)
 
 
+class _MLP(fx.nn.Module):
+    hidden: int = 4
+
+    def __call__(self, x):
+        return fx.nn.Dense(self.hidden)(x)
+
+
+@pytest.mark.parametrize("cls", [_MLP, fx.nn.Dense])
+def test_a_module_class_is_refused_with_the_instance_to_pass(cls):
+    """`fx.transform(MLP)` ran `MLP(x)`: init made `{'params': {}}` and apply returned a module built from x."""
+    name = cls.__name__
+    with pytest.raises(fx.EffaxError, match=rf"fx.transform got the class {name}; pass an instance: "
+                                            rf"fx.transform\({name}\(\.\.\.\)\)"):
+        fx.transform(cls)
+    instance = fx.transform(cls(4) if cls is fx.nn.Dense else cls())  # the fix works
+    v = instance.init(key, x)
+    assert instance.apply(v, x).shape == (4, 4)
+
+
+def test_calling_a_transform_says_to_call_init_or_apply():
+    """`t(v, x)` was "'Transformed' object is not callable" and `jax.jit(t)` JAX's "Expected a callable value"."""
+    v = t.init(key, x)
+    for call in (lambda: t(v, x), lambda: jax.jit(t)(v, x)):
+        with pytest.raises(fx.EffaxError, match=r"`t.init\(key, x\)` creates the variables and `t.apply\(variables, "
+                                                r"x\)` runs the model; jit those, `jax.jit\(t.apply\)"):
+            call()
+    jitted = jax.jit(t.apply, static_argnames=("training",))  # the fix
+    np.testing.assert_allclose(jitted(v, x, training=False), t.apply(v, x, training=False), rtol=1e-6)
+    with pytest.raises(fx.EffaxError, match="takes a function, got Transformed"):
+        fx.transform(t)
+
+
 def test_raw_jax_transform_inside_model_is_refused():
     def scanned(x):
         def body(c, _):

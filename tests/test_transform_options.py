@@ -290,3 +290,33 @@ def test_multi_transform_reports_a_bad_f():
         fx.multi_transform(lambda: (abs, {"encode": 3}))
     with pytest.raises(fx.EffaxError, match="takes a function"):
         fx.multi_transform(3)
+
+
+# --- an option clash in a module: the fix keeps it at the root scope
+
+
+class LinenCritic(nn.Module):
+    @nn.compact
+    def __call__(self, x, training=False):
+        return nn.Dropout(0.5, deterministic=not training)(nn.Dense(4)(x))
+
+
+class Critic(fx.nn.Module):
+    def __call__(self, x, training=False):
+        return fx.nn.Dropout(0.5)(fx.nn.Dense(4)(x), deterministic=not training)
+
+
+def test_a_module_option_clash_suggests_method_which_keeps_linen_names():
+    """The suggested `lambda x: critic(x, training=fx.is_training())` moved the params to `Critic_0/...`, so the
+    linen critic's variables, which the user was porting, no longer loaded."""
+    linen_vars = LinenCritic().init(KEY, X)
+    critic = Critic()
+    with pytest.raises(fx.EffaxError, match=r"'training'.*keeps the module at the root scope.*"
+                                            r"`fx.transform\(model, method=lambda m, x: m\(x, "
+                                            r"training=fx.is_training\(\)\)\)`"):
+        fx.transform(critic).apply(linen_vars, X, training=False)
+    fixed = fx.transform(critic, method=lambda m, x: m(x, training=fx.is_training()))  # the fix, as written
+    assert shapes(fixed.init(KEY, X)) == shapes(linen_vars)
+    assert_trees_close(fixed.apply(linen_vars, X, training=False), LinenCritic().apply(linen_vars, X))
+    dropped = fixed.apply(linen_vars, X, training=True, rngs={"dropout": jax.random.key(2)})
+    assert (dropped == 0).any() and dropped.shape == (2, 4)  # the mode reaches the module

@@ -172,16 +172,16 @@ def under_stack(stack: tuple[Any, ...], fn: Callable[..., Any], /, *args: Any, *
 
 
 def flatten_handlers(handlers: Iterable[Any]) -> list[Any]:
-    """Flatten nested lists/tuples of handlers, so a preset can be a tuple."""
+    """Flatten nested lists/tuples of handlers, so a preset can be a tuple; refuse what is not a handler."""
     flat: list[Any] = []
     for h in handlers:
         if isinstance(h, (list, tuple)):
             flat.extend(flatten_handlers(h))
+        elif isinstance(h, type) and callable(getattr(h, "handle", None)):  # `handlers=[FrozenState]`
+            raise EffaxError(f"{h.__name__} is a handler class; pass an instance: {h.__name__}() (with its arguments).")
         elif h is not None and not callable(getattr(h, "handle", None)):
-            raise EffaxError(
-                f"{h!r} is not a handler: a handler is an object with a `handle(request, forward)` "
-                "method, usually a subclass of `fx.Handler`."
-            )
+            raise EffaxError(f"{h!r} is not a handler: a handler is an object with a `handle(request, forward)` "
+                             "method, usually a subclass of `fx.Handler`.")
         elif h is not None:
             flat.append(h)
     return flat
@@ -195,7 +195,10 @@ class _Handling:
 
     def __enter__(self) -> tuple[Any, ...]:
         runs = tuple([h.begin() if hasattr(h, "begin") else h for h in self._handlers])
-        for h, run in zip(self._handlers, runs, strict=True):  # a malformed `answers` is refused on entry
+        for h, run in zip(self._handlers, runs, strict=True):  # a malformed `begin`/`answers` is refused on entry
+            if not callable(getattr(run, "handle", None)):  # `begin()` forgot `return`
+                raise EffaxError(f"`{type(h).__name__}.begin()` returned {run!r:.40}, which has no `handle`; return "
+                                 "self or a run object (with a `handle(request, forward)` method).")
             try:
                 if getattr(run, "answers", None) is None and (declared := getattr(h, "answers", None)) is not None:
                     run.answers = declared  # declared on the handler's class: its run is sent only those too
@@ -203,11 +206,10 @@ class _Handling:
             except (TypeError, AttributeError):  # unhashable (not a tuple of classes), or a run with __slots__
                 ok, answers = False, getattr(h, "answers", None)
             if not ok:
-                raise EffaxError(
-                    f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request classes, "
-                    "`answers = (fx.ParamRequest, ...)`, or None (the handler sees every request), declared on "
-                    "the handler's class (or, for a run with __slots__, on the run's own class)."
-                )
+                raise EffaxError(f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request "
+                                 "classes, `answers = (fx.ParamRequest, ...)`, or None (the handler sees every "
+                                 "request), declared on the handler's class (or, for a run with __slots__, on the "
+                                 "run's own class).")
         own = _OWN.set(_OWN.get().union([id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h]))
         self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), own))
         return runs

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
@@ -32,6 +32,21 @@ from effax.handlers import (
     check_key,
     normalize_mutable,
 )
+
+
+def refuse_module_class(fn: Any, call: str, example: str = "{}") -> None:
+    """Refuse an `fx.nn.Module` class where a model goes (`fx.transform(MLP)`): called with the model's
+    inputs it would build a module from them (the input taken as its first field), and return that module.
+
+    `call` names the function refusing it, `example` the fixed call, `{}` standing for the instance."""
+    if isinstance(fn, type) and getattr(fn, "_effax_at_root", None) is not None:
+        name = fn.__name__
+        raise EffaxError(
+            f"{call} got the class {name}; pass an instance: {example.format(f'{name}(...)')}. A class called "
+            "with the model's inputs builds a module from them (an input taken as its first field) instead "
+            "of running one. (`fx.scan`, `fx.vmap` and `fx.remat` take a class on purpose: they lift "
+            "it per instance.)"
+        )
 
 
 def _check_variables_arg(variables: Any) -> Mapping[str, Any]:
@@ -118,8 +133,27 @@ def _keyword_options(fn: Any, bound: bool) -> tuple[tuple[str, int | None], ...]
     return tuple(found)
 
 
-def _check_options(entry: Callable[..., Any], args: tuple, call: str) -> None:
-    """Refuse a model keyword named like an option: effax would take it, and the model would never see it."""
+def _positional_names(fn: Callable[..., Any]) -> str:
+    """`"x, y"`: the positional parameters of `fn` before its options, spelled for a lambda; `"*a"` if unsure."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return "*a"
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name in OPTIONS:
+            break
+        names.append(p.name)
+    return ", ".join(names) or "*a"
+
+
+def _check_options(entry: Callable[..., Any], args: tuple, call: str, owner: Any = None, method: Any = None) -> None:
+    """Refuse a model keyword named like an option: effax would take it, and the model would never see it.
+
+    The fix it suggests for a module at the root scope (`owner`, what `fx.transform` got) keeps it there,
+    `method=lambda m, x: m(x, training=fx.is_training())`: a wrapping lambda would make the module a
+    layer of the lambda (`Critic_0/Dense_0`), so the variables of the linen model it ports would not load.
+    """
     bound = inspect.ismethod(entry)
     fn = entry.__func__ if bound else entry
     try:
@@ -129,13 +163,25 @@ def _check_options(entry: Callable[..., Any], args: tuple, call: str) -> None:
     for name, position in clashes:
         if position is not None and position < len(args):
             continue  # given positionally: it reaches the model, nothing is taken
-        fix = (
-            "ask for the mode inside the model, "
-            "`fx.transform(lambda x: model(x, training=fx.is_training()))`, and pass `training=` to "
-            f"`{call}` as usual"
-            if name == "training"
-            else f"bind it in a wrapper, `fx.transform(functools.partial(model, {name}=...))`"
-        )
+        value = "fx.is_training()" if name == "training" else "..."
+        if getattr(type(owner), "_effax_at_root", None) is not None:  # a module: keep it at the root scope
+            target = method if method is not None else getattr(getattr(entry, "__wrapped__", None), "__name__", 0)
+            called = f"m.{target}" if isinstance(target, str) and target != "__call__" else "m"
+            a = _positional_names(entry)
+            fix = (
+                f"call it through `method=`, which keeps the module at the root scope (a wrapping lambda "
+                f"would rename its params `{type(owner).__name__}_0/...`, so linen variables would not load): "
+                f"`fx.transform(model, method=lambda m, {a}: {called}({a}, {name}={value}))`"
+            )
+        elif name == "training":
+            fix = (
+                "ask for the mode inside the model, "
+                "`fx.transform(lambda x: model(x, training=fx.is_training()))`"
+            )
+        else:
+            fix = f"bind it in a wrapper, `fx.transform(functools.partial(model, {name}=...))`"
+        if name == "training":
+            fix += f", and pass `training=` to `{call}` as usual"
         raise EffaxError(
             f"`{call}`: the model {getattr(entry, '__name__', type(entry).__name__)} takes a keyword "
             f"argument {name!r}, which is also an option of `t.init`/`t.apply` ({', '.join(OPTIONS)}): "
@@ -235,6 +281,20 @@ class Transformed:
 
     fn: Callable[..., Any]
     owner: Any = None
+    _effax_discharged: ClassVar[bool] = True  # callable, but no model: what takes a model refuses it
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse a call: `t(variables, x)` and `jax.jit(t)` (Haiku's and Flax's habits) mean `t.apply`.
+
+        Why a call raises rather than runs `apply`: `t` is a pair of pure functions, and the one a call
+        would run is ambiguous (Haiku's `transform` returns the same pair); so a call says which to use.
+        Handlers given to a jitted `apply` are no arrays: a preset is a pytree (its keys are traced),
+        other handlers go in a function that calls `apply`, or static (`static_argnames=("handlers",)`).
+        """
+        raise EffaxError(
+            "a transformed model is not called itself: `t.init(key, x)` creates the variables and "
+            "`t.apply(variables, x)` runs the model; jit those, `jax.jit(t.apply)(variables, x)`."
+        )
 
     def _entry(self, method: Any) -> Callable[..., Any]:
         if method is None:
@@ -341,7 +401,7 @@ class Transformed:
             extra.append(CaptureIntermediates(capture_intermediates))
         extra.extend(flatten_handlers((inside,)))
         entry = self._entry(method)
-        _check_options(entry, args, call)
+        _check_options(entry, args, call, self.owner, method)
         keys = KeysFromRngs(default_rngs if rngs is None else rngs)
         storage = (InitState({}, state_collections), CollectSown(sown_collections), InitParams())
         out, runs = _discharged(call, entry, args, kwargs, (Mode(training), keys), storage, extra)
@@ -391,7 +451,7 @@ class Transformed:
             collections = _with_intermediates(collections)
             extra.append(CaptureIntermediates(capture_intermediates))
         entry = self._entry(method)
-        _check_options(entry, args, "t.apply")
+        _check_options(entry, args, "t.apply", self.owner, method)
         storage = (
             FunctionalState(variables, collections), CollectSown(collections), LoadParams(variables.get("params", {}))
         )
@@ -412,14 +472,17 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     `method(module, *args)`), and `init`/`apply` take `method=` to run
     another one, as in Flax. Give the submodules that two entry points share
     explicit names (`Dense(2, name="encoder")`): an inline `Dense` reached
-    from `decode` alone would otherwise be counted afresh.
+    from `decode` alone would otherwise be counted afresh. A module class
+    is refused: pass an instance, `fx.transform(MLP(...))`.
 
     A keyword argument of `fn` named like an option of `init`/`apply`
     (`training`, `rngs`, `mutable`, `handlers`, `method`,
     `capture_intermediates`) would be taken by effax and never reach `fn`,
     so calls refuse it with an `EffaxError`: read the mode inside the model
-    (`fx.transform(lambda x: model(x, training=fx.is_training()))`), bind it
-    with `functools.partial`, or pass it positionally.
+    (`fx.transform(lambda x: model(x, training=fx.is_training()))`; for a
+    module, `fx.transform(module, method=lambda m, x: m(x,
+    training=fx.is_training()))`, which keeps it at the root scope), bind
+    it with `functools.partial`, or pass it positionally.
 
     >>> def model(x):
     ...     w = fx.param("w", jax.nn.initializers.ones, (x.shape[-1], 2))
@@ -429,8 +492,9 @@ def transform(fn: Callable[..., Any], *, method: Any = None) -> Transformed:
     >>> t.apply(variables, jnp.ones((1, 3)))
     Array([[3., 3.]], dtype=float32)
     """
-    if not callable(fn):
+    if not callable(fn) or getattr(type(fn), "_effax_discharged", False):
         raise EffaxError(f"`fx.transform` takes a function, got {type(fn).__name__}.")
+    refuse_module_class(fn, "fx.transform", "fx.transform({})")
     if method is None and getattr(type(fn), "_effax_at_root", None) is None:
         return Transformed(fn)
     return Transformed(_entry_point(fn, method), fn)

@@ -326,4 +326,31 @@ def param(
     request.__dict__.update(
         path=path_now() + (name,), init=init, shape=shape, dtype=dtype, axes=axes, shared=shared, origin=None, via=()
     )
-    return send(request)
+    value = send(request)
+    try:  # the usual answer, an array or tracer of the declared shape and dtype: one aval read, two compares
+        aval = value.aval
+        if aval.shape == shape and (aval.dtype is dtype or aval.dtype == dtype):
+            return value
+    except AttributeError:  # no aval: a NumPy array, a number, or a handler's mistake (None)
+        pass
+    return checked_answer(request, value)
+
+
+def checked_answer(request: ParamRequest, value: Any) -> Any:
+    """`value`, the answer to `request` that is not an array of its exact shape and dtype, if it still is one
+    in effect (a NumPy array or number of that shape whose dtype canonicalizes to it, a `jax.ShapeDtypeStruct`
+    of a shape-only run); otherwise a `ShapeMismatchError` naming the param and the handler's likely slip."""
+    if value is None or not hasattr(value, "shape") and not isinstance(value, (bool, int, float, complex)):
+        what = "None" if value is None else f"a {type(value).__name__}, not an array"
+        raise ShapeMismatchError(
+            f"{request.describe()}: a handler answered {what}; did `handle` forget `return forward(request)`? "
+            "A handler answers each request it sees: with a value, or with what `forward(request)` returns."
+        )
+    shape, dtype = shape_dtype(value)
+    if shape != request.shape or dtype != request.dtype:
+        raise ShapeMismatchError(
+            f"{request.describe()}: a handler answered shape {shape}, {jnp.dtype(dtype).name}. A param's answer "
+            "has its declared shape and dtype: return `forward(request)`, or cast or reshape the value in "
+            "`handle` (`value.astype(request.dtype)`)."
+        )
+    return value

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
+
+import jax
+import numpy as np
 
 from effax.core import EffaxError, InvalidNameError, Request, check_name, current_path, path_now, path_str, send
 
@@ -47,6 +51,35 @@ class LocalStateRequest(Request):
 
     def describe(self) -> str:
         return f"state `{path_str(self.path)}` in collection {self.collection!r}"
+
+    def initialize(self) -> Any:
+        """`init()`, checked: an `init` that takes arguments (Flax's `self.variable(c, n, init_fn, shape)`)
+        and a value that is not a pytree of arrays (None from a forgotten `return`, a string) are refused
+        by name; what creates state calls this, never `init()` itself."""
+        try:
+            value = self.init()
+        except TypeError as e:
+            try:
+                inspect.signature(self.init).bind()
+            except TypeError:
+                name = getattr(self.init, "__name__", type(self.init).__name__)
+                raise EffaxError(
+                    f"{self.describe()}: its init {name} cannot be called as `init()`, as `fx.local_state` calls "
+                    f"it ({e}). init() takes no arguments; close over the shape: `lambda: jnp.zeros(shape)`."
+                ) from None
+            except ValueError:  # no signature to read (a builtin): the error is the init's own
+                pass
+            raise
+        for leaf in jax.tree.leaves(value, is_leaf=lambda x: x is None):
+            if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+                what = "None (a forgotten `return`?)" if leaf is None else f"{type(leaf).__name__} {leaf!r:.40}"
+                where = "" if leaf is value else " in its tree"
+                raise EffaxError(
+                    f"{self.describe()}: its init() returned {what}{where}, but state is a pytree of arrays "
+                    "(or Python numbers). Return one, `lambda: jnp.zeros(())`; a value that never "
+                    "changes (a string, a config) belongs in a closure or a module field, not in state."
+                )
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +169,11 @@ def check_collection(collection: str, what: str) -> str:
 def local_state(name: str, init: Callable[[], Any], *, collection: str = "state") -> LocalStateEffect:
     """Request the mutable variable `name` at the current path in `collection`.
 
-    `init()` returns its initial pytree of arrays and is called only when the
-    variable does not exist yet (under init, or when its collection is mutable).
+    `init()` returns its initial pytree of arrays (or Python numbers) and is
+    called only when the variable does not exist yet (under init, or when its
+    collection is mutable); it takes no arguments (close over a shape). A
+    second declaration of the path in a run whose `init()` makes other shapes
+    or dtypes raises `ParamConflictError`, as a param's does.
 
     >>> def counter():
     ...     n = fx.local_state("n", lambda: jnp.zeros((), jnp.int32), collection="counts")

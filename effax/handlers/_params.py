@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from effax.core import (
+    EffaxError,
     Handler,
     MissingVariableError,
     ParamConflictError,
@@ -20,8 +21,16 @@ from effax.core import (
 )
 from effax.effects import InitializingRequest, ParamRequest, StreamKeyRequest
 from effax.handlers._random import as_typed_key, fold, h_path
+from effax.handlers._state import abstract_value_error, value_phrase
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, get_path, nearest_paths
+
+
+def _asked(request: ParamRequest) -> str:
+    """Where the model asked for a param that a `fx.share` binding moved, for messages; "" if not moved."""
+    if not request.via:
+        return ""
+    return f" (asked at `{path_str(request.original_path)}`, via `{request.via[-1]}`)"
 
 
 class _ParamRun:
@@ -61,6 +70,16 @@ class _ParamRun:
                 f"{first.spec()}, now {request.spec()}. A path names one variable: give the second "
                 "one another name or scope."
             )
+        if first.axes != request.axes:  # None is unspecified: it takes the other's; two names disagree
+            if first.axes is not None and request.axes is not None:
+                raise ParamConflictError(
+                    f"param `{path_str(request.path)}` is requested twice with different logical axes: first "
+                    f"axes={first.axes}{_asked(first)}, now axes={request.axes}{_asked(request)}, so its sharding "
+                    "would depend on which runs first. Give both requests the same `axes=` (or leave it out of "
+                    "one: None takes the other's)."
+                )
+            if first.axes is None:
+                self.seen[request.path] = (request, value)  # a third request is checked against these axes
         return value
 
     def handle(self, request: Any, forward: Any) -> Any:
@@ -189,7 +208,14 @@ class LoadParams(Handler):
     """
 
     def __init__(self, params: Any):
-        self.params = params if params is not None else {}
+        params = params if params is not None else {}
+        if type(params) is not dict and not isinstance(params, Mapping):
+            raise EffaxError(
+                f"variables['params'] (what `LoadParams` answers from) is {value_phrase(params)}, not a nested dict of "
+                "params by path (`{'Dense_0': {'kernel': ...}}`). Pass the variables `t.init` returned, "
+                "`t.apply(variables, x)`; a lone array goes in under its name: `t.apply({'params': {'w': w}}, x)`."
+            )
+        self.params = params
 
     def begin(self) -> _LoadRun:
         return _LoadRun(self.params)
@@ -207,22 +233,23 @@ class _LoadRun(_ParamRun):
         value = get_path(self.params, request.path)
         if value is MISSING:
             near = nearest_paths(request.path, self.params)
-            raise MissingVariableError(
-                f"no param `{path_str(request.path)}` in variables['params'] (asked for "
-                f"{request.spec()}); "
-                + (f"nearest: {', '.join(repr(n) for n in near)}. " if near else "")
-                + (
-                    "variables['params'] is empty or missing: pass the whole variables `t.init` returned, "
-                    "`{'params': ..., <collection>: ...}` (a params tree alone goes in as "
+            asked = f"no param `{path_str(request.path)}` in variables['params'] (asked for {request.spec()})"
+            if not self.params:
+                raise MissingVariableError(
+                    f"{asked}; variables['params'] is empty or missing: pass the whole variables `t.init` "
+                    "returned, `{'params': ..., <collection>: ...}` (a params tree alone goes in as "
                     "`t.apply({'params': params}, x)`)."
-                    if not self.params
-                    else "Check the name and scope, or create the variables with `t.init` for this model."
                 )
+            nearest = f"; nearest: {', '.join(repr(n) for n in near)}" if near else ""
+            raise MissingVariableError(
+                f"{asked}{nearest}. Check the name and scope, or create the variables with `t.init` for this model."
             )
         if isinstance(value, jax.Array):  # the usual case: an array's shape is a tuple (read off its aval, no frame)
             aval = value.aval
             shape, dtype = aval.shape, aval.dtype
         else:
+            if type(value) is jax.ShapeDtypeStruct:  # an abstract value outside `jax.eval_shape` (a tracer there)
+                raise abstract_value_error(f"param `{path_str(request.path)}`", "params")
             shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
             if shape is None or dtype is None:
                 value = _unboxed(value, request)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
+
 from effax.core import EffaxError, FrozenStateError, Handler, MissingRngError
 from effax.effects import RandomRequest, SetStateRequest, StreamKeyRequest, StreamNamesRequest
 from effax.handlers._mode import Mode, static_training
@@ -69,7 +72,9 @@ class Preset(tuple):
     `fx.handle(preset)` installs its mode and keys (and, for eval, refuses
     draws and writes). Make them with `fx.handlers.train` and `fx.handlers.eval`.
     Spread into a list (`handlers=[*preset, lora]`) it is still the preset:
-    each of its handlers names it (`handler.preset`).
+    each of its handlers names it (`handler.preset`). It is a pytree whose
+    leaves are the train preset's keys, so `jax.jit(t.apply)(v, x,
+    handlers=preset)` traces the keys and keeps the mode and mutable static.
 
     >>> preset = fx.handlers.train(jax.random.key(0), mutable=["batch_stats"])
     >>> preset
@@ -105,6 +110,25 @@ class Preset(tuple):
         return f"fx.handlers.train(rngs={brief(self.rngs)}, mutable={mutable!r})"
 
 
+def _flatten_preset(preset: Preset) -> tuple[tuple, tuple]:
+    """A preset as a pytree, so `jax.jit(t.apply)(v, x, handlers=fx.handlers.train(key))` traces it: the train
+    preset's keys are its leaves (each step's fresh key reuses one compiled program), the mode and mutable
+    collections its static part (two presets of one mode compare equal, so jit's cache hits)."""
+    return ((preset.rngs,) if preset.training else ()), (preset.training, preset.mutable)
+
+
+def _unflatten_preset(static: tuple, leaves: Any) -> Preset:
+    training, mutable = static
+    if not training:
+        return eval(mutable)
+    keys = object.__new__(KeysFromRngs)  # unchecked: under a trace the leaves are tracers (or JAX's placeholders)
+    keys.rngs = leaves[0]
+    return Preset(True, keys, mutable, leaves[0])
+
+
+jax.tree_util.register_pytree_node(Preset, _flatten_preset, _unflatten_preset)
+
+
 def train(rngs: Any, mutable: Any = None) -> Preset:
     """The training preset: `training=True`, keys from `rngs`, and the `mutable` collections.
 
@@ -122,7 +146,24 @@ def train(rngs: Any, mutable: Any = None) -> Preset:
     return Preset(True, KeysFromRngs(rngs), mutable, rngs)
 
 
-def eval(mutable: Any = ()) -> Preset:  # noqa: A001 - the name users expect beside `train`
+def _refuse_keys(given: str) -> EffaxError:
+    return EffaxError(
+        f"fx.handlers.eval({given}): eval draws no keys, as dropout is off in eval, so it takes no rngs; it "
+        "takes only mutable=[...], the inference-state collections it may write (a decode cache): "
+        "`fx.handlers.eval()`, or `fx.handlers.eval(mutable=['cache'])`. For draws at eval time (MC dropout), "
+        "pass `rngs=` and `training=False` to `t.apply` without the preset."
+    )
+
+
+def _key_like(x: Any) -> bool:
+    """A typed key, or raw key data (uint32, last dimension 2 or 4): what `train(rngs)` takes, never a mutable."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not hasattr(x, "shape"):
+        return False
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == np.uint32 and x.shape[-1:] in ((2,), (4,)))
+
+
+def eval(mutable: Any = (), *, rngs: Any = None) -> Preset:  # noqa: A001 - the name users expect beside `train`
     """The eval preset: `training=False`, no randomness drawn, no training state written.
 
     A draw raises `MissingRngError`, a `set` raises `FrozenStateError`; with
@@ -130,6 +171,8 @@ def eval(mutable: Any = ()) -> Preset:  # noqa: A001 - the name users expect bes
     decode cache): `mutable` names those collections, which may then be
     written (and created when missing), and `apply` returns `(out, updates)`
     with them, as `mutable=` does; every other collection stays frozen.
+    It takes no keys (dropout is off in eval): `eval(key)` and
+    `eval(rngs=...)`, written by symmetry with `train(rngs)`, are refused.
 
     >>> def f(x):
     ...     return fx.nn.Dropout(0.5)(x)
@@ -149,6 +192,10 @@ def eval(mutable: Any = ()) -> Preset:  # noqa: A001 - the name users expect bes
     >>> t.apply({}, 1.0, handlers=fx.handlers.eval(mutable=["cache"]))
     (1.0, {'cache': {'n': Array(1, dtype=int32)}})
     """
+    if rngs is not None:
+        raise _refuse_keys("rngs=...")
+    if _key_like(mutable) or isinstance(mutable, Mapping) and any(map(_key_like, mutable.values())):
+        raise _refuse_keys("key")  # `eval(key)`, by symmetry with `train(key)`
     if mutable is True:
         raise EffaxError(
             "fx.handlers.eval(mutable=True) would let eval write every collection, training state "

@@ -56,6 +56,20 @@ def _raw_key_shape(impl: str) -> tuple[int, ...]:
     return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
 
 
+def refuse_handlers_as(value: Any, option: str) -> None:
+    """Raise if `value`, given for `option` (`rngs`, `mutable`), is a preset or a handler: they go in `handlers=`."""
+    hs = value if isinstance(value, tuple) else (value,)
+    if hs and all(callable(getattr(h, "handle", None)) for h in hs):
+        if type(value).__name__ == "Preset":  # (`_presets` imports this module: the class is known by name)
+            what = repr(value)
+        else:
+            what = f"a {type(value).__name__} of handlers" if hs is value else f"the handler {type(value).__name__}"
+        raise EffaxError(
+            f"`{option}=` got {what}: pass presets and handlers as `handlers=`, "
+            "`t.apply(variables, x, handlers=fx.handlers.train(key))`; a preset sets rngs and mutable itself."
+        )
+
+
 def check_key(key: Any, stream: str | None) -> bool:
     """Raise unless `key` is one key (typed, or raw key data); return whether it is typed. No op runs."""
     dtype = getattr(key, "dtype", None)
@@ -63,6 +77,8 @@ def check_key(key: Any, stream: str | None) -> bool:
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
     where = "`rngs`" if stream is None else f"rngs for stream {stream!r}"
     if not typed and (dtype is None or not np.issubdtype(dtype, np.integer)):
+        if dtype is None:
+            refuse_handlers_as(key, "rngs")
         spec = f"{np.dtype(dtype).name}{list(shape)}" if dtype is not None else f"{type(key).__name__} {key!r:.40}"
         raise EffaxError(
             f"{where} is {spec}, not a key: pass `jax.random.key(seed)` (or a raw "

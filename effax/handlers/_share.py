@@ -429,7 +429,7 @@ def share(
     >>> jax.tree.map(jnp.shape, t.init(jax.random.key(0), jnp.ones(2)))
     {'params': {'encoder': {'w': (2, 2)}}}
     """
-    if not callable(fn):
+    if not callable(fn) or getattr(type(fn), "_effax_discharged", False):
         raise EffaxError(
             f"`fx.share` takes the effectful model function, got {type(fn).__name__}. Share inside "
             "the transform: `fx.transform(fx.share(fn, bindings))`."

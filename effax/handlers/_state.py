@@ -16,10 +16,13 @@ from effax.core import (
     Handler,
     InvalidNameError,
     MissingVariableError,
+    ParamConflictError,
     ShapeMismatchError,
     check_name,
+    hermetic,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
+from effax.handlers._random import refuse_handlers_as
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, copy_scopes, get_path, nearest_paths
 
@@ -46,6 +49,7 @@ def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
     elif isinstance(mutable, np.bool_):
         return normalize_mutable(bool(mutable))
     else:
+        refuse_handlers_as(mutable, "mutable")
         if isinstance(mutable, Mapping):
             chosen = [c for c, on in mutable.items() if on]
             fix = (
@@ -60,6 +64,8 @@ def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
             f"names. {fix[0].upper()}{fix[1:]}."
         )
     for name in names:
+        if type(name) is not str:
+            refuse_handlers_as(mutable, "mutable")
         check_name(name, "collection")
         if name == "params":
             raise InvalidNameError(
@@ -71,6 +77,13 @@ def normalize_mutable(mutable: Any) -> frozenset[str] | bool:
 
 def is_mutable(mutable: frozenset[str] | bool, collection: str) -> bool:
     return mutable is ALL or collection in mutable  # type: ignore[operator]
+
+
+def value_phrase(x: Any) -> str:
+    """A value in one short phrase for messages: `Array float32[3]`, `int 3`; never an array dump."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{'Array' if isinstance(x, jax.Array) else type(x).__name__} {_leaf_spec(x)}"
+    return f"{type(x).__name__} {x!r:.40}"
 
 
 def _leaf_spec(x: Any) -> str:
@@ -109,6 +122,16 @@ def cast_like(new: Any, old: Any, describe: Any) -> Any:
 _EMPTY: Mapping[str, Any] = {}  # a collection not stored: read only, never written through
 
 
+def abstract_value_error(what: str, collection: str) -> MissingVariableError:
+    """A `jax.ShapeDtypeStruct` stored where a value is read: the variables are `jax.eval_shape(t.init)`'s."""
+    return MissingVariableError(
+        f"{what}: variables[{collection!r}] holds abstract values (jax.ShapeDtypeStruct), as "
+        "`jax.eval_shape(t.init, ...)` returns: they have a shape and dtype but no value. Restore or init real "
+        "arrays (`fx.checkpoint.restore(path, like=abstract)`, or `t.init(key, x)`); inside `jax.eval_shape` "
+        "they can be applied as they are: `jax.eval_shape(t.apply, abstract, x)`."
+    )
+
+
 class FunctionalState(Handler):
     """Thread local state through a run: read from `variables`, write to the mutable collections.
 
@@ -126,7 +149,19 @@ class FunctionalState(Handler):
 
     def __init__(self, variables: Mapping[str, Any] | None = None, mutable: Any = True):
         variables = {} if variables is None else variables
+        if type(variables) is not dict and not isinstance(variables, Mapping):
+            raise EffaxError(
+                f"{type(self).__name__} takes the variables by collection, a dict like "
+                f"{{'batch_stats': {{...}}}} (what `t.init` returned), got {value_phrase(variables)}."
+            )
         self.variables = {c: v for c, v in variables.items() if c != "params"}
+        for c, v in self.variables.items():  # a few collections: each is a dict of variables by path
+            if type(v) is not dict and not isinstance(v, Mapping):
+                raise EffaxError(
+                    f"variables[{c!r}] is {value_phrase(v)}, not a dict of variables by path "
+                    f"({{'BatchNorm_0': {{'mean': ...}}}}). Pass the variables `t.init` returned (merged with "
+                    "the updates of earlier runs: `{**variables, **updates}`)."
+                )
         self.mutable = normalize_mutable(mutable)
 
     def begin(self) -> _StateRun:
@@ -145,10 +180,44 @@ class FrozenState(FunctionalState):
         super().__init__(variables, mutable=False)
 
 
+def _check_concrete(value: Any, request: Any) -> None:
+    """Refuse a stored state holding `jax.ShapeDtypeStruct`s (read outside `jax.eval_shape`, where they are
+    tracers): the model would get a value without data."""
+    if any(type(leaf) is jax.ShapeDtypeStruct for leaf in jax.tree.leaves(value)):
+        raise abstract_value_error(request.describe(), request.collection)
+
+
+def _made_by(init: Any) -> Any:
+    """What `init()` makes, as a tree of `float32[2]` strings, computed abstractly with no handler installed
+    (an `init` that draws a key counts no draw); None when it cannot be computed so."""
+    try:
+        with hermetic():
+            shapes = jax.eval_shape(init)
+    except (EffaxError, TypeError):  # an init that performs effects (draws, reads the mode): not compared
+        return None
+    return jax.tree.map(_leaf_spec, shapes)
+
+
+def _check_same_init(first: Any, request: Any) -> None:
+    """Two declarations of one variable in one run whose `init()`s make different shapes or dtypes would
+    silently give the second the first's value: `ParamConflictError`, as `fx.param` raises for the same."""
+    if (first.origin or first.path) != (request.origin or request.path):
+        return  # two variables tied by a `fx.share` binding: its `state=` policy checks them, or not ('unsafe')
+    a, b = _made_by(first.init), _made_by(request.init)
+    if a is not None and b is not None and jax.tree.flatten(a) != jax.tree.flatten(b):
+        raise ParamConflictError(
+            f"{request.describe()} is declared twice in one run with `init()`s that disagree: first {a}, now "
+            f"{b}. A path names one variable: give the second one another name or scope "
+            "(`fx.local_state('count_b', ...)`), or make the two inits agree."
+        )
+
+
 class _StateRun:
     answers = (LocalStateRequest, GetStateRequest, SetStateRequest)
 
-    __slots__ = ("mutable", "stored", "current", "owned", "created", "used", "declared", "noted", "layout", "trace")
+    __slots__ = (
+        "mutable", "stored", "current", "owned", "created", "inits", "used", "declared", "noted", "layout", "trace",
+    )
 
     def __init__(self, stored: dict[str, Any], mutable: frozenset[str] | bool):
         self.mutable = mutable
@@ -156,6 +225,7 @@ class _StateRun:
         self.current: dict[str, Any] = dict(stored)
         self.owned: set[str] = set()
         self.created: dict[str, PathTree] = {}
+        self.inits: dict[tuple[str, tuple[str, ...]], Any] = {}  # the request that created each variable
         self.used: set[str] = set()
         self.declared: set[tuple[str, tuple[str, ...]]] = set()
         self.noted: set[tuple[str, tuple[str, ...]]] = set()  # declarations of stored leaves, laid out lazily
@@ -225,17 +295,27 @@ class _StateRun:
             self.used.add(c)
             value = get_path(self.current.get(c, _EMPTY), request.path)
             # an array first: `isinstance(value, Mapping)` is an abstract check, a Python frame per variable
-            leaf = value is not MISSING and (isinstance(value, jax.Array) or not isinstance(value, Mapping))
+            if value is MISSING:
+                leaf = False
+            elif isinstance(value, jax.Array):
+                leaf = True
+            else:  # a tree, a NumPy array, or an abstract value (`jax.eval_shape(t.init)`'s): refused
+                _check_concrete(value, request)
+                leaf = not isinstance(value, Mapping)
             if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
                 self.noted.add((c, request.path))
                 return None
             self._declare(request)
             if value is not MISSING:
+                first = self.inits.get((c, request.path)) if self.inits else None
+                if first is not None and first.init is not request.init:  # made in this run: declared again
+                    _check_same_init(first, request)  # (state a `fx.share` pass ties is its policy's to check)
                 return None
             if not is_mutable(self.mutable, c):
                 raise self._missing(request)
             check_trace(self.trace, request, "creates state")
-            value = request.init()
+            value = request.initialize()
+            self.inits[(c, request.path)] = request
             tree = self.created.get(c)
             if tree is None:
                 tree = self.created[c] = PathTree(f"collection {c!r}")

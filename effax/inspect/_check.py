@@ -10,7 +10,7 @@ import jax
 
 from effax.core import EffaxError
 from effax.discharge import transform
-from effax.discharge._transform import _check_variables_arg
+from effax.discharge._transform import _check_variables_arg, refuse_module_class
 from effax.inspect._abstract import run_abstractly
 from effax.inspect._diff import VariablesReport, diff_variables
 
@@ -39,6 +39,7 @@ def check_variables(
     missing: params:w (float32[2]); nearest in the variables: 'params:v'
     unused: params:v (float32[2])
     """
+    refuse_module_class(t, "fx.check_variables", "fx.check_variables({}, variables, x)")
     init = getattr(t, "init", None)
     if not callable(init):
         if not callable(t):

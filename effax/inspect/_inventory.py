@@ -8,6 +8,7 @@ is the basis of summaries (param counts, state, streams, tied weights).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from effax.core import EffaxError, Path, Request, path_str
 from effax.discharge import MultiTransformed, Transformed, transform
+from effax.discharge._transform import refuse_module_class
 from effax.effects import ModuleCallRequest
 from effax.inspect._abstract import run_abstractly
 
@@ -216,9 +218,9 @@ class _StoredRequests:
         return answer
 
 
-def _transformed(fn: Any, what: str) -> Transformed:
+def _transformed(fn: Any, what: str, call: str = "fx.effects_of") -> Transformed:
     """The `Transformed` whose `init` a summary runs: `fn` itself, a `fx.multi_transform`'s template, or
-    `fx.transform(fn)` of an effectful function; anything else is refused."""
+    `fx.transform(fn)` of an effectful function; anything else (a module class too) is refused, by `call`."""
     if isinstance(fn, Transformed):
         return fn
     if isinstance(fn, MultiTransformed):
@@ -228,7 +230,35 @@ def _transformed(fn: Any, what: str) -> Transformed:
             f"{what} take a model: what `fx.transform` or `fx.multi_transform` returned, or the effectful "
             f"function; got {type(fn).__name__}."
         )
+    refuse_module_class(fn, call, f"{call}({{}}, x)")
     return transform(fn)
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == jnp.uint32 and tuple(x.shape) == (2,))
+
+
+def check_arguments(t: Transformed, method: Any, args: tuple, kwargs: dict, call: str) -> None:
+    """Refuse arguments the model's entry point cannot take, before running it: `fx.summary(t, key, x)`
+    (`t.init`'s habit, a key first) was a raw `model() takes 1 positional argument but 2 were given`."""
+    entry = t._entry(method)
+    try:
+        signature = inspect.signature(entry)
+    except (TypeError, ValueError):  # no signature to read: the call itself will say
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        key = (" Its first argument is a key, as `t.init(key, x)` takes: drop it; pass `rngs=key` if the draws "
+               "should use it.") if args and _is_key(args[0]) else ""
+        raise EffaxError(
+            f"{call}: the model `{getattr(entry, '__name__', type(entry).__name__)}` cannot take these arguments "
+            f"({e}). {call} takes the model's own arguments, `{call}(t, x)`, as `t.apply(variables, x)` passes "
+            f"them, with no key (a dummy key serves every stream).{key}"
+        ) from None
 
 
 def effects_of(
@@ -267,6 +297,7 @@ def effects_of(
     6
     """
     t = _transformed(fn, "`fx.summary` and `fx.effects_of`")
+    check_arguments(t, method, args, kwargs, "fx.effects_of")
     inventory = _Inventory()
     options = dict(
         rngs=rngs, training=training, handlers=handlers, mutable=mutable,

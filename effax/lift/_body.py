@@ -259,7 +259,7 @@ class Recorder:
                 return None
             outer_init, self.init_of = self.init_of, slot
             try:  # a `DrawingProbe` (a nested lift's) draws here too; a `Probe` raises `Fresh`
-                value = request.init()
+                value = request.initialize()
             finally:
                 self.init_of = outer_init
             needs.state[slot] = StateNeed(dataclasses.replace(request, init=_stripped), struct_of(value))
@@ -389,7 +389,7 @@ class Answerer:
                 raise retraced(request, "was not requested")
             if s.fresh:
                 check_trace(self.trace, request, "creates state")
-                made = request.init()
+                made = request.initialize()
                 if s.initial is None:
                     self.initial[slot] = made
                     value = made

@@ -8,11 +8,23 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import InvalidNameError, check_name, path_now, path_str, run_local, run_values, under_path
+from effax.core import EffaxError, InvalidNameError, check_name, path_now, path_str, run_local, run_values, under_path
 from effax.effects import call_module
 from effax.nn._naming import Names, current_names, pop_names, push_names
 
 _EXPLICIT = ("explicit name",)
+_FLAX_ENTRY_POINTS = ("init", "init_with_output", "apply")  # a linen module's own, a transform's in effax
+
+
+class ModuleNotTransformedError(EffaxError, AttributeError):
+    """`module.init(key, x)` (Flax's habit) on an `fx.nn` module: in effax, `fx.transform(module)` has them.
+
+    Also an `AttributeError`, so `hasattr(module, "init")` stays False.
+
+    >>> fx.nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 2)))
+    Traceback (most recent call last):
+    effax.ModuleNotTransformedError: `Dense.init`: fx.nn modules are not transformed themselves ...
+    """
 
 
 def where(kind: str) -> str:
@@ -349,6 +361,13 @@ class Module:
         """
 
     def __getattr__(self, name: str) -> Any:  # only for attributes not found: `setup()`'s
+        if name in _FLAX_ENTRY_POINTS:
+            call = "t.apply(variables, x)" if name == "apply" else f"t.{name}(key, x)"
+            raise ModuleNotTransformedError(
+                f"`{type(self).__name__}.{name}`: fx.nn modules are not transformed themselves, as a linen "
+                f"module is (`module.{name}(...)`); transform the module first: `t = fx.transform(module); "
+                f"{call}`. `t.init`, `t.init_with_output` and `t.apply` take Flax's arguments."
+            )
         if name.startswith(("__", "_effax")) or type(self).setup is Module.setup:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         values = _setup_values(self, name)

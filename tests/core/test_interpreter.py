@@ -108,6 +108,34 @@ def test_not_a_handler_is_refused_with_explanation():
         fx.handle(object())
 
 
+class Passing(fx.Handler):
+    pass
+
+
+@pytest.mark.parametrize(("cls", "args"), [(Passing, ()), (fx.handlers.FrozenState, ({"state": {"n": 2.0}},))])
+def test_a_handler_class_is_refused_with_the_instance_to_pass(cls, args):
+    """`handlers=[fx.handlers.FrozenState]` was a raw `begin() missing 1 required positional argument: 'self'`."""
+    name = cls.__name__
+    with pytest.raises(fx.EffaxError, match=rf"{name} is a handler class; pass an instance: {name}\(\)"):
+        fx.handle(cls)
+    t = fx.transform(lambda: fx.local_state("n", lambda: 1.0).get())
+    with pytest.raises(fx.EffaxError, match="pass an instance"):
+        t.apply({"state": {"n": 2.0}}, handlers=[cls])
+    assert t.apply({"state": {"n": 2.0}}, handlers=[cls(*args)]) == 2.0  # the fix works
+
+
+def test_a_begin_that_returns_none_is_refused_on_entry():
+    """A `begin()` that forgot `return` failed at the first request, with a raw AttributeError from routing."""
+
+    class Counter(fx.Handler):
+        def begin(self):
+            self.n = 0
+
+    with pytest.raises(fx.EffaxError, match=r"`Counter.begin\(\)` returned None.*return self or a run object"):
+        with fx.handle(Counter()):
+            pass
+
+
 def test_hermetic_hides_outer_handlers_and_path():
     with fx.handle(Pong("outer")), fx.scope("s"):
         with hermetic():

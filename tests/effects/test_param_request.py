@@ -211,3 +211,55 @@ def test_an_unknown_dtype_is_named_at_the_param():
     with fx.scope("enc"), pytest.raises(fx.EffaxError, match=r"param `enc/w`: dtype='flaot32' is not a dtype"):
         with fx.handle(fx.handlers.InitParams(jax.random.key(0))):
             fx.param("w", jax.nn.initializers.zeros, (2,), "flaot32")
+
+
+# --- a handler's answer is checked where the model receives it
+
+
+def _dense(x):
+    with fx.scope("dense"):
+        return x @ fx.param("kernel", jax.nn.initializers.ones, (3, 4))
+
+
+class _Answer(fx.Handler):
+    answers = (fx.ParamRequest,)
+
+    def __init__(self, change):
+        self.change = change
+
+    def handle(self, request, forward):
+        return self.change(forward(request))
+
+
+def test_a_handler_answering_none_or_another_shape_or_dtype_is_named_at_the_param():
+    """A handler that forgot `return` handed the model None (a raw TypeError in its `@`); one answering (3, 2) for
+    (3, 4) gave a silently wrong output shape."""
+    t, x = fx.transform(_dense), jnp.ones((2, 3))
+    v = t.init(KEY, x)
+    where = r"param `dense/kernel` \(shape \(3, 4\), float32\): a handler answered "
+    with pytest.raises(fx.ShapeMismatchError, match=where + r"None; did `handle` forget `return forward\(request\)`\?"):
+        t.apply(v, x, handlers=[_Answer(lambda w: None)])
+    eager = lambda h: t.apply(v, x, handlers=[h])  # noqa: E731
+    jitted = lambda h: jax.jit(lambda v: t.apply(v, x, handlers=[h]))(v)  # noqa: E731
+    for change, got in [(lambda w: w[..., :2], r"shape \(3, 2\), float32"),
+                        (lambda w: w.astype(jnp.bfloat16), r"shape \(3, 4\), bfloat16"),
+                        (lambda w: "w", r"a str, not an array")]:
+        for run in (eager, jitted):
+            with pytest.raises(fx.ShapeMismatchError, match=where + got):
+                run(_Answer(change))
+    rounded = _Answer(lambda w: w.astype(jnp.bfloat16).astype(w.dtype))  # the fix: keep the declared dtype
+    np.testing.assert_array_equal(t.apply(v, x, handlers=[rounded]), t.apply(v, x))
+
+
+def test_answers_that_are_arrays_in_effect_pass():
+    """NumPy params (float64 without x64 canonicalizes to the declared float32), numbers, shape-only answers under
+    eval_shape, and per-example values under vmap all reach the model."""
+    t, x = fx.transform(_dense), jnp.ones((2, 3))
+    v = t.init(KEY, x)
+    stored = {"params": {"dense": {"kernel": np.ones((3, 4), np.float64)}}}
+    np.testing.assert_array_equal(t.apply(stored, x), t.apply(v, x))
+    scalar = fx.transform(lambda x: x * fx.param("s", jax.nn.initializers.ones, ()))
+    assert scalar.apply({}, 2.0, handlers=[fx.handlers.AbstractParams(), _Answer(lambda w: 3.0)]) == 6.0
+    assert jax.eval_shape(t.apply, jax.eval_shape(t.init, KEY, x), x).shape == (2, 4)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), v)
+    assert jax.vmap(lambda v: t.apply(v, x))(stacked).shape == (2, 2, 4)

@@ -186,3 +186,69 @@ def test_initializer_that_performs_effects_runs_in_the_models_trace():
     t = fx.transform(lambda: fx.param("w", effectful_init, (2,)))
     eager = t.init(jax.random.key(0))
     np.testing.assert_array_equal(jax.jit(t.init)(jax.random.key(0))["params"]["w"], eager["params"]["w"])
+
+
+def test_abstract_params_outside_eval_shape_are_refused_by_path():
+    """`t.apply(jax.eval_shape(t.init, ...), x)` handed the model a ShapeDtypeStruct: a raw TypeError in its `@`."""
+
+    def model(x):
+        with fx.scope("dense"):
+            return x @ fx.param("kernel", jax.nn.initializers.ones, (3, 4))
+
+    t, x = fx.transform(model), jnp.ones((2, 3))
+    abstract = jax.eval_shape(t.init, jax.random.key(0), x)
+    with pytest.raises(fx.MissingVariableError, match=r"param `dense/kernel`: variables\['params'\] holds abstract "
+                                                      r"values \(jax.ShapeDtypeStruct\).*jax.eval_shape\(t.init"):
+        t.apply(abstract, x)
+    assert jax.eval_shape(t.apply, abstract, x).shape == (2, 4)  # inside eval_shape they are tracers: fine
+    assert t.apply(t.init(jax.random.key(0), x), x).shape == (2, 4)  # the fix: real arrays
+
+
+def test_params_that_are_not_a_dict_are_refused_with_the_fix():
+    """`t.apply({'params': array}, x)` and `LoadParams(array)` were a raw `truth value of an array` ValueError."""
+    t, x = fx.transform(lambda x: x * fx.param("w", jax.nn.initializers.ones, (3,))), jnp.ones(3)
+    fix = r"variables\['params'\].*is Array float32\[3\], not a nested dict.*`t.apply\(\{'params': \{'w': w\}\}, x\)`"
+    with pytest.raises(fx.EffaxError, match=fix):
+        t.apply({"params": jnp.ones(3)}, x)
+    with pytest.raises(fx.EffaxError, match=fix):
+        LoadParams(jnp.ones(3))
+    np.testing.assert_array_equal(t.apply({"params": {"w": jnp.full(3, 2.0)}}, x), jnp.full(3, 2.0))  # the fix
+
+
+def test_two_requests_with_different_axes_conflict_and_none_takes_the_others():
+    """Two different non-None `axes=` of one param were no conflict: the first won, so its sharding depended on
+    call order (also for params tied by `fx.share`)."""
+
+    def same_path(first, second, third=None):
+        fx.param("w", normal, (16, 8), axes=first)
+        fx.param("w", normal, (16, 8), axes=second)
+        return fx.param("w", normal, (16, 8), axes=third)
+
+    with pytest.raises(fx.ParamConflictError, match=r"param `w` is requested twice with different logical axes: "
+                                                    r"first axes=\('vocab', 'embed'\), now axes=\('embed', 'vocab'\)"):
+        fx.transform(lambda: same_path(("vocab", "embed"), ("embed", "vocab"))).init(jax.random.key(0))
+    with pytest.raises(fx.ParamConflictError, match=r"first axes=\('vocab', 'embed'\), now axes=\('embed', 'vocab'\)"):
+        fx.transform(lambda: same_path(None, ("vocab", "embed"), ("embed", "vocab"))).init(jax.random.key(0))
+    merged = fx.summary(fx.transform(lambda: same_path(None, ("vocab", "embed"))))  # None is unspecified: merges
+    assert fx.sharding.logical_axes(merged) == {"params": {"w": jax.sharding.PartitionSpec("vocab", "embed")}}
+
+    def tied(ids):
+        with fx.scope("decoder"):  # the alias is used first
+            d = fx.param("embed", normal, (16, 8), axes=("embed", "vocab"))
+        with fx.scope("encoder"):
+            e = fx.param("embed", normal, (16, 8), axes=("vocab", "embed"))
+        return e[ids] @ d.T
+
+    asked = r"\(asked at `decoder/embed`, via `decoder/embed -> encoder/embed`\)"
+    both = rf"first axes=\('embed', 'vocab'\) {asked}, now axes=\('vocab', 'embed'\)"
+    with pytest.raises(fx.ParamConflictError, match=r"param `encoder/embed` .* different logical axes: " + both):
+        fx.summary(fx.transform(fx.share(tied, {"decoder/embed": "encoder/embed"})), jnp.arange(4))
+
+
+def test_a_missing_param_without_a_near_name_reads_as_one_sentence():
+    """It read "(asked for shape (2,), float32); Check the name": a capital after a semicolon."""
+    t = fx.transform(lambda: fx.param("w", normal, (2,)))
+    with pytest.raises(fx.MissingVariableError, match=r"^no param `w` in variables\['params'\] \(asked for shape "
+                                                      r"\(2,\), float32\)\. Check the name and scope") as info:
+        t.apply({"params": {"enc": {"dense": {"kernel": jnp.ones(2)}}}})
+    assert "; Check" not in str(info.value)

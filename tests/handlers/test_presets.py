@@ -1,5 +1,7 @@
 """Train/eval presets: one argument sets training, rngs and mutable; eval draws nothing and writes nothing."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +180,56 @@ def test_preset_is_a_tuple_of_handlers_with_its_options():
     assert repr(fx.handlers.train({"dropout": KEY})) == "fx.handlers.train(rngs={'dropout': <key>}, mutable=None)"
     with pytest.raises(fx.InvalidNameError, match="params"):
         fx.handlers.train(KEY, mutable=["params"])
+
+
+@pytest.mark.parametrize(("call", "given"), [
+    (lambda: fx.handlers.eval(KEY), "key"),
+    (lambda: fx.handlers.eval(jax.random.PRNGKey(0)), "key"),
+    (lambda: fx.handlers.eval({"dropout": KEY}), "key"),
+    (lambda: fx.handlers.eval(rngs=KEY), r"rngs=\.\.\."),
+])
+def test_eval_given_a_key_says_it_draws_none(call, given):
+    """`eval(key)`, by symmetry with `train(key)`, took the key for `mutable` (and dumped it over two lines);
+    `eval(rngs=k)` was a raw TypeError."""
+    with pytest.raises(fx.EffaxError, match=rf"fx.handlers.eval\({given}\): eval draws no keys, as dropout is off in "
+                                            r"eval.*takes only mutable=\[\.\.\.\]") as info:
+        call()
+    assert "\n" not in str(info.value)
+    assert T.apply(V, X, handlers=fx.handlers.eval()).shape == X.shape  # the fix
+    mc = T.apply(V, X, training=False, rngs={"dropout": KEY})  # draws at eval time, as the message says
+    np.testing.assert_array_equal(mc, T.apply(V, X, handlers=fx.handlers.eval()))
+
+
+@pytest.mark.parametrize("option", ["rngs", "mutable"])
+@pytest.mark.parametrize(
+    "preset", [fx.handlers.train(KEY, mutable=["batch_stats"]), fx.handlers.eval()], ids=["train", "eval"]
+)
+def test_a_preset_given_for_rngs_or_mutable_says_to_pass_it_as_handlers(option, preset):
+    """Was a truncated `rngs is Preset fx.handlers.train(rngs=<key>, mutable=No` or an InvalidNameError on a Mode."""
+    with pytest.raises(fx.EffaxError, match=rf"`{option}=` got {re.escape(repr(preset))}: pass presets and "
+                                            r"handlers as `handlers=`"):
+        T.apply(V, X, **{option: preset})
+    with pytest.raises(fx.EffaxError, match=rf"`{option}=` got the handler Mode: pass presets and handlers as"):
+        T.apply(V, X, **{option: fx.handlers.Mode(True)})
+    T.apply(V, X, handlers=preset)  # the fix
+
+
+def test_a_preset_passes_through_jit_with_its_keys_traced():
+    """`jax.jit(t.apply)(v, x, handlers=fx.handlers.eval())` was a raw JAX error: a Preset is no array. A preset is
+    a pytree: the train preset's keys are traced, the mode and mutable collections static, so a fresh key (and a
+    fresh preset object) each step reuses one compiled program."""
+    traces = []
+
+    def step(v, x, handlers):
+        traces.append(1)
+        return T.apply(v, x, handlers=handlers)
+
+    jitted = jax.jit(step)
+    for seed in range(3):
+        preset = fx.handlers.train(jax.random.key(seed), mutable=["batch_stats"])
+        got, expected = jitted(V, X, preset), T.apply(V, X, handlers=preset)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
+    assert len(traces) == 1
+    np.testing.assert_allclose(jax.jit(T.apply)(V, X, handlers=fx.handlers.eval()),
+                               T.apply(V, X, handlers=fx.handlers.eval()), rtol=1e-6)
+    assert jax.tree.leaves(fx.handlers.eval()) == [] and len(jax.tree.leaves(fx.handlers.train(KEY))) == 1

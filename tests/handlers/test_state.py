@@ -171,3 +171,90 @@ def test_a_stored_scope_declared_as_a_variable_clashes_with_its_own_variables(sc
     for stored in ({"a": {"b": 1.0}}, types.MappingProxyType({"a": types.MappingProxyType({"b": 1.0})})):
         with pytest.raises(fx.ParamConflictError, match=r"`a` in collection 'state' is a"):
             fx.transform(f).apply({"state": stored})
+
+
+def test_abstract_state_outside_eval_shape_is_refused_by_path():
+    """A state read from `jax.eval_shape(t.init)`'s variables reached the model as a ShapeDtypeStruct."""
+    t, x = fx.transform(lambda x: fx.nn.BatchNorm()(x)), jnp.ones((2, 3))
+    abstract = jax.eval_shape(t.init, jax.random.key(0), x)
+    real = t.init(jax.random.key(0), x)
+    with pytest.raises(fx.MissingVariableError, match=r"state `BatchNorm_0/mean` in collection 'batch_stats': "
+                                                      r"variables\['batch_stats'\] holds abstract values"):
+        t.apply({**real, "batch_stats": abstract["batch_stats"]}, x, training=False)
+    pair = fx.transform(lambda: fx.local_state("s", lambda: (jnp.zeros(2), jnp.ones(()))).get())
+    with pytest.raises(fx.MissingVariableError, match=r"state `s`.*abstract values"):  # inside a tree too
+        pair.apply({"state": {"s": (jax.ShapeDtypeStruct((2,), jnp.float32), jnp.ones(()))}})
+    assert jax.eval_shape(lambda v: t.apply(v, x, training=True, mutable=True), abstract)[0].shape == (2, 3)
+    assert t.apply(real, x, training=False).shape == (2, 3)
+
+
+def test_state_variables_that_are_not_dicts_are_refused():
+    """`FunctionalState(3)` was an AttributeError `'int' object has no attribute 'items'`."""
+    with pytest.raises(fx.EffaxError, match=r"FunctionalState takes the variables by collection.*got int 3"):
+        FunctionalState(3)
+    with pytest.raises(fx.EffaxError, match=r"FrozenState takes the variables by collection.*got list"):
+        FrozenState([1])
+    with pytest.raises(fx.EffaxError, match=r"variables\['counts'\] is Array float32\[3\], not a dict"):
+        FunctionalState({"counts": jnp.ones(3)})
+    with fx.handle(FunctionalState({"counts": {"n": jnp.array(1, jnp.int32)}})):
+        assert counter() == 2
+
+
+def test_an_init_taking_arguments_is_refused_with_the_fix():
+    """Flax's `self.variable(c, name, init_fn, shape)` habit: a raw TypeError from the state handler."""
+
+    def model(x, init):
+        return x + fx.local_state("mean", init, collection="batch_stats").get()
+
+    x = jnp.ones((2, 3))
+    t = fx.transform(lambda x: model(x, lambda shape: jnp.zeros(shape)))
+    fix = r"close over the shape: `lambda: jnp.zeros\(shape\)`"
+    with pytest.raises(fx.EffaxError, match=r"state `mean` in collection 'batch_stats': its init <lambda> cannot be "
+                                            r"called as `init\(\)`.*" + fix):
+        t.init(jax.random.key(0), x)
+    shape = x.shape[-1:]
+    fixed = fx.transform(lambda x: model(x, lambda: jnp.zeros(shape)))  # the fix
+    assert fixed.init(jax.random.key(0), x)["batch_stats"]["mean"].shape == (3,)
+    step = lambda c, _: (model(c, lambda shape: jnp.zeros(shape)), None)  # noqa: E731
+    scanned = fx.transform(lambda x: fx.scan(step, length=2)(x, None))
+    with pytest.raises(fx.EffaxError, match=r"state `mean`.*" + fix):  # where a lifted body makes it too
+        scanned.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(("init", "said"), [
+    (lambda: "not an array", r"returned str 'not an array', but state is a pytree of arrays"),
+    (lambda: None, r"returned None \(a forgotten `return`\?\)"),
+    (lambda: (jnp.zeros(2), None), r"returned None .* in its tree"),
+])
+def test_an_init_value_that_is_not_arrays_is_refused(init, said):
+    """`init()` returning a str or None was stored silently."""
+    with pytest.raises(fx.EffaxError, match=r"state `s` in collection 'state': its init\(\) " + said):
+        fx.transform(lambda: fx.local_state("s", init)).init(None)
+
+
+def test_numbers_and_numpy_values_are_state():
+    def model():
+        for name, init in [("n", lambda: 0), ("f", lambda: 1.5), ("np", lambda: np.zeros(2)), ("t", lambda: {})]:
+            fx.local_state(name, init)
+
+    assert sorted(fx.transform(model).init(None)["state"]) == ["f", "n", "np", "t"]
+
+
+def test_one_state_declared_twice_with_other_shapes_is_a_conflict():
+    """The second declaration silently got the first's value; `fx.param` raises ParamConflictError for the same."""
+
+    def model(n):
+        fx.local_state("count", lambda: jnp.zeros(2))
+        return fx.local_state("count", lambda: jnp.zeros(n)).get()
+
+    with pytest.raises(fx.ParamConflictError, match=r"state `count` in collection 'state' is declared twice in one run "
+                                                    r"with `init\(\)`s that disagree: first float32\[2\], now "
+                                                    r"float32\[3\].*another name"):
+        fx.transform(lambda: model(3)).init(None)
+    assert fx.transform(lambda: model(2)).init_with_output(None)[0].shape == (2,)  # agreeing inits: one variable
+
+    def renamed():  # the fix
+        fx.local_state("count", lambda: jnp.zeros(2))
+        return fx.local_state("count_b", lambda: jnp.zeros(3)).get()
+
+    assert fx.transform(renamed).init_with_output(None)[0].shape == (3,)

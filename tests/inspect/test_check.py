@@ -97,3 +97,11 @@ def test_key_state_stored_as_its_data_matches_as_apply_takes_it():
     assert fx.check_variables(t, raw, x).ok
     wrong = {**v, "rngstate": {"rng": jnp.zeros(3, jnp.uint32)}}
     assert not fx.check_variables(t, wrong, x).ok
+
+
+def test_a_module_class_is_refused_with_the_instance_to_pass():
+    with pytest.raises(fx.EffaxError, match=r"fx.check_variables got the class Dense; pass an instance: "
+                                            r"fx.check_variables\(Dense\(\.\.\.\), variables, x\)"):
+        fx.check_variables(fx.nn.Dense, {}, X)
+    t = fx.transform(fx.nn.Dense(4))
+    assert fx.check_variables(fx.nn.Dense(4), t.init(KEY, X), X).ok

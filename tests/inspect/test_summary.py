@@ -140,3 +140,25 @@ def test_treescope_rendering():
     text = treescope.render_to_text(fx.summary(fx.transform(model), X))
     assert text.startswith("Summary(")
     assert "'param enc/w': Entry(" in text and "totals=" in text
+
+
+@pytest.mark.parametrize("call", ["fx.summary", "fx.effects_of"])
+def test_a_module_class_is_refused_with_the_instance_to_pass(call):
+    """`fx.summary(fx.nn.Dense, x)` built a Dense from x and blamed its `features`."""
+    fn = fx.summary if call == "fx.summary" else fx.effects_of
+    with pytest.raises(fx.EffaxError, match=rf"{call} got the class Dense; pass an instance: {call}\(Dense\("):
+        fn(fx.nn.Dense, X)
+    assert len(fn(fx.nn.Dense(4), X).entries if call == "fx.summary" else fn(fx.nn.Dense(4), X)) == 2
+
+
+def test_a_key_given_first_as_to_init_says_summary_takes_the_models_own_arguments():
+    """`fx.summary(t, key, x)` (the init habit) was a raw TypeError `model() takes 1 positional argument`."""
+    t = fx.transform(model)
+    key = jax.random.key(0)
+    with pytest.raises(fx.EffaxError, match=r"fx.summary: the model `model` cannot take these arguments \(too many "
+                                            r"positional arguments\)\. fx.summary takes the model's own arguments, "
+                                            r"`fx.summary\(t, x\)`.*Its first argument is a key.*drop it"):
+        fx.summary(t, key, X)
+    with pytest.raises(fx.EffaxError, match=r"fx.effects_of: the model `model` cannot take these arguments \(missing"):
+        fx.effects_of(t)
+    assert fx.summary(t, X, rngs=key).param_count == fx.summary(t, X).param_count == 16  # the fix

@@ -374,3 +374,15 @@ def test_a_raising_module_restores_the_naming_state():
         return fx.nn.Dense(2)(x)
 
     assert list(init_params(f, X)) == ["Dense_0"]
+
+
+@pytest.mark.parametrize("method", ["init", "init_with_output", "apply"])
+def test_flax_init_and_apply_on_a_module_say_to_transform_it(method):
+    """`fx.nn.Dense(3).init(key, x)`, the Flax habit, was a bare AttributeError."""
+    module = Block()
+    with pytest.raises(fx.EffaxError, match=rf"`Block.{method}`: fx.nn modules are not transformed.*"
+                                            rf"`t = fx.transform\(module\); t.{method}\(") as info:
+        getattr(module, method)
+    assert isinstance(info.value, AttributeError) and not hasattr(module, method)
+    t = fx.transform(module)  # the fix works
+    assert t.apply(t.init(KEY, X), X).shape == (2, 4)
