@@ -370,8 +370,11 @@ class _ShareRun:
             if b not in self.passed_on
             and not any(_under(p, b.canonical) and not _under(p, b.alias or ()) for p in self.asked)
         ]
+        active = run_local(_ActivePasses)
+        if active is None:  # `finish()` called by hand after the block: no run to ask whether it initialized
+            return
         if suspects:
-            around = [run for run in run_local(_ActivePasses).runs if run is not self]
+            around = [run for run in active.runs if run is not self]
             suspects = [b for b in suspects if not any(run.share.resolve(b.canonical)[1] for run in around)]
         if not suspects or not is_initializing():
             return

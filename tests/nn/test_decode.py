@@ -49,6 +49,7 @@ def test_prefill_then_steps_equal_the_full_causal_pass():
     assert int(upd["cache"]["MultiHeadAttention_0"]["cache_index"]) == 8
 
 
+@pytest.mark.slow  # a decode loop against the float32 one: CI runs it
 def test_a_cache_kept_in_bfloat16_is_read_back_in_the_computation_dtype():
     x = rand(2, 6, 8)
     full = fx.transform(lambda x: fx.nn.MultiHeadAttention(num_heads=2, causal=True)(x))

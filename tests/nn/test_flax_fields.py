@@ -185,7 +185,7 @@ def test_optimized_lstm_cell_matches_flax_and_loads_lstm_cell_params():
     np.testing.assert_allclose(t_opt.apply(v, x), t_lstm.apply(v, x), atol=1e-5)
 
 
-@pytest.mark.parametrize("return_carry", [False, True])
+@pytest.mark.parametrize("return_carry", [False, pytest.param(True, marks=pytest.mark.slow)])  # CI runs both
 def test_bidirectional_matches_flax_with_padded_sequences(return_carry):
     x, lengths = rand(2, 7, 3), jnp.array([7, 4])
     layer = fx.nn.Bidirectional(
