@@ -197,6 +197,7 @@ def test_bidirectional_matches_flax_with_padded_sequences(return_carry):
     assert (out[1] if return_carry else out).shape == (2, 7, 9)
 
 
+@pytest.mark.slow  # a Flax compile of both directions: CI runs it
 def test_bidirectional_takes_a_pair_of_initial_carries():
     x = rand(2, 7, 3)
     fwd, bwd = fx.nn.GRUCell(4), fx.nn.GRUCell(4)
