@@ -81,15 +81,8 @@ def check_dtypes(module: Any, *fields: str) -> None:
 
 def check_layer(module: Any, bools: tuple[str, ...], dtypes: tuple[str, ...] = ("dtype", "param_dtype")) -> None:
     """`check_bools` and `check_dtypes` in one call: what most layers' `__post_init__` does."""
-    d = module.__dict__
-    for field in bools:
-        if type(d[field]) is not bool:
-            _bool(module, field, d[field], optional=False)
-    for field in dtypes:
-        value = d[field]
-        if value is None or value is _F32 or value is _BF16:
-            continue
-        _dtype(module, field, value)
+    check_bools(module, *bools)
+    check_dtypes(module, *dtypes)
 
 
 def _bool(module: Any, field: str, value: Any, optional: bool) -> None:
