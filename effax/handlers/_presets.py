@@ -6,12 +6,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 from effax.core import EffaxError, FrozenStateError, Handler, MissingRngError
 from effax.effects import RandomRequest, SetStateRequest, StreamKeyRequest, StreamNamesRequest
 from effax.handlers._mode import Mode, static_training
-from effax.handlers._random import KeysFromRngs
+from effax.handlers._random import KeysFromRngs, looks_like_key
 from effax.handlers._state import normalize_mutable
 
 
@@ -155,14 +154,6 @@ def _refuse_keys(given: str) -> EffaxError:
     )
 
 
-def _key_like(x: Any) -> bool:
-    """A typed key, or raw key data (uint32, last dimension 2 or 4): what `train(rngs)` takes, never a mutable."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not hasattr(x, "shape"):
-        return False
-    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == np.uint32 and x.shape[-1:] in ((2,), (4,)))
-
-
 def eval(mutable: Any = (), *, rngs: Any = None) -> Preset:  # noqa: A001 - the name users expect beside `train`
     """The eval preset: `training=False`, no randomness drawn, no training state written.
 
@@ -194,7 +185,7 @@ def eval(mutable: Any = (), *, rngs: Any = None) -> Preset:  # noqa: A001 - the 
     """
     if rngs is not None:
         raise _refuse_keys("rngs=...")
-    if _key_like(mutable) or isinstance(mutable, Mapping) and any(map(_key_like, mutable.values())):
+    if looks_like_key(mutable) or isinstance(mutable, Mapping) and any(map(looks_like_key, mutable.values())):
         raise _refuse_keys("key")  # `eval(key)`, by symmetry with `train(key)`
     if mutable is True:
         raise EffaxError(

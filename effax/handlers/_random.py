@@ -56,6 +56,14 @@ def _raw_key_shape(impl: str) -> tuple[int, ...]:
     return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
 
 
+def looks_like_key(x: Any) -> bool:
+    """A typed key, or raw key data (uint32, last dimension 2 or 4): what `rngs` take, for error hints."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not hasattr(x, "shape"):
+        return False
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == np.uint32 and x.shape[-1:] in ((2,), (4,)))
+
+
 def refuse_handlers_as(value: Any, option: str) -> None:
     """Raise if `value`, given for `option` (`rngs`, `mutable`), is a preset or a handler: they go in `handlers=`."""
     hs = value if isinstance(value, tuple) else (value,)

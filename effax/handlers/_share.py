@@ -365,17 +365,18 @@ class _ShareRun:
         inside it, or one around it). Checked only in a run that creates variables: an apply that
         runs only the alias's part of the model (a decode method) reads the canonical entry.
         """
+        active = run_local(_ActivePasses)
+        if active is None:  # `finish()` called by hand after the block: no run to ask whether it initialized
+            return
         suspects = [
             b for b in self.share.by_alias.values()
             if b not in self.passed_on
             and not any(_under(p, b.canonical) and not _under(p, b.alias or ()) for p in self.asked)
         ]
-        active = run_local(_ActivePasses)
-        if active is None:  # `finish()` called by hand after the block: no run to ask whether it initialized
-            return
         if suspects:
             around = [run for run in active.runs if run is not self]
             suspects = [b for b in suspects if not any(run.share.resolve(b.canonical)[1] for run in around)]
+        # the mode last: asking it is a request (seen by inventories), sent only when a binding is suspect
         if not suspects or not is_initializing():
             return
         aliases = [b.alias for b in self.share.by_alias.values() if b.alias is not None]

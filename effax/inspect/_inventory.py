@@ -20,6 +20,7 @@ from effax.core import EffaxError, Path, Request, path_str
 from effax.discharge import MultiTransformed, Transformed, transform
 from effax.discharge._transform import refuse_module_class
 from effax.effects import ModuleCallRequest
+from effax.handlers._random import looks_like_key
 from effax.inspect._abstract import run_abstractly
 
 
@@ -234,13 +235,6 @@ def _transformed(fn: Any, what: str, call: str = "fx.effects_of") -> Transformed
     return transform(fn)
 
 
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        return False
-    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == jnp.uint32 and tuple(x.shape) == (2,))
-
-
 def check_arguments(t: Transformed, method: Any, args: tuple, kwargs: dict, call: str) -> None:
     """Refuse arguments the model's entry point cannot take, before running it: `fx.summary(t, key, x)`
     (`t.init`'s habit, a key first) was a raw `model() takes 1 positional argument but 2 were given`."""
@@ -253,7 +247,7 @@ def check_arguments(t: Transformed, method: Any, args: tuple, kwargs: dict, call
         signature.bind(*args, **kwargs)
     except TypeError as e:
         key = (" Its first argument is a key, as `t.init(key, x)` takes: drop it; pass `rngs=key` if the draws "
-               "should use it.") if args and _is_key(args[0]) else ""
+               "should use it.") if args and looks_like_key(args[0]) else ""
         raise EffaxError(
             f"{call}: the model `{getattr(entry, '__name__', type(entry).__name__)}` cannot take these arguments "
             f"({e}). {call} takes the model's own arguments, `{call}(t, x)`, as `t.apply(variables, x)` passes "
@@ -297,12 +291,16 @@ def effects_of(
     6
     """
     t = _transformed(fn, "`fx.summary` and `fx.effects_of`")
-    check_arguments(t, method, args, kwargs, "fx.effects_of")
-    inventory = _Inventory()
-    options = dict(
-        rngs=rngs, training=training, handlers=handlers, mutable=mutable,
+    return inventory_of(
+        t, args, kwargs, "fx.effects_of", rngs=rngs, training=training, handlers=handlers, mutable=mutable,
         capture_intermediates=capture_intermediates, method=method,
     )
+
+
+def inventory_of(t: Transformed, args: tuple, kwargs: dict, call: str, **options: Any) -> Inventory:
+    """`fx.effects_of` of a `Transformed` whose arguments `call` (`fx.summary` or `fx.effects_of`) checks."""
+    check_arguments(t, options["method"], args, kwargs, call)
+    inventory = _Inventory()
 
     def run(*a: Any, **k: Any) -> None:
         t._run_init(

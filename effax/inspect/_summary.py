@@ -16,7 +16,7 @@ import numpy as np
 
 from effax.core import path_str
 from effax.handlers._tree import MISSING, PathTree, key_path_names
-from effax.inspect._inventory import _transformed, check_arguments, dtype_name, effects_of
+from effax.inspect._inventory import _transformed, dtype_name, inventory_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,10 +297,9 @@ def summary(
     16
     """
     t = _transformed(t, "`fx.summary` and `fx.effects_of`", "fx.summary")
-    check_arguments(t, method, args, kwargs, "fx.summary")
-    effects = effects_of(
-        t, *args, rngs=rngs, training=training, handlers=handlers, mutable=mutable,
-        capture_intermediates=capture_intermediates, method=method, **kwargs,
+    effects = inventory_of(
+        t, args, kwargs, "fx.summary", rngs=rngs, training=training, handlers=handlers, mutable=mutable,
+        capture_intermediates=capture_intermediates, method=method,
     )
     entries, variables = entries_of(effects)
     return Summary(tuple(entries), variables)
