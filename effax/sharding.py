@@ -221,7 +221,7 @@ def _as_summary(source: Any) -> Any:
 
 
 def logical_axes(source: Any) -> Any:
-    """A tree mirroring the variables whose leaves are logical `PartitionSpec`s (state is replicated).
+    """A tree mirroring the variables whose leaves are logical `PartitionSpec`s (replicated without `axes=`).
 
     `source` is what `fx.summary(t, ...)` or `fx.effects_of(fn, ...)`
     returned, or such a tree already.

@@ -223,16 +223,15 @@ def is_axis(a: Any) -> bool:
     )
 
 
-def check_axes(axes: Any, shape: tuple[int, ...], name: str) -> tuple[Any, ...]:
-    """`axes` of `fx.param(name, ..., shape, axes=axes)` as a tuple; an error naming the param's path if not.
-
-    A str or a bad entry raises `InvalidNameError`, a wrong count `ShapeMismatchError`.
+def check_axes(axes: Any, shape: tuple[int, ...] | None, where: str) -> tuple[Any, ...]:
+    """`axes` of `fx.param(..., shape, axes=axes)` (or `fx.local_state`) as a tuple; an error naming `where`
+    (the variable) if not. A str or a bad entry raises `InvalidNameError`, a wrong count (for a known
+    `shape`) `ShapeMismatchError`.
 
     Each entry is a non-empty name, None (replicated), or a non-empty tuple of
     names: a dimension split over several, as a `PartitionSpec` entry splits
     one over several mesh axes (`fx.sharding` maps them name by name).
     """
-    where = f"param `{path_str(current_path() + (name,))}`"
     fix = "Give one logical name (or None) per dimension, e.g. `axes=('embed', 'mlp')`"
     if isinstance(axes, str) or not hasattr(axes, "__iter__"):
         one = f" (`axes=({axes!r},)` for one dimension)" if isinstance(axes, str) else ""
@@ -248,7 +247,7 @@ def check_axes(axes: Any, shape: tuple[int, ...], name: str) -> tuple[Any, ...]:
             f"{where}: `axes={axes!r:.80}` holds {what}; each entry is a non-empty str, None (replicated), "
             f"or a tuple of names (one dimension split over several). {fix}."
         )
-    if len(axes) != len(shape):
+    if shape is not None and len(axes) != len(shape):
         raise ShapeMismatchError(
             f"{where} has {len(shape)} dims {shape} but {len(axes)} logical axes {axes}: "
             "give one axis name (or None) per dimension."
@@ -302,14 +301,13 @@ def param(
     else:
         shape = canonical_shape(shape, name)
     if axes is not None:  # checked inline, as the shape: a helper runs only for a tuple entry or a mistake
-        if type(axes) is not tuple:
-            axes = check_axes(axes, shape, name)
-        for a in axes:
+        unusual = type(axes) is not tuple or len(axes) != len(shape)
+        for a in () if unusual else axes:
             if (type(a) is not str or not a) and a is not None:
-                axes = check_axes(axes, shape, name)
+                unusual = True
                 break
-        if len(axes) != len(shape):
-            check_axes(axes, shape, name)
+        if unusual:
+            axes = check_axes(axes, shape, f"param `{path_str(current_path() + (name,))}`")
     if dtype is jnp.float32:
         dtype = _FLOAT32
     else:

@@ -10,7 +10,18 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from effax.core import EffaxError, InvalidNameError, Request, check_name, current_path, path_now, path_str, send
+from effax.core import (
+    EffaxError,
+    InvalidNameError,
+    Request,
+    ShapeMismatchError,
+    check_name,
+    current_path,
+    path_now,
+    path_str,
+    send,
+)
+from effax.effects._param import check_axes
 
 _STATE_HINT = (
     "discharge the model with `fx.transform(fn)` (`t.init`, or `t.apply(..., mutable=[collection])`), "
@@ -46,6 +57,7 @@ class LocalStateRequest(Request):
     init: Callable[[], Any]
     origin: tuple[str, ...] | None = None  # where the model declared it, if a `fx.share` pass moved it
     via: tuple[Any, ...] = ()  # the share bindings that moved it
+    axes: tuple[Any, ...] | None = None  # logical axes of an array variable, one per dimension, for `fx.sharding`
 
     hint: ClassVar[str] = _STATE_HINT
 
@@ -79,7 +91,24 @@ class LocalStateRequest(Request):
                     "(or Python numbers). Return one, `lambda: jnp.zeros(())`; a value that never "
                     "changes (a string, a config) belongs in a closure or a module field, not in state."
                 )
+        if self.axes is not None:
+            self.check_axes(value)
         return value
+
+    def check_axes(self, value: Any) -> None:
+        """`axes` name the dimensions of one array: a tree, or another number of dimensions, is refused."""
+        leaves = jax.tree.leaves(value)
+        if len(leaves) != 1 or leaves[0] is not value:
+            raise EffaxError(
+                f"{self.describe()} has axes={self.axes}, but its init() made a {type(value).__name__} of "
+                f"{len(leaves)} array(s), not one array: axes name the dimensions of one array. Declare each "
+                "array as its own `fx.local_state` with its axes, or drop axes=."
+            )
+        if np.ndim(value) != len(self.axes):
+            raise ShapeMismatchError(
+                f"{self.describe()} has {np.ndim(value)} dims {np.shape(value)} but {len(self.axes)} logical "
+                f"axes {self.axes}: give one axis name (or None) per dimension."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +195,13 @@ def check_collection(collection: str, what: str) -> str:
     return collection
 
 
-def local_state(name: str, init: Callable[[], Any], *, collection: str = "state") -> LocalStateEffect:
+def local_state(
+    name: str,
+    init: Callable[[], Any],
+    *,
+    collection: str = "state",
+    axes: tuple[str | None, ...] | None = None,
+) -> LocalStateEffect:
     """Request the mutable variable `name` at the current path in `collection`.
 
     `init()` returns its initial pytree of arrays (or Python numbers) and is
@@ -174,6 +209,11 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
     collection is mutable); it takes no arguments (close over a shape). A
     second declaration of the path in a run whose `init()` makes other shapes
     or dtypes raises `ParamConflictError`, as a param's does.
+
+    `axes` names the dimensions of an array variable for `fx.sharding`, as
+    `fx.param(axes=...)` does (a decode cache `("batch", "length", "heads",
+    "kv")`); `fx.summary(...).logical_axes()` carries them, and a lift that
+    stacks the variable prepends its `stack_axis` (or None).
 
     >>> def counter():
     ...     n = fx.local_state("n", lambda: jnp.zeros((), jnp.int32), collection="counts")
@@ -197,11 +237,13 @@ def local_state(name: str, init: Callable[[], Any], *, collection: str = "state"
         )
     if type(collection) is not str or not collection or "/" in collection or collection == "params":
         check_collection(collection, f"state {name!r}")  # raises
+    if axes is not None:
+        axes = check_axes(axes, None, f"state `{path_str(current_path() + (name,))}`")
     path = path_now() + (name,)
     # the request and the handle of checked fields, built without a frozen dataclass's `__init__` frame and
     # `object.__setattr__` per field: an eager model builds them per variable per call
     request, effect = object.__new__(LocalStateRequest), object.__new__(LocalStateEffect)
-    request.__dict__.update(path=path, collection=collection, init=init, origin=None, via=())
+    request.__dict__.update(path=path, collection=collection, init=init, origin=None, via=(), axes=axes)
     send(request)
     effect.__dict__.update(path=path, collection=collection)
     return effect

@@ -203,6 +203,12 @@ def _check_same_init(first: Any, request: Any) -> None:
     silently give the second the first's value: `ParamConflictError`, as `fx.param` raises for the same."""
     if (first.origin or first.path) != (request.origin or request.path):
         return  # two variables tied by a `fx.share` binding: its `state=` policy checks them, or not ('unsafe')
+    if first.axes is not None and request.axes is not None and first.axes != request.axes:
+        raise ParamConflictError(
+            f"{request.describe()} is declared twice in one run with different logical axes: first "
+            f"axes={first.axes}, now axes={request.axes}, so its sharding would depend on which ran first. "
+            "Give both the same axes (or None on one of them)."
+        )
     a, b = _made_by(first.init), _made_by(request.init)
     if a is not None and b is not None and jax.tree.flatten(a) != jax.tree.flatten(b):
         raise ParamConflictError(
@@ -308,8 +314,9 @@ class _StateRun:
             self._declare(request)
             if value is not MISSING:
                 first = self.inits.get((c, request.path)) if self.inits else None
-                if first is not None and first.init is not request.init:  # made in this run: declared again
-                    _check_same_init(first, request)  # (state a `fx.share` pass ties is its policy's to check)
+                if first is not None and (first.init is not request.init or first.axes != request.axes):
+                    _check_same_init(first, request)  # made in this run, declared again (a `fx.share` tie: its
+                    # policy checks it)
                 return None
             if not is_mutable(self.mutable, c):
                 raise self._missing(request)

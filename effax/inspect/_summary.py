@@ -118,13 +118,15 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
             tree = state.setdefault(e.collection, PathTree(f"collection {e.collection!r}"))
             if tree.get(e.path) is MISSING:
                 tree.set(e.path, e.structure)
+            axes = getattr(e.request, "axes", None)  # (an array variable's: its only leaf)
             for sub, leaf in jax.tree.leaves_with_path(e.structure):
                 names = key_path_names(sub)
                 key = ("state", e.path + names, e.collection)
                 old = rows.get(key)
                 uses = 1 if old is None else old.uses + 1
                 shape, dtype = tuple(leaf.shape), leaf.dtype
-                rows[key] = Entry("state", e.path + names, e.collection, shape, dtype, None, uses)
+                axes = axes if old is None else old.axes or axes
+                rows[key] = Entry("state", e.path + names, e.collection, shape, dtype, axes, uses)
         elif e.kind in ("key", "stream_key"):
             key = ("random", e.path, e.stream)
             old = rows.get(key)
@@ -203,13 +205,14 @@ class Summary:
         return out
 
     def logical_axes(self) -> dict:
-        """A tree mirroring `variables`: each param's logical `PartitionSpec`, state replicated."""
+        """A tree mirroring `variables`: each variable's logical `PartitionSpec` (replicated without axes)."""
         specs = {}
         for collection, tree in self.variables.items():
             specs[collection] = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), tree)
-        params = PathTree("params", specs["params"])
-        for e in self._stored("param"):
-            params.set(e.path, jax.sharding.PartitionSpec(*(e.axes or ())))
+        for e in self.entries:
+            if e.axes is not None and e.stored and e.kind in ("param", "state"):
+                PathTree(e.collection, specs[e.collection]).set(e.path, jax.sharding.PartitionSpec(*e.axes),
+                                                                replace=True)
         return specs
 
     def rows(self) -> list[tuple[str, ...]]:

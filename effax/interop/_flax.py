@@ -60,6 +60,7 @@ class _Spec:
     params: Mapping[str, Any]  # leaves: (ShapeDtypeStruct, logical axes or None)
     state: dict[str, Mapping[str, Any]]  # collection -> tree of ShapeDtypeStruct pytrees
     streams: frozenset[str] = frozenset()
+    state_axes: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)  # (collection, *path) -> axes
 
 
 def _is_array(x: Any) -> bool:
@@ -78,29 +79,35 @@ def _leaves(tree: Mapping[str, Any]) -> list[Any]:
     return out
 
 
-def _param_leaf(nn: Any, node: Any, where: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, Any]:
-    """A Flax param's abstract value and logical axes: a box's names become `axes`, never dropped.
+def _unboxed(nn: Any, node: Any, what: str) -> tuple[Any, Any]:
+    """A Flax variable's abstract value and logical axes: a box's names become `axes`, never dropped.
 
     A name entry that is a tuple of names (`nn.with_partitioning(init, (("data", "model"),
     None))`, a dimension split over several mesh axes) is kept as it is: `fx.param` and
-    `fx.sharding` take tuple entries and map them name by name, so such a param is sharded as
-    Flax shards it. Names that are neither (or not one per dimension) are refused, never
+    `fx.sharding` take tuple entries and map them name by name, so such a variable is sharded as
+    Flax shards it. Names that are neither (or more than the dimensions) are refused, never
     replaced by a silent replication.
     """
     axes = None
     if isinstance(node, nn.meta.AxisMetadata):
         names = getattr(node, "names", None)
         node = node.unbox(apply_constraint=False) if isinstance(node, nn.Partitioned) else node.unbox()
-        if names is not None:
-            names = tuple(names)
-            if not all(map(is_axis, names)) or len(names) != len(getattr(node, "shape", names)):
+        if names is not None:  # fewer names than dimensions leave the rest None, as a `PartitionSpec` does
+            names, ndim = tuple(names), len(getattr(node, "shape", names))
+            if not all(map(is_axis, names)) or len(names) > ndim:
                 raise EffaxError(
-                    f"Flax param `{path_str(where)}` has partition names {names!r:.80} for shape "
-                    f"{tuple(getattr(node, 'shape', ()))}: effax takes one entry per dimension, each a name, None "
-                    "or a tuple of names. Fix the names given to `nn.with_partitioning` / "
-                    "`nn.with_logical_partitioning`, or drop the box to leave the param replicated."
+                    f"Flax {what} has partition names {names!r:.80} for shape "
+                    f"{tuple(getattr(node, 'shape', ()))}: effax takes at most one entry per dimension, each a "
+                    "name, None or a tuple of names. Fix the names given to `nn.with_partitioning` / "
+                    "`nn.with_logical_partitioning`, or drop the box to leave the variable replicated."
                 )
-            axes = names
+            axes = names + (None,) * (ndim - len(names))
+    return node, axes
+
+
+def _param_leaf(nn: Any, node: Any, where: tuple[str, ...]) -> tuple[jax.ShapeDtypeStruct, Any]:
+    """A Flax param's abstract value and logical axes (`_unboxed`); a param is one array."""
+    node, axes = _unboxed(nn, node, f"param `{path_str(where)}`")
     if not isinstance(node, jax.ShapeDtypeStruct):
         raise EffaxError(
             f"Flax param `{path_str(where)}` is a {type(node).__name__}, not one array; effax params "
@@ -123,14 +130,24 @@ def _classify(nn: Any, variables: Mapping[str, Any]) -> _Spec:
             for k, v in tree.items()
         }
 
-    state = {}
+    def state_axes(tree: Mapping[str, Any], where: tuple[str, ...]) -> None:  # a box's names, by path
+        for k, v in tree.items():
+            if isinstance(v, Mapping):
+                state_axes(v, where + (k,))
+            elif isinstance(v, nn.meta.AxisMetadata):
+                _, names = _unboxed(nn, v, f"variable `{path_str(where[1:] + (k,))}` in collection {where[0]!r}")
+                if names is not None:
+                    axes[where + (k,)] = names
+
+    state, axes = {}, {}
     for collection, tree in variables.items():
         if collection == "params" or not isinstance(tree, Mapping):
             continue
         leaves = _leaves(tree)
         if leaves and not all(isinstance(v, tuple) for v in leaves):
+            state_axes(tree, (collection,))
             state[collection] = nn.meta.unbox(tree)
-    return _Spec(params(variables.get("params", {}), ()), state)
+    return _Spec(params(variables.get("params", {}), ()), state, state_axes=axes)
 
 
 @functools.cache
@@ -298,7 +315,8 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
 
         def one_state(name: str, node: Any, c: str = collection, held: list = held, optional: bool = optional) -> Any:
             where = relative(name)
-            cell = local_state(name, _absent if optional else lambda: init.value((c,) + where), collection=c)
+            cell = local_state(name, _absent if optional else lambda: init.value((c,) + where), collection=c,
+                               axes=spec.state_axes.get((c,) + where))
             value = cell.get()
             held.append((where, cell, value))
             return value

@@ -18,6 +18,7 @@ from effax.core import (
     at_path,
     check_name,
     current_path,
+    path_str,
     scope,
 )
 from effax.effects import local_state, param, sow, stream_key, stream_names
@@ -40,15 +41,26 @@ def _collection(nnx: Any, kind: type) -> str:
         return kind.__name__
 
 
-def _axes(var: Any, shape: tuple[int, ...]) -> tuple[Any, ...] | None:
+def _axes(var: Any, value: Any, where: str) -> tuple[Any, ...] | None:
     """The variable's sharding names as `axes`, a tuple entry (one dimension split over several names)
-    included, as `from_flax` keeps them; None when it has none or they do not name one entry per dimension."""
+    included, as `from_flax` keeps them; None when it has none. Fewer names than dimensions leave the rest
+    None, as a `PartitionSpec` does; names effax cannot keep are refused, never dropped (a silent
+    replication)."""
     metadata = var.get_metadata()
     names = next((metadata[k] for k in ("out_sharding", "sharding_names", "sharding") if metadata.get(k)), None)
-    if isinstance(names, tuple) and len(names) == len(shape):
+    if names is None:
+        return None
+    shape = tuple(jnp.shape(value))
+    names = getattr(names, "spec", names)  # a `NamedSharding`: its `PartitionSpec`
+    if isinstance(names, (tuple, list)) and len(names) <= len(shape):
+        names = tuple(names) + (None,) * (len(shape) - len(names))
         if all(map(is_axis, names)):
             return names
-    return None
+    raise EffaxError(
+        f"NNX {where} has sharding names {names!r:.80} for shape {shape}: effax takes at most one entry per "
+        "dimension, each a name, None or a tuple of names. Fix the `sharding=` given to the variable, or drop "
+        "it to leave the variable replicated."
+    )
 
 
 def _key(tag: str, shape: tuple[int, ...]) -> tuple[jax.Array, bool]:
@@ -81,9 +93,12 @@ def _run(nnx: Any, graphdef: Any, entries: list, method: Any, args: tuple, kwarg
                 new = jnp.zeros_like(value)
             elif isinstance(var, nnx.Param):
                 shape, dtype = tuple(jnp.shape(value)), jnp.result_type(value)
-                new = param(names[-1], lambda key, s, d, v=value: v, shape, dtype, axes=_axes(var, shape))
+                axes = _axes(var, value, f"param `{path_str(names)}`")
+                new = param(names[-1], lambda key, s, d, v=value: v, shape, dtype, axes=axes)
             else:
-                cell = local_state(names[-1], lambda v=value: v, collection=_collection(nnx, type(var)))
+                c = _collection(nnx, type(var))
+                axes = _axes(var, value, f"variable `{path_str(names)}` in collection {c!r}")
+                cell = local_state(names[-1], lambda v=value: v, collection=c, axes=axes)
                 new = cell.get()
                 cells.append((path, cell, new))
         flat.append((path, var.replace(new)))

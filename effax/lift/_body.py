@@ -322,6 +322,7 @@ class StatePlan:
     fresh: bool  # `init()` runs inside the body
     index: int | None  # the value passed in (None for a fresh variable that is not carried)
     initial: int | None = None  # a carried fresh variable: its first step's `init()`, carried
+    outside: LocalStateRequest | None = None  # a fresh variable's request as sent outside (stacked axes if mapped)
 
 
 @dataclasses.dataclass

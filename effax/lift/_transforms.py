@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from effax.core import EffaxError, current_path, current_stack, path_str, run_values
 from effax.effects import (
     GetStateRequest,
+    LocalStateRequest,
     ParamRequest,
     RandomRequest,
     SetStateRequest,
@@ -152,6 +153,16 @@ def _zeros(struct: Any, n: int | None = None) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(lead + tuple(s.shape), s.dtype), struct)
 
 
+def _stacked_state(request: LocalStateRequest, struct: Any, stack_axis: str | None) -> LocalStateRequest:
+    """A stacked variable's request outside: its axes gain the stacked dimension's name (`stack_axis`, or
+    None), as a stacked param's do; an array variable without axes gets them when `stack_axis` is named."""
+    if request.axes is not None:
+        return dataclasses.replace(request, axes=(stack_axis,) + request.axes)
+    if stack_axis is not None and isinstance(struct, jax.ShapeDtypeStruct):
+        return dataclasses.replace(request, axes=(stack_axis,) + (None,) * len(struct.shape))
+    return request
+
+
 def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     """Request the body's needs outside (step 2); return where each value enters the body."""
     plan, n = Plan(), how.n
@@ -186,11 +197,13 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     for slot, need in needs.state.items():
         depth, collection, path = slot
         crossing = how.state_how(collection, need.request is not None)
-        fresh = False
-        if need.request is not None:
+        fresh, request = False, need.request
+        if request is not None:
+            if crossing == "mapped":
+                request = _stacked_state(request, need.struct, how.stack_axis)
             draws = needs.init_draws.get(slot)
             init = DrawingProbe(draws) if draws else Probe()
-            fresh, keys = probe(outer, depth, dataclasses.replace(need.request, init=init))
+            fresh, keys = probe(outer, depth, dataclasses.replace(request, init=init))
             for (kind, *at), key in zip(draws or () if fresh else (), keys or (), strict=True):
                 init_keys.setdefault((kind, tuple(at)), []).append(key)
         if not fresh:
@@ -200,10 +213,11 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
                 plan.outputs.append((crossing, "state", slot))
         elif crossing == "carried":  # made on the first step, threaded after it
             placeholder = _zeros(need.struct)
-            plan.state[slot] = StatePlan(need, True, plan.add("carried", placeholder), plan.add("carried", placeholder))
+            carried = plan.add("carried", placeholder)
+            plan.state[slot] = StatePlan(need, True, carried, plan.add("carried", placeholder), outside=request)
             plan.outputs += [("carried", "state", slot), ("carried", "initial", slot)]
         else:
-            plan.state[slot] = StatePlan(need, True, None)
+            plan.state[slot] = StatePlan(need, True, None, outside=request)
             plan.outputs.append((crossing, "initial", slot))
             if need.written:
                 plan.outputs.append((crossing, "state", slot))
@@ -236,7 +250,7 @@ def _hand_back(plan: Plan, outer: tuple[Any, ...], values: list[Any], sown: list
         if what == "param":
             send_at(outer, slot[0], dataclasses.replace(plan.params[slot].request, init=Constant(value)))
         elif what == "initial":
-            send_at(outer, slot[0], dataclasses.replace(plan.state[slot].need.request, init=Constant(value)))
+            send_at(outer, slot[0], dataclasses.replace(plan.state[slot].outside, init=Constant(value)))
     for slot, p in plan.params.items():  # a param's later uses, now that it exists: a summary counts them
         for use in p.uses:
             send_at(outer, slot[0], use)
@@ -469,7 +483,8 @@ def scan(
       logical axis (Flax's `metadata_params={nn.PARTITION_NAME: "layers"}`):
       a param with `axes=("embed", "mlp")` is stacked with axes
       `("layers", "embed", "mlp")`, one without with `("layers", None, ...)`,
-      so sharding rules can map it (by default it is None: replicated).
+      so sharding rules can map it (by default it is None: replicated);
+      stacked state with `axes=` (`fx.local_state`) gains it the same way.
 
     >>> def block(x, _):
     ...     w = fx.param("w", jax.nn.initializers.normal(), (2, 2))

@@ -258,3 +258,56 @@ def test_one_state_declared_twice_with_other_shapes_is_a_conflict():
         return fx.local_state("count_b", lambda: jnp.zeros(3)).get()
 
     assert fx.transform(renamed).init_with_output(None)[0].shape == (3,)
+
+
+def _cache(axes=("batch", "kv"), init=lambda: jnp.zeros((2, 3))):
+    return fx.local_state("cache", init, collection="cache", axes=axes)
+
+
+def test_state_axes_reach_the_summary_and_the_mesh_shardings():
+    """A decode cache names its dimensions as a param does (Flax boxes a cache with `with_logical_partitioning`);
+    they used to have nowhere to go, so every cache was replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    def model(x):
+        c = _cache()
+        c.set(c.get() + x)
+        fx.local_state("n", lambda: jnp.zeros((), jnp.int32), collection="cache")
+        return x
+
+    t, x = fx.transform(model), jnp.ones((2, 3))
+    s = fx.summary(t, x)
+    assert s.logical_axes() == {"params": {}, "cache": {"cache": P("batch", "kv"), "n": P()}}
+    assert "axes (batch, kv)" in str(s)
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    shardings = fx.sharding.logical_to_mesh(s, mesh, [("batch", "data"), ("kv", "model")])
+    assert shardings["cache"]["cache"].spec == P("data", "model")
+    v = jax.jit(t.init, out_shardings=shardings)(None, x)
+    np.testing.assert_array_equal(v["cache"]["cache"], jnp.zeros((2, 3)))
+    np.testing.assert_array_equal(t.apply(v, x, mutable=True)[1]["cache"]["cache"], x)
+
+
+@pytest.mark.parametrize(("axes", "init", "error", "said"), [
+    ("batch", lambda: jnp.zeros(2), fx.InvalidNameError, r"state `cache`: `axes` must be a tuple of names, got str"),
+    (("batch", 3), lambda: jnp.zeros(2), fx.InvalidNameError, r"state `cache`: `axes=\('batch', 3\)` holds int 3"),
+    (("batch", "kv"), lambda: jnp.zeros(2), fx.ShapeMismatchError,
+     r"state `cache` in collection 'cache' has 1 dims \(2,\) but 2 logical axes \('batch', 'kv'\)"),
+    (("batch",), lambda: {"k": jnp.zeros(2)}, fx.EffaxError,
+     r"has axes=\('batch',\), but its init\(\) made a dict of 1 array\(s\), not one array.*own `fx.local_state`"),
+])
+def test_state_axes_that_do_not_name_one_array_are_refused(axes, init, error, said):
+    with pytest.raises(error, match=said):
+        fx.transform(lambda: _cache(axes, init)).init(None)
+
+
+def test_one_state_declared_twice_with_other_axes_is_a_conflict():
+    """As two `axes=` of one param: first-wins would make its sharding depend on call order."""
+    def model(second):
+        _cache(("batch", "kv"))
+        _cache(second)
+
+    with pytest.raises(fx.ParamConflictError, match=r"declared twice in one run with different logical axes: first "
+                                                    r"axes=\('batch', 'kv'\), now axes=\('kv', 'batch'\)"):
+        fx.transform(model).init(None, ("kv", "batch"))
+    for agreeing in [("batch", "kv"), None]:
+        fx.transform(model).init(None, agreeing)

@@ -362,9 +362,37 @@ def test_partition_names_that_do_not_fit_the_param_are_refused():
         def __call__(self, x):
             return nn.Dense(4, use_bias=False, kernel_init=nn.with_partitioning(nn.initializers.ones, self.names))(x)
 
-    for names in [("embed",), ("embed", 3)]:
+    for names in [("embed", "mlp", "heads"), ("embed", 3)]:
         with pytest.raises(fx.EffaxError, match=r"Flax param `Dense_0/kernel` has partition names .* for shape"):
             fx.summary(fx.transform(fx.from_flax(Wrong(names))), X)
+    # fewer names than dimensions leave the rest None, as Flax's (a `PartitionSpec`'s) reading of them does
+    short = fx.summary(fx.transform(fx.from_flax(Wrong(("embed",)))), X)
+    assert fx.sharding.logical_axes(short)["params"]["Dense_0"]["kernel"] == jax.sharding.PartitionSpec("embed", None)
+
+
+def test_partition_names_of_boxed_state_are_kept():
+    """MaxText's and t5x's decode caches are boxed with `nn.with_logical_partitioning`; their names were
+    dropped, so the cache was replicated on every mesh, without an error."""
+    from jax.sharding import PartitionSpec as P
+
+    class Decoder(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", nn.with_logical_partitioning(nn.initializers.ones, ("embed", "mlp")), (5, 6))
+            init = nn.with_logical_partitioning(jnp.zeros, ("batch", "mlp"))
+            cache = self.variable("cache", "k", init, (4, 6))
+            cache.value = cache.value + x @ w
+            return cache.value
+
+    module, rules = Decoder(), [("batch", "data"), ("embed", None), ("mlp", "model")]
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    flax = nn.logical_to_mesh_sharding(nn.get_partition_spec(jax.eval_shape(module.init, K, X)), mesh, rules)
+    t = fx.transform(fx.from_flax(module))
+    shardings = fx.sharding.logical_to_mesh(fx.summary(t, X), mesh, rules)
+    assert shardings["cache"]["k"].spec == flax["cache"]["k"].spec == P("data", "model")
+    assert shardings["params"]["w"].spec == flax["params"]["w"].spec
+    v = jax.jit(t.init, out_shardings=shardings)(K, X)
+    assert_same(v, nn.unbox(module.init(K, X)))
 
 
 def test_the_structure_is_traced_once_per_signature():

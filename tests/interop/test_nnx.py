@@ -194,6 +194,27 @@ def test_a_dimension_split_over_several_names_keeps_its_names():
     assert s.entries[0].axes == (("data", "model"), None)
 
 
+def test_sharding_names_of_state_and_short_names_are_kept():
+    """A `Cache`'s names and a Param's shorter-than-its-rank names (a valid `PartitionSpec`) used to be
+    dropped, leaving both replicated without an error; names longer than the rank are refused."""
+    from jax.sharding import PartitionSpec as P
+
+    class Cached(nnx.Module):
+        def __init__(self, names):
+            self.w = nnx.Param(jnp.ones((3, 3)), out_sharding=names, eager_sharding=False)
+            self.cache = nnx.Cache(jnp.zeros((4, 3)), out_sharding=("batch", "mlp"), eager_sharding=False)
+
+        def __call__(self, x):
+            self.cache[...] = self.cache[...] + x @ self.w[...]
+            return self.cache[...]
+
+    axes = fx.sharding.logical_axes(fx.summary(fx.transform(fx.from_nnx(Cached(("embed",)))), X))
+    assert axes == {"params": {"w": P("embed", None)}, "cache": {"cache": P("batch", "mlp")}}
+    with pytest.raises(fx.EffaxError, match=r"NNX param `w` has sharding names \('embed', 'mlp', 'heads'\) for "
+                                            r"shape \(3, 3\)"):
+        fx.summary(fx.transform(fx.from_nnx(Cached(("embed", "mlp", "heads")))), X)
+
+
 def test_refuses_what_it_cannot_run():
     import flax.linen as nn
 

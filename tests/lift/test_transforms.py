@@ -695,3 +695,29 @@ def test_stack_axis_names_the_stacked_dimension_for_sharding_rules():
         fx.scan(layer, length=L, stack_axis=3)
     with pytest.raises(fx.EffaxError, match=r"params='broadcast' stacks none"):
         fx.vmap(layer, params="broadcast", stack_axis="ensemble")
+
+
+def test_stacked_state_axes_gain_the_stacked_dimension():
+    """A per-layer cache stacked by `fx.scan`/`fx.vmap` has one more dimension: its axes gain `stack_axis` (or
+    None) in front, as a stacked param's do; a carried variable keeps its own."""
+    from jax.sharding import PartitionSpec as P
+
+    def layer(h, _):
+        cache = fx.local_state("k", lambda: jnp.zeros((2, D)), collection="cache", axes=("batch", "kv"))
+        cache.set(cache.get() + h)
+        fx.local_state("n", lambda: jnp.zeros((), jnp.int32), collection="cache")
+        return h, None
+
+    def axes(lift):
+        return fx.sharding.logical_axes(fx.summary(fx.transform(lift), x))["cache"]
+
+    assert axes(lambda h: fx.scan(layer, length=L)(h)[0]) == {"k": P(None, "batch", "kv"), "n": P()}
+    assert axes(lambda h: fx.scan(layer, length=L, stack_axis="layers")(h)[0]) == {
+        "k": P("layers", "batch", "kv"), "n": P("layers")}
+    assert axes(lambda h: fx.scan(layer, length=L, state="carry", stack_axis="layers")(h)[0]) == {
+        "k": P("batch", "kv"), "n": P()}
+    assert axes(lambda h: fx.scan(lambda h, _: (fx.scan(layer, length=2, stack_axis="inner")(h)[0], None),
+                                  length=L, stack_axis="outer")(h)[0])["k"] == P("outer", "inner", "batch", "kv")
+    assert axes(fx.vmap(lambda h: layer(h, None)[0], in_axes=None, axis_size=2))["k"] == P(None, "batch", "kv")
+    t = fx.transform(lambda h: fx.scan(layer, length=L, stack_axis="layers")(h)[0])
+    assert t.init(key, x)["cache"]["k"].shape == (L, 2, D)
