@@ -9,10 +9,11 @@ from typing import Any
 import jax
 
 from effax.core import EffaxError
-from effax.discharge import transform
+from effax.discharge import Transformed, transform
 from effax.discharge._transform import _check_variables_arg, refuse_module_class
 from effax.inspect._abstract import run_abstractly
 from effax.inspect._diff import VariablesReport, diff_variables
+from effax.inspect._inventory import check_arguments
 
 
 def check_variables(
@@ -48,7 +49,10 @@ def check_variables(
                 f"effectful function; "
                 f"got {type(t).__name__}."
             )
-        init = transform(t).init
+        t = transform(t)
+        init = t.init
+    if isinstance(t, Transformed):  # (a `fx.multi_transform`'s init has no one entry point to check)
+        check_arguments(t, None, args, kwargs, "fx.check_variables", "fx.check_variables(t, variables, x)")
     variables = _check_variables_arg(variables)  # the same refusal as `t.apply`'s
     key = jax.random.key(0) if rngs is None else rngs
     run = functools.partial(init, training=False if training is None else training, handlers=handlers)

@@ -235,9 +235,12 @@ def _transformed(fn: Any, what: str, call: str = "fx.effects_of") -> Transformed
     return transform(fn)
 
 
-def check_arguments(t: Transformed, method: Any, args: tuple, kwargs: dict, call: str) -> None:
+def check_arguments(
+    t: Transformed, method: Any, args: tuple, kwargs: dict, call: str, usage: str | None = None
+) -> None:
     """Refuse arguments the model's entry point cannot take, before running it: `fx.summary(t, key, x)`
-    (`t.init`'s habit, a key first) was a raw `model() takes 1 positional argument but 2 were given`."""
+    (`t.init`'s habit, a key first) was a raw `model() takes 1 positional argument but 2 were given`.
+    `usage` is the right call (`fx.summary(t, x)` by default)."""
     entry = t._entry(method)
     try:
         signature = inspect.signature(entry)
@@ -250,7 +253,8 @@ def check_arguments(t: Transformed, method: Any, args: tuple, kwargs: dict, call
                "should use it.") if args and looks_like_key(args[0]) else ""
         raise EffaxError(
             f"{call}: the model `{getattr(entry, '__name__', type(entry).__name__)}` cannot take these arguments "
-            f"({e}). {call} takes the model's own arguments, `{call}(t, x)`, as `t.apply(variables, x)` passes "
+            f"({e}). {call} takes the model's own arguments, `{usage or call + '(t, x)'}`, as "
+            "`t.apply(variables, x)` passes "
             f"them, with no key (a dummy key serves every stream).{key}"
         ) from None
 

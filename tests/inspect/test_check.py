@@ -105,3 +105,14 @@ def test_a_module_class_is_refused_with_the_instance_to_pass():
         fx.check_variables(fx.nn.Dense, {}, X)
     t = fx.transform(fx.nn.Dense(4))
     assert fx.check_variables(fx.nn.Dense(4), t.init(KEY, X), X).ok
+
+
+def test_model_arguments_left_out_are_refused_with_the_call_to_write():
+    """`fx.check_variables(t, v)` for a model taking `x` was the model's raw `TypeError`."""
+    t = fx.transform(lambda x: fx.nn.Dense(2)(x))
+    v = t.init(jax.random.key(0), jnp.ones((1, 3)))
+    with pytest.raises(fx.EffaxError, match=r"fx.check_variables: the model `<lambda>` cannot take these arguments "
+                                            r"\(missing a required argument: 'x'\).*`fx.check_variables\(t, "
+                                            r"variables, x\)`"):
+        fx.check_variables(t, v)
+    assert fx.check_variables(t, v, jnp.ones((1, 3))).ok
