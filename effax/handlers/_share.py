@@ -421,7 +421,9 @@ def share(
     `ShareError` (unless `strict=False`), as do cycles, conflicting bindings,
     tied params that disagree on shape or dtype, and, under `init`, a
     canonical path the model never asks for itself (a typo there would rename
-    the alias's params instead of tying them).
+    the alias's params instead of tying them). `fn` may be an `fx.nn.Module`:
+    `fx.transform(fx.share(module, ...))` runs it at the root scope, as
+    `fx.transform(module)` does.
 
     >>> def model(x):
     ...     with fx.scope("encoder"):
@@ -440,16 +442,44 @@ def share(
         )
     handler = Share(bindings, tags=tags, state=state, strict=strict)
 
-    @functools.wraps(fn)
-    def shared(*args: Any, **kwargs: Any) -> Any:
+    def run(call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         with handle(handler) as (run,):
             active = run_local(_ActivePasses).runs
             active.append(run)
             try:
-                out = fn(*args, **kwargs)
+                out = call(*args, **kwargs)
             finally:
                 active.remove(run)
         run.finish()
         return out
 
+    if getattr(type(fn), "_effax_at_root", None) is not None:  # a module
+        return _SharedModule(fn, run)
+
+    @functools.wraps(fn)
+    def shared(*args: Any, **kwargs: Any) -> Any:
+        return run(fn, args, kwargs)
+
     return shared
+
+
+class _SharedModule:
+    """`fx.share(module, ...)`: called, the module under the pass; given to `fx.transform`, the module at
+    the root scope under it, as `fx.transform(module)` runs it (its layers `enc/...`, not
+    `Seq2Seq_0/enc/...`, so linen variables load). Its other methods are the module's (`method="encode"`)."""
+
+    def __init__(self, module: Any, run: Callable[..., Any]):
+        self.module, self.run = module, run
+        functools.update_wrapper(self, module, updated=())  # the module's signature, for argument checks
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self.module, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "module":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def _effax_at_root(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        at_root = type(self.module)._effax_at_root(self.module, self.module if fn is self else fn)
+        return functools.wraps(at_root)(lambda *args, **kwargs: self.run(at_root, args, kwargs))

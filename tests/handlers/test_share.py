@@ -704,3 +704,33 @@ def test_an_apply_that_runs_only_the_alias_part_reads_the_canonical_entry():
     t = fx.transform(fx.share(seq2seq, {"decoder": "encoder"}))
     v = t.init(KEY, X)
     np.testing.assert_allclose(t.apply(v, X, decode_only=True), X @ v["params"]["encoder"]["w"].T, rtol=1e-6)
+
+
+def test_a_shared_module_runs_at_the_root_scope_as_the_module_does():
+    """`fx.transform(fx.share(module, ...))` ran the module as a child, `Seq2Seq_0/enc/...`, so linen
+    variables (and the module's own `fx.transform` variables) did not load; called inside a model it is
+    still a child, auto-named as any module call."""
+
+    class Seq2Seq(fx.nn.Module):
+        def __call__(self, x):
+            return self.decode(self.encode(x))
+
+        def encode(self, x):
+            return fx.nn.Dense(3, name="enc")(x)
+
+        def decode(self, x):
+            return fx.nn.Dense(3, name="dec")(x)
+
+    x, k = jnp.ones((1, 3)), jax.random.key(0)
+    tied = fx.share(Seq2Seq(), {"dec": "enc"})
+    v = fx.transform(tied).init(k, x)
+    assert jax.tree.map(jnp.shape, v) == {"params": {"enc": {"bias": (3,), "kernel": (3, 3)}}}
+    plain = fx.transform(Seq2Seq())
+    np.testing.assert_allclose(fx.transform(tied).apply(v, x), plain.apply({"params": {**v["params"], "dec": v[
+        "params"]["enc"]}}, x), rtol=1e-6)
+    assert [e.path for e in fx.summary(tied, x).entries] == [("enc", "kernel"), ("enc", "bias")]
+    assert fx.check_variables(tied, v, x).ok
+    encode = fx.transform(fx.share(Seq2Seq(), {"dec": "enc"}, strict=False), method="encode")
+    assert list(encode.init(k, x)["params"]) == ["enc"]
+    inside = fx.transform(lambda x: fx.share(Seq2Seq(), {"Seq2Seq_0/dec": "Seq2Seq_0/enc"})(x)).init(k, x)
+    assert list(inside["params"]) == ["Seq2Seq_0"] and list(inside["params"]["Seq2Seq_0"]) == ["enc"]
