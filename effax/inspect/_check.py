@@ -10,7 +10,7 @@ import jax
 
 from effax.core import EffaxError
 from effax.discharge import Transformed, transform
-from effax.discharge._transform import _check_variables_arg, refuse_module_class
+from effax.discharge._transform import OPTIONS, _check_variables_arg, refuse_module_class
 from effax.inspect._abstract import run_abstractly
 from effax.inspect._diff import VariablesReport, diff_variables
 from effax.inspect._inventory import check_arguments
@@ -52,7 +52,9 @@ def check_variables(
         t = transform(t)
         init = t.init
     if isinstance(t, Transformed):  # (a `fx.multi_transform`'s init has no one entry point to check)
-        check_arguments(t, None, args, kwargs, "fx.check_variables", "fx.check_variables(t, variables, x)")
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in OPTIONS}  # not `init`'s own options
+        check_arguments(t, kwargs.get("method"), args, model_kwargs, "fx.check_variables",
+                        "fx.check_variables(t, variables, x)")
     variables = _check_variables_arg(variables)  # the same refusal as `t.apply`'s
     key = jax.random.key(0) if rngs is None else rngs
     run = functools.partial(init, training=False if training is None else training, handlers=handlers)

@@ -116,3 +116,5 @@ def test_model_arguments_left_out_are_refused_with_the_call_to_write():
                                             r"variables, x\)`"):
         fx.check_variables(t, v)
     assert fx.check_variables(t, v, jnp.ones((1, 3))).ok
+    captured = fx.check_variables(t, v, jnp.ones((1, 3)), capture_intermediates=True)  # `init`'s options pass
+    assert captured.missing == ["intermediates:Dense_0/__call__/0 (float32[1, 2])"]
