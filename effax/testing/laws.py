@@ -199,7 +199,8 @@ def _show_spec(x: Any) -> str:
 
 def _leaf(x: Any) -> np.ndarray:
     if _is_key(x):
-        return np.asarray(jax.random.key_data(x))
+        with jax.ensure_compile_time_eval():  # a concrete key met inside a trace: its data stays concrete
+            return np.asarray(jax.random.key_data(x))
     return np.asarray(x)
 
 
@@ -481,7 +482,7 @@ class _WatchRun:
         self.draws[slot] = n + 1
         if not _concrete(out) or _REPEATS_ALLOWED.get():
             return
-        data = np.asarray(jax.random.key_data(out)).tobytes()
+        data = _leaf(out).tobytes()
         where = f"draw {n} from stream {request.stream!r} at `{'/'.join(request.path) or '<root>'}`"
         if data in self.keys:
             raise _Violation(

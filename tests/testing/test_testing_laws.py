@@ -305,3 +305,40 @@ def test_the_kit_raises_effax_errors_and_takes_one_name_as_a_string():
     for error in (LawKitError, LawKitTypeError):
         assert issubclass(error, fx.EffaxError) and error.__module__ == "effax"
     assert issubclass(LawKitError, ValueError) and issubclass(LawKitTypeError, TypeError)
+
+
+class CachedKeys(fx.Handler):
+    """Correct: each key a pure function of (seed, path, stream, draw), computed once eagerly and cached on
+    the handler as a concrete key, so runs under `jax.jit` and `jax.eval_shape` are answered concretely."""
+
+    answers = (fx.RandomRequest,)
+
+    def __init__(self):
+        self.table = {}
+
+    def begin(self):
+        return _CachedKeysRun(self.table)
+
+
+class _CachedKeysRun:
+    answers = (fx.RandomRequest,)
+
+    def __init__(self, table):
+        self.table, self.n = table, {}
+
+    def handle(self, request, forward):
+        slot = (request.path, request.stream)
+        n = self.n[slot] = self.n.get(slot, -1) + 1
+        if slot + (n,) not in self.table:
+            with jax.ensure_compile_time_eval():
+                base = jax.random.fold_in(jax.random.key(3), len(request.path) + 10 * len(request.stream))
+                self.table[slot + (n,)] = jax.random.fold_in(base, n)
+        return self.table[slot + (n,)]
+
+
+def test_a_handler_answering_concrete_keys_inside_a_trace_passes():
+    """The watch reads a concrete key's data even while `jax.eval_shape` or `jax.jit` traces the run (it
+    used to convert it to NumPy under the trace and fail a correct handler with TracerArrayConversionError)."""
+    model = Model([Draw("dropout", times=2), Scope("blk0", [Draw("noise")])], in_size=1)
+    laws.check_abstract_init(model, jnp.zeros(1), KEY, CachedKeys)
+    laws.check_purity_under_jit(model, jnp.zeros(1), KEY, CachedKeys)
