@@ -1196,13 +1196,14 @@ def check_reuse(
 
     Every single run (an `init`, an `apply`) with a fresh instance is the
     reference. One instance then runs `model`, `other` (default: `model`),
-    `model` again, `model` in another thread, and `other` while a run of
+    `model` again with the other `training`, another key and other
+    variables, `model` in another thread, and `other` while a run of
     `model` is paused half-way; each must match its reference. A
     handler that keeps a run's state on itself (a counter, a `seen` set, a
-    flag set in `begin()`) or shares it between instances (a mutable default
-    argument) fails here. `fresh` makes fresh instances (default:
-    `fresh_copies(handler)`). Every run also checks that no request is
-    changed by handling it.
+    flag set in `begin()`, the mode or keys of its first run) or shares it
+    between instances (a mutable default argument) fails here. `fresh`
+    makes fresh instances (default: `fresh_copies(handler)`). Every run
+    also checks that no request is changed by handling it.
 
     >>> from effax.testing.models import Sow
     >>> class SowOnce(fx.Handler):      # keeps `seen` on the handler, not on a run
@@ -1220,27 +1221,32 @@ def check_reuse(
     ...
     """
     case = _case("reuse", model, x, key, None, training)
+    # the third run changes all a run is given: a handler that latches its first run's mode, key or
+    # variables answers that run's way there
+    changed = _case("reuse", model, x, None if key is None else jax.random.fold_in(key, 1), None, not training)
+    changed.watch = case.watch
     fresh = fresh_copies(handler) if fresh is None else fresh
     other = model if other is None else other
     if other is not model:
         case.notes.append(f"the other model: {other!r}".replace("\n", "\n  "))
-    reference: dict[int, tuple[Any, Any]] = {}
-    for m in (model, other):
-        if id(m) not in reference:
+    reference: dict[tuple[int, int], tuple[Any, Any]] = {}
+    for m, c in ((model, case), (other, case), (model, changed)):
+        if (id(m), id(c)) not in reference:
             with case.running("a fresh instance"):
-                out, variables = case.init(handlers=fresh(), fn=m)
-                reference[id(m)] = ((out, variables), case.apply(variables, handlers=fresh(), fn=m))
+                out, variables = c.init(handlers=fresh(), fn=m)
+                applied = c.apply(_shifted(variables) if c is changed else variables, handlers=fresh(), fn=m)
+                reference[(id(m), id(c))] = ((out, variables), applied)
     one = fresh()
-    case.handlers = one
+    case.handlers = changed.handlers = one
     runs = 0
 
-    def expect(m: Model, got: Any, which: int, where: str) -> None:
+    def expect(m: Model, got: Any, which: int, where: str, c: _Case = case) -> None:
         nonlocal runs
         runs += 1
         name = "the model" if m is model else "the other model"
         label = ("init", "apply")[which]
         names = _RESULTS[2 * which: 2 * which + 2]
-        want = _labeled(names, reference[id(m)][which])
+        want = _labeled(names, reference[(id(m), id(c))][which])
         diff = difference(want, _labeled(names, got), names=("fresh instance", "reused instance"))
         if diff is not None:
             nth = {1: "1st", 2: "2nd", 3: "3rd"}.get(runs, f"{runs}th")
@@ -1251,15 +1257,19 @@ def check_reuse(
                 "`begin()` returns, fresh each time (and never in a mutable default argument)",
             )
 
-    def both(m: Model, where: str = "") -> None:
+    def both(m: Model, where: str = "", c: _Case = case) -> None:
         with case.running(f"the reused instance ({where.strip(', ') or 'in sequence'})"):
-            out, variables = case.init(handlers=one, fn=m)
-            expect(m, (out, variables), 0, where)
-            expect(m, case.apply(reference[id(m)][0][1], handlers=one, fn=m), 1, where)
+            out, variables = c.init(handlers=one, fn=m)
+            expect(m, (out, variables), 0, where, c)
+            variables = reference[(id(m), id(c))][0][1]
+            variables = _shifted(variables) if c is changed else variables
+            expect(m, c.apply(variables, handlers=one, fn=m), 1, where, c)
 
     both(model)
     both(other)
-    both(model, ", again")
+    key_data = None if changed.key is None else _leaf(changed.key).tolist()
+    both(model, f", again with training={changed.training}, key data {key_data}, and apply on the variables "
+                "plus 1", changed)
     box: dict[str, Any] = {}
 
     def in_thread() -> None:
@@ -1306,6 +1316,11 @@ def check_reuse(
             raise outer["error"]
     expect(other, inner, 0, ", while a run of the model was in progress")
     expect(model, outer["out"], 0, ", around a run of the other model")
+
+
+def _shifted(variables: Any) -> Any:
+    """Other variables of the same structure, shapes and dtypes (each leaf plus 1)."""
+    return jax.tree.map(lambda a: a + 1, variables)
 
 
 # --- law 13: reference ---------------------------------------------------------------------------

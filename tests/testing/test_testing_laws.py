@@ -342,3 +342,73 @@ def test_a_handler_answering_concrete_keys_inside_a_trace_passes():
     model = Model([Draw("dropout", times=2), Scope("blk0", [Draw("noise")])], in_size=1)
     laws.check_abstract_init(model, jnp.zeros(1), KEY, CachedKeys)
     laws.check_purity_under_jit(model, jnp.zeros(1), KEY, CachedKeys)
+
+
+class LatchedMode(fx.Handler):
+    """Answers `is_training` with what its first run was told, latched on the handler."""
+
+    answers = (fx.ModeRequest,)
+
+    def __init__(self):
+        self.training = None
+
+    def handle(self, request, forward):
+        if self.training is None:
+            self.training = forward(request)
+        return self.training
+
+
+class MemoKeys(fx.Handler):
+    """Memoizes each forwarded key by (path, stream, draw) on the handler: a later run with other rngs
+    gets the first run's keys."""
+
+    answers = (fx.RandomRequest,)
+
+    def __init__(self):
+        self.memo = {}
+
+    def begin(self):
+        return _MemoKeysRun(self.memo)
+
+
+class _MemoKeysRun:
+    answers = (fx.RandomRequest,)
+
+    def __init__(self, memo):
+        self.memo, self.n = memo, {}
+
+    def handle(self, request, forward):
+        slot = (request.path, request.stream)
+        n = self.n[slot] = self.n.get(slot, -1) + 1
+        if slot + (n,) not in self.memo:
+            self.memo[slot + (n,)] = forward(request)
+        return self.memo[slot + (n,)]
+
+
+class CachedParams(fx.Handler):
+    """Caches each param by path on the handler, in apply: a later apply on other variables gets the old values."""
+
+    answers = (fx.ParamRequest,)
+
+    def __init__(self):
+        self.cache = {}
+
+    def handle(self, request, forward):
+        if fx.is_initializing():
+            return forward(request)
+        if request.path not in self.cache:
+            self.cache[request.path] = forward(request)
+        return self.cache[request.path]
+
+
+@pytest.mark.parametrize("handler, model", [
+    (LatchedMode, Model([Mode()])),
+    (MemoKeys, Model([Draw()])),
+    (CachedParams, Model([Param("w0", init="ones")])),  # every init makes the same params
+])
+def test_reuse_runs_the_instance_again_with_another_mode_key_and_variables(handler, model):
+    """A handler that latches what its first run was given (the mode, the keys, the params) is caught by
+    the reuse law, which runs the instance again with each of them changed."""
+    with pytest.raises(AssertionError, match=r"`reuse` does not hold: .* run \((init|apply) of the model, again "
+                                             r"with training=True, key data \[\d+, \d+\], and apply on"):
+        laws.check_reuse(model, X, KEY, handler)
