@@ -6,11 +6,12 @@ run of its own on iteration `i`'s slice of the variables, so every handler
 sees the same paths as in the lifted body. An `Iteration` handler (inside
 the built-in handlers and the stateful ones under test, outside the
 stateless ones, as the lifted body places them) gives iteration `i` what
-the lifted transform gives it: a param initialized with `fold_in(k, i)` and the `n`-th draw at a
-path as `fold_in(k_n, i)`, `k` and `k_n` being what the unlifted model gets
-there. The lifted model's init values, outputs, state updates and sown
-values must equal the reference's, restacked, under the built-in handlers
-and the handler under test.
+the lifted transform gives it: a param initialized with `fold_in(k, i)`,
+the `n`-th draw at a path as `fold_in(k_n, i)` and a stream's base key as
+`fold_in(fold_in(b, 2**32 - 1), i)`, `k`, `k_n` and `b` being what the
+unlifted model gets there. The lifted model's init values, outputs, state
+updates and sown values must equal the reference's, restacked, under the
+built-in handlers and the handler under test.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class _Rekeyed:
         return self.init(jax.random.fold_in(key, self.i), shape, dtype)
 
 
+# `effax.lift` gives iteration i the base key `fold_in(fold_in(b, _BASES), i)`: `fold_in(b, i)` is the i-th
+# `next_key` drawn at the same path, which it would repeat.
+_BASES = 0xFFFF_FFFF
+
+
 class Iteration(fx.Handler):
     """Answer keys and param initializers as iteration `i` of a lifted transform gets them.
 
@@ -60,7 +66,10 @@ class Iteration(fx.Handler):
     def handle(self, request: Any, forward: Any) -> Any:
         if isinstance(request, fx.ParamRequest):
             return forward(dataclasses.replace(request, init=_Rekeyed(request.init, self.i)))
-        return jax.random.fold_in(forward(request), self.i)
+        key = forward(request)
+        if isinstance(request, fx.StreamKeyRequest):
+            key = jax.random.fold_in(key, _BASES)
+        return jax.random.fold_in(key, self.i)
 
 
 def lifted(model: Callable[[Any], Any], context: str, n: int) -> Callable[[Any], Any]:
