@@ -516,19 +516,25 @@ class _Case:
         t = fx.transform(self.model if fn is None else fn)
         return t.apply(variables, self.x, rngs=self.key, mutable=mutable, training=self.training, handlers=hs)
 
-    def results(self, handlers: Any = None, fn: Any = None, what: str = "", apply_handlers: Any = None) -> dict:
-        """Output and variables of `init_with_output`, then output and updates of `apply` on them."""
-        with self.running(f"running the model{' ' + what if what else ''}"):
+    def results(
+        self, handlers: Any = None, fn: Any = None, what: str = "", apply_handlers: Any = None, plain: Any = None
+    ) -> dict:
+        """Output and variables of `init_with_output`, then output and updates of `apply` on them.
+
+        `plain` is `fn` without any handler it installs itself, for the rerun an error triggers."""
+        with self.running(f"running the model{' ' + what if what else ''}", fn if plain is None else plain):
             out, variables = self.init(handlers=handlers, fn=fn)
             hs = handlers if apply_handlers is None else apply_handlers
             applied, updates = self.apply(variables, handlers=hs, fn=fn)
         return _labeled(_RESULTS, (out, variables, applied, updates))
 
-    def fail(self, what: str, detail: str | None = None, law: str | None = None) -> AssertionError:
+    def fail(
+        self, what: str, detail: str | None = None, law: str | None = None, verdict: str = "does not hold"
+    ) -> AssertionError:
         key = _leaf(self.key).tolist() if self.key is not None else None
         handlers = ", ".join(_name(h) for h in self.handlers) or "none (the built-in handlers alone)"
         lines = [
-            f"effax law `{law or self.law}` does not hold: {what}",
+            f"effax law `{law or self.law}` {verdict}: {what}",
             *[f"  {line}" for line in (detail or "").splitlines() if line],
             f"model: {self.model!r}".replace("\n", "\n  "),
             f"x = {np.asarray(self.x).tolist()}, key data = {key}, training = {self.training}",
@@ -539,8 +545,8 @@ class _Case:
         return AssertionError("\n".join(lines))
 
     @contextlib.contextmanager
-    def running(self, what: str) -> Iterator[None]:
-        """Report a violation the watch saw, or an error raised while running, as a failure."""
+    def running(self, what: str, fn: Any = None) -> Iterator[None]:
+        """Report a violation the watch saw, or an error raised running `fn` (default: the model), as a failure."""
         try:
             yield
         except _Violation as v:
@@ -548,8 +554,31 @@ class _Case:
         except AssertionError:
             raise
         except Exception as e:
-            detail = "\n".join(str(e).splitlines()[:6])
-            raise self.fail(f"{what} raised {type(e).__name__}", detail) from e
+            raise self._raised(what, e, self.model if fn is None else fn) from e
+
+    def _raised(self, what: str, error: Exception, fn: Any) -> AssertionError:
+        """An error is no difference the law compares: say that the model raised, and whether it raises
+        without the handlers under test too (one plain `init` and `apply`), which says whose fault it is."""
+        shown = f"{type(error).__name__}: " + "\n".join(str(error).splitlines()[:6])
+        plain = f"`t.init_with_output` then `t.apply` of the {'model' if fn is self.model else 'same function'} " \
+                "with the built-in handlers alone"
+        try:
+            t = fx.transform(fn)
+            _, variables = t.init_with_output(self.key, self.x, training=self.training)
+            t.apply(variables, self.x, rngs=self.key, mutable=True, training=self.training)
+        except Exception as again:
+            return self.fail(
+                f"{what} raised {type(error).__name__} while the law ran, and the model raises without the "
+                "handlers under test too",
+                f"{shown}\n{plain} raise {type(again).__name__} as well: the model or the case is at fault, not "
+                "the handler under test (check the model, its input and key, or the bindings given)",
+                verdict="could not be checked",
+            )
+        return self.fail(
+            f"{what} raised {type(error).__name__} while the law ran, and only with the handlers under test",
+            f"{shown}\n{plain} run: the handler under test causes the error (with what it answers, or with "
+            "the requests it makes or forwards)",
+        )
 
     def expect_same(self, a: Any, b: Any, what: str, names: tuple[str, str], **tolerance: Any) -> None:
         diff = difference(a, b, names=names, **tolerance)
@@ -635,7 +664,7 @@ def _recorded(case: _Case, model: Model) -> tuple[_Recording, _Recording]:
     """What `model` receives under init and under apply on its own variables."""
     recorder = _Kept(_Recording)
     hs = case.handlers + (recorder,)
-    with case.running("the model" if model is case.model else "the model with steps removed"):
+    with case.running("the model" if model is case.model else "the model with steps removed", model):
         _, variables = case.init(handlers=hs, fn=model)
         case.apply(variables, handlers=hs, fn=model)
     return recorder.runs[0], recorder.runs[-1]
@@ -868,7 +897,7 @@ def check_associativity(
         ("(outer, handler), then (inner)", o + h, [i]),
         ("(outer), then (handler), then (inner)", (), [o, h, i]),
     ):
-        nested = case.results(hs, fn=_nested(model, groups), what=f"grouped {label}")
+        nested = case.results(hs, fn=_nested(model, groups), what=f"grouped {label}", plain=model)
         case.expect_same(flat, nested, f"grouping the handlers as {label} changed the results", ("one group", label))
 
 
@@ -1025,7 +1054,7 @@ def check_sharing_laws(
     case.notes.append(f"share bindings: {bindings}")
     shared = fx.share(model, bindings)
     stored = _Stored()
-    with case.running("`t.init` of `fx.share(model, bindings)`"):
+    with case.running("`t.init` of `fx.share(model, bindings)`", shared):
         _, variables = case.init(handlers=(stored,) + case.handlers, fn=shared)
     aliases = [_path(a) for a in bindings]
     for request in stored.requests:
@@ -1041,7 +1070,7 @@ def check_sharing_laws(
 
     untie = _Untie()
     untied_handlers = (untie,) + case.handlers
-    with case.running("`t.init` of the shared model with each use stored apart"):
+    with case.running("`t.init` of the shared model with each use stored apart", shared):
         _, untied_variables = case.init(handlers=untied_handlers, fn=shared)
     tied = _flat(variables["params"])
     try:
@@ -1060,7 +1089,7 @@ def check_sharing_laws(
                          handlers=hs)
         return jnp.sum(out.astype(jnp.float32)), out
 
-    with case.running("`jax.grad` of the tied model and of the model with each use stored apart"):
+    with case.running("`jax.grad` of the tied model and of the model with each use stored apart", shared):
         (_, out_tied), got = jax.value_and_grad(
             lambda p: loss(case.handlers, p, variables), has_aux=True)(variables["params"])
         (_, out_untied), per_use = jax.value_and_grad(
@@ -1232,7 +1261,7 @@ def check_reuse(
     reference: dict[tuple[int, int], tuple[Any, Any]] = {}
     for m, c in ((model, case), (other, case), (model, changed)):
         if (id(m), id(c)) not in reference:
-            with case.running("a fresh instance"):
+            with case.running("a fresh instance", m):
                 out, variables = c.init(handlers=fresh(), fn=m)
                 applied = c.apply(_shifted(variables) if c is changed else variables, handlers=fresh(), fn=m)
                 reference[(id(m), id(c))] = ((out, variables), applied)
@@ -1258,7 +1287,7 @@ def check_reuse(
             )
 
     def both(m: Model, where: str = "", c: _Case = case) -> None:
-        with case.running(f"the reused instance ({where.strip(', ') or 'in sequence'})"):
+        with case.running(f"the reused instance ({where.strip(', ') or 'in sequence'})", m):
             out, variables = c.init(handlers=one, fn=m)
             expect(m, (out, variables), 0, where, c)
             variables = reference[(id(m), id(c))][0][1]
@@ -1306,7 +1335,7 @@ def check_reuse(
     thread.start()
     started.wait(60)
     try:
-        with case.running("the reused instance, during a run of the model in another thread"):
+        with case.running("the reused instance, during a run of the model in another thread", other):
             inner = case.init(handlers=one, fn=other)
     finally:
         resume.set()
@@ -1549,7 +1578,7 @@ def check_lifting(
     case = _case("lifting", model, x, key, handler, training)
     case.notes.append(f"lifted by: fx.{context} (`effax.testing.lifting.lifted(model, {context!r}, 2)`)")
     try:
-        with case.running(f"the model lifted by fx.{context}"):
+        with case.running(f"the model lifted by fx.{context}", lifting.lifted(model, context, 2)):
             lifting.check_lifting(model, x, key, context=context, training=training, handlers=case.handlers)
     except lifting.LiftingMismatch as e:  # the bare check's finding, with the case around it
         raise case.fail(e.what) from None
