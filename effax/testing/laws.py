@@ -1581,7 +1581,7 @@ def check_lifting(
         with case.running(f"the model lifted by fx.{context}", lifting.lifted(model, context, 2)):
             lifting.check_lifting(model, x, key, context=context, training=training, handlers=case.handlers)
     except lifting.LiftingMismatch as e:  # the bare check's finding, with the case around it
-        raise case.fail(e.what) from None
+        raise case.fail(e.what, e.detail) from None
 
 
 def _run_lifting(subject: Subject, data: Any, key: Any, training: bool) -> None:

@@ -267,7 +267,9 @@ def test_a_lifting_failure_names_the_model_and_the_transform():
     with pytest.raises(AssertionError) as e:
         laws.check_lifting(Model([Param("w0", init="normal")], in_size=2), X, KEY, ZeroInit, context="scan")
     message = str(e.value)
-    assert message.startswith("effax law `lifting` does not hold: init's output differs")
+    assert message.startswith("effax law `lifting` does not hold: output of init differs from the unrolled model\n"
+                              "  at output of init: [")
+    assert "(under fx.scan) vs [" in message and "(unrolled)\n" in message
     for part in ("\nmodel: Model(", "handlers under test (innermost last): ZeroInit()", "lifted by: fx.scan",
                  "rebuild the model: Model(["):
         assert part in message, message
