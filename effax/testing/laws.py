@@ -580,10 +580,12 @@ class _Case:
             "the requests it makes or forwards)",
         )
 
-    def expect_same(self, a: Any, b: Any, what: str, names: tuple[str, str], **tolerance: Any) -> None:
+    def expect_same(
+        self, a: Any, b: Any, what: str, names: tuple[str, str], advice: str = "", **tolerance: Any
+    ) -> None:
         diff = difference(a, b, names=names, **tolerance)
         if diff is not None:
-            raise self.fail(what, diff)
+            raise self.fail(what, diff + (f"\n{advice}" if advice else ""))
 
 
 def _case(law: str, model: Model, x: Any, key: Any, handler: HandlerLike, training: bool) -> _Case:
@@ -614,15 +616,22 @@ def check_determinism(
         first, second = case.init(), case.init()
     case.expect_same(
         _labeled(_RESULTS[:2], first), _labeled(_RESULTS[:2], second),
-        "two runs of `t.init_with_output` with the same key and input differ", ("run 1", "run 2"),
+        "two runs of `t.init_with_output` with the same key and input differ", ("run 1", "run 2"), _DETERMINISM,
     )
     variables = first[1] if variables is None else variables
     with case.running("`t.apply(..., mutable=True)`"):
         first, second = case.apply(variables), case.apply(variables)
     case.expect_same(
         _labeled(_RESULTS[2:], first), _labeled(_RESULTS[2:], second),
-        "two runs of `t.apply` with the same variables, inputs and keys differ", ("run 1", "run 2"),
+        "two runs of `t.apply` with the same variables, inputs and keys differ", ("run 1", "run 2"), _DETERMINISM,
     )
+
+
+_DETERMINISM = (
+    "an answer may depend only on what the run is given: keep no state on the handler instance across runs "
+    "(per-run state belongs on the object `begin()` returns), derive keys from the run's key with "
+    "`jax.random.fold_in` (or forward key requests), and read no NumPy or Python global RNG, clock or counter"
+)
 
 
 # --- law 2: locality -----------------------------------------------------------------------------
@@ -702,10 +711,15 @@ def check_locality(
     names = ("whole model", "steps removed")
     for label, b, s in (("init", big[0], small[0]), ("apply", big[1], small[1])):
         params = _common(b.params, s.params)
-        case.expect_same(*params, f"{what} a param value the model received in {label}", names)
+        case.expect_same(*params, f"{what} a param value the model received in {label}", names,
+                         "derive a param's value from its own path (`request.initialize(jax.random.fold_in(key, "
+                         "hash of request.path))`), never from a counter shared across paths (call order)")
         keys = [{f"{slot}, draw {n}": k for slot, ks in side.items() for n, k in enumerate(ks)}
                 for side in _common(b.keys, s.keys, same_length=True)]
-        case.expect_same(*keys, f"{what} a key drawn at a path that was kept, in {label}", names)
+        case.expect_same(*keys, f"{what} a key drawn at a path that was kept, in {label}", names,
+                         "derive a key from the request's path and stream (`jax.random.fold_in` of a hash of "
+                         "each), then a draw count kept per (path, stream); never from a counter shared across "
+                         "paths or streams")
 
 
 # --- law 3: init/apply agreement -----------------------------------------------------------------

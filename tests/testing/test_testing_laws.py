@@ -8,7 +8,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import Phase, given, settings
-from zoo import ClipsSetsInPlace, PathScaledParams, SwallowsSets, TransposedParams, UndoesSharing
+from zoo import (
+    CallOrderInitParams,
+    CallOrderKeys,
+    ClipsSetsInPlace,
+    PathScaledParams,
+    SwallowsSets,
+    TransposedParams,
+    UndoesSharing,
+)
 
 import effax as fx
 from effax.testing import LAWS, assert_handler_laws, laws
@@ -430,3 +438,15 @@ def test_reuse_runs_the_instance_again_with_another_mode_key_and_variables(handl
     with pytest.raises(AssertionError, match=r"`reuse` does not hold: .* run \((init|apply) of the model, again "
                                              r"with training=True, key data \[\d+, \d+\], and apply on"):
         laws.check_reuse(model, X, KEY, handler)
+
+
+def test_determinism_and_locality_failures_say_how_to_fix_the_handler():
+    with pytest.raises(AssertionError) as e:
+        laws.check_determinism(Model([Draw()]), X, KEY, FreshKeys)
+    assert "keep no state on the handler instance across runs" in str(e.value)
+    assert "read no NumPy or Python global RNG" in str(e.value)
+    model = Model([Param("w0"), Draw(), Scope("blk0", [Param("w0"), Draw()])])
+    with pytest.raises(AssertionError, match=r"(?s)a param value .*derive a param's value from its own path"):
+        laws.check_locality(model, X, KEY, CallOrderInitParams, drop=[0])
+    with pytest.raises(AssertionError, match=r"(?s)a key drawn .*derive a key from the request's path and stream"):
+        laws.check_locality(model, X, KEY, lambda: CallOrderKeys(KEY), drop=[1])
