@@ -1513,7 +1513,13 @@ def _run_locality(subject: Subject, data: Any, key: Any, training: bool) -> None
 
 
 def _run_forwarding(subject: Subject, data: Any, key: Any, training: bool) -> None:
-    model, x = _draw_model(subject, data)
+    from effax.testing.strategies import models_and_inputs
+
+    if subject.custom_models:
+        model, x = _draw_model(subject, data)
+    else:  # a request of every effect the handler forwards, so one it drops or changes is always met
+        forwarded = tuple(e for e in EFFECTS if e not in subject.effects)
+        model, x = data.draw(models_and_inputs(require=forwarded), label="model, x")
     check_forwarding_identity(model, x, key, subject.handler, effects=subject.effects, training=training)
 
 

@@ -450,3 +450,18 @@ def test_determinism_and_locality_failures_say_how_to_fix_the_handler():
         laws.check_locality(model, X, KEY, CallOrderInitParams, drop=[0])
     with pytest.raises(AssertionError, match=r"(?s)a key drawn .*derive a key from the request's path and stream"):
         laws.check_locality(model, X, KEY, lambda: CallOrderKeys(KEY), drop=[1])
+
+
+class LoggerDroppingSows(fx.Handler):
+    """Logs every request and forwards it, except sows, which it drops ("they return None anyway")."""
+
+    def handle(self, request, forward):
+        return None if isinstance(request, fx.SideOutputRequest) else forward(request)
+
+
+@pytest.mark.parametrize("seed", [15, 17, 23])
+def test_the_forwarding_law_meets_every_effect_a_handler_forwards(seed):
+    """Its models make a request of each effect the handler does not answer (here: all), so a logger that
+    drops one kind is caught on every seed (it passed on these, whose models drew no sow)."""
+    with pytest.raises(AssertionError, match="`forwarding identity` does not hold"):
+        assert_handler_laws(LoggerDroppingSows, (), seed=seed, only=["forwarding identity"], shrink=False)
