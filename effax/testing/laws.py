@@ -1144,7 +1144,10 @@ def check_purity_under_jit(
 
     `rtol`/`atol` default to `tolerance` of the lowest float precision among
     the model's params and the results (bfloat16 is compared at bfloat16's
-    precision). The one law that compiles.
+    precision). The one law that compiles. A tracer kept on a handler is
+    found by looking through its attributes after the jitted run, at once;
+    `jax.checking_leaks()` (seconds per leak) then traces `t.apply` once
+    more for any other leak.
 
     >>> from effax.testing.models import Draw, Param
     >>> check_purity_under_jit(Model([Param("w0"), Draw()]), jnp.ones(2), jax.random.key(0))
@@ -1160,9 +1163,22 @@ def check_purity_under_jit(
     def apply(v: Any, x: Any, k: Any) -> Any:
         return t.apply(v, x, rngs=k, mutable=True, training=case.training, handlers=hs)
 
-    with case.running("`jax.jit(t.apply)` under `jax.checking_leaks()`"):
-        with jax.checking_leaks():
-            jitted = jax.jit(apply)(variables, case.x, case.key)
+    with case.running("`jax.jit(t.apply)`"):
+        jitted = jax.jit(apply)(variables, case.x, case.key)
+    # where handlers usually leak, found at once: `jax.checking_leaks` takes seconds to report a leak
+    kept = next(filter(None, (_tracer_in(h, _name(h)) for h in case.handlers)), None)
+    if kept is not None:
+        raise case.fail(f"`jax.jit(t.apply)` left a tracer in the handler under test: `{kept}` holds one", _LEAK)
+    with case.running("tracing `t.apply` under `jax.checking_leaks()`"):
+        try:
+            with jax.checking_leaks():  # a new function, so JAX traces it again rather than reuse jit's trace
+                jax.make_jaxpr(lambda v, x, k: apply(v, x, k))(variables, case.x, case.key)
+        except Exception as e:
+            if not str(e).startswith("Leaked"):
+                raise
+            shown = "\n".join(str(e).splitlines()[:3])
+            raise case.fail("a tracer of `t.apply`'s trace outlived it (`jax.checking_leaks()`)",
+                            f"{shown}\n{_LEAK}") from None
     with case.running("eager `t.apply` after the jitted run"):
         again = case.apply(variables)
     default = tolerance(*_float_dtypes(variables), *(d for _, d in model.param_specs().values()),
@@ -1174,6 +1190,33 @@ def check_purity_under_jit(
     case.expect_same(_labeled(names, eager), _labeled(names, jitted), what, ("eager", "jit"), rtol=rtol, atol=atol)
     what = "an eager `t.apply` after a jitted one gives other results than before it"
     case.expect_same(_labeled(names, eager), _labeled(names, again), what, ("before", "after"))
+
+
+_LEAK = (
+    "a tracer lives only inside its trace: keep what a run collects on the object `begin()` returns (read it "
+    "from `runs` after the run), never on the handler, its class or a global"
+)
+
+
+def _tracer_in(x: Any, where: str, depth: int = 0, seen: set[int] | None = None) -> str | None:
+    """Where `x` holds a tracer, down its attributes, dicts, lists, tuples and sets (a few levels), or None."""
+    if isinstance(x, jax.core.Tracer):
+        return where
+    seen = set() if seen is None else seen
+    if depth > 4 or id(x) in seen or isinstance(x, (str, bytes, int, float, type, jax.Array, np.ndarray)):
+        return None
+    seen.add(id(x))
+    if isinstance(x, dict):
+        parts = [(f"{where}[{k!r}]", v) for k, v in x.items()]
+    elif isinstance(x, (list, tuple)):
+        parts = [(f"{where}[{i}]", v) for i, v in enumerate(x)]
+    elif isinstance(x, (set, frozenset)):
+        parts = [(f"an item of {where}", v) for v in x]
+    elif hasattr(x, "__dict__") and not callable(x) or isinstance(x, fx.Handler):
+        parts = [(f"{where}.{k}", v) for k, v in vars(x).items()]
+    else:
+        return None
+    return next(filter(None, (_tracer_in(v, w, depth + 1, seen) for w, v in parts)), None)
 
 
 # --- law 10: answers match requests --------------------------------------------------------------
