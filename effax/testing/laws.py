@@ -1310,7 +1310,7 @@ def check_reuse(
     # the third run changes all a run is given: a handler that latches its first run's mode, key or
     # variables answers that run's way there
     changed = _case("reuse", model, x, None if key is None else jax.random.fold_in(key, 1), None, not training)
-    changed.watch = case.watch
+    changed.watch, changed.notes = case.watch, case.notes
     fresh = fresh_copies(handler) if fresh is None else fresh
     other = model if other is None else other
     if other is not model:
@@ -1318,7 +1318,7 @@ def check_reuse(
     reference: dict[tuple[int, int], tuple[Any, Any]] = {}
     for m, c in ((model, case), (other, case), (model, changed)):
         if (id(m), id(c)) not in reference:
-            with case.running("a fresh instance", m):
+            with c.running("a fresh instance", m):
                 out, variables = c.init(handlers=fresh(), fn=m)
                 applied = c.apply(_shifted(variables) if c is changed else variables, handlers=fresh(), fn=m)
                 reference[(id(m), id(c))] = ((out, variables), applied)
@@ -1344,7 +1344,7 @@ def check_reuse(
             )
 
     def both(m: Model, where: str = "", c: _Case = case) -> None:
-        with case.running(f"the reused instance ({where.strip(', ') or 'in sequence'})", m):
+        with c.running(f"the reused instance ({where.strip(', ') or 'in sequence'})", m):
             out, variables = c.init(handlers=one, fn=m)
             expect(m, (out, variables), 0, where, c)
             variables = reference[(id(m), id(c))][0][1]
