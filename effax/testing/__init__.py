@@ -4,7 +4,7 @@ Import it explicitly (it needs hypothesis, a test dependency):
 `from effax.testing import strategies, laws, assert_handler_laws`.
 
 - `effax.testing.models`: effectful models as data (`Model`, `Scope`, `Param`,
-  `State`, `Draw`, `Sow`, `SideInput`, `Mode`) with a readable listing;
+  `State`, `Draw`, `StreamKey`, `Sow`, `SideInput`, `Mode`) with a readable listing;
 - `effax.testing.strategies`: hypothesis strategies for models, inputs, keys,
   variables, removals and sharing cases;
 - `effax.testing.laws`: one `check_*` function per law, usable inside `@given`,

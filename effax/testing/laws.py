@@ -199,7 +199,8 @@ def _show_spec(x: Any) -> str:
 
 def _leaf(x: Any) -> np.ndarray:
     if _is_key(x):
-        return np.asarray(jax.random.key_data(x))
+        with jax.ensure_compile_time_eval():  # a concrete key met inside a trace: its data stays concrete
+            return np.asarray(jax.random.key_data(x))
     return np.asarray(x)
 
 
@@ -481,7 +482,7 @@ class _WatchRun:
         self.draws[slot] = n + 1
         if not _concrete(out) or _REPEATS_ALLOWED.get():
             return
-        data = np.asarray(jax.random.key_data(out)).tobytes()
+        data = _leaf(out).tobytes()
         where = f"draw {n} from stream {request.stream!r} at `{'/'.join(request.path) or '<root>'}`"
         if data in self.keys:
             raise _Violation(
@@ -515,19 +516,25 @@ class _Case:
         t = fx.transform(self.model if fn is None else fn)
         return t.apply(variables, self.x, rngs=self.key, mutable=mutable, training=self.training, handlers=hs)
 
-    def results(self, handlers: Any = None, fn: Any = None, what: str = "", apply_handlers: Any = None) -> dict:
-        """Output and variables of `init_with_output`, then output and updates of `apply` on them."""
-        with self.running(f"running the model{' ' + what if what else ''}"):
+    def results(
+        self, handlers: Any = None, fn: Any = None, what: str = "", apply_handlers: Any = None, plain: Any = None
+    ) -> dict:
+        """Output and variables of `init_with_output`, then output and updates of `apply` on them.
+
+        `plain` is `fn` without any handler it installs itself, for the rerun an error triggers."""
+        with self.running(f"running the model{' ' + what if what else ''}", fn if plain is None else plain):
             out, variables = self.init(handlers=handlers, fn=fn)
             hs = handlers if apply_handlers is None else apply_handlers
             applied, updates = self.apply(variables, handlers=hs, fn=fn)
         return _labeled(_RESULTS, (out, variables, applied, updates))
 
-    def fail(self, what: str, detail: str | None = None, law: str | None = None) -> AssertionError:
+    def fail(
+        self, what: str, detail: str | None = None, law: str | None = None, verdict: str = "does not hold"
+    ) -> AssertionError:
         key = _leaf(self.key).tolist() if self.key is not None else None
         handlers = ", ".join(_name(h) for h in self.handlers) or "none (the built-in handlers alone)"
         lines = [
-            f"effax law `{law or self.law}` does not hold: {what}",
+            f"effax law `{law or self.law}` {verdict}: {what}",
             *[f"  {line}" for line in (detail or "").splitlines() if line],
             f"model: {self.model!r}".replace("\n", "\n  "),
             f"x = {np.asarray(self.x).tolist()}, key data = {key}, training = {self.training}",
@@ -538,8 +545,8 @@ class _Case:
         return AssertionError("\n".join(lines))
 
     @contextlib.contextmanager
-    def running(self, what: str) -> Iterator[None]:
-        """Report a violation the watch saw, or an error raised while running, as a failure."""
+    def running(self, what: str, fn: Any = None) -> Iterator[None]:
+        """Report a violation the watch saw, or an error raised running `fn` (default: the model), as a failure."""
         try:
             yield
         except _Violation as v:
@@ -547,13 +554,38 @@ class _Case:
         except AssertionError:
             raise
         except Exception as e:
-            detail = "\n".join(str(e).splitlines()[:6])
-            raise self.fail(f"{what} raised {type(e).__name__}", detail) from e
+            raise self._raised(what, e, self.model if fn is None else fn) from e
 
-    def expect_same(self, a: Any, b: Any, what: str, names: tuple[str, str], **tolerance: Any) -> None:
+    def _raised(self, what: str, error: Exception, fn: Any) -> AssertionError:
+        """An error is no difference the law compares: say that the model raised, and whether it raises
+        without the handlers under test too (one plain `init` and `apply`), which says whose fault it is."""
+        shown = f"{type(error).__name__}: " + "\n".join(str(error).splitlines()[:6])
+        plain = f"`t.init_with_output` then `t.apply` of the {'model' if fn is self.model else 'same function'} " \
+                "with the built-in handlers alone"
+        try:
+            t = fx.transform(fn)
+            _, variables = t.init_with_output(self.key, self.x, training=self.training)
+            t.apply(variables, self.x, rngs=self.key, mutable=True, training=self.training)
+        except Exception as again:
+            return self.fail(
+                f"{what} raised {type(error).__name__} while the law ran, and the model raises without the "
+                "handlers under test too",
+                f"{shown}\n{plain} raise {type(again).__name__} as well: the model or the case is at fault, not "
+                "the handler under test (check the model, its input and key, or the bindings given)",
+                verdict="could not be checked",
+            )
+        return self.fail(
+            f"{what} raised {type(error).__name__} while the law ran, and only with the handlers under test",
+            f"{shown}\n{plain} run: the handler under test causes the error (with what it answers, or with "
+            "the requests it makes or forwards)",
+        )
+
+    def expect_same(
+        self, a: Any, b: Any, what: str, names: tuple[str, str], advice: str = "", **tolerance: Any
+    ) -> None:
         diff = difference(a, b, names=names, **tolerance)
         if diff is not None:
-            raise self.fail(what, diff)
+            raise self.fail(what, diff + (f"\n{advice}" if advice else ""))
 
 
 def _case(law: str, model: Model, x: Any, key: Any, handler: HandlerLike, training: bool) -> _Case:
@@ -584,15 +616,22 @@ def check_determinism(
         first, second = case.init(), case.init()
     case.expect_same(
         _labeled(_RESULTS[:2], first), _labeled(_RESULTS[:2], second),
-        "two runs of `t.init_with_output` with the same key and input differ", ("run 1", "run 2"),
+        "two runs of `t.init_with_output` with the same key and input differ", ("run 1", "run 2"), _DETERMINISM,
     )
     variables = first[1] if variables is None else variables
     with case.running("`t.apply(..., mutable=True)`"):
         first, second = case.apply(variables), case.apply(variables)
     case.expect_same(
         _labeled(_RESULTS[2:], first), _labeled(_RESULTS[2:], second),
-        "two runs of `t.apply` with the same variables, inputs and keys differ", ("run 1", "run 2"),
+        "two runs of `t.apply` with the same variables, inputs and keys differ", ("run 1", "run 2"), _DETERMINISM,
     )
+
+
+_DETERMINISM = (
+    "an answer may depend only on what the run is given: keep no state on the handler instance across runs "
+    "(per-run state belongs on the object `begin()` returns), derive keys from the run's key with "
+    "`jax.random.fold_in` (or forward key requests), and read no NumPy or Python global RNG, clock or counter"
+)
 
 
 # --- law 2: locality -----------------------------------------------------------------------------
@@ -634,7 +673,7 @@ def _recorded(case: _Case, model: Model) -> tuple[_Recording, _Recording]:
     """What `model` receives under init and under apply on its own variables."""
     recorder = _Kept(_Recording)
     hs = case.handlers + (recorder,)
-    with case.running("the model" if model is case.model else "the model with steps removed"):
+    with case.running("the model" if model is case.model else "the model with steps removed", model):
         _, variables = case.init(handlers=hs, fn=model)
         case.apply(variables, handlers=hs, fn=model)
     return recorder.runs[0], recorder.runs[-1]
@@ -672,10 +711,15 @@ def check_locality(
     names = ("whole model", "steps removed")
     for label, b, s in (("init", big[0], small[0]), ("apply", big[1], small[1])):
         params = _common(b.params, s.params)
-        case.expect_same(*params, f"{what} a param value the model received in {label}", names)
+        case.expect_same(*params, f"{what} a param value the model received in {label}", names,
+                         "derive a param's value from its own path (`request.initialize(jax.random.fold_in(key, "
+                         "hash of request.path))`), never from a counter shared across paths (call order)")
         keys = [{f"{slot}, draw {n}": k for slot, ks in side.items() for n, k in enumerate(ks)}
                 for side in _common(b.keys, s.keys, same_length=True)]
-        case.expect_same(*keys, f"{what} a key drawn at a path that was kept, in {label}", names)
+        case.expect_same(*keys, f"{what} a key drawn at a path that was kept, in {label}", names,
+                         "derive a key from the request's path and stream (`jax.random.fold_in` of a hash of "
+                         "each), then a draw count kept per (path, stream); never from a counter shared across "
+                         "paths or streams")
 
 
 # --- law 3: init/apply agreement -----------------------------------------------------------------
@@ -867,7 +911,7 @@ def check_associativity(
         ("(outer, handler), then (inner)", o + h, [i]),
         ("(outer), then (handler), then (inner)", (), [o, h, i]),
     ):
-        nested = case.results(hs, fn=_nested(model, groups), what=f"grouped {label}")
+        nested = case.results(hs, fn=_nested(model, groups), what=f"grouped {label}", plain=model)
         case.expect_same(flat, nested, f"grouping the handlers as {label} changed the results", ("one group", label))
 
 
@@ -1024,7 +1068,7 @@ def check_sharing_laws(
     case.notes.append(f"share bindings: {bindings}")
     shared = fx.share(model, bindings)
     stored = _Stored()
-    with case.running("`t.init` of `fx.share(model, bindings)`"):
+    with case.running("`t.init` of `fx.share(model, bindings)`", shared):
         _, variables = case.init(handlers=(stored,) + case.handlers, fn=shared)
     aliases = [_path(a) for a in bindings]
     for request in stored.requests:
@@ -1040,7 +1084,7 @@ def check_sharing_laws(
 
     untie = _Untie()
     untied_handlers = (untie,) + case.handlers
-    with case.running("`t.init` of the shared model with each use stored apart"):
+    with case.running("`t.init` of the shared model with each use stored apart", shared):
         _, untied_variables = case.init(handlers=untied_handlers, fn=shared)
     tied = _flat(variables["params"])
     try:
@@ -1059,7 +1103,7 @@ def check_sharing_laws(
                          handlers=hs)
         return jnp.sum(out.astype(jnp.float32)), out
 
-    with case.running("`jax.grad` of the tied model and of the model with each use stored apart"):
+    with case.running("`jax.grad` of the tied model and of the model with each use stored apart", shared):
         (_, out_tied), got = jax.value_and_grad(
             lambda p: loss(case.handlers, p, variables), has_aux=True)(variables["params"])
         (_, out_untied), per_use = jax.value_and_grad(
@@ -1100,7 +1144,10 @@ def check_purity_under_jit(
 
     `rtol`/`atol` default to `tolerance` of the lowest float precision among
     the model's params and the results (bfloat16 is compared at bfloat16's
-    precision). The one law that compiles.
+    precision). The one law that compiles. A tracer kept on a handler is
+    found by looking through its attributes after the jitted run, at once;
+    `jax.checking_leaks()` (seconds per leak) then traces `t.apply` once
+    more for any other leak.
 
     >>> from effax.testing.models import Draw, Param
     >>> check_purity_under_jit(Model([Param("w0"), Draw()]), jnp.ones(2), jax.random.key(0))
@@ -1116,9 +1163,22 @@ def check_purity_under_jit(
     def apply(v: Any, x: Any, k: Any) -> Any:
         return t.apply(v, x, rngs=k, mutable=True, training=case.training, handlers=hs)
 
-    with case.running("`jax.jit(t.apply)` under `jax.checking_leaks()`"):
-        with jax.checking_leaks():
-            jitted = jax.jit(apply)(variables, case.x, case.key)
+    with case.running("`jax.jit(t.apply)`"):
+        jitted = jax.jit(apply)(variables, case.x, case.key)
+    # where handlers usually leak, found at once: `jax.checking_leaks` takes seconds to report a leak
+    kept = next(filter(None, (_tracer_in(h, _name(h)) for h in case.handlers)), None)
+    if kept is not None:
+        raise case.fail(f"`jax.jit(t.apply)` left a tracer in the handler under test: `{kept}` holds one", _LEAK)
+    with case.running("tracing `t.apply` under `jax.checking_leaks()`"):
+        try:
+            with jax.checking_leaks():  # a new function, so JAX traces it again rather than reuse jit's trace
+                jax.make_jaxpr(lambda v, x, k: apply(v, x, k))(variables, case.x, case.key)
+        except Exception as e:
+            if not str(e).startswith("Leaked"):
+                raise
+            shown = "\n".join(str(e).splitlines()[:3])
+            raise case.fail("a tracer of `t.apply`'s trace outlived it (`jax.checking_leaks()`)",
+                            f"{shown}\n{_LEAK}") from None
     with case.running("eager `t.apply` after the jitted run"):
         again = case.apply(variables)
     default = tolerance(*_float_dtypes(variables), *(d for _, d in model.param_specs().values()),
@@ -1130,6 +1190,33 @@ def check_purity_under_jit(
     case.expect_same(_labeled(names, eager), _labeled(names, jitted), what, ("eager", "jit"), rtol=rtol, atol=atol)
     what = "an eager `t.apply` after a jitted one gives other results than before it"
     case.expect_same(_labeled(names, eager), _labeled(names, again), what, ("before", "after"))
+
+
+_LEAK = (
+    "a tracer lives only inside its trace: keep what a run collects on the object `begin()` returns (read it "
+    "from `runs` after the run), never on the handler, its class or a global"
+)
+
+
+def _tracer_in(x: Any, where: str, depth: int = 0, seen: set[int] | None = None) -> str | None:
+    """Where `x` holds a tracer, down its attributes, dicts, lists, tuples and sets (a few levels), or None."""
+    if isinstance(x, jax.core.Tracer):
+        return where
+    seen = set() if seen is None else seen
+    if depth > 4 or id(x) in seen or isinstance(x, (str, bytes, int, float, type, jax.Array, np.ndarray)):
+        return None
+    seen.add(id(x))
+    if isinstance(x, dict):
+        parts = [(f"{where}[{k!r}]", v) for k, v in x.items()]
+    elif isinstance(x, (list, tuple)):
+        parts = [(f"{where}[{i}]", v) for i, v in enumerate(x)]
+    elif isinstance(x, (set, frozenset)):
+        parts = [(f"an item of {where}", v) for v in x]
+    elif hasattr(x, "__dict__") and not callable(x) or isinstance(x, fx.Handler):
+        parts = [(f"{where}.{k}", v) for k, v in vars(x).items()]
+    else:
+        return None
+    return next(filter(None, (_tracer_in(v, w, depth + 1, seen) for w, v in parts)), None)
 
 
 # --- law 10: answers match requests --------------------------------------------------------------
@@ -1195,13 +1282,14 @@ def check_reuse(
 
     Every single run (an `init`, an `apply`) with a fresh instance is the
     reference. One instance then runs `model`, `other` (default: `model`),
-    `model` again, `model` in another thread, and `other` while a run of
+    `model` again with the other `training`, another key and other
+    variables, `model` in another thread, and `other` while a run of
     `model` is paused half-way; each must match its reference. A
     handler that keeps a run's state on itself (a counter, a `seen` set, a
-    flag set in `begin()`) or shares it between instances (a mutable default
-    argument) fails here. `fresh` makes fresh instances (default:
-    `fresh_copies(handler)`). Every run also checks that no request is
-    changed by handling it.
+    flag set in `begin()`, the mode or keys of its first run) or shares it
+    between instances (a mutable default argument) fails here. `fresh`
+    makes fresh instances (default: `fresh_copies(handler)`). Every run
+    also checks that no request is changed by handling it.
 
     >>> from effax.testing.models import Sow
     >>> class SowOnce(fx.Handler):      # keeps `seen` on the handler, not on a run
@@ -1219,27 +1307,32 @@ def check_reuse(
     ...
     """
     case = _case("reuse", model, x, key, None, training)
+    # the third run changes all a run is given: a handler that latches its first run's mode, key or
+    # variables answers that run's way there
+    changed = _case("reuse", model, x, None if key is None else jax.random.fold_in(key, 1), None, not training)
+    changed.watch, changed.notes = case.watch, case.notes
     fresh = fresh_copies(handler) if fresh is None else fresh
     other = model if other is None else other
     if other is not model:
         case.notes.append(f"the other model: {other!r}".replace("\n", "\n  "))
-    reference: dict[int, tuple[Any, Any]] = {}
-    for m in (model, other):
-        if id(m) not in reference:
-            with case.running("a fresh instance"):
-                out, variables = case.init(handlers=fresh(), fn=m)
-                reference[id(m)] = ((out, variables), case.apply(variables, handlers=fresh(), fn=m))
+    reference: dict[tuple[int, int], tuple[Any, Any]] = {}
+    for m, c in ((model, case), (other, case), (model, changed)):
+        if (id(m), id(c)) not in reference:
+            with c.running("a fresh instance", m):
+                out, variables = c.init(handlers=fresh(), fn=m)
+                applied = c.apply(_shifted(variables) if c is changed else variables, handlers=fresh(), fn=m)
+                reference[(id(m), id(c))] = ((out, variables), applied)
     one = fresh()
-    case.handlers = one
+    case.handlers = changed.handlers = one
     runs = 0
 
-    def expect(m: Model, got: Any, which: int, where: str) -> None:
+    def expect(m: Model, got: Any, which: int, where: str, c: _Case = case) -> None:
         nonlocal runs
         runs += 1
         name = "the model" if m is model else "the other model"
         label = ("init", "apply")[which]
         names = _RESULTS[2 * which: 2 * which + 2]
-        want = _labeled(names, reference[id(m)][which])
+        want = _labeled(names, reference[(id(m), id(c))][which])
         diff = difference(want, _labeled(names, got), names=("fresh instance", "reused instance"))
         if diff is not None:
             nth = {1: "1st", 2: "2nd", 3: "3rd"}.get(runs, f"{runs}th")
@@ -1250,15 +1343,19 @@ def check_reuse(
                 "`begin()` returns, fresh each time (and never in a mutable default argument)",
             )
 
-    def both(m: Model, where: str = "") -> None:
-        with case.running(f"the reused instance ({where.strip(', ') or 'in sequence'})"):
-            out, variables = case.init(handlers=one, fn=m)
-            expect(m, (out, variables), 0, where)
-            expect(m, case.apply(reference[id(m)][0][1], handlers=one, fn=m), 1, where)
+    def both(m: Model, where: str = "", c: _Case = case) -> None:
+        with c.running(f"the reused instance ({where.strip(', ') or 'in sequence'})", m):
+            out, variables = c.init(handlers=one, fn=m)
+            expect(m, (out, variables), 0, where, c)
+            variables = reference[(id(m), id(c))][0][1]
+            variables = _shifted(variables) if c is changed else variables
+            expect(m, c.apply(variables, handlers=one, fn=m), 1, where, c)
 
     both(model)
     both(other)
-    both(model, ", again")
+    key_data = None if changed.key is None else _leaf(changed.key).tolist()
+    both(model, f", again with training={changed.training}, key data {key_data}, and apply on the variables "
+                "plus 1", changed)
     box: dict[str, Any] = {}
 
     def in_thread() -> None:
@@ -1295,7 +1392,7 @@ def check_reuse(
     thread.start()
     started.wait(60)
     try:
-        with case.running("the reused instance, during a run of the model in another thread"):
+        with case.running("the reused instance, during a run of the model in another thread", other):
             inner = case.init(handlers=one, fn=other)
     finally:
         resume.set()
@@ -1305,6 +1402,11 @@ def check_reuse(
             raise outer["error"]
     expect(other, inner, 0, ", while a run of the model was in progress")
     expect(model, outer["out"], 0, ", around a run of the other model")
+
+
+def _shifted(variables: Any) -> Any:
+    """Other variables of the same structure, shapes and dtypes (each leaf plus 1)."""
+    return jax.tree.map(lambda a: a + 1, variables)
 
 
 # --- law 13: reference ---------------------------------------------------------------------------
@@ -1454,7 +1556,13 @@ def _run_locality(subject: Subject, data: Any, key: Any, training: bool) -> None
 
 
 def _run_forwarding(subject: Subject, data: Any, key: Any, training: bool) -> None:
-    model, x = _draw_model(subject, data)
+    from effax.testing.strategies import models_and_inputs
+
+    if subject.custom_models:
+        model, x = _draw_model(subject, data)
+    else:  # a request of every effect the handler forwards, so one it drops or changes is always met
+        forwarded = tuple(e for e in EFFECTS if e not in subject.effects)
+        model, x = data.draw(models_and_inputs(require=forwarded), label="model, x")
     check_forwarding_identity(model, x, key, subject.handler, effects=subject.effects, training=training)
 
 
@@ -1533,10 +1641,10 @@ def check_lifting(
     case = _case("lifting", model, x, key, handler, training)
     case.notes.append(f"lifted by: fx.{context} (`effax.testing.lifting.lifted(model, {context!r}, 2)`)")
     try:
-        with case.running(f"the model lifted by fx.{context}"):
+        with case.running(f"the model lifted by fx.{context}", lifting.lifted(model, context, 2)):
             lifting.check_lifting(model, x, key, context=context, training=training, handlers=case.handlers)
     except lifting.LiftingMismatch as e:  # the bare check's finding, with the case around it
-        raise case.fail(e.what) from None
+        raise case.fail(e.what, e.detail) from None
 
 
 def _run_lifting(subject: Subject, data: Any, key: Any, training: bool) -> None:

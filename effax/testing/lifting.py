@@ -6,11 +6,12 @@ run of its own on iteration `i`'s slice of the variables, so every handler
 sees the same paths as in the lifted body. An `Iteration` handler (inside
 the built-in handlers and the stateful ones under test, outside the
 stateless ones, as the lifted body places them) gives iteration `i` what
-the lifted transform gives it: a param initialized with `fold_in(k, i)` and the `n`-th draw at a
-path as `fold_in(k_n, i)`, `k` and `k_n` being what the unlifted model gets
-there. The lifted model's init values, outputs, state updates and sown
-values must equal the reference's, restacked, under the built-in handlers
-and the handler under test.
+the lifted transform gives it: a param initialized with `fold_in(k, i)`,
+the `n`-th draw at a path as `fold_in(k_n, i)` and a stream's base key as
+`fold_in(fold_in(b, 2**32 - 1), i)`, `k`, `k_n` and `b` being what the
+unlifted model gets there. The lifted model's init values, outputs, state
+updates and sown values must equal the reference's, restacked, under the
+built-in handlers and the handler under test.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import effax as fx
-from effax.testing.laws import _float_dtypes, tolerance
+from effax.testing.laws import _float_dtypes, difference, tolerance
 from effax.testing.models import LawKitError
 
 CONTEXTS = ("scan", "vmap", "remat")
@@ -40,6 +40,11 @@ class _Rekeyed:
 
     def __call__(self, key: Any, shape: tuple[int, ...], dtype: Any) -> Any:
         return self.init(jax.random.fold_in(key, self.i), shape, dtype)
+
+
+# `effax.lift` gives iteration i the base key `fold_in(fold_in(b, _BASES), i)`: `fold_in(b, i)` is the i-th
+# `next_key` drawn at the same path, which it would repeat.
+_BASES = 0xFFFF_FFFF
 
 
 class Iteration(fx.Handler):
@@ -60,7 +65,10 @@ class Iteration(fx.Handler):
     def handle(self, request: Any, forward: Any) -> Any:
         if isinstance(request, fx.ParamRequest):
             return forward(dataclasses.replace(request, init=_Rekeyed(request.init, self.i)))
-        return jax.random.fold_in(forward(request), self.i)
+        key = forward(request)
+        if isinstance(request, fx.StreamKeyRequest):
+            key = jax.random.fold_in(key, _BASES)
+        return jax.random.fold_in(key, self.i)
 
 
 def lifted(model: Callable[[Any], Any], context: str, n: int) -> Callable[[Any], Any]:
@@ -123,26 +131,26 @@ def reference(
 
 
 class LiftingMismatch(AssertionError):
-    """Law 14 failed: `what` of the lifted model differs from the unrolled one (the message says so)."""
+    """Law 14 failed: `what` of the lifted model differs from the unrolled one, `detail` says where and how."""
 
-    def __init__(self, what: str):
-        super().__init__(f"effax law `lifting` does not hold: {what}")
-        self.what = what
+    def __init__(self, what: str, detail: str | None = None):
+        lines = [f"effax law `lifting` does not hold: {what}", *[f"  {x}" for x in (detail or "").splitlines()]]
+        super().__init__("\n".join(lines))
+        self.what, self.detail = what, detail
 
 
-def _close(what: str, got: Any, want: Any, model_dtypes: Sequence[Any] = ()) -> None:
-    """Leaves agree within `laws.tolerance` of their dtype and the model's float dtypes: a lifted body is
+def _close(
+    what: str, got: Any, want: Any, model_dtypes: Sequence[Any] = (), names: tuple[str, str] = ("lifted", "unrolled")
+) -> None:
+    """Leaves agree within `laws.tolerance` of their dtypes and the model's float dtypes: a lifted body is
     compiled while the unrolled reference runs op by op, and XLA computes fused bfloat16 arithmetic (an
     initializer's, the model's) at another precision than eager ops, so a model with a bfloat16 variable
-    agrees only to bfloat16's precision, even in its float32 outputs."""
-    got_leaves, got_tree = jax.tree.flatten(got)
-    want_leaves, want_tree = jax.tree.flatten(want)
-    if got_tree != want_tree:
-        raise LiftingMismatch(f"{what} has structure {got_tree}, the unrolled model {want_tree}")
-    for a, b in zip(got_leaves, want_leaves, strict=True):
-        rtol, atol = tolerance(jnp.result_type(a), *model_dtypes)
-        if not np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol):
-            raise LiftingMismatch(f"{what} differs from the unrolled model: {a} vs {b}")
+    agrees only to bfloat16's precision, even in its float32 outputs. `what` names the result (one of
+    `laws`' result names, so a difference is located as `variables after init['params'] at `w0``)."""
+    rtol, atol = tolerance(*_float_dtypes(got), *model_dtypes)
+    diff = difference({what: got}, {what: want}, names=names, rtol=rtol, atol=atol)
+    if diff is not None:
+        raise LiftingMismatch(f"{what} differs from the unrolled model", diff)
 
 
 def check_lifting(
@@ -172,10 +180,11 @@ def check_lifting(
     # the model's own param dtypes too: a handler that answers params itself stores none in the variables
     specs = model.param_specs() if hasattr(model, "param_specs") else {}
     dtypes = sorted(_float_dtypes(v_ref) | {dtype for _, dtype in specs.values()})
-    _close("init's output", out, out_ref, dtypes)
-    _close("init's variables", v, v_ref, dtypes)
+    names = (f"under fx.{context}", "unrolled")
+    _close("output of init", out, out_ref, dtypes, names)
+    _close("variables after init", v, v_ref, dtypes, names)
     state = t.init(key, x, **common)  # params and state, no sown values
     out, updates = t.apply(state, x, rngs=key, mutable=True, **common)
     out_ref, updates_ref = reference(model, context, n, x, key, variables=state, **common)
-    _close("apply's output", out, out_ref, dtypes)
-    _close("apply's updates", updates, updates_ref, dtypes)
+    _close("output of apply", out, out_ref, dtypes, names)
+    _close("updates after apply", updates, updates_ref, dtypes, names)

@@ -2,7 +2,7 @@
 
 A law that fails on a generated model should show the model as the requests
 it makes, not as an object dump. So a model here is a frozen tree of steps
-(`Scope`, `Call`, `Param`, `State`, `Draw`, `Sow`, `SideInput`, `Mode`); calling it
+(`Scope`, `Call`, `Param`, `State`, `Draw`, `StreamKey`, `Sow`, `SideInput`, `Mode`); calling it
 on an input array performs each step's effect in order and mixes every answer
 into the output, so any handler that changes an answer changes the output.
 
@@ -119,42 +119,76 @@ class Param:
         return "param", _where(path + (self.name,)), f"shape {self.shape} {self.dtype}, init {self.init}"
 
 
+def _total(tree: Any) -> jax.Array:
+    """The sum of the means of a pytree's leaves, as float32."""
+    leaves = jax.tree.leaves(tree)
+    out = _mean(leaves[0])
+    for leaf in leaves[1:]:
+        out = out + _mean(leaf)
+    return out
+
+
+def _stepped(tree: Any, scale: float, shift: jax.Array, count: int) -> Any:
+    """Each float leaf `a * scale + shift` in its own dtype; each integer leaf (a counter) plus `count`."""
+    def one(a: jax.Array) -> jax.Array:
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            return a + count  # exact, so jit and eager agree
+        return (a * scale + shift).astype(a.dtype)
+
+    return jax.tree.map(one, tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class State:
     """`fx.local_state` in `collection`, starting at 0.5; reads it, sets it `update` times, then reads it twice.
 
     `update` is `"none"` (read only), `"once"` or `"twice"` (two sets, the
     last one must win). Both reads after the sets reach the output, so a
-    handler that keeps a set for one read only is seen.
-    
+    handler that keeps a set for one read only is seen. The value has
+    `dtype` (an integer state is a counter starting at 1, stepped by 1 per
+    set); with `tree` it is a dict, `{"mean": value, "count": int32 counter}`,
+    so a handler that changes a state's dtype or structure is seen.
+
     >>> v = fx.transform(Model([State("s0")], in_size=1)).init(jax.random.key(0), jnp.zeros(1))
     >>> float(v["state"]["s0"])
     0.5
+    >>> model = Model([State("s0", dtype="bfloat16", tree=True)], in_size=1)
+    >>> jax.tree.map(lambda a: str(a.dtype), fx.transform(model).init(None, jnp.zeros(1))["state"])
+    {'s0': {'count': 'int32', 'mean': 'bfloat16'}}
     """
 
     name: str
     collection: str = "state"
     shape: tuple[int, ...] = ()
     update: str = "once"
+    dtype: str = "float32"
+    tree: bool = False
 
     effect: ClassVar[str] = "state"
 
+    def initial(self) -> Any:
+        """The variable's initial value (its `init()`)."""
+        dtype = jnp.dtype(self.dtype)
+        value = jnp.full(self.shape, 1 if jnp.issubdtype(dtype, jnp.integer) else 0.5, dtype)
+        return {"mean": value, "count": jnp.zeros((), jnp.int32)} if self.tree else value
+
     def run(self, h: jax.Array) -> jax.Array:
-        shape = self.shape
-        cell = fx.local_state(self.name, lambda: jnp.full(shape, 0.5, jnp.float32), collection=self.collection)
+        cell = fx.local_state(self.name, self.initial, collection=self.collection)
         v = cell.get()
-        h = h + _mean(v)
+        h = h + _total(v)
         if self.update == "none":
             return h
-        cell.set(v + _mean(h))
+        cell.set(_stepped(v, 1.0, _mean(h), 1))
         if self.update == "twice":
-            cell.set(v * 0.5 + 0.25 * _mean(h))
-        h = h + _mean(cell.get())
-        return h + 0.5 * _mean(cell.get())
+            cell.set(_stepped(v, 0.5, 0.25 * _mean(h), 2))
+        h = h + _total(cell.get())
+        return h + 0.5 * _total(cell.get())
 
     def describe(self, path: Path) -> tuple[str, str, str]:
         ops = {"none": "get", "once": "get, set, get, get", "twice": "get, set, set, get, get"}[self.update]
-        return "local_state", _where(path + (self.name,)), f"in {self.collection!r}, shape {self.shape}, {ops}"
+        value = f"shape {self.shape}" + (f" {self.dtype}" if self.dtype != "float32" else "")
+        value = f"dict of mean ({value}) and count (shape () int32)" if self.tree else value
+        return "local_state", _where(path + (self.name,)), f"in {self.collection!r}, {value}, {ops}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +212,26 @@ class Draw:
     def describe(self, path: Path) -> tuple[str, str, str]:
         draws = f", {self.times} draws" if self.times != 1 else ""
         return "next_key", _where(path), f"stream {self.stream!r}{draws}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamKey:
+    """`fx.stream_key(stream)`, the stream's base key at this path (what a Flax module run through
+    `fx.from_flax` gets); adds uniform noise drawn from it to the output.
+
+    >>> [e.kind for e in fx.effects_of(Model([StreamKey("noise")], in_size=1), jnp.zeros(1))]
+    ['stream_key']
+    """
+
+    stream: str = "dropout"
+
+    effect: ClassVar[str] = "random"
+
+    def run(self, h: jax.Array) -> jax.Array:
+        return h + jax.random.uniform(fx.stream_key(self.stream), h.shape)
+
+    def describe(self, path: Path) -> tuple[str, str, str]:
+        return "stream_key", _where(path), f"stream {self.stream!r}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +353,7 @@ class Call:
         return "module_call", _where(path + (self.name,)), f"__call__, {n} step{'s' * (n != 1)} inside"
 
 
-Step = Param | State | Draw | Sow | SideInput | Mode | Scope | Call
+Step = Param | State | Draw | StreamKey | Sow | SideInput | Mode | Scope | Call
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -382,7 +436,7 @@ class Model:
                 spec = jax.ShapeDtypeStruct(step.shape, jnp.dtype(step.dtype))
             elif isinstance(step, State):
                 collection, name = step.collection, step.name
-                spec = jax.ShapeDtypeStruct(step.shape, jnp.dtype(jnp.float32))
+                spec = jax.eval_shape(step.initial)
             else:
                 continue
             node = specs.setdefault(collection, {})

@@ -41,11 +41,13 @@ from effax.testing.models import (
     Sow,
     State,
     Step,
+    StreamKey,
     _names,
 )
 
 PARAM_SHAPES = ((), (1,), (2,), (3,), (2, 3))
 STATE_SHAPES = ((), (2,))
+STATE_DTYPES = ("float32", "int32", "bfloat16")
 STREAMS = ("dropout", "noise")
 STATE_COLLECTIONS = ("state", "stats")
 SOW_COLLECTIONS = ("intermediates", "probes")
@@ -56,7 +58,9 @@ def _check_effects(effects: Iterable[str], what: str) -> tuple[str, ...]:
     return _names(effects, what, KNOWN_EFFECTS, "effects")
 
 
-def _step(effect: str, *, param_dtypes: Sequence[str], state_updates: Sequence[str]) -> st.SearchStrategy[Step]:
+def _step(
+    effect: str, *, param_dtypes: Sequence[str], state_updates: Sequence[str], state_dtypes: Sequence[str]
+) -> st.SearchStrategy[Step]:
     """A step of one effect with a placeholder name (names are given after the tree is built)."""
     if effect == "param":
         return st.builds(
@@ -73,9 +77,14 @@ def _step(effect: str, *, param_dtypes: Sequence[str], state_updates: Sequence[s
             collection=st.sampled_from(STATE_COLLECTIONS),
             shape=st.sampled_from(STATE_SHAPES),
             update=st.sampled_from(tuple(state_updates)),
+            dtype=st.sampled_from(tuple(state_dtypes)),
+            tree=st.booleans(),
         )
-    if effect == "random":
-        return st.builds(Draw, stream=st.sampled_from(STREAMS), times=st.sampled_from((1, 2, 3)))
+    if effect == "random":  # a next_key draw, or the stream's base key (a Flax module's)
+        return st.one_of(
+            st.builds(Draw, stream=st.sampled_from(STREAMS), times=st.sampled_from((1, 2, 3))),
+            st.builds(StreamKey, stream=st.sampled_from(STREAMS)),
+        )
     if effect == "sow":
         return st.builds(Sow, tag=st.just(""), collection=st.sampled_from(SOW_COLLECTIONS))
     if effect == "side_input":
@@ -148,12 +157,13 @@ def _items(
     max_depth: int,
     param_dtypes: Sequence[str],
     state_updates: Sequence[str],
+    state_dtypes: Sequence[str] = STATE_DTYPES,
 ) -> st.SearchStrategy[list[tuple[int, Step]]]:
     """The `(depth, step)` list a model is folded from; each required effect appears as often as `require` names it."""
     effects = _check_effects(effects, "models(effects=...)")
     require = _check_effects(require, "models(require=...)")
     kinds = effects + require + (("scope",) if max_depth > 0 else ())  # required effects weigh double
-    opts = dict(param_dtypes=param_dtypes, state_updates=state_updates)
+    opts = dict(param_dtypes=param_dtypes, state_updates=state_updates, state_dtypes=state_dtypes)
     item = st.one_of([st.tuples(st.integers(0, max_depth), _step(k, **opts)) for k in kinds])
 
     @st.composite
@@ -185,6 +195,7 @@ def models(
     in_sizes: Sequence[int] = (1, 2, 3),
     param_dtypes: Sequence[str] = ("float32", "bfloat16"),
     state_updates: Sequence[str] = ("none", "once", "twice"),
+    state_dtypes: Sequence[str] = STATE_DTYPES,
 ) -> st.SearchStrategy[Model]:
     """Models of at most `max_steps` steps (plus one per required effect) mixing `effects`, scopes up to `max_depth`.
 
@@ -194,8 +205,10 @@ def models(
     `"random"` required, about half the models
     also draw one stream at two paths (at the root and inside a scope), so a
     key handler that ignores paths repeats a key. Draws come one to
-    three at a path, states are read twice after their sets, and state names
-    repeat across collections at one scope.
+    three at a path, or as the stream's base key (`fx.stream_key`); states
+    are float32, int32 or bfloat16 (`state_dtypes`), sometimes a dict, are
+    read twice after their sets, and their names repeat across collections
+    at one scope.
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -204,7 +217,7 @@ def models(
     ...     assert "state" in model.effects()
     >>> test()
     """
-    items = _items(effects, require, max_steps, max_depth, param_dtypes, state_updates)
+    items = _items(effects, require, max_steps, max_depth, param_dtypes, state_updates, state_dtypes)
     sizes = st.sampled_from(tuple(in_sizes))
     return st.builds(lambda i, n: Model(_name(_fold(i, max_depth)), in_size=n), items, sizes)
 

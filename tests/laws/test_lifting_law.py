@@ -84,3 +84,19 @@ def test_a_handler_answering_bfloat16_params_itself_is_compared_at_bfloat16_prec
                    Param("w1", (2,), "float32", init="ones"), Scope("blk0")], in_size=1)
     key = jax.random.wrap_key_data(jnp.array([0, 57336], jnp.uint32))
     laws.check_lifting(model, jnp.array([-1.3321696519851685]), key, _OwnParams, context="scan")
+
+
+def test_a_lifting_failure_names_the_sides_and_the_path():
+    """A mismatch reads like the other laws' (through `laws.difference`): which result, at which path, and
+    which side is the lifted model, not raw arrays and PyTreeDefs."""
+    with pytest.raises(AssertionError) as e:
+        lifting._close("variables after init", {"params": {"w0": jnp.zeros(2)}}, {"params": {"w0": jnp.ones(2)}},
+                       names=("under fx.vmap", "unrolled"))
+    assert str(e.value) == (
+        "effax law `lifting` does not hold: variables after init differs from the unrolled model\n  at variables "
+        "after init['params'] at `w0`: [0., 0.] (under fx.vmap) vs [1., 1.] (unrolled)"
+    )
+    with pytest.raises(AssertionError) as e:
+        lifting._close("updates after apply", {"state": {"s0": jnp.zeros(())}}, {}, names=("under fx.scan", "unrolled"))
+    assert str(e.value).endswith("the structures differ:\n      under fx.scan: updates after apply['state'] at "
+                                 "`s0`\n      unrolled: (no leaves)")

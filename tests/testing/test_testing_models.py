@@ -113,3 +113,28 @@ def test_without_removes_the_named_effects_and_read_only_removes_sets():
 def test_param_specs_and_effects():
     assert MODEL.param_specs() == {("blk0", "w0"): ((2, 3), "bfloat16")}
     assert MODEL.effects() == set(M.EFFECTS)
+
+
+def test_a_stream_key_step_adds_noise_from_the_streams_base_key():
+    model = Model([Scope("blk0", [M.StreamKey("noise")])], in_size=2)
+    assert model.requests() == ["stream_key   blk0  stream 'noise'"]
+    t = fx.transform(model)
+    out = t.apply({}, jnp.zeros(2), rngs={"noise": jax.random.key(0)})
+    with fx.handle(fx.handlers.KeysFromRngs({"noise": jax.random.key(0)})), fx.scope("blk0"):
+        base = fx.stream_key("noise")
+    assert np.allclose(out, jax.random.uniform(base, (2,)))
+
+
+def test_a_state_keeps_its_dtype_and_structure_through_its_sets():
+    model = Model([State("s0", dtype="int32", update="twice"), State("s1", dtype="bfloat16", tree=True)], in_size=1)
+    assert model.requests() == [
+        "local_state  s0  in 'state', shape () int32, get, set, set, get, get",
+        "local_state  s1  in 'state', dict of mean (shape () bfloat16) and count (shape () int32), get, set, get, get",
+    ]
+    t = fx.transform(model)
+    variables = t.init(None, jnp.zeros(1))
+    assert jax.tree.map(lambda a: a.dtype.name, variables) == jax.tree.map(
+        lambda s: s.dtype.name, model.variable_specs()
+    ) == {"params": {}, "state": {"s0": "int32", "s1": {"count": "int32", "mean": "bfloat16"}}}
+    _, updates = t.apply(variables, jnp.zeros(1), mutable=True)
+    assert int(updates["state"]["s0"]) == 1 + 2 and int(updates["state"]["s1"]["count"]) == 1  # counters step

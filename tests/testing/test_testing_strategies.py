@@ -175,3 +175,16 @@ def test_one_effect_name_as_a_string_is_one_effect_not_its_letters():
     with pytest.raises(LawKitError, match=r"unknown effects \['stat'\]; the kit knows .* Did you mean 'state'\?"):
         s.models(require="stat")
     assert issubclass(LawKitError, fx.EffaxError) and issubclass(LawKitError, ValueError)
+
+
+def test_models_call_stream_key_and_make_int_bfloat16_and_dict_states():
+    """So a key handler answering `fx.stream_key` wrongly, or a state handler changing a state's dtype or
+    structure, meets such a request."""
+    from hypothesis import find
+
+    from effax.testing.models import StreamKey
+
+    find(s.models(require=("random",)), lambda m: any(isinstance(x, StreamKey) for _, x in m.walk()))
+    for dtype in ("int32", "bfloat16"):
+        find(s.models(require=("state",)), lambda m, dtype=dtype: any(
+            isinstance(x, State) and x.dtype == dtype and x.tree for _, x in m.walk()))

@@ -58,7 +58,42 @@ class _StateByPathRun:
         return forward(request)
 
 
+class StateAsFloat32(fx.Handler):
+    """Keeps state itself and answers every read as float32: an int32 counter or a bfloat16 statistic
+    comes back float32."""
+
+    def begin(self):
+        return _StateAsFloat32Run()
+
+
+class _StateAsFloat32Run:
+    def __init__(self):
+        self.values = {}
+
+    def handle(self, request, forward):
+        slot = (getattr(request, "collection", None), request.path)
+        if isinstance(request, fx.LocalStateRequest):
+            self.values.setdefault(slot, request.init())
+            return None
+        if isinstance(request, fx.GetStateRequest):
+            return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), self.values[slot])
+        if isinstance(request, fx.SetStateRequest):
+            self.values[slot] = request.value
+            return None
+        return forward(request)
+
+
 # --- broken: keys (law 11, law 2) ----------------------------------------------------------------
+
+
+class RawStreamKeys(fx.Handler):
+    """Answers `fx.stream_key` with the raw uint32 data of a key (`jax.random.PRNGKey` style), not a typed key."""
+
+    def handle(self, request, forward):
+        if isinstance(request, fx.StreamKeyRequest):
+            return jax.random.key_data(jax.random.fold_in(jax.random.key(0), _h(request.path)))
+        return forward(request)
+
 
 
 class KeysPerPath(fx.Handler):
@@ -390,6 +425,8 @@ BROKEN = {
     "param answer of the wrong shape": (TransposedParams, ("param",), {}, "answers match requests"),
     "param answer of the wrong dtype": (Bfloat16Params, ("param",), {}, "answers match requests"),
     "state keyed by path, not collection": (StateByPath, ("state",), {}, "answers match requests"),
+    "state read back as float32": (StateAsFloat32, ("state",), {}, "answers match requests"),
+    "stream keys as raw key data": (RawStreamKeys, ("random",), {}, "answers match requests"),
     "keys ignoring the draw counter": (lambda: KeysPerPath(jax.random.key(1)), ("random",), {}, "fresh keys"),
     "keys ignoring the path": (lambda: KeysIgnoringPath(jax.random.key(1)), ("random",), {}, "fresh keys"),
     "keys split in call order": (lambda: CallOrderKeys(jax.random.key(1)), ("random",), {}, "locality"),
