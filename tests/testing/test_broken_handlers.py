@@ -9,7 +9,6 @@ shrinking of the counterexample is skipped, which `test_testing_laws.py` checks.
 """
 
 import os
-import time
 
 import pytest
 from zoo import BROKEN, CORRECT, broken
@@ -32,20 +31,16 @@ def _cases(table, every: int = 1):
 @pytest.mark.parametrize("name, seed", list(_cases(BROKEN)))
 def test_a_broken_handler_is_caught_by_the_law_it_breaks(name, seed):
     _, effects, options, law = BROKEN[name]
-    start = time.perf_counter()
     with pytest.raises(AssertionError) as e:
         assert_handler_laws(broken(name), effects, seed=seed, shrink=False, **options)
     message = str(e.value)
     assert message.startswith(f"effax law `{law}` does not hold: "), message
     assert "[0]" not in message.split("\nmodel:")[0], message  # user terms, not internal tuple positions
     assert "\nmodel: Model(" in message and "rebuild the model: Model(" in message
-    assert time.perf_counter() - start < 60
 
 
 @pytest.mark.parametrize("name, seed", list(_cases(CORRECT, every=2)))
 def test_a_correct_handler_passes_every_law(name, seed):
     factory, effects, options = CORRECT[name]
-    start = time.perf_counter()
     budget = {} if ALL_SEEDS else {"max_examples": 5}
     assert_handler_laws(factory, effects, seed=seed, **budget, **options)
-    assert time.perf_counter() - start < 30  # the bar is 15 s on 2 idle cores; CI machines are shared
