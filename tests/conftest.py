@@ -18,7 +18,10 @@ settings.register_profile(
 settings.register_profile(
     "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# The README's command runs fewer examples per property (its bar is 5 minutes on 2 cores); CI's `--run-slow`
+# runs the "ci" profile's 25 (see `pytest_configure`).
+settings.register_profile("quick", settings.get_profile("ci"), max_examples=15)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
 def pytest_addoption(parser):
@@ -31,6 +34,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--run-slow"):
         os.environ["EFFAX_RUN_SLOW"] = "1"  # tests that widen their parameters when slow runs are on read it
+        settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
