@@ -1405,8 +1405,8 @@ def check_reuse(
 
 
 def _shifted(variables: Any) -> Any:
-    """Other variables of the same structure, shapes and dtypes (each leaf plus 1)."""
-    return jax.tree.map(lambda a: a + 1, variables)
+    """Other variables of the same structure, shapes and dtypes (each number leaf plus 1; a key stays)."""
+    return jax.tree.map(lambda a: a + 1 if jnp.issubdtype(jnp.result_type(a), jnp.number) else a, variables)
 
 
 # --- law 13: reference ---------------------------------------------------------------------------
