@@ -394,6 +394,24 @@ def test_partition_names_of_boxed_state_are_kept():
     v = jax.jit(t.init, out_shardings=shardings)(K, X)
     assert_same(v, nn.unbox(module.init(K, X)))
 
+    class Layer(nn.Module):  # stacked by Flax's own `nn.scan`, which names the stacked dimension
+        @nn.compact
+        def __call__(self, x, _):
+            cache = self.variable("cache", "k", nn.with_logical_partitioning(jnp.zeros, ("batch", "mlp")), (4, 5))
+            cache.value = cache.value + x
+            return x, None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Layer, variable_axes={"cache": 0}, length=3, metadata_params={nn.PARTITION_NAME: "layers"})
+            return scan()(x, None)[0]
+
+    stack = Stack()
+    flax = nn.get_partition_spec(jax.eval_shape(stack.init, K, X))["cache"]["ScanLayer_0"]["k"]
+    axes = fx.sharding.logical_axes(fx.summary(fx.transform(fx.from_flax(stack)), X))
+    assert axes["cache"]["ScanLayer_0"]["k"] == flax == P("layers", "batch", "mlp")
+
 
 def test_the_structure_is_traced_once_per_signature():
     traces = []
