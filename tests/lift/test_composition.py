@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import effax as fx
 
@@ -37,8 +38,10 @@ normal = jax.nn.initializers.normal(0.5)
 def raw_layer(h):
     w = fx.param("w", normal, (D, D))
     count = fx.local_state("count", lambda: jnp.zeros((), jnp.int32), collection="counters")
+    last = fx.local_state("last", lambda: jnp.zeros((D,)), collection="counters", axes=("embed",))
     if fx.is_training():
         count.set(count.get() + 1)
+        last.set(h.mean(0))
     fx.sow("h", h)
     return jnp.tanh(h @ w)
 
@@ -280,6 +283,10 @@ def test_cell(feature_name, context_name):
     assert s.param_count == sum(a.size for a in jax.tree.leaves(v["params"]))
     report = fx.check_variables(t, v, X, handlers=hs, **opts)
     assert report.ok, str(report)
+    if feature.layer is raw_layer:  # its `last` names its dimension: stacked, it gains a None per lead axis
+        specs = jax.tree.leaves_with_path(s.logical_axes()["counters"], is_leaf=lambda a: isinstance(a, P))
+        lasts = [spec for path, spec in specs if path[-1].key == "last"]
+        assert lasts and all(spec == P(*(None,) * len(ctx.lead), "embed") for spec in lasts), lasts
 
     # grad: the restacked gradients of the unrolled model
     def loss(tt, params, variables):
