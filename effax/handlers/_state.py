@@ -198,6 +198,27 @@ def _made_by(init: Any) -> Any:
     return jax.tree.map(_leaf_spec, shapes)
 
 
+def _simple(x: Any) -> bool:
+    return isinstance(x, (int, float, str, type, np.dtype)) or x is None or (
+        type(x) is tuple and all(_simple(a) for a in x)
+    )
+
+
+def _same_function(a: Any, b: Any) -> bool:
+    """`a` and `b` are one function (the same code) capturing equal plain values (shapes, dtypes, numbers):
+    they make the same value, so neither is traced to compare them. A layer called in a loop declares its
+    state with a new closure per call: comparing by tracing took two `jax.eval_shape`s a call."""
+    if getattr(a, "__code__", None) is None or a.__code__ is not getattr(b, "__code__", None):
+        return False
+    try:
+        cells = zip(a.__closure__ or (), b.__closure__ or (), strict=True)  # (one code: as many cells)
+        captured = [(x.cell_contents, y.cell_contents) for x, y in cells]
+    except ValueError:  # an empty cell
+        return False
+    captured.append((a.__defaults__, b.__defaults__))
+    return all(u is v or type(u) is type(v) and _simple(u) and u == v for u, v in captured)
+
+
 def _check_same_init(first: Any, request: Any) -> None:
     """Two declarations of one variable in one run whose `init()`s make different shapes or dtypes would
     silently give the second the first's value: `ParamConflictError`, as `fx.param` raises for the same."""
@@ -209,6 +230,8 @@ def _check_same_init(first: Any, request: Any) -> None:
             f"axes={first.axes}, now axes={request.axes}, so its sharding would depend on which ran first. "
             "Give both the same axes (or None on one of them)."
         )
+    if _same_function(first.init, request.init):
+        return
     a, b = _made_by(first.init), _made_by(request.init)
     if a is not None and b is not None and jax.tree.flatten(a) != jax.tree.flatten(b):
         raise ParamConflictError(
