@@ -505,3 +505,12 @@ def test_a_tracer_kept_on_the_handler_is_found_at_once_and_named():
     with pytest.raises(AssertionError, match=r"does not hold: a tracer of `t.apply`'s trace outlived it"):
         laws.check_purity_under_jit(Model([Param("w0")]), X, KEY, LeaksToAGlobal)
     _LEAKED.clear()
+
+
+def test_the_reuse_laws_other_variables_change_numbers_and_keep_keys():
+    """Numbers change; a typed key or a bool (no generated step keeps one today) has no `+ 1` and stays."""
+    from effax.testing.laws import _shifted
+
+    shifted = _shifted({"w": jnp.ones(2), "n": jnp.zeros((), jnp.int32), "k": jax.random.key(0), "b": jnp.array(True)})
+    assert shifted["w"].tolist() == [2.0, 2.0] and int(shifted["n"]) == 1
+    assert (jax.random.key_data(shifted["k"]) == jax.random.key_data(jax.random.key(0))).all() and shifted["b"]
