@@ -123,10 +123,9 @@ def entries_of(effects: Any) -> tuple[list[Entry], dict]:
                 names = key_path_names(sub)
                 key = ("state", e.path + names, e.collection)
                 old = rows.get(key)
-                uses = 1 if old is None else old.uses + 1
+                uses, known = (1, axes) if old is None else (old.uses + 1, old.axes or axes)
                 shape, dtype = tuple(leaf.shape), leaf.dtype
-                axes = axes if old is None else old.axes or axes
-                rows[key] = Entry("state", e.path + names, e.collection, shape, dtype, axes, uses)
+                rows[key] = Entry("state", e.path + names, e.collection, shape, dtype, known, uses)
         elif e.kind in ("key", "stream_key"):
             key = ("random", e.path, e.stream)
             old = rows.get(key)

@@ -153,14 +153,20 @@ def _zeros(struct: Any, n: int | None = None) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(lead + tuple(s.shape), s.dtype), struct)
 
 
+def _stacked_axes(axes: tuple | None, ndim: int | None, stack_axis: str | None) -> tuple | None:
+    """The logical axes of a stacked variable (param or state): the stacked dimension's name (`stack_axis`,
+    or None) in front of its own; without axes of its own, a named stacked dimension gives the others None
+    (when its rank is known: one array)."""
+    if axes is not None:
+        return (stack_axis,) + axes
+    return None if stack_axis is None or ndim is None else (stack_axis,) + (None,) * ndim
+
+
 def _stacked_state(request: LocalStateRequest, struct: Any, stack_axis: str | None) -> LocalStateRequest:
-    """A stacked variable's request outside: its axes gain the stacked dimension's name (`stack_axis`, or
-    None), as a stacked param's do; an array variable without axes gets them when `stack_axis` is named."""
-    if request.axes is not None:
-        return dataclasses.replace(request, axes=(stack_axis,) + request.axes)
-    if stack_axis is not None and isinstance(struct, jax.ShapeDtypeStruct):
-        return dataclasses.replace(request, axes=(stack_axis,) + (None,) * len(struct.shape))
-    return request
+    """A stacked variable's request outside, its axes those of `_stacked_axes`."""
+    ndim = len(struct.shape) if isinstance(struct, jax.ShapeDtypeStruct) else None
+    axes = _stacked_axes(request.axes, ndim, stack_axis)
+    return request if axes is None else dataclasses.replace(request, axes=axes)
 
 
 def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
@@ -170,10 +176,7 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     def outside(request: ParamRequest) -> ParamRequest:  # a param as requested outside: stacked, or as is
         if not how.stack_params:
             return request
-        if request.axes is not None:
-            axes = (how.stack_axis,) + request.axes
-        else:  # a name for the stacked dimension alone gives the others None
-            axes = None if how.stack_axis is None else (how.stack_axis,) + (None,) * len(request.shape)
+        axes = _stacked_axes(request.axes, len(request.shape), how.stack_axis)
         return dataclasses.replace(request, shape=(n,) + request.shape, axes=axes)
 
     for slot, request in needs.params.items():
@@ -361,11 +364,10 @@ def _split_streams(split_rngs: Any, where: str) -> Callable[[str], bool]:
 
 
 def _brief(value: Any) -> str:
-    """A value named in an error without dumping it: an array by its shape and dtype."""
+    """A value named in an error without dumping it: an array by its shape and dtype, else type and repr."""
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return f"an array {_type_of(value)}"
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+    return f"{type(value).__name__} {_shown(value)}"
 
 
 def _shown(value: Any) -> str:
