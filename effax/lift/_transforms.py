@@ -409,8 +409,8 @@ def _check_fn(fn: Any, where: str, usage: str) -> None:
 
 
 def _check_stack_axis(stack_axis: Any, stack_params: bool, where: str) -> str | None:
-    """`stack_axis=`: the logical name of the stacked dimension of params (Flax's `metadata_params=
-    {nn.PARTITION_NAME: "layers"}`), so sharding rules can map it."""
+    """`stack_axis=`: the logical name of the stacked dimension of params and stacked state (Flax's
+    `metadata_params={nn.PARTITION_NAME: "layers"}`), so sharding rules can map it."""
     if stack_axis is None:
         return None
     if type(stack_axis) is not str or not stack_axis:
@@ -659,8 +659,8 @@ def vmap(
       streams not named, give all members the same keys.
     - sown values come back stacked along axis 0.
     - `stack_axis="ensemble"` names the members' dimension of stacked
-      params as a logical axis, as in `fx.scan` (`axis_name` is JAX's
-      collective axis name, a different thing).
+      params and state as a logical axis, as in `fx.scan` (`axis_name` is
+      JAX's collective axis name, a different thing).
 
     >>> def member(x):
     ...     return x @ fx.param("w", jax.nn.initializers.normal(), (2,))
