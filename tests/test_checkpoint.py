@@ -379,11 +379,18 @@ def _data_file(path):
     return max(found, key=os.path.getsize)
 
 
+def _value_start(b):
+    """Where the largest compressed frame of a data file starts: the value of `params:big`. OCDBT may put a
+    B-tree node before it in the same file, and a node is read from the cache the save filled, not the file."""
+    starts = [i for i in range(len(b) - 3) if b[i:i + 4] == b"\x28\xb5\x2f\xfd"] or [0]  # zstd's magic
+    return max(starts, key=lambda i: min([j for j in starts if j > i] + [len(b)]) - i)
+
+
 def _flip(offset):
     def damage(path):
         f = _data_file(path)
         b = bytearray(open(f, "rb").read())
-        b[offset % len(b)] ^= 0x01
+        b[(_value_start(b) + offset) % len(b)] ^= 0x01
         open(f, "wb").write(bytes(b))
     return damage
 
@@ -429,8 +436,8 @@ def _drop_checksum(path):
 @pytest.mark.parametrize(
     "damage, entry",
     [
-        (_flip(100), "params:big"),  # one byte of a data file: a checksum mismatch
-        (_flip(0), "params:big"),  # one byte of a chunk header: unreadable
+        (_flip(100), "params:big"),  # one byte of the value: a checksum mismatch
+        (_flip(0), "params:big"),  # one byte of the value's frame header: unreadable
         (_overwrite_4k, "params:big"),
         (_truncate, "params:big"),
         (_remove("d"), None),
