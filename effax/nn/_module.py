@@ -8,8 +8,18 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from effax.core import EffaxError, InvalidNameError, check_name, path_now, path_str, run_local, run_values, under_path
-from effax.effects import call_module
+from effax.core import (
+    EffaxError,
+    InvalidNameError,
+    check_name,
+    is_answered,
+    path_now,
+    path_str,
+    run_local,
+    run_values,
+    under_path,
+)
+from effax.effects import ModuleCallRequest, call_module
 from effax.nn._naming import Names, current_names, pop_names, push_names
 
 _EXPLICIT = ("explicit name",)
@@ -103,7 +113,20 @@ def _claim_name(names: Names, parent: tuple[str, ...], name: Any) -> tuple[str, 
 def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(self: Module, *args: Any, **kwargs: Any) -> Any:
-        return self._call(method, fn, args, kwargs)
+        # The usual eager call, decided here in one frame: a layer named in this run, called from outside it,
+        # no setup(), and no handler looking at module calls. It is `Module._call` and `call_module`'s fast
+        # path with `Names.enter`/`leave` inline; every other call takes `_call`.
+        run = run_values()
+        names = None if run is None else run.get(Names)
+        path = None if names is None else names.bound.get(self)
+        if path is None or type(self)._call is not _PLAIN_CALL or path_now() == path or is_answered(ModuleCallRequest):
+            return self._call(method, fn, args, kwargs)
+        saved = names.frame, names.owner
+        names.frame, names.owner = None, path if method == "__call__" else (path, method)
+        try:
+            return under_path(path, fn, self, *args, **kwargs)
+        finally:
+            names.frame, names.owner = saved
 
     return call
 
@@ -414,3 +437,6 @@ class Module:
         elif path_now() == path:  # a method of this module calling another one: same naming frame
             names = None
         return call_module(path, self, method, fn, args, kwargs, names)
+
+
+_PLAIN_CALL = Module._call  # what `_routed`'s fast path stands for (a class with `setup()` has another)
