@@ -298,13 +298,20 @@ class _StateRun:
 
     def handle(self, request: Any, forward: Any) -> Any:
         kind = type(request)
+        if kind is not GetStateRequest and kind is not SetStateRequest and kind is not LocalStateRequest:
+            return forward(request)
+        c = request.collection
+        value = root = self.current.get(c, _EMPTY)
+        for key in request.path:  # `get_path` inline down plain dicts, the usual storage: a read per variable
+            if type(value) is not dict:  # another mapping, or MISSING on the way: the general walk
+                value = get_path(root, request.path)
+                break
+            value = value.get(key, MISSING)
         if kind is GetStateRequest:
-            value = get_path(self.current.get(request.collection, _EMPTY), request.path)
             if value is MISSING:
                 raise self._missing(request)
             return value
         if kind is SetStateRequest:
-            c = request.collection
             if not is_mutable(self.mutable, c):
                 raise FrozenStateError(
                     f"{request.describe()}: collection {c!r} is frozen in this run, so `set` is "
@@ -313,46 +320,41 @@ class _StateRun:
                     f"with `handlers=fx.handlers.eval(mutable=[{c!r}])`; training state is not set."
                 )
             check_trace(self.trace, request, "writes state")
-            old = get_path(self.current.get(c, {}), request.path)
-            if old is MISSING:
-                raise self._missing(request)
-            value = cast_like(request.value, old, request.describe)
-            self._write(c, request.path, value, request.describe)
-            return None
-        if kind is LocalStateRequest:
-            c = request.collection
-            self.used.add(c)
-            value = get_path(self.current.get(c, _EMPTY), request.path)
-            # an array first: `isinstance(value, Mapping)` is an abstract check, a Python frame per variable
             if value is MISSING:
-                leaf = False
-            elif isinstance(value, jax.Array):
-                leaf = True
-            else:  # a tree, a NumPy array, or an abstract value (`jax.eval_shape(t.init)`'s): refused
-                _check_concrete(value, request)
-                leaf = not isinstance(value, Mapping)
-            if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
-                self.noted.add((c, request.path))
-                return None
-            self._declare(request)
-            if value is not MISSING:
-                first = self.inits.get((c, request.path)) if self.inits else None
-                if first is not None and (first.init is not request.init or first.axes != request.axes):
-                    _check_same_init(first, request)  # made in this run, declared again (a `fx.share` tie: its
-                    # policy checks it)
-                return None
-            if not is_mutable(self.mutable, c):
                 raise self._missing(request)
-            check_trace(self.trace, request, "creates state")
-            value = request.initialize()
-            self.inits[(c, request.path)] = request
-            tree = self.created.get(c)
-            if tree is None:
-                tree = self.created[c] = PathTree(f"collection {c!r}")
-            tree.set(request.path, value, request.describe)
+            value = cast_like(request.value, value, request.describe)
             self._write(c, request.path, value, request.describe)
             return None
-        return forward(request)
+        self.used.add(c)
+        # an array first: `isinstance(value, Mapping)` is an abstract check, a Python frame per variable
+        if value is MISSING:
+            leaf = False
+        elif isinstance(value, jax.Array):
+            leaf = True
+        else:  # a tree, a NumPy array, or an abstract value (`jax.eval_shape(t.init)`'s): refused
+            _check_concrete(value, request)
+            leaf = not isinstance(value, Mapping)
+        if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
+            self.noted.add((c, request.path))
+            return None
+        self._declare(request)
+        if value is not MISSING:
+            first = self.inits.get((c, request.path)) if self.inits else None
+            if first is not None and (first.init is not request.init or first.axes != request.axes):
+                _check_same_init(first, request)  # made in this run, declared again (a `fx.share` tie: its
+                # policy checks it)
+            return None
+        if not is_mutable(self.mutable, c):
+            raise self._missing(request)
+        check_trace(self.trace, request, "creates state")
+        value = request.initialize()
+        self.inits[(c, request.path)] = request
+        tree = self.created.get(c)
+        if tree is None:
+            tree = self.created[c] = PathTree(f"collection {c!r}")
+        tree.set(request.path, value, request.describe)
+        self._write(c, request.path, value, request.describe)
+        return None
 
     def initial(self) -> dict[str, Any]:
         """Every variable this run created, at its `init()` value, by collection."""

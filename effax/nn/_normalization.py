@@ -110,10 +110,14 @@ def _canonical(dtype: Any) -> Any:
         return dtype
 
 
-def _running(state: Any, features: tuple[int, ...]) -> jax.Array:
-    """A running statistic as stored, checked: stats of another shape or dtype name their path
-    (not a reshape error deep inside, nor silently used at another precision)."""
-    value = state.get()
+_UNREAD = object()  # `_running` reads the state itself
+
+
+def _running(state: Any, features: tuple[int, ...], value: Any = _UNREAD) -> jax.Array:
+    """A running statistic as stored (`value`, else read now), checked: stats of another shape or dtype name
+    their path (not a reshape error deep inside, nor silently used at another precision)."""
+    if value is _UNREAD:
+        value = state.get()
     if isinstance(value, jax.Array) and (aval := value.aval).shape == features and aval.dtype == _F32:
         return value  # the usual case, decided at once (`aval` is read without a Python frame)
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
@@ -279,7 +283,12 @@ class BatchNorm(Module):
             frozen = not is_training()
         xs = x if plain else _cast(x, _stats_dtype(x))
         if frozen:
-            mean, var = _running(mean_state, features), _running(var_state, features)
+            mean, var = mean_state.get(), var_state.get()
+            if not (  # float32 of the features' shape (the usual stats), decided here: read on every eager call
+                isinstance(mean, jax.Array) and isinstance(var, jax.Array) and mean.aval.shape == var.aval.shape
+                == features and mean.aval.dtype == var.aval.dtype == _F32
+            ):
+                mean, var = _running(mean_state, features, mean), _running(var_state, features, var)
         else:
             if self.axis_name is not None and not is_initializing():
                 mean, mean2 = jax.lax.pmean((xs.mean(reduce), (xs * xs).mean(reduce)), self.axis_name)

@@ -252,3 +252,30 @@ def test_a_missing_param_without_a_near_name_reads_as_one_sentence():
                                                       r"\(2,\), float32\)\. Check the name and scope") as info:
         t.apply({"params": {"enc": {"dense": {"kernel": jnp.ones(2)}}}})
     assert "; Check" not in str(info.value)
+
+
+def test_loading_reads_any_mapping_and_checks_what_the_fast_path_passes_on():
+    """Loading takes a walk down plain dicts to an array of the asked spec in one frame; a mapping that is not
+    a dict, a repeat, a box, a cast and a mismatch go the checked way, with the same answers and errors."""
+    import types
+
+    def f():
+        with fx.scope("enc"):
+            w = fx.param("w", jax.nn.initializers.zeros, (2,))
+            again = fx.param("w", jax.nn.initializers.zeros, (2,))
+        n = fx.local_state("n", lambda: jnp.zeros(()))
+        n.set(n.get() + 1)
+        return w + again + n.get()
+
+    t, w = fx.transform(f), jnp.arange(2.0)
+    for params in ({"enc": {"w": w}}, types.MappingProxyType({"enc": types.MappingProxyType({"w": w})}),
+                   {"enc": {"w": np.arange(2.0, dtype=np.float32)}}):
+        for state in ({"n": jnp.ones(())}, types.MappingProxyType({"n": jnp.ones(())})):
+            y, upd = t.apply({"params": params, "state": state}, mutable=True)
+            assert y.tolist() == [2.0, 4.0] and upd["state"]["n"] == 2.0
+    with pytest.raises(fx.MissingVariableError, match=r"no param `enc/w`.*nearest: 'enc/v'"):
+        t.apply({"params": types.MappingProxyType({"enc": {"v": w}}), "state": {"n": jnp.ones(())}})
+    with pytest.raises(fx.ShapeMismatchError, match=r"param `enc/w`: the model asks for .*float32.*int32"):
+        t.apply({"params": {"enc": {"w": jnp.arange(2)}}, "state": {"n": jnp.ones(())}})
+    with pytest.raises(fx.MissingVariableError, match=r"state `n` in collection 'state'"):
+        t.apply({"params": {"enc": {"w": w}}, "state": types.MappingProxyType({"m": jnp.ones(())})})
