@@ -110,14 +110,9 @@ def _canonical(dtype: Any) -> Any:
         return dtype
 
 
-_UNREAD = object()  # `_running` reads the state itself
-
-
-def _running(state: Any, features: tuple[int, ...], value: Any = _UNREAD) -> jax.Array:
-    """A running statistic as stored (`value`, else read now), checked: stats of another shape or dtype name
+def _running(state: Any, features: tuple[int, ...], value: Any) -> jax.Array:
+    """`value`, a running statistic as read from `state`, checked: stats of another shape or dtype name
     their path (not a reshape error deep inside, nor silently used at another precision)."""
-    if value is _UNREAD:
-        value = state.get()
     if isinstance(value, jax.Array) and (aval := value.aval).shape == features and aval.dtype == _F32:
         return value  # the usual case, decided at once (`aval` is read without a Python frame)
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
@@ -296,8 +291,8 @@ class BatchNorm(Module):
             else:
                 mean, var = xs.mean(reduce), xs.var(reduce)
             m = self.momentum
-            mean_state.set(m * _running(mean_state, features) + (1 - m) * mean)
-            var_state.set(m * _running(var_state, features) + (1 - m) * var)
+            mean_state.set(m * _running(mean_state, features, mean_state.get()) + (1 - m) * mean)
+            var_state.set(m * _running(var_state, features, var_state.get()) + (1 - m) * var)
         if not last:
             mean, var = mean.reshape(bshape), var.reshape(bshape)
         y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)
