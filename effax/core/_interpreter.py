@@ -15,8 +15,8 @@ from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectErro
 
 __all__ = [
     "Handler", "Path", "Request", "at_path", "begin_run", "check_name", "current_path", "current_stack", "end_run",
-    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now", "path_str", "run_local",
-    "run_values", "scope", "send", "under_path", "under_stack",
+    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now", "path_str", "reset_path",
+    "run_local", "run_values", "scope", "set_path", "send", "under_path", "under_stack",
 ]
 
 Path = tuple[str, ...]
@@ -157,9 +157,7 @@ def is_answered(kind: type[Request]) -> bool:
     return bool(_STACK.get().routes[kind])
 
 
-def current_stack() -> tuple[Any, ...]:
-    """The runs installed now, outermost first; `under_stack` reinstates it."""
-    return _STACK.get()
+current_stack = _STACK.get  # the runs installed now, outermost first (`under_stack` reinstates them)
 
 
 def under_stack(stack: tuple[Any, ...], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -274,9 +272,9 @@ def run_local(kind: type) -> Any:
     return None if run is None else run[kind] if kind in run else run.setdefault(kind, kind())
 
 
-# The live dict of this run's local values by kind (what `run_local` fills), or None outside any run; and
-# `current_path` without a Python frame, for the per-request paths of effects and layers.
-run_values, path_now = _RUN.get, _PATH.get
+# The live dict of this run's local values by kind (what `run_local` fills), or None outside any run;
+# `current_path` without a Python frame; and `under_path` inline (a module call): for eager per-request paths.
+run_values, path_now, set_path, reset_path = _RUN.get, _PATH.get, _PATH.set, _PATH.reset
 
 
 class scope:

@@ -319,11 +319,15 @@ def param(
                 "Pass one such as `jnp.float32`, `jnp.bfloat16` or `'float32'`."
             ) from None
     # `ParamRequest(...)` of the checked arguments, built without the frozen dataclass's `object.__setattr__`
-    # per field: an eager model builds one per param per call, its hottest path
+    # per field: an eager model builds one per param per call, its hottest path. A field left at its default
+    # is not stored: it reads the class's default, as a dataclass field's default is a class attribute.
     request = object.__new__(ParamRequest)
-    request.__dict__.update(
-        path=path_now() + (name,), init=init, shape=shape, dtype=dtype, axes=axes, shared=shared, origin=None, via=()
-    )
+    fields = request.__dict__
+    fields["path"], fields["init"], fields["shape"], fields["dtype"] = path_now() + (name,), init, shape, dtype
+    if axes is not None:
+        fields["axes"] = axes
+    if shared is not None:
+        fields["shared"] = shared
     value = send(request)
     try:  # the usual answer, an array or tracer of the declared shape and dtype: one aval read, two compares
         aval = value.aval

@@ -177,7 +177,8 @@ class LocalStateEffect:
 
     def get(self) -> Any:
         request = object.__new__(GetStateRequest)  # as `local_state` builds its objects: no frame per read
-        request.__dict__.update(path=self.path, collection=self.collection)
+        fields = request.__dict__
+        fields["path"], fields["collection"] = self.path, self.collection
         return send(request)
 
     def set(self, value: Any) -> None:
@@ -241,9 +242,14 @@ def local_state(
         axes = check_axes(axes, None, f"state `{path_str(current_path() + (name,))}`")
     path = path_now() + (name,)
     # the request and the handle of checked fields, built without a frozen dataclass's `__init__` frame and
-    # `object.__setattr__` per field: an eager model builds them per variable per call
+    # `object.__setattr__` per field: an eager model builds them per variable per call (a field left at its
+    # default is not stored: it reads the class's default, as `fx.param`'s request does)
     request, effect = object.__new__(LocalStateRequest), object.__new__(LocalStateEffect)
-    request.__dict__.update(path=path, collection=collection, init=init, origin=None, via=(), axes=axes)
+    fields = request.__dict__
+    fields["path"], fields["collection"], fields["init"] = path, collection, init
+    if axes is not None:
+        fields["axes"] = axes
     send(request)
-    effect.__dict__.update(path=path, collection=collection)
+    fields = effect.__dict__
+    fields["path"], fields["collection"] = path, collection
     return effect

@@ -231,20 +231,20 @@ class _LoadRun(_ParamRun):
 
     def handle(self, request: Any, forward: Any) -> Any:
         # The usual param of an eager apply, answered in this frame: first asked in this run, untagged, a walk
-        # down plain dicts to an array of the asked shape and dtype. Anything else (a repeat, a tag, a box, a
-        # mismatch, a missing name) takes `_ParamRun.handle`, which checks and explains it.
-        if type(request) is ParamRequest and request.shared is None and request.path not in self.seen:
+        # down mappings (`get_path` inline) to an array of the asked shape and dtype. Anything else (a repeat, a
+        # tag, a box, a mismatch, a missing name) takes `_ParamRun.handle`, which checks and explains it.
+        if type(request) is ParamRequest and request.shared is None and (path := request.path) not in self.seen:
             node = self.params
-            for key in request.path:
-                if type(node) is not dict:
-                    break
-                node = node.get(key, MISSING)
-            else:
-                if isinstance(node, jax.Array) and (aval := node.aval).shape == request.shape and (
-                    aval.dtype == request.dtype
-                ):
-                    self.seen[request.path] = (request, node)
-                    return node
+            try:
+                for key in path:
+                    node = node.get(key, MISSING)
+            except AttributeError:  # MISSING, or a leaf, on the way
+                node = MISSING
+            if isinstance(node, jax.Array) and (aval := node.aval).shape == request.shape and (
+                aval.dtype == request.dtype
+            ):
+                self.seen[path] = (request, node)
+                return node
         return _ParamRun.handle(self, request, forward)
 
     def answer(self, request: ParamRequest) -> Any:

@@ -297,16 +297,15 @@ class _StateRun:
         )
 
     def handle(self, request: Any, forward: Any) -> Any:
-        kind = type(request)
-        if kind is not GetStateRequest and kind is not SetStateRequest and kind is not LocalStateRequest:
-            return forward(request)
+        # Sent only the three kinds of `answers` (the interpreter, and the wrappers that copy `answers`, see to it).
         c = request.collection
         value = root = self.current.get(c, _EMPTY)
-        for key in request.path:  # `get_path` inline down plain dicts, the usual storage: a read per variable
-            if type(value) is not dict:  # another mapping, or MISSING on the way: the general walk
-                value = get_path(root, request.path)
-                break
-            value = value.get(key, MISSING)
+        try:  # `get_path` inline, a read per variable: down dicts and other mappings by `get`
+            for key in request.path:
+                value = value.get(key, MISSING)
+        except AttributeError:  # MISSING, or a leaf, on the way: the general walk says MISSING
+            value = get_path(root, request.path)
+        kind = type(request)
         if kind is GetStateRequest:
             if value is MISSING:
                 raise self._missing(request)

@@ -12,11 +12,13 @@ from effax.core import (
     EffaxError,
     InvalidNameError,
     check_name,
-    is_answered,
+    current_stack,
     path_now,
     path_str,
+    reset_path,
     run_local,
     run_values,
+    set_path,
     under_path,
 )
 from effax.effects import ModuleCallRequest, call_module
@@ -111,21 +113,27 @@ def _claim_name(names: Names, parent: tuple[str, ...], name: Any) -> tuple[str, 
 
 
 def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    plain = method == "__call__"  # the call owns its children's names as its path (no tuple to build)
+
     @functools.wraps(fn)
     def call(self: Module, *args: Any, **kwargs: Any) -> Any:
         # The usual eager call, decided here in one frame: a layer named in this run, called from outside it,
-        # no setup(), and no handler looking at module calls. It is `Module._call` and `call_module`'s fast
-        # path with `Names.enter`/`leave` inline; every other call takes `_call`.
+        # no setup(), and no handler looking at module calls (no route: `is_answered` inline). It is
+        # `Module._call` and `call_module`'s fast path with `Names.enter`/`leave` and `under_path` inline;
+        # every other call takes `_call`.
         run = run_values()
         names = None if run is None else run.get(Names)
         path = None if names is None else names.bound.get(self)
-        if path is None or type(self)._call is not _PLAIN_CALL or path_now() == path or is_answered(ModuleCallRequest):
+        if (path is None or type(self)._call is not _PLAIN_CALL or path_now() == path
+                or current_stack().routes[ModuleCallRequest]):
             return self._call(method, fn, args, kwargs)
         saved = names.frame, names.owner
-        names.frame, names.owner = None, path if method == "__call__" else (path, method)
+        names.frame, names.owner = None, path if plain else (path, method)
+        token = set_path(path)
         try:
-            return under_path(path, fn, self, *args, **kwargs)
+            return fn(self, *args, **kwargs)
         finally:
+            reset_path(token)
             names.frame, names.owner = saved
 
     return call
@@ -256,6 +264,31 @@ class _Factory:
 _FACTORY = _Factory()
 
 
+# The tail of a made `__init__`: `_name_where_built`, with the usual case inline (an auto-name in a run, not
+# in `setup()`; `Names.auto_path` inline, but for a name taken already) so an eager layer pays no frame for it.
+_NAMED_WHERE_BUILT = """\
+    if type(self) is not _cls or (_fx_run := run_values()) is None:
+        return
+    _fx_names = _fx_run.get(_Names)
+    if (_fx_names is None or self.name is not None
+            or type(_fx_owner := _fx_names.owner) is tuple and _fx_owner and _fx_owner[-1] is _SETUP):
+        return _name_where_built(self, _cls)
+    _fx_parent, _fx_frame = path_now(), _fx_names.frame
+    if _fx_frame is None:
+        _fx_frame = _fx_names.frame = {}
+    _fx_counters = _fx_frame.get(_fx_parent)
+    if _fx_counters is None:
+        _fx_counters = _fx_frame[_fx_parent] = {}
+    _fx_n = _fx_counters.get(_base, 0)
+    _fx_path = _fx_parent + (f"{_base}_{_fx_n}",)
+    if _fx_names.owners.setdefault(_fx_path, _fx_owner) == _fx_owner:
+        _fx_counters[_base] = _fx_n + 1
+    else:
+        _fx_path = _fx_names.auto_path(_fx_parent, _base)
+    _fx_names.bound[self] = _fx_path
+"""
+
+
 def _named_init(cls: type) -> Callable[..., None] | None:
     """The frozen dataclass `__init__` of `cls`, filling `__dict__` directly, then `_name_where_built`; None
     when `cls` has pseudo-fields (`InitVar`) or a field named `self` or `_...` (the names the made code uses),
@@ -273,7 +306,9 @@ def _named_init(cls: type) -> Callable[..., None] | None:
         f.name == "self" or f.name.startswith("_") for f in fields
     ):
         return None
-    env: dict[str, Any] = {"_cls": cls, "_FACTORY": _FACTORY, "_name_where_built": _name_where_built}
+    env: dict[str, Any] = {"_cls": cls, "_FACTORY": _FACTORY, "_name_where_built": _name_where_built,
+                           "_base": cls.__name__, "_Names": Names, "_SETUP": _SETUP, "run_values": run_values,
+                           "path_now": path_now}
     params, body = {}, []
     for f in fields:
         value, default = f.name, None  # what the field gets; the parameter's default, by name in `env`
@@ -295,7 +330,7 @@ def _named_init(cls: type) -> Callable[..., None] | None:
     post = "    self.__post_init__()\n" if hasattr(cls, "__post_init__") else ""
     source = (
         f"def __init__(self, {', '.join(signature)}):\n    _fx_d = self.__dict__\n" + "\n".join(body) + "\n"
-        + post + "    _name_where_built(self, _cls)\n"
+        + post + _NAMED_WHERE_BUILT
     )
     exec(source, env)  # noqa: S102 (how `dataclasses` itself makes `__init__`)
     made = env["__init__"]

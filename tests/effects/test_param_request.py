@@ -1,5 +1,7 @@
 """The param request as Penzai's uninitialized parameter, and the `shared=` tag on `fx.param`."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,3 +265,35 @@ def test_answers_that_are_arrays_in_effect_pass():
     assert jax.eval_shape(t.apply, jax.eval_shape(t.init, KEY, x), x).shape == (2, 4)
     stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), v)
     assert jax.vmap(lambda v: t.apply(v, x))(stacked).shape == (2, 2, 4)
+
+
+@pytest.mark.parametrize("axes, shared", [(None, None), (("embed", None), "tied")])
+def test_the_requests_effects_build_are_their_dataclasses_own(axes, shared):
+    """`fx.param`, `fx.local_state` and a state read build their requests without the dataclass's `__init__`
+    (and leave defaults unstored, read off the class): each still equals, hashes, prints and `replace`s as
+    the one the dataclass builds, with every field readable."""
+    init, state_init = jax.nn.initializers.zeros, lambda: jnp.zeros(2)
+    seen = []
+
+    class Capture(fx.Handler):
+        def handle(self, r, forward):
+            seen.append(r)
+            if isinstance(r, fx.ParamRequest):
+                return jnp.zeros(r.shape, r.dtype)
+            return jnp.zeros(2) if isinstance(r, fx.GetStateRequest) else None
+
+    with fx.handle(Capture()), fx.scope("block"):
+        fx.param("w", init, (2, 3), axes=axes, shared=shared)
+        fx.local_state("n", state_init, collection="stats", axes=None if axes is None else ("embed",)).get()
+    param, declare, get = seen
+    expected = (
+        fx.ParamRequest(("block", "w"), init, (2, 3), jnp.dtype(jnp.float32), axes=axes, shared=shared),
+        fx.LocalStateRequest(("block", "n"), "stats", state_init, axes=None if axes is None else ("embed",)),
+        fx.GetStateRequest(("block", "n"), "stats"),
+    )
+    for built, made in zip((param, declare, get), expected, strict=True):
+        assert built == made and hash(built) == hash(made) and repr(built) == repr(made)
+        assert dataclasses.replace(built, path=("x",)) == dataclasses.replace(made, path=("x",))
+        assert {f.name: getattr(built, f.name) for f in dataclasses.fields(built)} == dataclasses.asdict(made)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            built.path = ("x",)

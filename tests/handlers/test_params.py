@@ -255,8 +255,9 @@ def test_a_missing_param_without_a_near_name_reads_as_one_sentence():
 
 
 def test_loading_reads_any_mapping_and_checks_what_the_fast_path_passes_on():
-    """Loading takes a walk down plain dicts to an array of the asked spec in one frame; a mapping that is not
-    a dict, a repeat, a box, a cast and a mismatch go the checked way, with the same answers and errors."""
+    """Loading and state requests walk down any mapping (by `get`) to an array of the asked spec in one frame;
+    a leaf in the way, a repeat, a box, a cast and a mismatch go the checked way, with the same answers and
+    errors."""
     import types
 
     def f():
@@ -279,3 +280,12 @@ def test_loading_reads_any_mapping_and_checks_what_the_fast_path_passes_on():
         t.apply({"params": {"enc": {"w": jnp.arange(2)}}, "state": {"n": jnp.ones(())}})
     with pytest.raises(fx.MissingVariableError, match=r"state `n` in collection 'state'"):
         t.apply({"params": {"enc": {"w": w}}, "state": types.MappingProxyType({"m": jnp.ones(())})})
+    with pytest.raises(fx.MissingVariableError, match=r"no param `enc/w`"):  # a leaf where a scope is asked
+        t.apply({"params": {"enc": w}, "state": {"n": jnp.ones(())}})
+
+    def g():
+        with fx.scope("n"):
+            return fx.local_state("m", lambda: 0.0).get()
+
+    with pytest.raises(fx.MissingVariableError, match=r"state `n/m` in collection 'state'"):
+        fx.transform(g).apply({"state": {"n": jnp.ones(())}})
