@@ -1,0 +1,96 @@
+"""The eager ratio split in two: each library's own Python per apply (JAX ops stubbed), and its cost among real ops.
+
+Run: python -m benchmarks.eager_python [--model mlp | mlp_stateful | all] [--rounds 100]
+
+An eager apply is the model's Python plus JAX's dispatch of each op. Each
+round times every library's apply twice over, interleaved: as it is, and
+with every JAX op the MLP models call (`@`, `+`, `-`, `*`, `rsqrt`, `relu`)
+stubbed to return its first argument, so that what is left is Python (the
+layers, effax's requests and handlers; the outputs are wrong and unused).
+It prints medians over pure JAX: the real extra time, the stubbed extra time
+(effax's own Python, far steadier than the ratio), and their quotient, what
+one microsecond of that Python costs among real ops. Under JAX's asynchronous
+CPU dispatch on a 2-core machine that quotient was about 3: the Python
+between two ops delays the next op and competes with the runtime's threads,
+so an eager apply of `effax.nn` at 1.4x pure JAX is about 250 us of Python.
+MLP models only: the transformer's ops do not keep shapes when stubbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax._src.array import ArrayImpl
+
+from benchmarks.common import Spec
+from benchmarks.libs import effax_nn, effax_raw, pure_jax
+from benchmarks.speed_of_light import floor_apply
+
+_OPERATORS = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__matmul__", "__rmatmul__")
+
+
+def _first(a, *rest, **kwargs):
+    return a
+
+
+def _stubbed(on: bool, real: dict) -> None:
+    """Stub the MLP's ops (`on`) or put the real ones back."""
+    for name in _OPERATORS:
+        setattr(ArrayImpl, name, _first if on else real[name])
+    jax.nn.relu, jnp.matmul, jax.lax.rsqrt = (_first,) * 3 if on else real["functions"]
+
+
+def main(model: str = "mlp_stateful", depth: int = 8, rounds: int = 100) -> dict[str, dict[str, float]]:
+    spec, key = Spec(model, depth), jax.random.key(0)
+    x = jnp.ones(spec.input_shape)
+    nn, raw, pure = effax_nn.build(spec), effax_raw.build(spec), pure_jax.build(spec)
+    v_nn, v_raw, v_pure = nn.init(key, x), raw.init(key, x), pure.init(key, x)
+    floor = floor_apply(spec)
+    calls = {"pure JAX": lambda: pure.apply(v_pure, x), "floor": lambda: floor(v_nn, x),
+             "effax": lambda: raw.apply(v_raw, x), "effax.nn": lambda: nn.apply(v_nn, x)}
+    real = {name: getattr(ArrayImpl, name) for name in _OPERATORS}
+    real["functions"] = (jax.nn.relu, jnp.matmul, jax.lax.rsqrt)
+    times: dict[tuple[bool, str], list[float]] = {(s, n): [] for s in (False, True) for n in calls}
+    order, rng = list(calls), random.Random(0)
+    try:
+        for i in range(rounds + 5):
+            gc.collect()  # once a round, then paused, as `timeit` does: a collection in a call would decide it
+            gc.disable()
+            for stub in (False, True):
+                _stubbed(stub, real)
+                rng.shuffle(order)
+                for name in order:
+                    start = time.perf_counter()
+                    jax.block_until_ready(calls[name]())
+                    if i >= 5:  # the first rounds warm up
+                        times[(stub, name)].append(time.perf_counter() - start)
+            gc.enable()
+    finally:
+        gc.enable()
+        _stubbed(False, real)
+    median = {k: statistics.median(ts) * 1e6 for k, ts in times.items()}
+    base, base_py = median[(False, "pure JAX")], median[(True, "pure JAX")]
+    print(f"{model} depth {depth}, eager apply, {rounds} interleaved rounds (median; pure JAX {base:.0f} us)")
+    out = {}
+    for name in list(calls)[1:]:
+        extra, python = median[(False, name)] - base, median[(True, name)] - base_py
+        out[name] = {"ratio": median[(False, name)] / base, "extra_us": extra, "python_us": python}
+        print(f"  {name:9s} {median[(False, name)] / base:.3f}x  +{extra:5.0f} us real, +{python:4.0f} us of its own "
+              f"Python (ops stubbed): {extra / python:.1f} us per us")
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="all", help="mlp, mlp_stateful, or all")
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=100)
+    args = parser.parse_args()
+    for model in ("mlp", "mlp_stateful") if args.model == "all" else (args.model,):
+        main(model, args.depth, args.rounds)
