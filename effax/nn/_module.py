@@ -127,14 +127,14 @@ def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if (path is None or type(self)._call is not _PLAIN_CALL or path_now() == path
                 or current_stack().routes[ModuleCallRequest]):
             return self._call(method, fn, args, kwargs)
-        saved = names.frame, names.owner
+        frame, owner = names.frame, names.owner
         names.frame, names.owner = None, path if plain else (path, method)
         token = set_path(path)
         try:
             return fn(self, *args, **kwargs)
         finally:
             reset_path(token)
-            names.frame, names.owner = saved
+            names.frame, names.owner = frame, owner
 
     return call
 
@@ -266,6 +266,7 @@ _FACTORY = _Factory()
 
 # The tail of a made `__init__`: `_name_where_built`, with the usual case inline (an auto-name in a run, not
 # in `setup()`; `Names.auto_path` inline, but for a name taken already) so an eager layer pays no frame for it.
+# `_labels` is the class's `<Class>_<n>` by count: each auto-name string is formatted once per process.
 _NAMED_WHERE_BUILT = """\
     if type(self) is not _cls or (_fx_run := run_values()) is None:
         return
@@ -280,7 +281,10 @@ _NAMED_WHERE_BUILT = """\
     if _fx_counters is None:
         _fx_counters = _fx_frame[_fx_parent] = {}
     _fx_n = _fx_counters.get(_base, 0)
-    _fx_path = _fx_parent + (f"{_base}_{_fx_n}",)
+    try:
+        _fx_path = _fx_parent + (_labels[_fx_n],)
+    except KeyError:  # a count not reached before: its label, kept (the same string from any thread)
+        _fx_path = _fx_parent + (_labels.setdefault(_fx_n, f"{_base}_{_fx_n}"),)
     if _fx_names.owners.setdefault(_fx_path, _fx_owner) == _fx_owner:
         _fx_counters[_base] = _fx_n + 1
     else:
@@ -307,8 +311,8 @@ def _named_init(cls: type) -> Callable[..., None] | None:
     ):
         return None
     env: dict[str, Any] = {"_cls": cls, "_FACTORY": _FACTORY, "_name_where_built": _name_where_built,
-                           "_base": cls.__name__, "_Names": Names, "_SETUP": _SETUP, "run_values": run_values,
-                           "path_now": path_now}
+                           "_base": cls.__name__, "_labels": {}, "_Names": Names, "_SETUP": _SETUP,
+                           "run_values": run_values, "path_now": path_now}
     params, body = {}, []
     for f in fields:
         value, default = f.name, None  # what the field gets; the parameter's default, by name in `env`
