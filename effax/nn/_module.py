@@ -268,13 +268,13 @@ _FACTORY = _Factory()
 # in `setup()`; `Names.auto_path` inline, but for a name taken already) so an eager layer pays no frame for it.
 # `_labels` is the class's `<Class>_<n>` by count: each auto-name string is formatted once per process.
 _NAMED_WHERE_BUILT = """\
-    if type(self) is not _cls or (_fx_run := run_values()) is None:
+    if type(self) is not _cls or (_fx_run := _run_values()) is None:
         return
     _fx_names = _fx_run.get(_Names)
     if (_fx_names is None or self.name is not None
             or type(_fx_owner := _fx_names.owner) is tuple and _fx_owner and _fx_owner[-1] is _SETUP):
         return _name_where_built(self, _cls)
-    _fx_parent, _fx_frame = path_now(), _fx_names.frame
+    _fx_parent, _fx_frame = _path_now(), _fx_names.frame
     if _fx_frame is None:
         _fx_frame = _fx_names.frame = {}
     _fx_counters = _fx_frame.get(_fx_parent)
@@ -312,7 +312,7 @@ def _named_init(cls: type) -> Callable[..., None] | None:
         return None
     env: dict[str, Any] = {"_cls": cls, "_FACTORY": _FACTORY, "_name_where_built": _name_where_built,
                            "_base": cls.__name__, "_labels": {}, "_Names": Names, "_SETUP": _SETUP,
-                           "run_values": run_values, "path_now": path_now}
+                           "_run_values": run_values, "_path_now": path_now}  # `_` names: no field's
     params, body = {}, []
     for f in fields:
         value, default = f.name, None  # what the field gets; the parameter's default, by name in `env`

@@ -44,6 +44,26 @@ def test_auto_names_count_per_class_within_the_parent_scope():
     assert list(params["head"]) == ["Dense_0"]
 
 
+def test_fields_named_like_the_made_inits_helpers_are_plain_fields():
+    """A module's `__init__` is made from its fields (with the naming where built inline): fields named like
+    the helpers it calls (`path_now`, `run_values`, `cls`) are ordinary fields, and naming still works."""
+
+    class Odd(fx.nn.Module):
+        path_now: int = 2
+        run_values: int = 3
+        cls: str = "c"
+
+        def __call__(self, x):
+            return fx.param("w", jax.nn.initializers.ones, (self.path_now, self.run_values)) * x
+
+    def f(x):
+        return Odd()(x) + Odd(path_now=2)(x) + Odd(cls="d", name="last")(x)
+
+    params = init_params(f, jnp.ones(()))
+    assert shapes(params) == {"Odd_0": {"w": (2, 3)}, "Odd_1": {"w": (2, 3)}, "last": {"w": (2, 3)}}
+    assert Odd(path_now=5).path_now == 5 and Odd().cls == "c"
+
+
 def test_init_and_apply_give_identical_names_and_apply_runs_repeatedly():
     # named at construction, as Flax: the outer `Block()` is built first, so it is Block_0
     # (this test asserted first-call order, Block_1 for the outer one, before names followed Flax)
