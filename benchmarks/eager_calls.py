@@ -26,11 +26,9 @@ import cProfile
 import pstats
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks.common import Spec
-from benchmarks.libs import effax_nn, effax_raw, pure_jax
-from benchmarks.speed_of_light import floor_apply
+from benchmarks.speed_of_light import eager_applies
 
 
 def _profile(call) -> dict[tuple, int]:
@@ -49,15 +47,7 @@ def _where(key: tuple) -> str:
 
 
 def main(model: str = "mlp", depth: int = 8, top: int = 0) -> dict[str, int]:
-    spec, key = Spec(model, depth), jax.random.key(0)
-    x = jnp.ones(spec.input_shape)
-    nn, raw, pure = effax_nn.build(spec), effax_raw.build(spec), pure_jax.build(spec)
-    v_nn, v_raw, v_pure = nn.init(key, x), raw.init(key, x), pure.init(key, x)
-    calls = {"pure JAX": lambda: pure.apply(v_pure, x), "effax": lambda: raw.apply(v_raw, x),
-             "effax.nn": lambda: nn.apply(v_nn, x)}
-    if model != "transformer":  # the floor has the MLP's layers only
-        floor = floor_apply(spec)
-        calls = {"pure JAX": calls["pure JAX"], "floor": lambda: floor(v_nn, x), **calls}
+    calls = eager_applies(Spec(model, depth))
     counted = {name: _profile(call) for name, call in calls.items()}
     totals = {name: sum(c.values()) for name, c in counted.items()}
     frames = {name: sum(n for k, n in c.items() if k[0] != "~") for name, c in counted.items()}  # not builtins

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 from jax._src.array import ArrayImpl
 
 from benchmarks.common import Spec
-from benchmarks.libs import effax_nn, effax_raw, pure_jax
-from benchmarks.speed_of_light import floor_apply
+from benchmarks.speed_of_light import eager_applies
 
 _OPERATORS = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__matmul__", "__rmatmul__")
 
@@ -47,13 +46,7 @@ def _stubbed(on: bool, real: dict) -> None:
 
 
 def main(model: str = "mlp_stateful", depth: int = 8, rounds: int = 100) -> dict[str, dict[str, float]]:
-    spec, key = Spec(model, depth), jax.random.key(0)
-    x = jnp.ones(spec.input_shape)
-    nn, raw, pure = effax_nn.build(spec), effax_raw.build(spec), pure_jax.build(spec)
-    v_nn, v_raw, v_pure = nn.init(key, x), raw.init(key, x), pure.init(key, x)
-    floor = floor_apply(spec)
-    calls = {"pure JAX": lambda: pure.apply(v_pure, x), "floor": lambda: floor(v_nn, x),
-             "effax": lambda: raw.apply(v_raw, x), "effax.nn": lambda: nn.apply(v_nn, x)}
+    calls = eager_applies(Spec(model, depth))
     real = {name: getattr(ArrayImpl, name) for name in _OPERATORS}
     real["functions"] = (jax.nn.relu, jnp.matmul, jax.lax.rsqrt)
     times: dict[tuple[bool, str], list[float]] = {(s, n): [] for s in (False, True) for n in calls}

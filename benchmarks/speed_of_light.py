@@ -35,6 +35,7 @@ import gc
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -169,21 +170,28 @@ def floor_modules_effax_effects(spec: Spec):
     return lambda variables, x: t.apply(variables, x, training=False)
 
 
-def main(model: str = "mlp", depth: int = 8, rounds: int = 200) -> dict[str, float]:
-    spec, key = Spec(model, depth), jax.random.key(0)
-    x = jnp.ones(spec.input_shape)
+def eager_applies(spec: Spec, hybrid: bool = False) -> dict[str, Callable[[], jax.Array]]:
+    """The eager apply of each library on one input, as the eager benchmarks compare them: pure JAX, the floor
+    (MLP models only; on `effax.nn`'s variables), with `hybrid` the floor's modules over effax's effects,
+    then effax's raw effects and `effax.nn`."""
+    key, x = jax.random.key(0), jnp.ones(spec.input_shape)
     nn, raw, pure = effax_nn.build(spec), effax_raw.build(spec), pure_jax.build(spec)
     v_nn, v_raw, v_pure = nn.init(key, x), raw.init(key, x), pure.init(key, x)
-    floor, hybrid = floor_apply(spec), floor_modules_effax_effects(spec)
-    for name, f in (("floor", floor), ("floor modules, effax effects", hybrid)):
-        assert jnp.allclose(f(v_nn, x), nn.apply(v_nn, x), atol=1e-5), f"the {name} computes another model"
-    calls = {
-        "pure JAX": lambda: pure.apply(v_pure, x),
-        "floor": lambda: floor(v_nn, x),
-        "floor modules, effax effects": lambda: hybrid(v_nn, x),
-        "effax": lambda: raw.apply(v_raw, x),
-        "effax.nn": lambda: nn.apply(v_nn, x),
-    }
+    calls: dict[str, Callable[[], jax.Array]] = {"pure JAX": lambda: pure.apply(v_pure, x)}
+    if spec.model != "transformer":  # the floor has the MLP's layers only
+        floor = floor_apply(spec)
+        calls["floor"] = lambda: floor(v_nn, x)
+    if hybrid:
+        over_effax = floor_modules_effax_effects(spec)
+        calls["floor modules, effax effects"] = lambda: over_effax(v_nn, x)
+    calls["effax"], calls["effax.nn"] = lambda: raw.apply(v_raw, x), lambda: nn.apply(v_nn, x)
+    return calls
+
+
+def main(model: str = "mlp", depth: int = 8, rounds: int = 200) -> dict[str, float]:
+    calls = eager_applies(Spec(model, depth), hybrid=True)
+    for name in ("floor", "floor modules, effax effects"):
+        assert jnp.allclose(calls[name](), calls["effax.nn"](), atol=1e-5), f"the {name} computes another model"
     times: dict[str, list[float]] = {name: [] for name in calls}
     order, rng = list(calls), random.Random(0)
     for i in range(rounds + 10):
