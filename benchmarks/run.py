@@ -289,14 +289,18 @@ def ab_table(data: dict) -> list[str]:
     lines = ["## Interleaved A/B against pure JAX (the bar's verdicts)", "",
              "`benchmarks/trace_ab.py` in one process: each sample lowers a fresh function, the three take "
              f"turns sample by sample ({samples} samples after a warm-up round; eager: 10 calls per round). Median "
-             f"seconds and ratio to pure JAX; eager apply at depth {EAGER_DEPTH}.", "",
+             f"seconds and ratio to pure JAX; eager apply at depth {EAGER_DEPTH}. The MLP models' floor row is "
+             "`benchmarks/speed_of_light.py`'s 60-line module system without effects, timed eager only: each "
+             "microsecond of Python between eager ops costs several here, so its ratio is the line below which no "
+             "module system goes on this machine.", "",
              "| model | library | trace_train | abstract_init | abstract_apply | eager_apply |",
              "| --- | --- | --- | --- | --- | --- |"]
     for model, cell in ab.items():
         base = cell["medians"][BASELINE]
         for lab, ms in cell["medians"].items():
-            metrics = [m for m in ("trace_train", "abstract_init", "abstract_apply", "eager_apply") if m in ms]
-            cells = [f"**{ms[m] / base[m]:.2f}x** {fmt_time(ms[m])}" for m in metrics]
+            metrics = ("trace_train", "abstract_init", "abstract_apply", "eager_apply")
+            cells = [f"**{ms[m] / base[m]:.2f}x** {fmt_time(ms[m])}" if m in ms and m in base else "–" for m in metrics]
+            lab = f"{lab} (eager reference)" if lab == "floor" else lab
             lines.append(f"| {model}/{cell['depth']} | {lab} | " + " | ".join(cells) + " |")
     return lines + [""]
 

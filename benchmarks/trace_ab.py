@@ -1,6 +1,6 @@
 """Interleaved same-process A/B of trace time (and abstract init and apply), the fairest ratio on a shared machine.
 
-Run: python benchmarks/trace_ab.py [--depth 256] [--samples 5] [--model mlp | mlp_stateful | transformer | all]
+Run: python -m benchmarks.trace_ab [--depth 256] [--samples 5] [--model mlp | mlp_stateful | transformer | all]
 Each sample lowers a fresh function (no trace cache hit); the libraries take
 turns, so machine noise hits all of them alike. Samples are timed as
 `benchmarks/worker.py` times them (and so RESULTS.md): after a collection,
@@ -8,6 +8,12 @@ with the garbage collector paused, as `timeit` does. Otherwise whether a full
 collection (about 0.1 s at depth 256, over the tracer's millions of objects)
 lands inside a sample decides a ratio more than the library does. Prints
 medians and ratios to pure JAX.
+
+The MLP models' eager apply is also timed for `benchmarks/speed_of_light.py`'s
+floor (a 60-line module system with no effects, on `effax.nn`'s variables), a
+reference row: on a 2-core machine every microsecond of Python between eager
+JAX ops costs several of wall time, the floor's too, so its ratio is what no
+module system that names layers and reads variables in Python gets under.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import jax
 
 from benchmarks.common import Spec
 from benchmarks.libs import effax_nn, effax_raw, pure_jax
+from benchmarks.speed_of_light import floor_apply
 from benchmarks.worker import timed
 
 LIBS = {"pure JAX": pure_jax, "effax": effax_raw, "effax.nn": effax_nn}
@@ -34,6 +41,9 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: in
     small_vars = {name: b.init(key, x_small) for name, b in eager.items()}
     metrics = ("trace_train", "abstract_init", "abstract_apply", "eager_apply")
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in LIBS}
+    floor = None if model == "transformer" else floor_apply(small)  # the floor has the MLP's layers only
+    if floor is not None:
+        times["floor"] = {"eager_apply": []}
     for i in range(samples + 1):
         for name, b in benches.items():
             train, _ = timed(lambda b=b, name=name: jax.jit(lambda *a: b.train_step(*a)).lower(variables[name], x, key))
@@ -47,6 +57,10 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: in
                 times[name]["abstract_init"].append(abstract)
                 times[name]["abstract_apply"].append(forward)
                 times[name]["eager_apply"].extend(eager_apply)
+        if floor is not None:  # eager only, the floor's turn after the libraries'
+            eager_apply = [timed(lambda: floor(small_vars["effax.nn"], x_small))[0] for _ in range(10)]
+            if i:
+                times["floor"]["eager_apply"].extend(eager_apply)
     medians = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in times.items()}
     base = medians["pure JAX"]
     print(f"{model} depth {depth} (eager apply: depth {eager_depth}), {samples} interleaved samples "
