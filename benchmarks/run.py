@@ -292,7 +292,7 @@ def ab_table(data: dict) -> list[str]:
              f"seconds and ratio to pure JAX; eager apply at depth {EAGER_DEPTH}. The MLP models' floor row is "
              "`benchmarks/speed_of_light.py`'s 60-line module system without effects, timed eager only: each "
              "microsecond of Python between eager ops costs several here, so its ratio is the line below which no "
-             "module system goes on this machine.", "",
+             "module system that names layers and reads variables in Python goes on this machine.", "",
              "| model | library | trace_train | abstract_init | abstract_apply | eager_apply |",
              "| --- | --- | --- | --- | --- | --- |"]
     for model, cell in ab.items():
