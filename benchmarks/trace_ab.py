@@ -43,6 +43,9 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: in
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in LIBS}
     floor = None if model == "transformer" else floor_apply(small)  # the floor has the MLP's layers only
     if floor is not None:
+        same = jax.numpy.allclose(floor(small_vars["effax.nn"], x_small),
+                                  eager["effax.nn"].apply(small_vars["effax.nn"], x_small), atol=1e-5)
+        assert same, "the floor computes another model than effax.nn"
         times["floor"] = {"eager_apply": []}
     for i in range(samples + 1):
         for name, b in benches.items():
