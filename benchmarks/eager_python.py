@@ -78,10 +78,9 @@ def control_apply(spec: Spec, n: int):
     return apply
 
 
-def main(model: str = "mlp_stateful", depth: int = 8, rounds: int = 100, control_us: float = 10.0,
-         sync_dispatch: bool = False) -> dict[str, dict[str, float]]:
-    if sync_dispatch:
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
+def main(
+    model: str = "mlp_stateful", depth: int = 8, rounds: int = 100, control_us: float = 10.0
+) -> dict[str, dict[str, float]]:
     spec = Spec(model, depth)
     calls = eager_applies(spec)
     n = max(1, round(control_us / (timeit.timeit(lambda: _loop(1000), number=200) / 200 * 1e6) * 1000))
@@ -110,7 +109,9 @@ def main(model: str = "mlp_stateful", depth: int = 8, rounds: int = 100, control
         _stubbed(False, real)
     median = {k: statistics.median(ts) * 1e6 for k, ts in times.items()}
     base, base_py = median[(False, "pure JAX")], median[(True, "pure JAX")]
-    print(f"{model} depth {depth}, eager apply, {rounds} interleaved rounds (median; pure JAX {base:.0f} us)")
+    dispatch = "async" if jax.config.values["jax_cpu_enable_async_dispatch"] else "sync"
+    print(f"{model} depth {depth}, eager apply ({dispatch} dispatch), {rounds} interleaved rounds (median; pure JAX "
+          f"{base:.0f} us)")
     out = {}
     for name in list(calls)[1:]:
         extra, python = median[(False, name)] - base, median[(True, name)] - base_py
@@ -128,5 +129,7 @@ if __name__ == "__main__":
     parser.add_argument("--control-us", type=float, default=10.0, help="the control's plain Python per layer")
     parser.add_argument("--sync-dispatch", action="store_true", help="turn off JAX's asynchronous CPU dispatch")
     args = parser.parse_args()
+    if args.sync_dispatch:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     for model in ("mlp", "mlp_stateful") if args.model == "all" else (args.model,):
-        main(model, args.depth, args.rounds, args.control_us, args.sync_dispatch)
+        main(model, args.depth, args.rounds, args.control_us)

@@ -25,7 +25,7 @@ import jax
 
 from benchmarks.common import Spec
 from benchmarks.libs import effax_nn, effax_raw, pure_jax
-from benchmarks.speed_of_light import floor_apply
+from benchmarks.speed_of_light import eager_applies
 from benchmarks.worker import timed
 
 LIBS = {"pure JAX": pure_jax, "effax": effax_raw, "effax.nn": effax_nn}
@@ -34,18 +34,13 @@ LIBS = {"pure JAX": pure_jax, "effax": effax_raw, "effax.nn": effax_nn}
 def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: int = 8) -> dict[str, dict[str, float]]:
     spec, small = Spec(model, depth), Spec(model, eager_depth)
     key = jax.random.key(0)
-    x, x_small = jax.numpy.ones(spec.input_shape), jax.numpy.ones(small.input_shape)
+    x = jax.numpy.ones(spec.input_shape)
     benches = {name: lib.build(spec) for name, lib in LIBS.items()}
-    eager = {name: lib.build(small) for name, lib in LIBS.items()}
+    eager = eager_applies(small)  # the libraries' and, for the MLP models, the floor's (checked there)
     variables = {name: b.init(key, x) for name, b in benches.items()}
-    small_vars = {name: b.init(key, x_small) for name, b in eager.items()}
     metrics = ("trace_train", "abstract_init", "abstract_apply", "eager_apply")
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in LIBS}
-    floor = None if model == "transformer" else floor_apply(small)  # the floor has the MLP's layers only
-    if floor is not None:
-        same = jax.numpy.allclose(floor(small_vars["effax.nn"], x_small),
-                                  eager["effax.nn"].apply(small_vars["effax.nn"], x_small), atol=1e-5)
-        assert same, "the floor computes another model than effax.nn"
+    if "floor" in eager:
         times["floor"] = {"eager_apply": []}
     for i in range(samples + 1):
         for name, b in benches.items():
@@ -54,14 +49,14 @@ def main(depth: int = 256, samples: int = 5, model: str = "mlp", eager_depth: in
             forward, _ = timed(lambda b=b, name=name: b.eval_shape_apply(variables[name], x))
             # eager apply of the small model, 10 calls each waited for (as the worker times it): the
             # per-call cost of effects without jit
-            eager_apply = [timed(lambda name=name: eager[name].apply(small_vars[name], x_small))[0] for _ in range(10)]
+            eager_apply = [timed(eager[name])[0] for _ in range(10)]
             if i:  # the first round warms up
                 times[name]["trace_train"].append(train)
                 times[name]["abstract_init"].append(abstract)
                 times[name]["abstract_apply"].append(forward)
                 times[name]["eager_apply"].extend(eager_apply)
-        if floor is not None:  # eager only, the floor's turn after the libraries'
-            eager_apply = [timed(lambda: floor(small_vars["effax.nn"], x_small))[0] for _ in range(10)]
+        if "floor" in eager:  # eager only, the floor's turn after the libraries'
+            eager_apply = [timed(eager["floor"])[0] for _ in range(10)]
             if i:
                 times["floor"]["eager_apply"].extend(eager_apply)
     medians = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in times.items()}
