@@ -17,7 +17,9 @@ class Layer(fx.nn.Module):
         h = fx.nn.Dense(self.width)(h)
         if not self.stateful:
             return jax.nn.relu(h)
-        h = fx.nn.BatchNorm(momentum=MOMENTUM, epsilon=EPS, use_scale=False, use_bias=False)(h)
+        h = fx.nn.BatchNorm(
+            momentum=MOMENTUM, epsilon=EPS, use_scale=False, use_bias=False, use_fast_variance=False
+        )(h)
         return fx.nn.Dropout(DROP_RATE)(jax.nn.relu(h))
 
 

@@ -12,7 +12,7 @@ from effax.core import EffaxError
 from effax.nn._fields import check_layer
 from effax.nn._linear import Initializer
 from effax.nn._module import Module, where
-from effax.nn._normalization import _axes, _out_dtype, _scale_shift, _stats_dtype, ones, zeros
+from effax.nn._normalization import _axes, _moments, _out_dtype, _scale_shift, _stats_dtype, ones, zeros
 
 
 class GroupNorm(Module):
@@ -81,11 +81,7 @@ class GroupNorm(Module):
         xs = x.astype(_stats_dtype(x))
         grouped = xs.reshape(x.shape[:-1] + (groups, size))
         stat_axes = axes[:-1] + (grouped.ndim - 1,)
-        mean = grouped.mean(stat_axes)
-        if self.use_fast_variance:  # Flax's default
-            var = jnp.maximum(0.0, jnp.square(grouped).mean(stat_axes) - jnp.square(mean))
-        else:
-            var = jnp.square(grouped - jnp.expand_dims(mean, stat_axes)).mean(stat_axes)
+        mean, var = _moments(grouped, stat_axes, self.use_fast_variance)
         mean = jnp.expand_dims(jnp.repeat(mean, size, axis=-1), axes[:-1])
         var = jnp.expand_dims(jnp.repeat(var, size, axis=-1), axes[:-1])
         y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)

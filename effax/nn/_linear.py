@@ -229,7 +229,15 @@ class DenseGeneral(Module):
         return y + jnp.reshape(bias, expanded + features)
 
 
-def _tuple(value: int | Sequence[int], n: int, what: str, layer: str = "Conv") -> tuple[int, ...]:
+def _kernel_size(value: int | Sequence[int]) -> tuple[int, ...]:
+    """`kernel_size` as a tuple: an int `k` is `(k,)`, a 1-D kernel, as Flax reads it (not `(k,) * rank`)."""
+    return (int(value),) if isinstance(value, (int, np.integer)) else tuple(value)
+
+
+def _tuple(value: int | Sequence[int] | None, n: int, what: str, layer: str = "Conv") -> tuple[int, ...]:
+    """A stride or dilation, one per spatial dim: an int (or None, Flax's old spelling of 1) is broadcast."""
+    if value is None:
+        value = 1
     if isinstance(value, (int, np.integer)):
         return (int(value),) * n
     value = tuple(value)
@@ -256,7 +264,9 @@ def _padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -
 class Conv(Module):
     """An N-D convolution over channels-last inputs `(batch..., *spatial, features)`, as Flax's `Conv`.
 
-    `kernel_size` is a tuple: `(3,)` for 1-D, `(3, 3)` for 2-D. The kernel
+    `kernel_size` is a tuple: `(3,)` for 1-D, `(3, 3)` for 2-D; an int `k`
+    is `(k,)`, 1-D, as in Flax (strides and dilations given as one int are
+    broadcast to every spatial dim; None is 1, as Flax's). The kernel
     is `(*kernel_size, in_features // feature_group_count, features)`.
     `padding` is `'SAME'`, `'VALID'`, `'CIRCULAR'` (periodic), `'REFLECT'`,
     `'CAUSAL'` (1-D), an int, or per-dim ints or pairs, as in Flax.
@@ -269,11 +279,11 @@ class Conv(Module):
     """
 
     features: int
-    kernel_size: Sequence[int]
-    strides: int | Sequence[int] = 1
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] | None = 1
     padding: str | int | Sequence[Any] = "SAME"
-    input_dilation: int | Sequence[int] = 1
-    kernel_dilation: int | Sequence[int] = 1
+    input_dilation: int | Sequence[int] | None = 1
+    kernel_dilation: int | Sequence[int] | None = 1
     feature_group_count: int = 1
     use_bias: bool = True
     dtype: Any = None
@@ -283,11 +293,10 @@ class Conv(Module):
     bias_init: Initializer = zeros
 
     def __post_init__(self) -> None:
-        check_sizes(self, "features", "feature_group_count",
-                    several=() if isinstance(self.kernel_size, int) else ("kernel_size",))
-        check_positive(self, "strides", "input_dilation", "kernel_dilation")
+        check_sizes(self, "features", "feature_group_count", several=("kernel_size",))
+        check_positive(self, optional=("strides", "input_dilation", "kernel_dilation"))
         check_padding(self)
-        dilated = self.input_dilation != 1 and set(_as_tuple(self.input_dilation)) != {1}
+        dilated = self.input_dilation not in (1, None) and set(_as_tuple(self.input_dilation)) != {1}
         if dilated and isinstance(self.padding, str) and self.padding.upper() != "CAUSAL":
             raise EffaxError(
                 f"Conv(input_dilation={self.input_dilation!r}, padding={self.padding!r}): JAX's convolution takes "
@@ -297,13 +306,7 @@ class Conv(Module):
         check_layer(self, ("use_bias",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if isinstance(self.kernel_size, int):
-            raise EffaxError(
-                f"{where('Conv')}: kernel_size must be a tuple, one entry per spatial dim, got {self.kernel_size}: "
-                f"write `kernel_size=({self.kernel_size},)` for 1-D or `({self.kernel_size}, "
-                f"{self.kernel_size})` for 2-D."
-            )
-        kernel_size = tuple(self.kernel_size)
+        kernel_size = _kernel_size(self.kernel_size)
         n = len(kernel_size)
         x = jnp.asarray(x)
         if x.ndim < n + 1:
@@ -400,9 +403,8 @@ class ConvTranspose(Module):
         check_layer(self, ("use_bias", "transpose_kernel"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel_size = _as_tuple(self.kernel_size)
+        kernel_size = _kernel_size(self.kernel_size)
         n = len(kernel_size)
-        broadcast = lambda v, what: (1,) * n if v is None else _tuple(v, n, what, "ConvTranspose")
         x = jnp.asarray(x)
         if x.ndim < n + 1:
             raise EffaxError(
@@ -411,8 +413,8 @@ class ConvTranspose(Module):
             )
         batch = x.shape[: x.ndim - n - 1]
         x = x.reshape((-1,) + x.shape[len(batch) :])
-        strides = broadcast(self.strides, "strides")
-        dilation = broadcast(self.kernel_dilation, "kernel_dilation")
+        strides = _tuple(self.strides, n, "strides", "ConvTranspose")
+        dilation = _tuple(self.kernel_dilation, n, "kernel_dilation", "ConvTranspose")
         in_features = x.shape[-1]
         if self.transpose_kernel:
             kernel_shape = kernel_size + (self.features, in_features)

@@ -110,6 +110,29 @@ def _canonical(dtype: Any) -> Any:
         return dtype
 
 
+def _moments(
+    x: jax.Array, axes: tuple[int, ...], fast: bool, keepdims: bool = False, axis_name: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """`(mean, variance)` of `x` over `axes`, as Flax's `_compute_stats`, for every norm that centers.
+
+    `fast` (Flax's default `use_fast_variance=True`) takes `E[x^2] - E[x]^2` in one pass, clipped at 0
+    against round-off; otherwise `E[(x - mean)^2]`, slower but exact for inputs far from zero. `axis_name`
+    averages the statistics over a mapped axis: both moments in one `pmean` when fast, else the mean
+    first and the squared deviations from it after, as Flax does.
+    """
+    mean = x.mean(axes, keepdims=keepdims)
+    if fast:
+        mean2 = jnp.square(x).mean(axes, keepdims=keepdims)
+        if axis_name is not None:
+            mean, mean2 = jax.lax.pmean((mean, mean2), axis_name)
+        return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
+    if axis_name is None:  # Flax's mean of squared deviations, in one op (an eager call pays for each)
+        return mean, x.var(axes, keepdims=keepdims)
+    mean = jax.lax.pmean(mean, axis_name)
+    centered = x - (mean if keepdims else jnp.expand_dims(mean, axes))
+    return mean, jax.lax.pmean(jnp.square(centered).mean(axes, keepdims=keepdims), axis_name)
+
+
 def _running(state: Any, features: tuple[int, ...], value: Any) -> jax.Array:
     """`value`, a running statistic as read from `state`, checked: stats of another shape or dtype name
     their path (not a reshape error deep inside, nor silently used at another precision)."""
@@ -166,11 +189,7 @@ class LayerNorm(Module):
         x = _as_array(x)
         axes = _axes(self.reduction_axes, x.ndim, "LayerNorm")
         xs = _cast(x, _stats_dtype(x))
-        mean = xs.mean(axes, keepdims=True)
-        if self.use_fast_variance:  # Flax's default: E[x^2] - E[x]^2, clipped at 0 against round-off
-            var = jnp.maximum(0.0, jnp.square(xs).mean(axes, keepdims=True) - jnp.square(mean))
-        else:
-            var = xs.var(axes, keepdims=True)
+        mean, var = _moments(xs, axes, self.use_fast_variance, keepdims=True)
         y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.feature_axes == -1:  # the default, inline: an eager call pays for each Python step
             features = x.shape[-1:]
@@ -228,7 +247,10 @@ class BatchNorm(Module):
     the full batch's mean and variance (Flax's `axis_name`); under `init` it
     is not used, so a model can be initialized outside the mapped axis. Under
     `jax.jit` with a sharded batch no axis name is needed: the reduction
-    already spans every device.
+    already spans every device. The batch variance is `E[x^2] - E[x]^2`
+    clipped at 0, in one pass (`use_fast_variance=True`, Flax's default), or
+    `E[(x - mean)^2]` (`False`), slower but exact for features whose mean is
+    large against their spread.
 
     >>> t = fx.transform(lambda x: fx.nn.BatchNorm()(x))
     >>> v = t.init(jax.random.key(0), jnp.ones((4, 3)))
@@ -250,15 +272,17 @@ class BatchNorm(Module):
     bias_init: Initializer = zeros
     scale_init: Initializer = ones
     axis_name: Any = None
+    use_fast_variance: bool = True
 
     def __post_init__(self) -> None:
         running = self.use_running_average
         if (  # the defaults, decided inline: a layer is built on every eager call
             type(self.use_bias) is not bool or type(self.use_scale) is not bool
+            or type(self.use_fast_variance) is not bool
             or (running is not None and type(running) is not bool) or self.dtype is not None
             or self.param_dtype is not _F32_TYPE
         ):
-            check_bools(self, "use_bias", "use_scale", optional=("use_running_average",))
+            check_bools(self, "use_bias", "use_scale", "use_fast_variance", optional=("use_running_average",))
             check_dtypes(self, "dtype", "param_dtype")
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -285,11 +309,10 @@ class BatchNorm(Module):
             ):
                 mean, var = _running(mean_state, features, mean), _running(var_state, features, var)
         else:
-            if self.axis_name is not None and not is_initializing():
-                mean, mean2 = jax.lax.pmean((xs.mean(reduce), (xs * xs).mean(reduce)), self.axis_name)
-                var = jnp.maximum(mean2 - mean * mean, 0.0)
-            else:
-                mean, var = xs.mean(reduce), xs.var(reduce)
+            axis_name = self.axis_name
+            if axis_name is not None and is_initializing():  # init may run outside the mapped axis
+                axis_name = None
+            mean, var = _moments(xs, reduce, self.use_fast_variance, axis_name=axis_name)
             m = self.momentum
             mean_state.set(m * _running(mean_state, features, mean_state.get()) + (1 - m) * mean)
             var_state.set(m * _running(var_state, features, var_state.get()) + (1 - m) * var)

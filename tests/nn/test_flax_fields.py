@@ -60,6 +60,49 @@ def test_group_norm_variance_formula_matches_flax(fast):
     against_flax(fx.nn.GroupNorm(**kwargs), nn.GroupNorm(**kwargs), x)
 
 
+def _batch_norm_pair(kwargs):
+    """An effax and a linen BatchNorm with `kwargs`, and linen's variables with a random scale and bias."""
+    flax_bn = nn.BatchNorm(momentum=0.9, **kwargs)
+    fv = flax_bn.init(KEY, rand(16, 4), use_running_average=False)
+    fv = jax.tree.map(lambda a: a + rand(*a.shape, seed=3), fv)  # running stats off their init values too
+    layer = fx.nn.BatchNorm(momentum=0.9, **kwargs)
+    return layer, flax_bn, fv, {c: {"BatchNorm_0": tree} for c, tree in fv.items()}
+
+
+def _assert_batch_norm_step(ours, theirs):
+    (y, updates), (fy, fupdates) = ours, theirs
+    np.testing.assert_allclose(y, fy, atol=1e-5, rtol=1e-5)
+    for stat in ("mean", "var"):
+        np.testing.assert_allclose(updates["batch_stats"]["BatchNorm_0"][stat], fupdates["batch_stats"][stat],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [None, True, False])
+def test_batch_norm_variance_formula_matches_flax_in_outputs_and_running_stats(fast):
+    """Features far from zero: linen's default one-pass variance and its two-pass one give other numbers."""
+    x = OFFSET + rand(16, 4)
+    layer, flax_bn, fv, v = _batch_norm_pair({} if fast is None else dict(use_fast_variance=fast))
+    t = fx.transform(lambda x: layer(x))
+    ours = t.apply(v, x, training=True, mutable=["batch_stats"])
+    theirs = flax_bn.apply(fv, x, use_running_average=False, mutable=["batch_stats"])
+    _assert_batch_norm_step(ours, theirs)
+    stepped, flax_stepped = {**v, **ours[1]}, {**fv, **theirs[1]}  # eval on the updated running stats
+    np.testing.assert_allclose(t.apply(stepped, x, training=False),
+                               flax_bn.apply(flax_stepped, x, use_running_average=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_batch_norm_variance_over_a_mapped_axis_matches_flax(fast):
+    """`axis_name`: one `pmean` of both moments when fast, the mean first then the deviations when not."""
+    x = OFFSET + rand(4, 4, 4)  # 4 shards of a batch of 16
+    layer, flax_bn, fv, v = _batch_norm_pair(dict(axis_name="shards", use_fast_variance=fast))
+    t = fx.transform(lambda x: layer(x))
+    ours = jax.vmap(lambda x: t.apply(v, x, training=True, mutable=["batch_stats"]), axis_name="shards")(x)
+    theirs = jax.vmap(lambda x: flax_bn.apply(fv, x, use_running_average=False, mutable=["batch_stats"]),
+                      axis_name="shards")(x)
+    _assert_batch_norm_step(ours, theirs)
+
+
 def test_rms_norm_takes_use_fast_variance_and_it_changes_nothing_as_in_flax():
     x = OFFSET + rand(2, 16)
     against_flax(fx.nn.RMSNorm(use_fast_variance=False), nn.RMSNorm(use_fast_variance=False), x)
@@ -86,6 +129,50 @@ def test_norm_feature_axes_shape_the_params_as_flax(name, kwargs):
     assert shapes(t.init(KEY, x)["params"][f"{name}_0"]) == shapes(fv["params"])
     out = t.apply({"params": {f"{name}_0": fv["params"]}}, x)
     np.testing.assert_allclose(out, flax_layer.apply(fv, x), atol=1e-5, rtol=1e-5)
+
+
+# --- Conv and ConvTranspose read an int kernel_size as linen does: `k` is `(k,)`, a 1-D kernel
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        (dict(features=4, kernel_size=3), (2, 9, 3)),
+        (dict(features=4, kernel_size=3, strides=2, kernel_dilation=2, padding="VALID"), (9, 3)),
+        (dict(features=4, kernel_size=2, input_dilation=2, padding=1), (2, 9, 3)),
+        (dict(features=4, kernel_size=3), (2, 6, 6, 2)),  # 1-D over the last spatial dim, not a 3x3 kernel
+        (dict(features=4, kernel_size=(3, 3), strides=None, kernel_dilation=None, input_dilation=None), (2, 6, 6, 2)),
+    ],
+)
+def test_conv_int_kernel_size_is_one_dimensional_as_flax(kwargs, shape):
+    against_flax(fx.nn.Conv(**kwargs), nn.Conv(**kwargs), rand(*shape))
+
+
+def test_conv_takes_a_numpy_int_kernel_size_as_an_int():
+    """What `check_sizes` lets through when built (a size read from an array) runs, where linen's `tuple()` fails."""
+    x = rand(2, 9, 3)
+    t_np, t_int = (fx.transform(lambda x, k=k: fx.nn.Conv(4, k)(x)) for k in (np.int64(3), 3))
+    v = t_int.init(KEY, x)
+    assert shapes(t_np.init(KEY, x)) == shapes(v) == {"params": {"Conv_0": {"bias": (4,), "kernel": (3, 3, 4)}}}
+    np.testing.assert_array_equal(t_np.apply(v, x), t_int.apply(v, x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        (dict(features=3, kernel_size=2, strides=2), (2, 5, 2)),
+        (dict(features=3, kernel_size=3), (2, 4, 4, 2)),
+    ],
+)
+def test_conv_transpose_int_kernel_size_is_one_dimensional_as_flax(kwargs, shape):
+    against_flax(fx.nn.ConvTranspose(**kwargs), nn.ConvTranspose(**kwargs), rand(*shape))
+
+
+@pytest.mark.parametrize("layer", [fx.nn.Conv, fx.nn.ConvTranspose])
+@pytest.mark.parametrize("bad", [0, -3, True, 3.0, "3", (3, 0), ()])
+def test_a_wrong_kernel_size_is_still_refused_when_built(layer, bad):
+    with pytest.raises(fx.EffaxError, match=r"`kernel_size` must be a positive int or a sequence of them"):
+        layer(4, bad)
 
 
 # --- precision
