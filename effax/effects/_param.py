@@ -141,6 +141,8 @@ class ParamRequest(Request):
         except TypeError as e:
             raise self.init_error(e) from None
         self._check(value, "its initializer returned", strict_dtype=True)
+        if not isinstance(value, jax.Array):  # a NumPy array or number: stored as a JAX array of the declared
+            value = jnp.asarray(value, self.dtype)  # dtype, as `jit(t.init)` stores it (float64 is float32)
         return value
 
     def init_error(self, error: TypeError) -> Exception:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from effax.core import (
@@ -91,6 +92,8 @@ class LocalStateRequest(Request):
                     "(or Python numbers). Return one, `lambda: jnp.zeros(())`; a value that never "
                     "changes (a string, a config) belongs in a closure or a module field, not in state."
                 )
+        if not isinstance(value, jax.Array):  # NumPy leaves become JAX arrays of the canonical dtype, as
+            value = jax.tree.map(_canonical, value)  # `jit(t.init)` makes them (float64 is float32 without x64)
         if self.axes is not None:
             self.check_axes(value)
         return value
@@ -109,6 +112,11 @@ class LocalStateRequest(Request):
                 f"{self.describe()} has {np.ndim(value)} dims {np.shape(value)} but {len(self.axes)} logical "
                 f"axes {self.axes}: give one axis name (or None) per dimension."
             )
+
+
+def _canonical(leaf: Any) -> Any:
+    """A NumPy leaf of a state's `init()` as a JAX array; Python numbers stay (JAX canonicalizes them on use)."""
+    return jnp.asarray(leaf) if isinstance(leaf, (np.ndarray, np.generic)) else leaf
 
 
 @dataclasses.dataclass(frozen=True)
