@@ -26,7 +26,16 @@ What a save may touch, and when (the contract's "Checkpoints lose nothing"):
 - The next save or restore of that directory cleans what crashed saves left
   behind (temp directories, a previous version whose replacement is in place)
   and moves an `.effax-old-...` back where its replacement never arrived. The
-  leftovers of a save still running on this host are left alone.
+  leftovers of a save still running on this host are left alone. A leftover
+  that cannot be removed blocks nothing but a save of its own target.
+- A target that is a symbolic link is written through: the tmp/old dance
+  happens beside the directory the link points at, and the link stays a link
+  to the new checkpoint (a user keeps `run -> /disk/run`). A save never
+  renames or removes the link itself, and a leftover that is a link is
+  unlinked, never followed.
+- A save records in the effax metadata every file and directory the new
+  checkpoint holds (`files`); an overwrite refuses a checkpoint holding
+  anything not in that list, at any depth (a user's `d/README.txt` too).
 """
 
 from __future__ import annotations
@@ -173,11 +182,27 @@ def _listdir(p: Any) -> list[Any]:
         raise _storage("list", p, e) from e
 
 
+def _present(p: Any) -> bool:
+    """Whether `p` is there, a symbolic link too (even one that leads nowhere), never following it."""
+    if not _local(p):  # pragma: no cover - remote storage has no links
+        return _exists(p)
+    return os.path.lexists(os.fspath(p))
+
+
+def _is_link(p: Any) -> bool:
+    return _local(p) and os.path.islink(os.fspath(p))
+
+
 def _remove(p: Any) -> None:
-    if not _exists(p):
+    """Remove leftover `p`: a symbolic link is unlinked (what it points at is not ours), a directory removed."""
+    if not _present(p):
         return
     if _local(p):
-        shutil.rmtree(os.fspath(p), ignore_errors=False)
+        text = os.fspath(p)
+        if _is_link(p) or not os.path.isdir(text):
+            os.unlink(text)
+        else:
+            shutil.rmtree(text, ignore_errors=False)
     else:  # pragma: no cover - remote storage
         p.rmtree()
 
@@ -288,29 +313,48 @@ def _is_complete_old(m: re.Match) -> bool:
     return m["rest"] == ""  # an Orbax temp dir inside our name (`...-<host>.orbax-checkpoint-tmp-1`) never is
 
 
-def _recover(parent: Any, only: str | None = None, force: bool = False) -> None:
+def _recover(parent: Any, only: str | None = None, force: bool = False, strict: bool = False) -> None:
     """Clean the leftovers of crashed saves in `parent` (for target `only`, or all).
 
     Temp directories go; a previous version moved aside goes once its
     replacement is in place, and moves back where the replacement never
     arrived. Leftovers of a save still running here are kept, unless `force`
     (a save of that very target: two saves of one step at once are a race).
+
+    Cleaning is housekeeping: a leftover that cannot be removed (a read-only
+    directory, a file another user owns) is left for a later try, so it never
+    blocks the saves and restores of other checkpoints in `parent`. Only with
+    `strict` (a save about to write `only`) is it an error, naming the leftover.
     """
     for target, kinds in _leftovers(parent).items():
         if only is not None and target != only:
             continue
         dead = lambda p, m: force or not _alive(int(m["pid"]), m["host"], p)  # noqa: E731
         final = parent / target
-        olds = sorted((p for p, m in kinds["old"] if dead(p, m) and _is_complete_old(m)), key=lambda p: p.name)
         try:
-            if olds and not _exists(final):
-                _rename(olds.pop(), final)  # roll back: the new version was never renamed in
+            olds = sorted((p for p, m in kinds["old"] if dead(p, m) and _is_complete_old(m)), key=lambda p: p.name)
+        except OSError:  # pragma: no cover - a leftover vanished while we looked: its cleaner is at work
+            continue
+        p = final
+        try:
+            if olds and not _present(final):
+                p = olds.pop()
+                _rename(p, final)  # roll back: the new version was never renamed in
                 _fsync_dir(parent)
             for p, m in kinds["tmp"] + kinds["old"]:
-                if dead(p, m) and _exists(p) and p != final:
-                    _remove(p)
-        except OSError as e:
-            raise _storage("clean up the leftovers of an interrupted save beside", final, e) from e
+                if not (dead(p, m) and _present(p) and p != final):
+                    continue
+                if _is_link(final) and not _exists(final) and m["kind"] == "old" and _is_complete_old(m):
+                    continue  # `final` is a link that leads nowhere: a previous version may be all there is
+                _remove(p)
+        except OSError as e:  # a `CheckpointIOError` too
+            if strict:
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointIOError(
+                    f"cannot clean up `{p}`, left by an interrupted save of `{final}`: {detail}. Remove it "
+                    "yourself (a symbolic link with `rm`, a directory with `rm -r`), or fix its permissions, "
+                    "then save again."
+                ) from e
 
 
 # --- what a directory is
@@ -362,14 +406,57 @@ def _step_names(root: Any) -> dict[int, Any]:
     children = _listdir(root)
     names = {c.name for c in children}
     for child in children:
-        if child.name.isdigit() and child.name.isascii() and _is_step_dir(child):
-            found[int(child.name)] = child
+        if child.name.isdigit() and child.name.isascii():
+            if _is_step_dir(child):
+                found[int(child.name)] = child
+            elif (old := _old_behind_link(child)) is not None:
+                found[int(child.name)] = old  # a crash between the two renames of an overwrite through a link
     for target, kinds in _leftovers(root).items():
         if target.isdigit() and target.isascii() and target not in names:
             olds = sorted((p for p, m in kinds["old"] if _is_complete_old(m)), key=lambda p: p.name)
             if olds:
                 found[int(target)] = olds[-1]  # a crash between the two renames of an overwrite
     return dict(sorted(found.items()))
+
+
+def _old_behind_link(p: Any) -> Any:
+    """For a symbolic link `p` that leads nowhere, the previous version moved aside beside where it leads."""
+    if not _is_link(p) or _exists(p):
+        return None
+    real = _path(os.path.realpath(os.fspath(p)))
+    olds = [q for q, m in _leftovers(real.parent).get(real.name, {}).get("old", []) if _is_complete_old(m)]
+    return sorted(olds, key=lambda q: q.name)[-1] if olds else None
+
+
+def _through_link(p: Any, saving: bool = False) -> Any:
+    """`p`, or the directory it leads to when `p` is a symbolic link (local paths), so a save writes through it.
+
+    A user who links `run -> /disk/run` expects a save to `run` to replace
+    the checkpoint in `/disk/run` and keep the link. Replacing the link
+    itself (renaming it aside, renaming a directory over it) would turn it
+    into a directory and strand the data behind it; so the whole save,
+    temp and old directories included, happens beside the real directory,
+    which is where the renames are atomic. A link that loops, or one whose
+    directory is missing (an unmounted disk), is refused by a save rather
+    than followed into creating directories.
+    """
+    if not _is_link(p):
+        return p
+    real = os.path.realpath(os.fspath(p))
+    if not saving:
+        return _path(real)
+    if os.path.islink(real):
+        raise CheckpointIOError(
+            f"cannot save to `{p}`: it is a symbolic link that leads back to itself (through `{real}`). "
+            "Point the link at a directory (`ln -sfn /disk/run run`), or save to the directory itself."
+        )
+    if not os.path.isdir(os.path.dirname(real)):
+        raise CheckpointIOError(
+            f"cannot save to `{p}`: it is a symbolic link to `{real}`, whose directory "
+            f"`{os.path.dirname(real)}` does not exist (a disk not mounted?). Create that directory, or "
+            "point the link elsewhere (`ln -sfn /disk/run run`); effax does not create directories behind a link."
+        )
+    return _path(real)
 
 
 def _check_step(step: Any, what: str = "step") -> int | None:
@@ -404,7 +491,7 @@ def steps(path: str | os.PathLike) -> list[int]:
     >>> fx.checkpoint.steps(d)
     [2, 10]
     """
-    root = _path(path)
+    root = _through_link(_path(path))
     _not_a_dir(root)
     return list(_step_names(root))
 
@@ -630,23 +717,87 @@ def _check_target(root: Any, target: Any, step: int | None) -> None:
         raise _refuse(target, f"it holds {what}")
 
 
-_ORBAX_WRITES = re.compile(  # every top-level entry an Orbax PyTree checkpoint may hold
-    r"_METADATA|_CHECKPOINT_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt|d|array_metadatas|descriptor"
-    r"|ocdbt\.process_\d+"
+_ORBAX_WRITES = re.compile(  # every entry an Orbax PyTree checkpoint holds, hashes and process numbers as `#`
+    r"(_METADATA|_CHECKPOINT_METADATA|_sharding|manifest\.ocdbt|commit_success\.txt"
+    r"|d/|d/#|array_metadatas/|array_metadatas/process_#"
+    r"|ocdbt\.process_#/|ocdbt\.process_#/manifest\.ocdbt|ocdbt\.process_#/d/|ocdbt\.process_#/d/#)"
 )
 
 
+def _entries(d: Any) -> list[str]:
+    """Everything checkpoint `d` holds, at any depth: relative paths, directories ending in `/`, links not followed."""
+    if not _local(d):  # pragma: no cover - remote storage has no links
+        try:
+            return sorted(str(c.relative_to(d)) + ("/" if c.is_dir() else "") for c in d.rglob("*"))
+        except OSError as e:
+            raise _storage("list", d, e) from e
+    out: list[str] = []
+
+    def walk(where: str, rel: str) -> None:
+        with os.scandir(where) as found:
+            for e in found:
+                if e.is_dir(follow_symlinks=False):
+                    out.append(f"{rel}{e.name}/")
+                    walk(e.path, f"{rel}{e.name}/")
+                else:
+                    out.append(rel + e.name)
+
+    try:
+        walk(os.fspath(d), "")
+    except OSError as e:
+        raise _storage("list", d, e) from e
+    return sorted(out)
+
+
+def _record_files(d: Any) -> None:
+    """Add to the effax metadata of the checkpoint `d` just written the list of everything it holds (`files`).
+
+    `_foreign` needs to know, when this checkpoint is overwritten, which of
+    its files effax wrote: any other one is the user's. Orbax's file names
+    alone cannot tell (a user's `d/README.txt` looks like Orbax's `d/<hash>`),
+    and Orbax's metadata is written before its data files exist, so the list
+    is added to it afterwards, in the temp directory, before the commit.
+    """
+    f = d / "_METADATA"
+    meta = _read_metadata(d)
+    ours = _effax_meta(meta)
+    if ours is None:  # pragma: no cover - Orbax always writes `_METADATA` with our custom metadata
+        return
+    ours["files"] = _entries(d)
+    try:
+        f.write_text(json.dumps(meta))
+    except OSError as e:
+        raise _storage("write", f, e) from e
+
+
 def _foreign(target: Any, written: Any) -> list[str]:
-    """The entries of the checkpoint `target` that neither Orbax's new checkpoint `written` has nor Orbax
-    writes (a user's `eval_metrics.json` put beside the arrays): replacing `target` must not delete them."""
+    """What the checkpoint `target` holds that effax did not write (a user's `eval_metrics.json` beside the
+    arrays, a `d/README.txt` among them), the topmost of each: replacing `target` would delete it.
+
+    Effax's own files are the ones `_record_files` listed in the checkpoint's
+    metadata at save; anything else, at any depth, is foreign. A checkpoint
+    written before that list existed falls back to Orbax's layout: an entry
+    is Orbax's only if the new checkpoint `written` holds one at the same
+    place, or Orbax's PyTree format puts one there (`d/<hash>`,
+    `ocdbt.process_<n>/...`), hashes and process numbers aside. A user file
+    that mimics a hash name there is the one thing that fallback misses.
+    """
     if not _exists(target):
         return []
-    ours = {c.name for c in _listdir(written)}
-    return sorted(
-        c.name + ("/" if c.is_dir() else "")
-        for c in _listdir(target)
-        if c.name not in ours and not _ORBAX_WRITES.fullmatch(c.name)
-    )
+    present = _entries(target)
+    listed = (_effax_meta(_read_metadata(target)) or {}).get("files")
+    if isinstance(listed, list):
+        known = {str(x) for x in listed}
+        ours = lambda entry: entry in known  # noqa: E731
+    else:
+        norm = lambda e: re.sub(r"(?<=process_)\d+|(?<=/)[0-9a-f]{16,}(?=/|$)", "#", e)  # noqa: E731
+        layout = {norm(e) for e in _entries(written)}
+        ours = lambda entry: norm(entry) in layout or bool(_ORBAX_WRITES.fullmatch(norm(entry)))  # noqa: E731
+    foreign: list[str] = []
+    for entry in present:  # sorted: a directory comes before what it holds
+        if not ours(entry) and not any(f.endswith("/") and entry.startswith(f) for f in foreign):
+            foreign.append(entry)
+    return foreign
 
 
 def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | None = None) -> Any:
@@ -664,7 +815,9 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
     name before anything is written. Sharded arrays are saved shard
     by shard; on several hosts every process calls `save` (as with Orbax),
     and a leaf each process holds alone (a step counter) is saved once,
-    replicated, if every process holds the same value.
+    replicated, if every process holds the same value. A `path` (or step)
+    that is a symbolic link is written through: the directory it leads to
+    gets the new checkpoint, and the link stays a link to it.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -677,7 +830,8 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
     step = _check_step(step)
     tree, meta = _prepare(variables)
     root = _path(path)
-    target = root / str(step) if step is not None else root
+    asked = root / str(step) if step is not None else root
+    target = _through_link(asked, saving=True)  # a link is written through: it stays a link, to the new one
     primary = jax.process_index() == 0
     owner = _owner()
     tmp = target.parent / f"{target.name}.effax-tmp-{owner}"
@@ -688,14 +842,18 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _storage("create the checkpoint directory", target.parent, e) from e
+        if asked.parent != target.parent and _exists(asked.parent):
+            _recover(asked.parent)
         _recover(target.parent)
-        _recover(target.parent, only=target.name, force=True)
+        _recover(target.parent, only=target.name, force=True, strict=True)
     _fault("start")
     _sync("effax_checkpoint_save_start")
     try:
         ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(
             tmp, args=ocp.args.PyTreeSave(tree, custom_metadata={"effax": meta})
         )
+        if primary:
+            _record_files(tmp)
         _fault("written")
         if primary:
             _fsync_tree(tmp)
@@ -730,7 +888,7 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, step: int | N
             raise
     _fault("done")
     _sync("effax_checkpoint_save_done")
-    return target
+    return asked
 
 
 def _sync(name: str) -> None:
@@ -803,6 +961,27 @@ def _compare(where: Any, like: dict, stored: dict, strict: bool, kinds: tuple[di
     raise CheckpointMismatchError(
         "\n".join(lines), report.missing, report.unused, report.mis_shaped, report.mis_typed
     )
+
+
+def _keys_as_keys(wanted: dict, stored: dict, like_keys: dict, stored_keys: dict) -> tuple[dict, dict]:
+    """`wanted` and `stored` with each entry that is a key on both sides compared as keys, not as their data.
+
+    Keys of two implementations store data of different lengths (`key<fry>`
+    two words, `key<rbg>` four), so their data would differ in shape; the
+    difference is the key's type, and `fx.check_variables` calls it
+    mis-typed. Here too: each side becomes its key shape and key dtype.
+    """
+    wanted, stored = dict(wanted), dict(stored)
+    for name in like_keys.keys() & stored_keys.keys() & wanted.keys() & stored.keys():
+        try:
+            data = jax.ShapeDtypeStruct(tuple(stored[name].shape), jnp.uint32)
+            have = jax.eval_shape(lambda d, impl=stored_keys[name]: jax.random.wrap_key_data(d, impl=impl), data)
+        except Exception:  # an unknown implementation, or data of the wrong shape: compared as saved
+            continue
+        want = like_keys[name]
+        wanted[name] = jax.ShapeDtypeStruct(tuple(want.shape), want.dtype)
+        stored[name] = jax.ShapeDtypeStruct(tuple(have.shape), have.dtype)
+    return wanted, stored
 
 
 def _key_dtype(impl: str, data: Any) -> str:
@@ -1057,10 +1236,13 @@ def restore(
             "allocated) or real variables of the same model."
         )
     step = _check_step(step)
-    root = _path(path)
+    asked = _path(path)
+    root = _through_link(asked)  # a link to a checkpoint: its leftovers lie beside where it leads
     _not_a_dir(root)
-    if jax.process_index() == 0 and _exists(root.parent):
-        _recover(root.parent, only=root.name)
+    if jax.process_index() == 0:
+        for p in {asked, root}:
+            if _exists(p.parent):
+                _recover(p.parent, only=p.name)
         if _exists(root) and root.is_dir():
             _recover(root)
     _sync("effax_checkpoint_restore_start")
@@ -1084,7 +1266,12 @@ def restore(
         {alias.get(n, n): str(k.dtype) for n, k in like_keys.items()},
         {n: _key_dtype(impl, stored.get(n)) for n, impl in stored_keys.items()} if ours else None,
     )
-    _compare(d, wanted, stored, strict, kinds)
+    if ours is not None:
+        wanted, stored_keyed = _keys_as_keys(wanted, stored, {alias.get(n, n): x for n, x in like_keys.items()},
+                                             stored_keys)
+    else:
+        stored_keyed = stored
+    _compare(d, wanted, stored_keyed, strict, kinds)
     # An entry `like` gives no sharding (a step counter, a key beside sharded params) is replicated on the mesh
     # of the others, so the restored state enters the same jitted step; with no mesh, it goes to one device.
     mesh = next((s.mesh for s in (x.sharding for x in jax.tree.leaves(item)) if isinstance(s, jax.NamedSharding)), None)

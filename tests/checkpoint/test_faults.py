@@ -40,7 +40,9 @@ VALUES = textwrap.dedent(
         }
     """
 )
-exec(VALUES)  # noqa: S102 - the same `values` in the parent and in every child
+_namespace: dict = {}
+exec(VALUES, _namespace)  # noqa: S102 - the same `values` in the parent and in every child
+values = _namespace["values"]
 
 CHILD = VALUES + textwrap.dedent(
     """
@@ -164,3 +166,39 @@ def test_a_save_killed_at_any_point_loses_nothing(killed, case, steps, point, af
     assert leftovers(root) == []
     if first is not None:
         assert fx.checkpoint.steps(root) == sorted({*listed, 7})
+
+
+# a save through a symbolic link (`ckpt -> disk/ckpt`) is written beside where the link leads
+LINK_CASES = [
+    ("link-between-renames", "moved_old", False),
+    ("link-commit-rename", "rename3", False),
+    ("link-committed", "committed", True),
+    ("link-removing-old", "unlink3", True),
+]
+
+
+@pytest.fixture(scope="module")
+def killed_behind_links(tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults_links")
+    roots = {}
+    for case, _, _ in LINK_CASES:
+        fx.checkpoint.save(base / case / "disk" / "ckpt", values(OLD))
+        os.symlink(base / case / "disk" / "ckpt", base / case / "ckpt")
+        roots[case] = base / case / "ckpt"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case: pool.submit(run_child, roots[case], None, point) for case, point, _ in LINK_CASES}
+        return {case: (roots[case], *futures[case].result()) for case in futures}
+
+
+@pytest.mark.parametrize("case, point, after_commit", LINK_CASES, ids=[c[0] for c in LINK_CASES])
+def test_a_save_through_a_link_killed_at_any_point_loses_nothing(killed_behind_links, case, point, after_commit):
+    root, code, output = killed_behind_links[case]
+    assert code == -signal.SIGKILL, f"the child was not killed at {point!r}: {code}\n{output}"
+    real = root.parent / "disk" / "ckpt"
+    assert os.path.islink(root) and os.readlink(root) == str(real)  # the link itself is never moved
+    like = jax.eval_shape(lambda: values(OLD))
+    assert_bits(fx.checkpoint.restore(root, like=like), values(NEW if after_commit else OLD))
+    assert leftovers(root) == [] and leftovers(real) == []
+    fx.checkpoint.save(root, values(3.0))
+    assert os.path.islink(root) and leftovers(root) == [] and leftovers(real) == []
+    assert_bits(fx.checkpoint.restore(real, like=like), values(3.0))
