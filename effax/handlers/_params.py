@@ -33,6 +33,19 @@ def _asked(request: ParamRequest) -> str:
     return f" (asked at `{path_str(request.original_path)}`, via `{request.via[-1]}`)"
 
 
+def stacked_hint(a: tuple[int, ...], b: tuple[int, ...]) -> str:
+    """When one shape is the other with a leading axis more, the likely cause: a lift stacked one use."""
+    if len(a) == len(b) + 1 and a[1:] == b or len(b) == len(a) + 1 and b[1:] == a:
+        n = (a if len(a) > len(b) else b)[0]
+        return (
+            f" One has a leading axis of {n} more: `fx.scan`/`fx.vmap` stack the params their body makes "
+            "(params='stack', the default), so a param used both outside and inside the lifted body has two "
+            "shapes. Pass params='broadcast' to the lift (one copy for every iteration), or keep its uses on "
+            "one side."
+        )
+    return ""
+
+
 class _ParamRun:
     """What every params run shares: one path, one array, one spec within a run."""
 
@@ -68,7 +81,7 @@ class _ParamRun:
             raise ParamConflictError(
                 f"param `{path_str(request.path)}` is requested twice with different specs: first "
                 f"{first.spec()}, now {request.spec()}. A path names one variable: give the second "
-                "one another name or scope."
+                "one another name or scope." + stacked_hint(first.shape, request.shape)
             )
         if first.axes != request.axes:  # None is unspecified: it takes the other's; two names disagree
             if first.axes is not None and request.axes is not None:

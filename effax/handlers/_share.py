@@ -31,6 +31,7 @@ from effax.core import (
     run_local,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, ParamRequest, SetStateRequest, is_initializing
+from effax.handlers._params import stacked_hint
 from effax.handlers._tree import nearest
 
 StatePolicy = Literal["forbidden", "allowed", "unsafe"]
@@ -291,7 +292,7 @@ class _ShareRun:
                     f"share binding `{binding}` ties param `{path_str(request.original_path)}` "
                     f"({request.spec()}) to `{path_str(first.original_path)}` ({first.spec()}) at "
                     f"`{path_str(path)}`, but tied params must have one shape and dtype. Make the two "
-                    "layers the same size, or drop the binding."
+                    "layers the same size, or drop the binding." + stacked_hint(first.shape, request.shape)
                 )
         return request
 
@@ -306,6 +307,14 @@ class _ShareRun:
                     "`fx.share(..., state='allowed')` to share it (both uses must agree on its "
                     "structure), `state='unsafe'` to share it unchecked, or bind the tied layer's "
                     "params one by one so its state stays separate."
+                )
+            if getattr(request.init, "from_lifted_body", False):
+                raise ShareError(
+                    f"binding `{applied[0]}` would tie {request.describe()}, declared inside a lifted transform "
+                    f"(fx.scan / fx.vmap / fx.remat), to `{path_str(path)}` from a `fx.share` pass around that "
+                    "transform. The lifted body keeps each declared variable apart, so reads and writes of the "
+                    "tied uses inside it would not see each other. Apply the pass inside the body, "
+                    "`fx.scan(fx.share(body, bindings, state=...), ...)`, or tie only the params."
                 )
             request = dataclasses.replace(request, path=path, origin=origin, via=request.via + applied)
         key = (request.collection, path)

@@ -80,9 +80,17 @@ class Fresh(Exception):  # noqa: N818 - a signal, not an error the user sees
 
 
 class Probe:
-    """An initializer that does not run: calling it means "create this here", answered by raising `Fresh`."""
+    """An initializer that does not run: calling it means "create this here", answered by raising `Fresh`.
+
+    `made` is the initializer the probing lift runs in its body when the variable is created there (None if
+    unknown): a lift around it learns from it what it would create (`Needs.param_inits`).
+    """
 
     __hash__ = None  # type: ignore[assignment]  # never a static argument of a jitted initializer
+    from_lifted_body = True  # what a `fx.share` pass outside reads: it refuses to tie state across the boundary
+
+    def __init__(self, made: Any = None):
+        self.made = made
 
     def __call__(self, *args: Any) -> Any:
         raise Fresh(self, args[0] if args else None)
@@ -94,6 +102,7 @@ class DrawingProbe(Probe):
     the unrolled order; `Fresh` carries them. Existing state draws nothing: eval needs no key for it."""
 
     def __init__(self, draws: list[tuple[str, int, str, tuple[str, ...]]]):
+        super().__init__()
         self.draws = draws  # (kind, depth, stream, path) as recorded; kind "draw" or "base"
 
     def __call__(self, *args: Any) -> Any:
@@ -108,6 +117,7 @@ class Constant:
     """An initializer returning a value created elsewhere (inside a lifted body); unhashable on purpose."""
 
     __hash__ = None  # type: ignore[assignment]
+    from_lifted_body = True  # as `Probe`'s
 
     def __init__(self, value: Any):
         self.value = value
@@ -143,6 +153,7 @@ class StateNeed:
     request: LocalStateRequest | None  # init stripped; None: the variable was declared outside the body
     struct: Any  # its abstract value
     written: bool = False
+    read: bool = False  # the body reads it: a variable it makes is read once outside too (`fx.effects_of`)
     frozen: str | None = None  # a variable existing outside in a frozen collection: the refusal of a `set`
 
 
@@ -161,6 +172,10 @@ class Needs:
     # the second and later requests of a param, by slot: each use goes outside too (after the first), so a
     # summary counts them and a tie shows, as in the unrolled loop
     param_uses: dict[tuple, list] = dataclasses.field(default_factory=dict)
+    # each param's initializer as the body passed it, by slot: tried outside only where a run with state of
+    # the user's own may change the answer (`_plan`); it may close over this trace's values, so never kept
+    # once the plan is made, and used only where calling it outside does not touch them
+    param_inits: dict[tuple, Any] = dataclasses.field(default_factory=dict)
 
 
 def struct_of(value: Any) -> Any:
@@ -243,6 +258,8 @@ class Recorder:
             slot = (depth, request.path)
             if slot not in needs.params:
                 needs.params[slot] = dataclasses.replace(request, init=_stripped)
+                init = request.init  # a nested lift's probe: what that lift would create in its body
+                needs.param_inits[slot] = init.made if isinstance(init, Probe) else init
             else:
                 needs.param_uses.setdefault(slot, []).append(dataclasses.replace(request, init=_stripped))
             return jnp.zeros(request.shape, request.dtype)
@@ -273,6 +290,7 @@ class Recorder:
                 needs.state[slot].struct = self._seen(slot)
             need = needs.state[slot]
             if kind is GetStateRequest:
+                need.read = True
                 return self._read(slot)
             if slot in self.outside:
                 self.may_write(depth, slot)

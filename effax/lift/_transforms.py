@@ -24,12 +24,13 @@ import dataclasses
 import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from effax.core import EffaxError, current_path, current_stack, path_str, run_values
+from effax.core import EffaxError, current_path, current_stack, is_stateless, path_str, run_values
 from effax.effects import (
     GetStateRequest,
     LocalStateRequest,
@@ -183,10 +184,16 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
         depth = slot[0]
         request = outside(request)
         uses = [outside(use) for use in needs.param_uses.get(slot, ())]
-        fresh, found = probe(outer, depth, dataclasses.replace(request, init=Probe()))
+        init = needs.param_inits.get(slot)  # the body's initializer, as this lift would run it per iteration
+        init = StackedInit(init) if how.stack_params and init is not None else init
+        fresh, found = probe(outer, depth, dataclasses.replace(request, init=Probe(init)))
         crossing = "mapped" if how.stack_params else "unmapped"
         if not fresh:
             plan.params[slot] = ParamPlan(request, False, plan.add(crossing, found), uses=uses)
+            continue
+        made = _made_outside(outer, depth, request, init)
+        if made is not None:
+            plan.params[slot] = ParamPlan(request, False, plan.add(crossing, made), uses=uses)
             continue
         key = _per_index(found, n) if how.stack_params else found
         carry = None
@@ -251,9 +258,14 @@ def _hand_back(plan: Plan, outer: tuple[Any, ...], values: list[Any], sown: list
     """Create what the body made, `set` what it wrote, `sow` what it sowed: as requests outside."""
     for (_, what, slot), value in zip(plan.outputs, values, strict=True):
         if what == "param":
-            send_at(outer, slot[0], dataclasses.replace(plan.params[slot].request, init=Constant(value)))
+            request = plan.params[slot].request
+            value = value if isinstance(value, jax.Array) else jnp.asarray(value, request.dtype)
+            if send_at(outer, slot[0], dataclasses.replace(request, init=Constant(value))) is not value:
+                raise _changed_answer(request, outer[: slot[0]])
         elif what == "initial":
             send_at(outer, slot[0], dataclasses.replace(plan.state[slot].outside, init=Constant(value)))
+            if plan.state[slot].need.read:  # as a variable found outside is read there (`_plan`): once per call
+                send_at(outer, slot[0], GetStateRequest(slot[2], slot[1]))
     for slot, p in plan.params.items():  # a param's later uses, now that it exists: a summary counts them
         for use in p.uses:
             send_at(outer, slot[0], use)
@@ -264,6 +276,47 @@ def _hand_back(plan: Plan, outer: tuple[Any, ...], values: list[Any], sown: list
     for (depth, collection, path, tag), sown_values in sown:
         for value in sown_values:
             send_at(outer, depth, SideOutputRequest(path, tag, value, collection))
+
+
+def _made_outside(outer: tuple[Any, ...], depth: int, request: ParamRequest, init: Any) -> Any:
+    """A new param created outside, through the runs there, where a run with state of the user's own stands
+    among them; None (create it inside the body) elsewhere, or when its initializer reads the body's values.
+
+    Such a run sees the request outside only, and may change the answer (`forward(request) * 2`): created
+    inside, the body would run on the unchanged value, unlike the unrolled loop. Created outside (stacked
+    params by `StackedInit`, the values the body makes), the body gets the answer the run gave. An
+    initializer that reads the body's values cannot run outside (those exist only in its trace): it is
+    created inside, and a changed answer is refused when it is handed back (`_changed_answer`).
+    """
+    if init is None or not any(_owned(run) for run in outer[:depth]):
+        return None
+    try:
+        return send_at(outer, depth, dataclasses.replace(request, init=init))
+    except jax.errors.UnexpectedTracerError:
+        return None
+
+
+def _owned(run: Any) -> bool:
+    """Whether an installed run is one with state of the user's own (not effax's built-ins or proxies)."""
+    return not is_stateless(run) and not type(run).__module__.startswith("effax.")
+
+
+def _changed_answer(request: ParamRequest, runs: tuple[Any, ...]) -> EffaxError:
+    """A handler outside changed the answer to a param the body made: the body already ran on its own value.
+
+    The body creates a new param in its own trace (its initializer may read the body's values), so a run with
+    state outside (`begin()` returned a run object) sees the creation only afterwards, and an answer it changes
+    (`forward(request) * 2`) cannot reach the body: the lifted result would differ from the unrolled loop.
+    """
+    stateful = [type(r).__name__ for r in runs if _owned(r)]
+    who = f" ({', '.join(stateful)})" if stateful else ""
+    return EffaxError(
+        f"{request.describe()} is made inside a lifted transform (fx.scan / fx.vmap / fx.remat), and a handler "
+        f"with per-run state around it{who} answered its creation with another value. Inside a lift such a run "
+        "sees a new param only after the body made it, so the body cannot use the changed value. Make the "
+        "handler stateless (`begin()` returns self: it then runs inside the body, as in the unrolled loop), "
+        "or create the variables first (`t.init` without the handler) and pass the handler to `t.apply`."
+    )
 
 
 def _abstract_results(plan: Plan, needs: Needs, n: int | None) -> tuple[list[Any], list[tuple[tuple, list]]]:
@@ -527,6 +580,7 @@ def scan(
     def scanned(carry: Any, xs: Any = None) -> tuple[Any, Any]:
         outer = current_stack()
         n = _scan_length(length, xs)
+        _check_carry_leaves(carry)
         x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), xs)
         needs, (carry_struct, y_struct), _ = _learn(outer, body, (carry, x0), state_how=state_how)
         _check_carry(carry, carry_struct)
@@ -603,6 +657,18 @@ def _scan_length(length: int | None, xs: Any) -> int:
     return sizes[0][1]
 
 
+def _check_carry_leaves(carry: Any) -> None:
+    """The carry holds only what JAX traces: `jax.lax.scan` threads it from step to step as arrays (a Python
+    number or flag there is traced, as in jax.lax.scan); anything else (a string, an object) is refused."""
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(carry)[0]:
+        if not (_is_array(leaf) or isinstance(leaf, (bool, int, float, complex))):
+            raise EffaxError(
+                f"{_here('fx.scan')}: `carry{jax.tree_util.keystr(key_path)}` is {_brief(leaf)}, which the "
+                "carry cannot hold: jax.lax.scan threads the carry from step to step as arrays. Close over "
+                f"a value every step uses as it is: `fx.scan(lambda c, x: body(c, x, {_shown(leaf)}), ...)`."
+            )
+
+
 def _check_carry(carry: Any, out: Any) -> None:
     """The body's carry keeps its structure, shapes and dtypes from step to step (as `jax.lax.scan`
     requires; a weakly typed input, a Python scalar, takes the dtype the body returns, as there)."""
@@ -644,8 +710,11 @@ def vmap(
     """`jax.vmap` over an effectful function: ensembles, or a batch-free model mapped over examples.
 
     `in_axes`, `out_axes`, `axis_size`, `axis_name` and `spmd_axis_name` are
-    `jax.vmap`'s; a module class is lifted per instance, as with `fx.scan`.
-    What each member owns:
+    `jax.vmap`'s, and arguments are taken as there: keyword arguments are
+    mapped along axis 0 (in_axes covers the positional ones), and what
+    in_axes leaves unmapped (None) reaches the body unchanged, a Python
+    flag still a flag. A module class is lifted per instance, as with
+    `fx.scan`. What each member owns:
 
     - `params="stack"` (an ensemble): each param gets a leading axis of the
       mapped size, requested once, stacked; member `i` is initialized
@@ -688,18 +757,18 @@ def vmap(
         return "mapped" if declared and modes(collection) == "stack" else "unmapped"
 
     @functools.wraps(fn)
-    def mapped(*args: Any) -> Any:
+    def mapped(*args: Any, **kwargs: Any) -> Any:
         outer = current_stack()
-        _check_mapped_args(args, args_axes, axis_size)
+        call = _MappedCall(args, kwargs, args_axes, axis_size)
         wrap = functools.partial(
             jax.vmap,
-            in_axes=args_axes,
+            in_axes=(call.axes,),
             out_axes=(out_axes, 0),
             axis_size=axis_size,
             axis_name=axis_name,
             spmd_axis_name=spmd_axis_name,
         )
-        needs, out_struct, (n,) = _learn(outer, fn, args, wrap=wrap, state_how=state_how)
+        needs, out_struct, (n,) = _learn(outer, call.bind(fn), (call.mapped,), wrap=wrap, state_how=state_how)
         plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split, stack_axis))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)
@@ -707,20 +776,20 @@ def vmap(
             return _zeros(out_struct)
         sown_keys = _Sown()
 
-        def member(ins: list[Any], member_args: Any) -> Any:
+        def member(ins: list[Any], mapped: list[Any]) -> Any:
             answerer = Answerer(plan, list(ins))
-            out = run_lifted(outer, answerer, fn, *member_args)
+            out = run_lifted(outer, answerer, call.bind(fn), mapped)
             return out, answerer.outputs(), sown_keys.values(answerer)
 
         def run(shared: Callable[[tuple], bool]) -> Any:  # the vmap, keeping the outputs of `shared` slots shared
             return jax.vmap(
                 member,
-                in_axes=([0 if c == "mapped" else None for c, _ in plan.inputs], args_axes),
+                in_axes=([0 if c == "mapped" else None for c, _ in plan.inputs], call.axes),
                 out_axes=(out_axes, [0 if c == "mapped" or not shared(s) else None for c, _, s in plan.outputs], 0),
                 axis_size=n,
                 axis_name=axis_name,
                 spmd_axis_name=spmd_axis_name,
-            )([v for _, v in plan.inputs], args)
+            )([v for _, v in plan.inputs], call.mapped)
 
         restore = _names_snapshot()  # the error path traces the body again, named as the first time
         try:
@@ -761,41 +830,92 @@ def _check_in_axes(in_axes: Any) -> Any:
     return axes
 
 
-def _check_mapped_args(args: tuple, axes: Any, axis_size: int | None) -> None:
-    """The arguments fit `in_axes`, and every mapped axis has one size (`axis_size` when given)."""
-    if isinstance(axes, tuple) and len(axes) != len(args):
-        raise EffaxError(
-            f"{_here('fx.vmap')}: in_axes={axes!r} has {len(axes)} entries, but the function was called with "
-            f"{len(args)} positional argument(s); give one entry per argument (None for one every member "
-            f"shares whole), or one int for all: `in_axes={(0,) + (None,) * (len(args) - 1)!r}`."
-        )
-    sizes = []
-    for i, arg in enumerate(args):
-        entry = axes[i] if isinstance(axes, tuple) else axes
-        try:  # (where in the argument, its axis, the part it maps)
-            pairs = jax.tree.leaves(
-                jax.tree_util.tree_map_with_path(lambda *p: _Part(p), entry, arg, is_leaf=lambda a: a is None)
-            )
-        except (ValueError, TypeError):
+class _MappedCall:
+    """One call of a `fx.vmap`-ed function as `jax.vmap` takes it: `in_axes` over the positional arguments,
+    axis 0 over every keyword argument (`in_axes` covers positional arguments only).
+
+    The leaves mapped (`mapped`, along `axes`) cross into the vmap; every other leaf (in_axes None) reaches
+    the body unchanged, as `jax.vmap` passes it, in the learning pass too: a Python flag, number or string
+    stays one, so the body may branch on it or hand it to a layer (`Dropout(deterministic=flag)`).
+    Checks that the arguments fit `in_axes` and that every mapped axis has one size (`axis_size` if given).
+    """
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any], axes: Any, axis_size: int | None) -> None:
+        if isinstance(axes, tuple) and len(axes) != len(args):
             raise EffaxError(
-                f"{_here('fx.vmap')}: in_axes entry {i} ({entry!r}) does not fit argument {i}, "
-                f"{_types(arg)}: an entry is an int or None for the whole argument, or a container of the "
-                "argument's own structure with an int or None at each part."
-            ) from None
-        for key_path, axis, sub in pairs:
-            if axis is None:
-                continue
-            for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
-                name = f"args[{i}]" + jax.tree_util.keystr(key_path + leaf_path)
-                rank = len(jnp.shape(leaf))
-                if not -rank <= axis < rank:
-                    raise EffaxError(
-                        f"{_here('fx.vmap')}: in_axes maps `{name}` along axis {axis}, but it is "
-                        f"{_type_of(leaf)}, of rank {rank}; name an axis it has"
-                        + (f" (from {-rank} to {rank - 1})" if rank else "")
-                        + ", or None to give every member the whole value."
-                    )
-                sizes.append((name, jnp.shape(leaf)[axis]))
+                f"{_here('fx.vmap')}: in_axes={axes!r} has {len(axes)} entries, but the function was called "
+                f"with {len(args)} positional argument(s); give one entry per argument (None for one every "
+                f"member shares whole), or one int for all: `in_axes={(0,) + (None,) * (len(args) - 1)!r}`."
+                + (" Keyword arguments take no entry: they are mapped along axis 0, as in jax.vmap." if kwargs else "")
+            )
+        leaves: list[_Leaf] = []  # in the order the arguments flatten
+        for i, arg in enumerate(args):
+            entry = axes[i] if isinstance(axes, tuple) else axes
+            try:  # (where in the argument, its axis, the part it maps)
+                parts = jax.tree.leaves(
+                    jax.tree_util.tree_map_with_path(lambda *p: _Part(p), entry, arg, is_leaf=lambda a: a is None)
+                )
+            except (ValueError, TypeError):
+                raise EffaxError(
+                    f"{_here('fx.vmap')}: in_axes entry {i} ({entry!r}) does not fit argument {i}, "
+                    f"{_types(arg)}: an entry is an int or None for the whole argument, or a container of the "
+                    "argument's own structure with an int or None at each part."
+                ) from None
+            for key_path, axis, sub in parts:
+                for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
+                    leaves.append(_Leaf(f"args[{i}]" + jax.tree_util.keystr(key_path + leaf_path), leaf, axis))
+        for (key, *rest), leaf in jax.tree_util.tree_flatten_with_path(kwargs)[0]:
+            leaves.append(_Leaf(key.key + jax.tree_util.keystr(tuple(rest)), leaf, 0, key.key))
+        self._treedef = jax.tree.structure((args, kwargs))
+        self._leaves = [leaf.value for leaf in leaves]
+        self._at = [i for i, leaf in enumerate(leaves) if leaf.axis is not None]
+        self.mapped = [self._leaves[i] for i in self._at]
+        self.axes = [leaves[i].axis for i in self._at]
+        _check_sizes([leaves[i] for i in self._at], axis_size)
+
+    def bind(self, fn: Callable[..., Any]) -> Callable[[list[Any]], Any]:
+        """`fn` on the call's arguments, taking the mapped leaves (or one member's slices of them)."""
+
+        def call(mapped: list[Any]) -> Any:
+            leaves = list(self._leaves)
+            for i, value in zip(self._at, mapped, strict=True):
+                leaves[i] = value
+            args, kwargs = jax.tree.unflatten(self._treedef, leaves)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+class _Leaf(NamedTuple):
+    """One leaf of a `fx.vmap`-ed call's arguments: its name in errors, its value, its axis (None: unmapped),
+    and the keyword naming its argument (None for a positional one)."""
+
+    name: str
+    value: Any
+    axis: int | None
+    keyword: str | None = None
+
+
+def _check_sizes(mapped: list[_Leaf], axis_size: int | None) -> None:
+    """Each mapped leaf has its axis, and every mapped axis has one size (`axis_size` when given)."""
+    sizes = []
+    for name, leaf, axis, keyword in mapped:
+        rank = len(np.shape(leaf))  # np: a string or an object is of rank 0 too
+        if not -rank <= axis < rank:
+            shown = "v" if _is_array(leaf) else _shown(leaf)
+            raise EffaxError(
+                f"{_here('fx.vmap')}: "
+                + (f"the keyword argument `{name}` is mapped along axis 0, as jax.vmap maps every keyword "
+                   "argument (in_axes covers positional arguments only)" if keyword else
+                   f"in_axes maps `{name}` along axis {axis}")
+                + f", but it is {_type_of(leaf) if _is_array(leaf) else _brief(leaf)}, of rank {rank}; "
+                + (f"pass it positionally with an in_axes entry None to give every member the whole value "
+                   f"(`fx.vmap(fn, in_axes=(0, None))(x, {shown})`), or bind it: "
+                   f"`fx.vmap(functools.partial(fn, {keyword}={shown}))(x)`." if keyword else
+                   "name an axis it has" + (f" (from {-rank} to {rank - 1})" if rank else "")
+                   + ", or None to give every member the whole value.")
+            )
+        sizes.append((name, np.shape(leaf)[axis]))
     if not sizes and axis_size is None:
         raise EffaxError(
             f"{_here('fx.vmap')}: in_axes maps no argument (every entry is None), so the number of members "
@@ -809,6 +929,11 @@ def _check_mapped_args(args: tuple, axes: Any, axis_size: int | None) -> None:
             f"{_here('fx.vmap')}: the mapped axes disagree on the number of members ({', '.join(said)}); "
             "every mapped axis has one entry per member. Fix the shapes or in_axes, or the axis_size."
         )
+
+
+def _is_array(x: Any) -> bool:
+    """An array JAX traces (jax and numpy arrays, numpy scalars); Python numbers, flags and strings are not."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def _differing(run: Callable[[Callable[[tuple], bool]], Any], slots: list[tuple], restore: Any) -> list[tuple]:
@@ -838,7 +963,10 @@ def remat(
     params, state and keys are requested outside exactly as `fn` would
     request them. `policy`, `prevent_cse` and `static_argnums` are
     `jax.checkpoint`'s (`policy=jax.checkpoint_policies.dots_saveable`, ...);
-    keyword arguments are treated as static. A module class is lifted per
+    keyword arguments are treated as static, and so are the leaves of the
+    others that are not arrays (Python flags, numbers, strings: the body
+    may branch on them, as `fn` could; `jax.checkpoint` would trace them
+    unless named in `static_argnums`). A module class is lifted per
     instance, as Flax's `nn.remat(Block)`: `fx.remat(Block)(features=8)(x)`.
 
     >>> def layer(x):
@@ -866,18 +994,22 @@ def remat(
             _hand_back(plan, outer, values, sown)
             return _zeros(out_struct)
         fixed = {i % len(args) for i in static} if args else set()
-        dynamic = [a for i, a in enumerate(args) if i not in fixed]
+        leaves, treedef = jax.tree.flatten([None if i in fixed else a for i, a in enumerate(args)])
+        traced = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]  # the rest is static, as fixed ones
         sown_keys = _Sown()
 
         def pure(ins: list[Any], dynamic: list) -> Any:
-            rest = iter(dynamic)
-            full = tuple(a if i in fixed else next(rest) for i, a in enumerate(args))
+            given = list(leaves)
+            for i, value in zip(traced, dynamic, strict=True):
+                given[i] = value
+            rest = jax.tree.unflatten(treedef, given)
+            full = tuple(a if i in fixed else rest[i] for i, a in enumerate(args))
             answerer = Answerer(plan, list(ins))
             out = run_lifted(outer, answerer, fn, *full, **kwargs)
             return out, answerer.outputs(), sown_keys.values(answerer)
 
         out, values, sown = jax.checkpoint(pure, prevent_cse=prevent_cse, policy=policy)(
-            [v for _, v in plan.inputs], dynamic
+            [v for _, v in plan.inputs], [leaves[i] for i in traced]
         )
         _hand_back(plan, outer, values, sown_keys.pairs(sown))
         return out

@@ -307,3 +307,28 @@ def test_k_nested_lifts_trace_the_innermost_body_k_plus_one_times(k):
         run()
         counts[name] = len(calls)
     assert counts == {"init": k + 1, "apply": k + 1, "eval_shape(init)": k + 1, "summary": 1}
+
+
+def test_a_param_used_outside_and_inside_a_stacked_lift_says_why_its_shapes_differ():
+    """The two shapes differ by the lift's stacked axis: the message names the lift and params='broadcast'."""
+    def tied_readout(ids):
+        emb = fx.nn.Embed(5, 4)
+        h = emb(ids)
+        return fx.scan(lambda c, _: (c + jnp.tanh(emb.attend(c)) @ jnp.ones((5, 4)), None), length=2)(h)[0]
+
+    with pytest.raises(fx.ParamConflictError, match=r"\(2, 5, 4\).* leading axis of 2 more: .*params='broadcast'"):
+        fx.transform(tied_readout).init(jax.random.key(0), jnp.array([[0, 1, 2]]))
+
+    def tied_by_share(x):
+        with fx.scope("embed"):
+            w0 = fx.param("w", jax.nn.initializers.normal(), (4, 4))
+
+        def body(h, _):
+            with fx.scope("proj"):
+                return jnp.tanh(h @ fx.param("w", jax.nn.initializers.normal(), (4, 4))), None
+
+        with fx.scope("layers"):
+            return fx.scan(body, length=2)(x @ w0)[0]
+
+    with pytest.raises(fx.ShareError, match=r"one shape and dtype.* leading axis of 2 more: .*params='broadcast'"):
+        fx.transform(fx.share(tied_by_share, {"layers/proj": "embed"})).init(jax.random.key(0), jnp.ones((1, 4)))

@@ -262,23 +262,24 @@ def test_state_kept_across_runs_fails_as_an_assertion_that_says_so():
 
 
 def test_a_lifting_failure_names_the_model_and_the_transform():
-    class _ZeroRun:
-        def handle(self, request, forward):  # creates params itself, scaling what the initializer made
-            if type(request) is fx.ParamRequest:
-                return request.init(jax.random.key(1), request.shape, request.dtype) * 0.0
-            return forward(request)
+    class _RankRun:
+        """Adds the rank of the request to each param: outside a lift, the stacked request has one more axis."""
 
-    class ZeroInit(fx.Handler):
+        def handle(self, request, forward):
+            out = forward(request)
+            return out + float(len(request.shape)) if type(request) is fx.ParamRequest else out
+
+    class AddsRank(fx.Handler):
         def begin(self):
-            return _ZeroRun()
+            return _RankRun()
 
     with pytest.raises(AssertionError) as e:
-        laws.check_lifting(Model([Param("w0", init="normal")], in_size=2), X, KEY, ZeroInit, context="scan")
+        laws.check_lifting(Model([Param("w0", init="normal")], in_size=2), X, KEY, AddsRank, context="scan")
     message = str(e.value)
     assert message.startswith("effax law `lifting` does not hold: output of init differs from the unrolled model\n"
                               "  at output of init: [")
     assert "(under fx.scan) vs [" in message and "(unrolled)\n" in message
-    for part in ("\nmodel: Model(", "handlers under test (innermost last): ZeroInit()", "lifted by: fx.scan",
+    for part in ("\nmodel: Model(", "handlers under test (innermost last): AddsRank()", "lifted by: fx.scan",
                  "rebuild the model: Model(["):
         assert part in message, message
 
