@@ -266,6 +266,8 @@ def test_cell(feature_name, context_name):
         (eval_out, sown), (eval_ref, sown_ref) = eval_out, eval_ref
         close(restack_into_layers(sown, ctx.lead), sown_ref)
     close(eval_out, eval_ref)
+    # init/apply agreement (law 3) in the lifted model: what init computed is what apply computes on its variables
+    close(t.init_with_output(KEY, X, handlers=hs, **opts)[0], eval_out)
 
     # apply in training: same outputs and updates when no key is drawn; deterministic and jittable otherwise
     train = dict(training=True, rngs=rngs, mutable=True, handlers=hs, **opts)
