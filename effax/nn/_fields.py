@@ -12,6 +12,7 @@ import difflib
 import operator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -88,6 +89,13 @@ def check_layer(module: Any, bools: tuple[str, ...], dtypes: tuple[str, ...] = (
 def _bool(module: Any, field: str, value: Any, optional: bool) -> None:
     if isinstance(value, np.bool_):
         return
+    if isinstance(value, jax.core.Tracer):  # a Python flag that a JAX transform turned into an array
+        raise EffaxError(
+            f"{type(module).__name__}: `{field}` must be a Python bool, but it is a traced array "
+            f"({_got(value)}): a JAX transform (`jax.jit`, `jax.vmap`, a scan carry, `jax.checkpoint`) traced the "
+            "flag on its way here. Keep it static: close over it, or mark it static "
+            f"(`jax.jit(f, static_argnames=...)`, an `in_axes` entry None in `fx.vmap`)."
+        )
     raise EffaxError(
         f"{_head(module, field, value)}: `{field}` must be True or False"
         + (" (or None: decided by the mode)" if optional else "")

@@ -125,3 +125,13 @@ def test_an_error_inside_a_model_names_where_the_layer_is_built_and_the_fix_work
     fixed = fx.transform(lambda x: nn.Dense(3, dtype="float32")(x))
     assert fixed.apply(fixed.init(KEY, jnp.ones((1, 2))), jnp.ones((1, 2))).dtype == jnp.float32
     assert fx.transform(lambda x: nn.Sequential([nn.Dense(4), jax.nn.relu])(x)).init(KEY, jnp.ones((1, 2)))
+
+
+def test_a_flag_traced_by_a_jax_transform_is_refused_as_traced_not_as_a_wrong_value():
+    """`Dropout(deterministic=flag)` under `jax.jit(f)(True)`: the user wrote True; JAX made it an array."""
+    model = lambda flag: fx.transform(lambda x: fx.nn.Dropout(0.5, deterministic=flag)(x))  # noqa: E731
+    with pytest.raises(fx.EffaxError, match=r"`deterministic` must be a Python bool, but it is a traced array.*"
+                                            r"static_argnames"):
+        jax.jit(lambda flag: model(flag).apply({}, jnp.ones(2), rngs=jax.random.key(0)))(True)
+    out = jax.jit(lambda x, flag: model(flag).apply({}, x, rngs=jax.random.key(0)), static_argnames="flag")
+    assert jnp.array_equal(out(jnp.ones(2), flag=True), jnp.ones(2))
