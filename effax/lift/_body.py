@@ -172,9 +172,9 @@ class Needs:
     # the second and later requests of a param, by slot: each use goes outside too (after the first), so a
     # summary counts them and a tie shows, as in the unrolled loop
     param_uses: dict[tuple, list] = dataclasses.field(default_factory=dict)
-    # each param's initializer as the body passed it, by slot: tried outside only where a run with state of
-    # the user's own may change the answer (`_plan`); it may close over this trace's values, so never kept
-    # once the plan is made, and used only where calling it outside does not touch them
+    # each param's initializer as the body passed it, by slot: run outside only where a run with state of
+    # the user's own may change the answer (`_made_outside`); it may close over this abstract trace's values,
+    # and then it is not run outside (the param is made inside the body, as without such a run)
     param_inits: dict[tuple, Any] = dataclasses.field(default_factory=dict)
 
 
