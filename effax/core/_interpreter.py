@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectError
 
 __all__ = [
-    "Handler", "Path", "Request", "at_path", "begin_run", "check_name", "current_path", "current_stack", "end_run",
-    "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now", "path_str", "reset_path",
-    "run_local", "run_values", "scope", "set_path", "send", "under_path", "under_stack",
+    "Handler", "Path", "Request", "answers_of", "at_path", "begin_run", "check_name", "current_path",
+    "current_stack", "end_run", "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now",
+    "path_str", "reset_path", "run_local", "run_values", "scope", "set_path", "send", "under_path", "under_stack",
 ]
 
 Path = tuple[str, ...]
@@ -25,8 +24,9 @@ _PATH: contextvars.ContextVar[Path] = contextvars.ContextVar("effax_path", defau
 # What one run keeps beside its handlers, by kind (`fx.nn`'s module names): fresh in `hermetic()` and in the
 # outermost `handle()`, so `t.init` and `t.apply` see the same; `run_local` reads it.
 _RUN: contextvars.ContextVar[dict[type, Any] | None] = contextvars.ContextVar("effax_run", default=None)
-# ids of installed runs that are their handler itself (stateless): lifted transforms rerun them inside bodies.
-_OWN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("effax_own_runs", default=frozenset())
+# id of each installed run -> (whether it is its handler itself, i.e. stateless: lifted transforms rerun those
+# inside bodies; the request classes it answers, its own or its handler's). Kept here, never written on the run.
+_OWN: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar("effax_own_runs", default=None)
 
 
 def path_str(path: Path) -> str:
@@ -78,7 +78,8 @@ class Handler:
 
     A handler holds configuration. Entering it (`fx.handle`) calls `begin()`: a stateless handler returns
     itself, a stateful one a fresh run object that accumulates one run and answers `handle`. A class with
-    `answers = (fx.ParamRequest, ...)` is sent only those request classes (its runs too); with None, all.
+    `answers = (fx.ParamRequest, ...)` is sent only requests of those classes (and their subclasses), its
+    runs too; with None, all.
 
     >>> class Double(fx.Handler):
     ...     def handle(self, request, forward):
@@ -98,8 +99,7 @@ class Handler:
         return forward(request)
 
 
-@functools.lru_cache(maxsize=512)
-def _valid_answers(answers: Any) -> bool:  # a memo: each declaration is checked once
+def _valid_answers(answers: Any) -> bool:
     return answers is None or type(answers) is tuple and all(isinstance(a, type) and issubclass(a, Request)
                                                               for a in answers)
 
@@ -110,7 +110,7 @@ class _Routes(dict):
 
     def __missing__(self, kind: type) -> tuple:
         runs, i = self.runs, len(self.runs) - 1  # skip the runs that declare they do not answer `kind`
-        while i >= 0 and (answers := getattr(runs[i], "answers", None)) is not None and kind not in answers:
+        while i >= 0 and (answers := answers_of(runs[i])) is not None and not issubclass(kind, answers):
             i -= 1
         if i >= 0 and runs.prefixes[i] is None:
             runs.prefixes[i] = _Runs(runs[:i], runs.prefixes)
@@ -192,24 +192,19 @@ class _Handling:
         self._handlers, self._tokens = handlers, []
 
     def __enter__(self) -> tuple[Any, ...]:
-        runs = tuple([h.begin() if hasattr(h, "begin") else h for h in self._handlers])
+        runs, info = tuple([h.begin() if hasattr(h, "begin") else h for h in self._handlers]), dict(_OWN.get() or {})
         for h, run in zip(self._handlers, runs, strict=True):  # a malformed `begin`/`answers` is refused on entry
             if not callable(getattr(run, "handle", None)):  # `begin()` forgot `return`
                 raise EffaxError(f"`{type(h).__name__}.begin()` returned {run!r:.40}, which has no `handle`; return "
                                  "self or a run object (with a `handle(request, forward)` method).")
-            try:
-                if getattr(run, "answers", None) is None and (declared := getattr(h, "answers", None)) is not None:
-                    run.answers = declared  # declared on the handler's class: its run is sent only those too
-                ok = _valid_answers(answers := getattr(run, "answers", None))
-            except (TypeError, AttributeError):  # unhashable (not a tuple of classes), or a run with __slots__
-                ok, answers = False, getattr(h, "answers", None)
-            if not ok:
+            if (answers := getattr(run, "answers", None)) is None:  # declared on the handler: its run's too
+                answers = getattr(h, "answers", None)
+            if not _valid_answers(answers):
                 raise EffaxError(f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request "
                                  "classes, `answers = (fx.ParamRequest, ...)`, or None (the handler sees every "
-                                 "request), declared on the handler's class (or, for a run with __slots__, on the "
-                                 "run's own class).")
-        own = _OWN.set(_OWN.get().union([id(r) for h, r in zip(self._handlers, runs, strict=True) if r is h]))
-        self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), own))
+                                 "request), declared on the handler's class (or on the run's own class).")
+            info[id(run)] = (run is h, answers)
+        self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), _OWN.set(info)))
         return runs
 
     def __exit__(self, *exc: Any) -> None:
@@ -221,7 +216,12 @@ class _Handling:
 
 def is_stateless(run: Any) -> bool:
     """Whether an installed run is its handler itself (`begin()` returned self): it holds no per-run state."""
-    return id(run) in _OWN.get()
+    return (_OWN.get() or {}).get(id(run), (False,))[0]
+
+
+def answers_of(run: Any) -> tuple[type, ...] | None:
+    """The request classes an installed run answers (its own `answers`, else its handler's); None: all."""
+    return (_OWN.get() or {}).get(id(run), (False, getattr(run, "answers", None)))[1]
 
 
 def handle(*handlers: Any) -> _Handling:
@@ -245,7 +245,7 @@ class hermetic:
     __slots__ = ("_tokens",)
 
     def __enter__(self) -> None:
-        self._tokens = (_STACK.set(_EMPTY), _PATH.set(()), begin_run(fresh=True), _OWN.set(frozenset()))
+        self._tokens = (_STACK.set(_EMPTY), _PATH.set(()), begin_run(fresh=True), _OWN.set({}))
 
     def __exit__(self, *exc: Any) -> None:
         stack, path, run, own = self._tokens

@@ -41,6 +41,7 @@ from effax.core import (
     FrozenStateError,
     MissingVariableError,
     TraceMismatchError,
+    answers_of,
     is_stateless,
     send,
     under_stack,
@@ -492,7 +493,7 @@ class _Proxy:
     def __init__(self, run: Any, depth: int, body: Recorder | Answerer):
         self.run, self.depth, self.body = run, depth, body
         # the run's own declaration: a request it never sees skips the proxy too
-        self.answers = getattr(run, "answers", None)
+        self.answers = answers_of(run)
 
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
         if type(request) in LIFTED:
