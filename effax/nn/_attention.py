@@ -101,7 +101,10 @@ class MultiHeadAttention(Module):
     at `cache_index`, attends causally over the cache, and advances the
     index. Writing the cache is inference state, so run the step with
     `fx.handlers.eval(mutable=["cache"])` and carry the returned cache to the
-    next step. Stop at `max_length` tokens: the cache does not slide.
+    next step. Stop at `max_length` tokens: the cache does not slide. An
+    eager call that would write past it raises `EffaxError`; under `jax.jit`
+    the index is traced, so a jitted loop must stop there itself (JAX would
+    clip the write into the last slots, as Flax's cache does).
 
     >>> def f(x):
     ...     return fx.nn.MultiHeadAttention(num_heads=2, causal=True)(x)
@@ -228,6 +231,14 @@ class MultiHeadAttention(Module):
                 f"(batch..., max_length, heads, head_dim), but this call brings {key.shape}. Decode "
                 "with the batch shape the cache was made with (`init` on a `(batch, max_length, "
                 "features)` input), at most max_length tokens per call."
+            )
+        if not isinstance(i, jax.core.Tracer) and int(i) + steps > length:  # eager: the index is known
+            raise EffaxError(
+                f"{where('MultiHeadAttention')} (decode=True): the cache holds {length} positions (max_length), "
+                f"{int(i)} are filled, and this call brings {steps} more: it would write past the end (JAX clips "
+                "such a write into the last slots, overwriting earlier keys). Stop at max_length tokens, or make "
+                "a longer cache (`init` on a `(batch, longer_length, features)` input); a new sequence starts "
+                "from the cache `init` made."
             )
         start = (0,) * (key.ndim - 3) + (i, 0, 0)
         cached_key = jax.lax.dynamic_update_slice(cached_key, key.astype(cached_key.dtype), start)

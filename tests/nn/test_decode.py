@@ -174,3 +174,18 @@ def test_decode_caches_stack_inside_fx_scan_over_layers():
         np.testing.assert_allclose(y[:, 0], expected[:, i], atol=1e-5)
     assert upd["cache"]["attn"]["cache_index"].tolist() == [6, 6, 6]
     assert "cached_key" in str(fx.summary(dec, x))  # the abstract run sees the cache too
+
+
+def test_an_eager_step_past_max_length_is_refused_not_clipped_into_the_cache():
+    """JAX clips an out-of-range `dynamic_update_slice`: prompt keys would be overwritten, outputs wrong."""
+    dec = fx.transform(lambda x: fx.nn.MultiHeadAttention(2, causal=True, decode=True)(x))
+    xs = jax.random.normal(jax.random.key(1), (1, 7, 8))
+    v = dec.init(jax.random.key(0), xs[:, :6])  # max_length 6
+    step = fx.handlers.eval(mutable=["cache"])
+    _, u = dec.apply(v, xs[:, :4], handlers=step)
+    _, u = dec.apply({**v, **u}, xs[:, 4:6], handlers=step)  # fills it exactly
+    with pytest.raises(fx.EffaxError, match=r"holds 6 positions .*6 are filled, and this call brings 1 more"):
+        dec.apply({**v, **u}, xs[:, 6:7], handlers=step)
+    _, u = dec.apply(v, xs[:, :4], handlers=step)
+    with pytest.raises(fx.EffaxError, match=r"4 are filled, and this call brings 3 more"):
+        dec.apply({**v, **u}, xs[:, 4:7], handlers=step)
