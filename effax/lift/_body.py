@@ -17,7 +17,8 @@ outside, one entry per installed run:
   at that run's depth (so every handler sees each request once, in the
   unrolled order), and answered in the body from the values passed in
   (`Answerer`). Other requests (mode, side inputs, module calls, requests
-  of your own) go to the run itself.
+  of your own) go to the run itself, asked once per lifted call where its
+  answer can be kept from the learning pass (`Recorder.reply`).
 
 Values computed from the body's inputs (a state `init` reading the input, an
 initializer closing over it) are created inside the body: the request sent
@@ -29,6 +30,7 @@ with a `Constant` initializer.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +51,7 @@ from effax.core import (
 from effax.effects import (
     GetStateRequest,
     LocalStateRequest,
+    ModuleCallRequest,
     ParamRequest,
     RandomRequest,
     SetStateRequest,
@@ -177,6 +180,9 @@ class Needs:
     # the user's own may change the answer (`_made_outside`); it may close over this abstract trace's values,
     # and then it is not run outside (the param is made inside the body, as without such a run)
     param_inits: dict[tuple, Any] = dataclasses.field(default_factory=dict)
+    # the requests a run with state answered itself (not carried across: a side input, a request of the user's
+    # own), in order, by `(depth, request, answer)`: given again in the real pass, so the run is asked once
+    replies: list[tuple[int, Any, Any]] = dataclasses.field(default_factory=list)
 
 
 def struct_of(value: Any) -> Any:
@@ -252,6 +258,22 @@ class Recorder:
         if value is not MISSING:
             return value
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.needs.state[slot].struct)
+
+    def reply(self, depth: int, run: Any, request: Any, forward: Callable[[Any], Any]) -> Any:
+        """Ask the run at `depth` itself, at compile time: an answer made of concrete values (a table the run
+        caches) is concrete, so it is kept and given again in the real pass, and the run sees the request
+        once, as in the unrolled loop. A module call runs the module's body, which reads the body's values:
+        asked again in the real pass."""
+        if type(request) is ModuleCallRequest:
+            answer = run.handle(request, forward)
+        else:
+            with jax.ensure_compile_time_eval():
+                answer = run.handle(request, forward)
+        traced = type(request) is ModuleCallRequest or any(
+            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(answer)
+        )
+        self.needs.replies.append((depth, request, _ASK if traced else answer))
+        return answer
 
     def answer(self, depth: int, request: Any) -> Any:
         kind, needs = type(request), self.needs
@@ -358,11 +380,23 @@ class Plan:
     draws: dict[tuple, list[int]] = dataclasses.field(default_factory=dict)
     bases: dict[tuple, int] = dataclasses.field(default_factory=dict)
     outputs: list[tuple[str, str, tuple]] = dataclasses.field(default_factory=list)  # (how, what, slot)
+    replies: list[tuple[int, Any, Any]] = dataclasses.field(default_factory=list)  # `Needs.replies`
     first: int | None = None  # input index of the iteration counter, when something is made on the first step
 
     def add(self, how: str, value: Any) -> int:
         self.inputs.append((how, value))
         return len(self.inputs) - 1
+
+
+_ASK = object()  # a reply that could not be kept (it holds the learning pass's tracers): the run is asked again
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two requests are equal (one with array fields, which compare elementwise, is not)."""
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - an array field: no truth value
+        return False
 
 
 def _select(first: Any, made: Any, carried: Any) -> Any:
@@ -380,6 +414,15 @@ class Answerer:
         self.counts: dict[tuple, int] = {}
         self.sown: dict[tuple, list] = {}
         self.trace = trace_state()
+        self.replies = collections.deque(plan.replies)
+
+    def reply(self, depth: int, run: Any, request: Any, forward: Callable[[Any], Any]) -> Any:
+        """What the run at `depth` answered to `request` in the learning pass, if it could be kept; else ask it."""
+        if self.replies and self.replies[0][0] == depth and _same(self.replies[0][1], request):
+            _, _, answer = self.replies.popleft()
+            if answer is not _ASK:
+                return answer
+        return run.handle(request, forward)
 
     def answer(self, depth: int, request: Any) -> Any:
         kind, plan = type(request), self.plan
@@ -499,7 +542,7 @@ class _Proxy:
         if type(request) in LIFTED:
             return self.body.answer(self.depth, request)
         try:
-            return self.run.handle(request, forward)
+            return self.body.reply(self.depth, self.run, request, forward)
         except TraceMismatchError:
             raise EffaxError(_CROSSING.format(what=request.describe(), handler=type(self.run).__name__)) from None
 

@@ -172,7 +172,7 @@ def _stacked_state(request: LocalStateRequest, struct: Any, stack_axis: str | No
 
 def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     """Request the body's needs outside (step 2); return where each value enters the body."""
-    plan, n = Plan(), how.n
+    plan, n = Plan(replies=needs.replies), how.n
 
     def outside(request: ParamRequest) -> ParamRequest:  # a param as requested outside: stacked, or as is
         if not how.stack_params:

@@ -1,11 +1,14 @@
 """A lifted body under the user's handlers with state (runs outside the body), tied state, and the inventory."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import effax as fx
+from effax.core import send
 
 KEY = jax.random.key(0)
 X = jnp.ones((1, 2))
@@ -127,3 +130,48 @@ def counter(h):
 )
 def test_the_inventory_lists_a_lifted_bodys_reads(lift):
     assert [r.kind for r in fx.effects_of(lift(counter), jnp.ones(2))] == ["state", "get", "set"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Table(fx.Request):
+    n: int = 4
+
+
+class CachedTables(fx.Handler):
+    """A run that builds a table once per run and answers it again: a cache of concrete values."""
+
+    answers = (Table,)
+
+    def begin(self):
+        return _TablesRun()
+
+
+class _TablesRun:
+    def __init__(self):
+        self.cache, self.asked = {}, 0
+
+    def handle(self, request, forward):
+        self.asked += 1
+        if request.n not in self.cache:
+            self.cache[request.n] = jnp.sin(jnp.arange(request.n, dtype=jnp.float32))
+        return self.cache[request.n]
+
+
+def table_layer(x):
+    return x + send(Table(fx.current_path(), 4))
+
+
+@pytest.mark.parametrize("lift", list(LIFTS))
+def test_a_stateful_run_answering_a_request_of_its_own_is_asked_once_and_leaks_nothing(lift):
+    """The learning pass asks the run at compile time and the real pass reuses its answer: the run's cache holds
+    no tracer of the learning pass, and it sees the request once per lifted call, as `jax.checkpoint` gives."""
+    x = jnp.zeros((1, 4))
+    plain = fx.transform(table_layer).apply({}, x, handlers=[CachedTables()])
+    t = fx.transform(LIFTS[lift](table_layer))
+    out = t.apply({}, x, handlers=[CachedTables()])
+    with fx.handle(CachedTables()) as (run,):
+        LIFTS[lift](table_layer)(x)
+    assert run.asked == 1 and not isinstance(run.cache[4], jax.core.Tracer)
+    np.testing.assert_allclose(jax.jit(lambda x: t.apply({}, x, handlers=[CachedTables()]))(x), out, rtol=1e-6)
+    if lift in ("remat", "vmap"):  # one application of the layer, as unlifted
+        np.testing.assert_allclose(out.reshape(-1, 1, 4)[0], plain, rtol=1e-6)
