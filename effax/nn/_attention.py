@@ -66,6 +66,8 @@ class _Sower:
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any) -> jax.Array:
     """`jax.nn.dot_product_attention` over any number of batch dims (it takes one)."""
     batch, (tq, h, d), tk = q.shape[:-3], q.shape[-3:], k.shape[-3]
+    if not (tq and tk and np.prod(batch, dtype=int)):  # an empty axis: nothing to attend over (Flax's zeros)
+        return jnp.zeros(batch + (tq, h, d), jnp.result_type(q, k, v))
     flat = lambda a: a.reshape((-1,) + a.shape[-3:])
     if mask is not None:
         mask = jnp.broadcast_to(mask, batch + (h, tq, tk)).reshape((-1, h, tq, tk))

@@ -22,7 +22,7 @@ _F32, _BF16 = jnp.float32, jnp.bfloat16
 _DTYPES: set[Any] = {jnp.float16, "float32", "bfloat16"}  # other hashable dtype values known good; grows
 _DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "int32", "int8", "uint8", "int64", "bool")
 CONV_PADDINGS = ("SAME", "VALID", "SAME_LOWER", "CIRCULAR", "REFLECT", "CAUSAL")
-TRANSPOSE_PADDINGS = ("SAME", "VALID", "SAME_LOWER", "CIRCULAR")
+TRANSPOSE_PADDINGS = ("SAME", "VALID", "CIRCULAR")  # JAX's transposed convolution has no SAME_LOWER
 
 
 def _head(module: Any, field: str, value: Any) -> str:

@@ -412,7 +412,7 @@ class ConvTranspose(Module):
                 f"features), got shape {x.shape}."
             )
         batch = x.shape[: x.ndim - n - 1]
-        x = x.reshape((-1,) + x.shape[len(batch) :])
+        x = x.reshape((int(np.prod(batch)),) + x.shape[len(batch) :])  # not -1: a zero-size axis is allowed
         strides = _tuple(self.strides, n, "strides", "ConvTranspose")
         dilation = _tuple(self.kernel_dilation, n, "kernel_dilation", "ConvTranspose")
         in_features = x.shape[-1]

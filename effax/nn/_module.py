@@ -56,7 +56,7 @@ def _claim(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, 
     """
     if module.name is None:
         return names.auto_path(parent, type(module).__name__)
-    return _claim_name(names, parent, module.name)
+    return _claim_name(names, parent, module.name, module)
 
 
 def _field_name(owner: Any, module: Any) -> str | None:
@@ -92,13 +92,30 @@ def _adopt(names: Names, parent: tuple[str, ...], module: Module) -> tuple[str, 
         if path == parent and owner is not module and isinstance(owner, Module):
             name = _field_name(owner, module)
             if name is not None:
-                return _claim_name(names, parent, name)
+                return _claim_name(names, parent, name, module)
     return _claim(names, parent, module)
 
 
-def _claim_name(names: Names, parent: tuple[str, ...], name: Any) -> tuple[str, ...]:
+def _claim_name(names: Names, parent: tuple[str, ...], name: Any, module: Any = None) -> tuple[str, ...]:
+    """The path `parent/name` of `module`, given its name explicitly (`name=`, a setup() attribute).
+
+    Two instances claiming one name in the same call would silently be one layer (one set of weights): it
+    raises, as Flax's `NameInUseError`. (One instance called again, or a call made again, re-claims it.)
+    """
     name = check_name(name, "module")
     path = parent + (name,)
+    if module is not None:
+        if names.frame is None:
+            names.frame = {}
+        claims = names.frame.setdefault(parent, {})
+        first = claims.setdefault((name,), module)  # a tuple key: never a class's auto-name counter
+        if first is not module:
+            raise InvalidNameError(
+                f"module name {name!r} at `{path_str(parent)}` is given to two modules in the same call "
+                f"({type(first).__name__} and {type(module).__name__}), so the two layers would silently share "
+                f"`{path_str(path)}` (Flax raises NameInUseError here). Give each its own name; to share one "
+                "layer's weights, call the same instance twice."
+            )
     base, _, n = name.rpartition("_")
     taken = (names.frame or {}).get(parent, {}).get(base, 0)
     if n.isdigit() and taken > int(n) and names.owners.get(path, _EXPLICIT) == names.owner:
@@ -148,7 +165,7 @@ def _name_where_built(module: Module, cls: type) -> None:
         if type(owner := names.owner) is tuple and owner and owner[-1] is _SETUP:
             return  # built in `setup()`: named by the attribute that holds it, or where it is adopted (Flax)
         parent, name = path_now(), module.name
-        path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name)
+        path = names.auto_path(parent, cls.__name__) if name is None else _claim_name(names, parent, name, module)
         names.bound[module] = path
 
 
@@ -243,7 +260,7 @@ def _setup_setattr(self: Module, name: str, value: Any) -> None:
             item = getattr(item, "_effax_module", item)
         if isinstance(item, Module):
             if item not in names.bound:
-                names.bound[item] = _claim_name(names, parent, label if item.name is None else item.name)
+                names.bound[item] = _claim_name(names, parent, label if item.name is None else item.name, item)
         elif isinstance(item, dict):
             for key, sub in item.items():
                 bind(sub, f"{label}_{key}")

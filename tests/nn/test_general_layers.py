@@ -151,3 +151,25 @@ def test_pooling_inside_a_model_and_errors():
         fx.nn.max_pool(x, (2, 2), (2,))
     with pytest.raises(fx.EffaxError, match="needs inputs"):
         fx.nn.avg_pool(jnp.ones(3), (2, 2))
+
+
+def test_an_empty_length_axis_gives_empty_or_zero_outputs_as_flax():
+    """Attention over no queries or no keys, and a transposed convolution of no positions, as linen gives them."""
+    key = jax.random.key(0)
+    cases = [
+        (fx.nn.MultiHeadAttention(num_heads=2), nn.MultiHeadDotProductAttention(num_heads=2), (jnp.zeros((2, 0, 4)),)),
+        (fx.nn.MultiHeadAttention(num_heads=2), nn.MultiHeadDotProductAttention(num_heads=2),
+         (jnp.ones((2, 3, 4)), jnp.zeros((2, 0, 4)))),
+        (fx.nn.ConvTranspose(2, (3,)), nn.ConvTranspose(2, (3,)), (jnp.zeros((2, 0, 3)),)),
+    ]
+    for ours, theirs, args in cases:
+        v = theirs.init(key, *args)
+        out = fx.transform(ours).apply(v, *args)
+        assert out.shape == theirs.apply(v, *args).shape
+        assert jnp.array_equal(out, theirs.apply(v, *args))
+
+
+def test_a_transposed_convolution_refuses_same_lower_when_built():
+    """JAX's transposed convolution has no SAME_LOWER: refused with the layer's paddings, not at the first call."""
+    with pytest.raises(fx.EffaxError, match=r"ConvTranspose\(padding='SAME_LOWER'\): `padding` must be 'SAME'"):
+        fx.nn.ConvTranspose(3, (3, 3), strides=2, padding="SAME_LOWER")

@@ -109,6 +109,47 @@ def test_an_explicit_name_equal_to_an_earlier_auto_name_raises_as_flax():
         Clash().init(KEY, X)
 
 
+def test_one_explicit_name_given_to_two_modules_in_one_call_raises_as_flax():
+    """Two instances named "a" would silently be one layer; one instance called twice is one layer on purpose."""
+
+    class Inline(fx.nn.Module):
+        def __call__(self, x):
+            return fx.nn.Dense(3, name="a")(x) + fx.nn.Dense(3, name="a")(x)
+
+    class InSetup(fx.nn.Module):
+        def setup(self):
+            self.a, self.b = fx.nn.Dense(3), fx.nn.Dense(3, name="a")
+
+        def __call__(self, x):
+            return self.a(x) + self.b(x)
+
+    for module in (Inline(), InSetup()):
+        with pytest.raises(fx.InvalidNameError, match=r"'a' .*given to two modules in the same call.*NameInUseError"):
+            fx.transform(module).init(KEY, X)
+
+    class Twice(fx.nn.Module):
+        def __call__(self, x):
+            dense = fx.nn.Dense(3, name="a")
+            return dense(x) + dense(x)
+
+    class Outer(fx.nn.Module):  # a module called twice re-creates its inline layers: the same names, shared
+        def __call__(self, x):
+            inner = Twice(name="inner")
+            return inner(x) + inner(x)
+
+    assert list(fx.transform(Twice()).init(KEY, X)["params"]) == ["a"]
+    assert list(fx.transform(Outer()).init(KEY, X)["params"]["inner"]) == ["a"]
+    flax = pytest.importorskip("flax.linen")
+
+    class Linen(flax.Module):
+        @flax.compact
+        def __call__(self, x):
+            return flax.Dense(3, name="a")(x) + flax.Dense(3, name="a")(x)
+
+    with pytest.raises(Exception, match="a"):  # Flax's NameInUseError
+        Linen().init(KEY, X)
+
+
 def test_names_are_given_at_construction_as_flax_gives_them():
     flax = pytest.importorskip("flax.linen")
 
