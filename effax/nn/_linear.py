@@ -270,6 +270,7 @@ class Conv(Module):
     is `(*kernel_size, in_features // feature_group_count, features)`.
     `padding` is `'SAME'`, `'VALID'`, `'CIRCULAR'` (periodic), `'REFLECT'`,
     `'CAUSAL'` (1-D), an int, or per-dim ints or pairs, as in Flax.
+    `mask` (the kernel's shape) multiplies the kernel, as Flax's.
     `precision` goes to the convolution.
 
     >>> t = fx.transform(lambda x: fx.nn.Conv(4, (3, 3))(x))
@@ -291,6 +292,7 @@ class Conv(Module):
     precision: Any = None
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
+    mask: Any = None  # multiplies the kernel (Flax's `mask`): zeros cut connections, e.g. a causal 2-D kernel
 
     def __post_init__(self) -> None:
         check_sizes(self, "features", "feature_group_count", several=("kernel_size",))
@@ -320,7 +322,13 @@ class Conv(Module):
                 f"{where('Conv')}: {in_features} input features are not divisible by feature_group_count={groups}."
             )
         kernel_shape = kernel_size + (in_features // groups, self.features)
+        if self.mask is not None and tuple(self.mask.shape) != kernel_shape:
+            raise EffaxError(
+                f"{where('Conv')}: mask has shape {tuple(self.mask.shape)}, but the kernel is {kernel_shape}."
+            )
         kernel = layer_param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        if self.mask is not None:
+            kernel = kernel * self.mask
         bias = None
         if self.use_bias:
             bias_axes = output_axes(self.kernel_init, 1)

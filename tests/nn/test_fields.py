@@ -71,7 +71,7 @@ def test_a_flag_that_is_not_a_bool_is_refused_not_taken_as_truthy(name, field):
         ("strides", 0, r"`strides` must be a positive int, or one per spatial dim .*got 0"),
         ("strides", (1.5,), r"`strides` must be a positive int"),
         ("kernel_dilation", -1, r"`kernel_dilation` must be a positive int"),
-        ("padding", "SAEM", r"`padding` must be 'SAME', 'VALID', .*got str 'SAEM'\. Did you mean 'SAME'\?"),
+        ("padding", "SAEM", r"`padding` must be 'SAME', 'VALID'.*got str 'SAEM'\. Did you mean 'SAME'\?"),
         ("padding", ((1, 1, 1),), r"`padding` must be .*\(low, high\) pair per spatial dim"),
         ("padding", 1.5, r"`padding` must be"),
     ],

@@ -173,3 +173,11 @@ def test_a_transposed_convolution_refuses_same_lower_when_built():
     """JAX's transposed convolution has no SAME_LOWER: refused with the layer's paddings, not at the first call."""
     with pytest.raises(fx.EffaxError, match=r"ConvTranspose\(padding='SAME_LOWER'\): `padding` must be 'SAME'"):
         fx.nn.ConvTranspose(3, (3, 3), strides=2, padding="SAME_LOWER")
+
+
+def test_conv_takes_a_kernel_mask_as_flax():
+    x = rand(2, 5, 5, 3)
+    mask = jnp.ones((3, 3, 3, 4)).at[2:].set(0.0)  # no weight on the last kernel row
+    against_flax(fx.nn.Conv(4, (3, 3), mask=mask), nn.Conv(4, (3, 3), mask=mask), x)
+    with pytest.raises(fx.EffaxError, match=r"mask has shape \(3, 3\), but the kernel is \(3, 3, 3, 4\)"):
+        fx.transform(fx.nn.Conv(4, (3, 3), mask=jnp.ones((3, 3)))).init(KEY, x)
