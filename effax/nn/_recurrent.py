@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effax.core import EffaxError
+from effax.core import EffaxError, path_now
 from effax.lift import scan
 from effax.nn._fields import check_bools, check_callables, check_dtypes
 from effax.nn._linear import Dense, Initializer, check_sizes, default_kernel_init, promote, zeros
-from effax.nn._module import Module, where
+from effax.nn._module import Module, _field_name, where
 from effax.nn._naming import current_names
 from effax.nn._partitioning import layer_param, output_axes
 
@@ -326,10 +325,8 @@ class RNN(Module):
             inputs = jax.tree.map(lambda x: flip_sequences(x, seq_lengths, n_batch, time_major), inputs)
         cell = self.cell
         names = current_names()
-        if cell.name is None and (names is None or cell not in names.bound):
-            # built outside the model (Flax's top-level `nn.RNN(nn.LSTMCell(4))`): the RNN adopts it as `cell`;
-            # one built inside keeps the name it got there (`LSTMCell_0`, beside `RNN_0`), as in Flax
-            cell = dataclasses.replace(cell, name="cell")
+        if names is not None and cell not in names.bound:
+            names.bound[cell] = _adopted(names, cell)
         batch_shape = inputs.shape[1 : 1 + n_batch] if time_major else inputs.shape[:n_batch]
         if seq_lengths is not None and jnp.shape(seq_lengths) != batch_shape:
             raise EffaxError(
@@ -358,6 +355,19 @@ class RNN(Module):
         if reverse and keep_order:
             outputs = jax.tree.map(lambda y: flip_sequences(y, seq_lengths, n_batch, time_major), outputs)
         return (carry, outputs) if return_carry else outputs
+
+
+def _adopted(names: Any, cell: Module) -> tuple[str, ...]:
+    """Where a cell built outside the model lives, as Flax adopts it: under the first module of this run that
+    holds it in a field (`Model(cell=GRUCell(4))` makes `cell`; `nn.RNN(GRUCell(4))` itself makes `RNN_0/cell`),
+    so one cell in two RNNs is one set of weights. (One built inside keeps the name it got there, `LSTMCell_0`.)
+    A cell given `name=` is named so under the RNN."""
+    if cell.name is None:
+        for owner, path in list(names.bound.items()):
+            field = _field_name(owner, cell) if isinstance(owner, Module) else None
+            if field is not None:
+                return path + (field,)
+    return path_now() + (cell.name or "cell",)
 
 
 def _concatenate(a: jax.Array, b: jax.Array) -> jax.Array:

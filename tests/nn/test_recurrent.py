@@ -101,3 +101,30 @@ def test_cells_built_inside_a_model_are_named_as_flax_names_them():
     t = fx.transform(Ours())
     assert shapes(jax.eval_shape(t.init, KEY, x)["params"]) == shapes(fv["params"])
     np.testing.assert_allclose(t.apply(fv, x), Theirs().apply(fv, x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_cell_passed_in_is_adopted_and_shared_as_flax_does():
+    """One cell instance is one set of weights, under the first module holding it in a field, as linen adopts it."""
+    x = rand(2, 5, 4)
+
+    class Holder(fx.nn.Module):
+        cell: fx.nn.Module
+
+        def __call__(self, x):
+            return fx.nn.RNN(self.cell)(fx.nn.RNN(self.cell)(x))
+
+    class LinenHolder(nn.Module):
+        cell: nn.Module
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.RNN(self.cell)(nn.RNN(self.cell)(x))
+
+    flax_v = LinenHolder(nn.GRUCell(4)).init(KEY, x)
+    t = fx.transform(Holder(fx.nn.GRUCell(4)))
+    assert shapes(t.init(KEY, x)) == shapes(flax_v)  # {"params": {"cell": ...}}: one cell, at the holder's field
+    np.testing.assert_allclose(t.apply(flax_v, x), LinenHolder(nn.GRUCell(4)).apply(flax_v, x), atol=1e-5)
+    cell = fx.nn.GRUCell(4)
+    stacked = fx.transform(fx.nn.Sequential([fx.nn.RNN(cell), fx.nn.RNN(cell)]))
+    linen_cell = nn.GRUCell(4)
+    assert shapes(stacked.init(KEY, x)) == shapes(nn.Sequential([nn.RNN(linen_cell), nn.RNN(linen_cell)]).init(KEY, x))
