@@ -176,6 +176,7 @@ def test_decode_caches_stack_inside_fx_scan_over_layers():
     assert "cached_key" in str(fx.summary(dec, x))  # the abstract run sees the cache too
 
 
+@pytest.mark.slow  # seconds of Flax and eager compiles: runs in CI (`--run-slow`)
 def test_an_eager_step_past_max_length_is_refused_not_clipped_into_the_cache():
     """JAX clips an out-of-range `dynamic_update_slice`: prompt keys would be overwritten, outputs wrong."""
     dec = fx.transform(lambda x: fx.nn.MultiHeadAttention(2, causal=True, decode=True)(x))

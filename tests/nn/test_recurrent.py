@@ -103,6 +103,7 @@ def test_cells_built_inside_a_model_are_named_as_flax_names_them():
     np.testing.assert_allclose(t.apply(fv, x), Theirs().apply(fv, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # seconds of Flax and eager compiles: runs in CI (`--run-slow`)
 def test_a_cell_passed_in_is_adopted_and_shared_as_flax_does():
     """One cell instance is one set of weights, under the first module holding it in a field, as linen adopts it."""
     x = rand(2, 5, 4)
