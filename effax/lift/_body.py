@@ -181,8 +181,8 @@ class Needs:
     # and then it is not run outside (the param is made inside the body, as without such a run)
     param_inits: dict[tuple, Any] = dataclasses.field(default_factory=dict)
     # the requests a run with state answered itself (not carried across: a side input, a request of the user's
-    # own), in order, by `(depth, request, answer)`: given again in the real pass, so the run is asked once
-    replies: list[tuple[int, Any, Any]] = dataclasses.field(default_factory=list)
+    # own), in the order asked, as `[depth, request, answer]`: given again in the real pass, so the run is asked once
+    replies: list[list] = dataclasses.field(default_factory=list)
 
 
 def struct_of(value: Any) -> Any:
@@ -264,15 +264,14 @@ class Recorder:
         caches) is concrete, so it is kept and given again in the real pass, and the run sees the request
         once, as in the unrolled loop. A module call runs the module's body, which reads the body's values:
         asked again in the real pass."""
+        entry = [depth, request, _ASK]  # noted before asking: what the run asks while answering comes after it
+        self.needs.replies.append(entry)
         if type(request) is ModuleCallRequest:
+            return run.handle(request, forward)
+        with jax.ensure_compile_time_eval():
             answer = run.handle(request, forward)
-        else:
-            with jax.ensure_compile_time_eval():
-                answer = run.handle(request, forward)
-        traced = type(request) is ModuleCallRequest or any(
-            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(answer)
-        )
-        self.needs.replies.append((depth, request, _ASK if traced else answer))
+        if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(answer)):
+            entry[2] = answer
         return answer
 
     def answer(self, depth: int, request: Any) -> Any:
@@ -380,7 +379,7 @@ class Plan:
     draws: dict[tuple, list[int]] = dataclasses.field(default_factory=dict)
     bases: dict[tuple, int] = dataclasses.field(default_factory=dict)
     outputs: list[tuple[str, str, tuple]] = dataclasses.field(default_factory=list)  # (how, what, slot)
-    replies: list[tuple[int, Any, Any]] = dataclasses.field(default_factory=list)  # `Needs.replies`
+    replies: list[list] = dataclasses.field(default_factory=list)  # `Needs.replies`
     first: int | None = None  # input index of the iteration counter, when something is made on the first step
 
     def add(self, how: str, value: Any) -> int:

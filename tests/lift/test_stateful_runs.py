@@ -175,3 +175,47 @@ def test_a_stateful_run_answering_a_request_of_its_own_is_asked_once_and_leaks_n
     np.testing.assert_allclose(jax.jit(lambda x: t.apply({}, x, handlers=[CachedTables()]))(x), out, rtol=1e-6)
     if lift in ("remat", "vmap"):  # one application of the layer, as unlifted
         np.testing.assert_allclose(out.reshape(-1, 1, 4)[0], plain, rtol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tick(fx.Request):
+    pass
+
+
+class CountsTicks(fx.Handler):
+    """Answers the n-th tick of a run with n: a run that must see each request once."""
+
+    def begin(self):
+        return _TicksRun()
+
+
+class _TicksRun:
+    def __init__(self):
+        self.ticks = 0
+
+    def handle(self, request, forward):
+        if isinstance(request, Tick):
+            self.ticks += 1
+            return jnp.float32(self.ticks)
+        return forward(request)
+
+
+class Ticking(fx.nn.Module):
+    def __call__(self, x):
+        return x * send(Tick(fx.current_path()))
+
+
+def ticks_after_a_module_call(x):  # the run sees the module call, then a tick made inside it, then two more
+    return Ticking()(x) + send(Tick(())) + send(Tick(()))
+
+
+def test_a_request_made_while_the_run_answers_a_module_call_keeps_its_place():
+    """The learning pass notes each request before asking the run, so the real pass meets them in the same order
+    and every tick after the module call is given again, not asked twice."""
+    x = jnp.ones(2)
+    with fx.handle(CountsTicks()) as (plain,):
+        expected = ticks_after_a_module_call(x)
+    with fx.handle(CountsTicks()) as (lifted,):
+        out = fx.remat(ticks_after_a_module_call)(x)
+    assert plain.ticks == lifted.ticks == 3
+    np.testing.assert_allclose(out, expected)
