@@ -41,9 +41,13 @@ class _SownRun:
         self.trace = trace_state()
 
     def handle(self, request: Any, forward: Any) -> Any:
-        if type(request) is not SideOutputRequest or not is_mutable(self.wanted, request.collection):
+        if type(request) is not SideOutputRequest:
             return forward(request)
+        # checked whether or not this run keeps it: a sow in a raw `jax.checkpoint`/`jit` that `init` (which keeps
+        # none) let pass would be cached by JAX, and vanish from every later apply that asks for it
         check_trace(self.trace, request, "sows a value")
+        if not is_mutable(self.wanted, request.collection):
+            return forward(request)
         tree = self.trees.get(request.collection)
         if tree is None:
             tree = self.trees[request.collection] = PathTree(f"collection {request.collection!r}")

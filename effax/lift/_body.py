@@ -338,7 +338,7 @@ class Recorder:
 
 def retraced(request: Any, what: str) -> EffaxError:
     return EffaxError(
-        f"{request.describe()} {what} when the lifted transform (fx.scan / fx.vmap / fx.remat) first "
+        f"{request.describe()} {what} when the lifted transform (fx.scan / fx.vmap / fx.remat / fx.cond) first "
         "traced its body: the body must make the same requests every time it is traced. Make the "
         "choice static (no Python state that changes between calls, no data-dependent requests)."
     )

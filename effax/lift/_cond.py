@@ -86,8 +86,10 @@ class _BranchAnswerer(Answerer):
 
     def output(self, what: str, slot: tuple) -> Any:
         state = self.plan.state.get(slot)
-        if what == "state" and slot not in self.state and state is not None and state.index is not None:
-            return self.ins[state.index]  # not written in this branch: as it went in
+        if what == "state" and slot not in self.state and state is not None:
+            # not touched in this branch: as it went in, or, made in another branch, its initial value (None
+            # here: `switch` puts that branch's made value in)
+            return None if state.index is None else self.ins[state.index]
         if what != "state" and slot not in (self.params if what == "param" else self.initial):
             return None  # made by another branch
         return super().output(what, slot)
@@ -131,6 +133,12 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
                 "`fx.switch(index, [f0, f1], *operands)`."
             )
     _check_scalar(index, "fx.switch", "index", "an int", "`jnp.argmax(scores)`")
+    if not jnp.issubdtype(jnp.result_type(index), jnp.integer):  # `jax.lax.switch` refuses it too
+        raise EffaxError(
+            f"fx.switch: index must be an int (it picks a branch by position), got {_type_of(index)}; a float "
+            "would be truncated silently. Convert it as you mean it: `jnp.round(i).astype(int)`, "
+            "`jnp.floor(i).astype(int)`, or `fx.cond(pred, ...)` for a bool."
+        )
     outer = current_stack()
     restore = _names_snapshot()  # branches are named in order, as the real pass traces them: learn them so too
     try:
@@ -166,10 +174,13 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     if any(p.fresh for p in plan.params.values()) or any(s.fresh for s in plan.state.values()):
         results = [branch(b)(ins, operands) for b in branches]  # creating: every branch makes its own
         out = _select(index, [r[0] for r in results])
-        values = []
-        for i, (_, what, _) in enumerate(plan.outputs):
-            made = [r[1][i] for r in results if r[1][i] is not None]
-            values.append(made[0] if what in ("param", "initial") else _select(index, [r[1][i] for r in results]))
+        values, initial = [], {}
+        for i, (_, what, slot) in enumerate(plan.outputs):
+            if what in ("param", "initial"):  # the branch that made it (each branch makes its own)
+                values.append(next(r[1][i] for r in results if r[1][i] is not None))
+                initial[slot] = values[-1]
+            else:  # a variable made in another branch stays at its initial value where this one is taken
+                values.append(_select(index, [initial[slot] if r[1][i] is None else r[1][i] for r in results]))
         sown = _select(index, [r[2] for r in results])
     else:
         out, values, sown = jax.lax.switch(index, [branch(b) for b in branches], ins, operands)

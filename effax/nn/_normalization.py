@@ -309,13 +309,15 @@ class BatchNorm(Module):
             ):
                 mean, var = _running(mean_state, features, mean), _running(var_state, features, var)
         else:
-            axis_name = self.axis_name
-            if axis_name is not None and is_initializing():  # init may run outside the mapped axis
-                axis_name = None
-            mean, var = _moments(xs, reduce, self.use_fast_variance, axis_name=axis_name)
-            m = self.momentum
-            mean_state.set(m * _running(mean_state, features, mean_state.get()) + (1 - m) * mean)
-            var_state.set(m * _running(var_state, features, var_state.get()) + (1 - m) * var)
+            initializing = is_initializing()
+            # init may run outside the mapped axis; and it does not step the running averages (Flax skips
+            # the update too): init returns them at their initial values, and members of an `fx.vmap` that
+            # broadcasts them would otherwise write different values
+            mean, var = _moments(xs, reduce, self.use_fast_variance, axis_name=None if initializing else self.axis_name)
+            if not initializing:
+                m = self.momentum
+                mean_state.set(m * _running(mean_state, features, mean_state.get()) + (1 - m) * mean)
+                var_state.set(m * _running(var_state, features, var_state.get()) + (1 - m) * var)
         if not last:
             mean, var = mean.reshape(bshape), var.reshape(bshape)
         y = (xs - mean) * jax.lax.rsqrt(var + self.epsilon)

@@ -147,3 +147,31 @@ def test_branches_that_are_not_functions_are_named_without_dumping_arrays():
         fx.switch(0, [lambda: 1, 3])
     with pytest.raises(fx.EffaxError, match=r"fx\.switch takes a non-empty list of branch functions, got list \[\]"):
         fx.switch(0, [])
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_state_made_in_one_branch_is_created_and_starts_at_its_initial_value(flip):
+    """A branch that declares and writes state (a `BatchNorm` in training) initializes: the variable exists
+    whichever branch runs, init returns its initial value, and a mutable apply writes only where taken."""
+
+    def counted(x):
+        n = fx.local_state("n", lambda: jnp.full((), 5, jnp.int32), collection="stats")
+        n.set(n.get() + 1)
+        return x * 2
+
+    t = fx.transform(lambda x, p: fx.cond(p, counted, lambda x: x, x))
+    x = jnp.ones(2)
+    assert int(t.init(KEY, x, flip)["stats"]["n"]) == 5
+    for apply in (t.apply, jax.jit(t.apply, static_argnames="mutable")):
+        out, updates = apply({}, x, flip, mutable=True)
+        assert int(updates["stats"]["n"]) == (6 if flip else 5)
+        np.testing.assert_allclose(out, 2 * x if flip else x)
+    bn = fx.transform(lambda x, p: fx.cond(p, lambda x: fx.nn.BatchNorm()(x), lambda x: x, x))
+    v = bn.init(KEY, jnp.ones((2, 4)), flip, training=True)
+    assert jax.tree.map(jnp.shape, v["batch_stats"]) == {"BatchNorm_0": {"mean": (4,), "var": (4,)}}
+
+
+def test_a_float_switch_index_is_refused_not_truncated():
+    branches = [lambda x: x * 0, lambda x: x * 1]
+    with pytest.raises(fx.EffaxError, match="index must be an int"):
+        fx.transform(lambda x: fx.switch(1.7, branches, x)).apply({}, jnp.ones(2))

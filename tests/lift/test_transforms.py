@@ -537,6 +537,10 @@ def test_raw_jax_transforms_around_effects_point_to_the_lifted_ones(raw):
         fx.transform(model).init(key)
     with pytest.raises(fx.TraceMismatchError, match="draws a key"):
         fx.transform(lambda: raw(lambda: jax.random.normal(fx.next_key("s")))).apply({}, rngs=key)
+    # a sow no run keeps (init keeps none) is refused too: let pass, JAX would cache the raw transform's
+    # trace, and a later apply asking for the sow would silently get nothing
+    with pytest.raises(fx.TraceMismatchError, match="sows a value"):
+        fx.transform(lambda: raw(lambda: fx.sow("h", jnp.ones(2)) or 0.0)).init(key)
 
 
 def test_misuse_errors_say_how_to_fix():

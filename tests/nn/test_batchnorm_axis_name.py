@@ -49,3 +49,13 @@ def test_shard_map_over_devices_equals_the_full_batch():
     np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ups["batch_stats"]["BatchNorm_0"]["var"], updates["batch_stats"]["BatchNorm_0"]["var"],
                                rtol=1e-5)
+
+
+def test_fx_vmap_over_shards_initializes_in_training_as_flax_does():
+    """Init does not step the running averages (Flax skips it): members of an `fx.vmap` that broadcasts them
+    would otherwise write different values, which the lift refuses."""
+    mapped = fx.transform(fx.vmap(lambda x: fx.nn.BatchNorm(momentum=0.5, axis_name="shards")(x),
+                                  axis_name="shards", params="broadcast"))
+    v = mapped.init(KEY, X.reshape(4, 2, 3), training=True)
+    np.testing.assert_array_equal(v["batch_stats"]["BatchNorm_0"]["mean"], jnp.zeros(3))
+    np.testing.assert_array_equal(v["batch_stats"]["BatchNorm_0"]["var"], jnp.ones(3))
