@@ -6,6 +6,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ def refuse_module_class(fn: Any, call: str, example: str = "{}") -> None:
     inputs it would build a module from them (the input taken as its first field), and return that module.
 
     `call` names the function refusing it, `example` the fixed call, `{}` standing for the instance."""
+    _refuse_flax_module(fn, call, example)
     if isinstance(fn, type) and getattr(fn, "_effax_at_root", None) is not None:
         name = fn.__name__
         raise EffaxError(
@@ -46,6 +48,22 @@ def refuse_module_class(fn: Any, call: str, example: str = "{}") -> None:
             "with the model's inputs builds a module from them (an input taken as its first field) instead "
             "of running one. (`fx.scan`, `fx.vmap` and `fx.remat` take a class on purpose: they lift "
             "it per instance.)"
+        )
+
+
+def _refuse_flax_module(fn: Any, call: str, example: str) -> None:
+    """A Flax module (or class) where a model goes: without `fx.from_flax` it fails inside Flax, unbound."""
+    for module, kind, wrap in (("flax.linen", "linen", "fx.from_flax"), ("flax.nnx", "NNX", "fx.from_nnx")):
+        api = sys.modules.get(module)  # never imported here: a model of that kind exists only if it is
+        base = getattr(api, "Module", None)
+        if base is None or not (isinstance(fn, base) or isinstance(fn, type) and issubclass(fn, base)):
+            continue
+        name = fn.__name__ if isinstance(fn, type) else type(fn).__name__
+        instance = f"{name}(...)" if isinstance(fn, type) else "module"
+        raise EffaxError(
+            f"{call} got the Flax {kind} module {'class ' if isinstance(fn, type) else ''}{name}: a {kind} module "
+            f"runs in effax through `{wrap}`, which hands it its variables: "
+            f"{example.format(f'{wrap}({instance})')}. Its variables keep {kind}'s layout."
         )
 
 

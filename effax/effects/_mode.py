@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from effax.core import Request, path_now, send
+from effax.core import EffaxError, Request, path_now, send
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,4 +47,11 @@ def is_training() -> bool:
     """
     request = object.__new__(ModeRequest)  # no `__init__` frame: layers ask on every call
     request.__dict__["path"] = path_now()
-    return send(request)
+    mode = send(request)
+    if type(mode) is not bool:  # law 10: the answer's kind; a layer branches on it in Python
+        what = "None; did `handle` forget `return forward(request)`?" if mode is None else (
+            f"{type(mode).__name__} {mode!r:.40}, not a Python bool. The mode picks code in Python, so it is "
+            "static: answer True or False (a traced flag cannot choose a layer's code; keep it out of `jax.jit`'s "
+            "arguments, or pass it as `static_argnames`).")
+        raise EffaxError(f"{request.describe()}: a handler answered {what}")
+    return mode

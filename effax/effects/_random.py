@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 
-from effax.core import Request, check_name, path_now, path_str, send
+from effax.core import EffaxError, Request, check_name, path_now, path_str, send
 
 _RANDOM_HINT = (
     "pass `rngs=` to `t.apply` (a key, or a dict {stream: key}), or install "
@@ -111,7 +111,8 @@ class RandomEffect:
     stream: str
 
     def next_key(self) -> jax.Array:
-        return send(RandomRequest(self.path, self.stream))
+        request = RandomRequest(self.path, self.stream)
+        return checked_key(request, send(request))
 
 
 def next_key(stream: str = "default") -> jax.Array:
@@ -122,7 +123,33 @@ def next_key(stream: str = "default") -> jax.Array:
     >>> x = fx.transform(f).apply({}, rngs={"noise": jax.random.key(1)})
     """
     check_name(stream, "stream")
-    return send(RandomRequest(path_now(), stream))
+    request = RandomRequest(path_now(), stream)
+    return checked_key(request, send(request))
+
+
+_KEY_DTYPES: set = set()  # the key dtypes seen (`key<fry>`, ...): `.dtype` is a cheap read, `.aval` of a key is not
+
+
+def checked_key(request: RandomRequest, value: Any) -> jax.Array:
+    """`value`, the answer to a key draw, if it is one typed key (shape ()); otherwise an `EffaxError` naming the
+    draw and the handler's likely slip (law 10: an answer has its request's kind)."""
+    try:
+        dtype, shape = value.dtype, value.shape
+        if dtype in _KEY_DTYPES or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            _KEY_DTYPES.add(dtype)
+            if shape == ():
+                return value
+    except (AttributeError, TypeError):  # no array: None from a forgotten `return`, a number
+        pass
+    if value is None:
+        what = "None; did `handle` forget `return forward(request)`?"
+    else:
+        what = f"{type(value).__name__} {getattr(value, 'dtype', '')}{list(getattr(value, 'shape', ()))}"
+        what += ", not one typed key. Answer with one key of shape (): `jax.random.key(seed)`, `fold_in` of one"
+        if getattr(value, "dtype", None) == jax.numpy.uint32:
+            what += "; wrap raw uint32 key data with `jax.random.wrap_key_data(data)`"
+        what += "."
+    raise EffaxError(f"{request.describe()}: a handler answered {what}")
 
 
 def random_stream(stream: str) -> RandomEffect:

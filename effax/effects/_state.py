@@ -187,7 +187,13 @@ class LocalStateEffect:
         request = object.__new__(GetStateRequest)  # as `local_state` builds its objects: no frame per read
         fields = request.__dict__
         fields["path"], fields["collection"] = self.path, self.collection
-        return send(request)
+        value = send(request)
+        if value is None:  # state is a pytree of arrays (None is refused from `init()`): a handler's slip
+            raise EffaxError(
+                f"{request.describe()}: a handler answered None; did `handle` forget `return forward(request)`? "
+                "A handler answers each request it sees: with a value, or with what `forward(request)` returns."
+            )
+        return value
 
     def set(self, value: Any) -> None:
         send(SetStateRequest(self.path, self.collection, value))

@@ -33,8 +33,22 @@ def _asked(request: ParamRequest) -> str:
     return f" (asked at `{path_str(request.original_path)}`, via `{request.via[-1]}`)"
 
 
-def stacked_hint(a: tuple[int, ...], b: tuple[int, ...]) -> str:
-    """When one shape is the other with a leading axis more, the likely cause: a lift stacked one use."""
+def spec_conflict(first: ParamRequest, request: ParamRequest) -> ParamConflictError:
+    """One path asked for with two shapes or dtypes in one run (by the model, or inside a lifted body)."""
+    return ParamConflictError(
+        f"param `{path_str(request.path)}` is requested twice with different specs: first "
+        f"{first.spec()}, now {request.spec()}. A path names one variable: give the second "
+        "one another name or scope." + stacked_hint(first, request)
+    )
+
+
+def stacked_hint(a: ParamRequest, b: ParamRequest) -> str:
+    """When one request is the other stacked by a lift (a leading axis more), the likely cause: a param used
+    both outside and inside a lifted body. Said only when a lift made one of them (a plain model asking for
+    `(4, 4)` and `(4,)` at one path has no lift to blame)."""
+    if not (getattr(a.init, "from_lifted_body", False) or getattr(b.init, "from_lifted_body", False)):
+        return ""
+    a, b = a.shape, b.shape
     if len(a) == len(b) + 1 and a[1:] == b or len(b) == len(a) + 1 and b[1:] == a:
         n = (a if len(a) > len(b) else b)[0]
         return (
@@ -78,11 +92,7 @@ class _ParamRun:
             return MISSING
         first, value = hit
         if first.shape != request.shape or first.dtype != request.dtype:
-            raise ParamConflictError(
-                f"param `{path_str(request.path)}` is requested twice with different specs: first "
-                f"{first.spec()}, now {request.spec()}. A path names one variable: give the second "
-                "one another name or scope." + stacked_hint(first.shape, request.shape)
-            )
+            raise spec_conflict(first, request)
         if first.axes != request.axes:  # None is unspecified: it takes the other's; two names disagree
             if first.axes is not None and request.axes is not None:
                 raise ParamConflictError(

@@ -292,7 +292,8 @@ class _ShareRun:
                     f"share binding `{binding}` ties param `{path_str(request.original_path)}` "
                     f"({request.spec()}) to `{path_str(first.original_path)}` ({first.spec()}) at "
                     f"`{path_str(path)}`, but tied params must have one shape and dtype. Make the two "
-                    "layers the same size, or drop the binding." + stacked_hint(first.shape, request.shape)
+                    f"layers the same {'size' if first.shape != request.shape else 'dtype'}, or drop the "
+                    "binding." + stacked_hint(first, request)
                 )
         return request
 

@@ -58,6 +58,7 @@ from effax.effects import (
     SideOutputRequest,
     StreamKeyRequest,
 )
+from effax.handlers._params import spec_conflict
 from effax.handlers._state import cast_like
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING
@@ -283,6 +284,9 @@ class Recorder:
                 init = request.init  # a nested lift's probe: what that lift would create in its body
                 needs.param_inits[slot] = init.made if isinstance(init, Probe) else init
             else:
+                first = needs.params[slot]
+                if first.shape != request.shape or first.dtype != request.dtype:
+                    raise spec_conflict(first, request)  # as the model unrolled says (the answer would mismatch)
                 needs.param_uses.setdefault(slot, []).append(dataclasses.replace(request, init=_stripped))
             return jnp.zeros(request.shape, request.dtype)
         if kind is LocalStateRequest:

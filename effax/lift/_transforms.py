@@ -768,7 +768,16 @@ def vmap(
             axis_name=axis_name,
             spmd_axis_name=spmd_axis_name,
         )
-        needs, out_struct, (n,) = _learn(outer, call.bind(fn), (call.mapped,), wrap=wrap, state_how=state_how)
+        try:
+            needs, out_struct, (n,) = _learn(outer, call.bind(fn), (call.mapped,), wrap=wrap, state_how=state_how)
+        except ValueError as error:  # JAX's, from the learning pass: an `out_axes` the output does not have
+            if "out of bounds" not in str(error):
+                raise
+            raise EffaxError(
+                f"{_here('fx.vmap')}: out_axes={_shown(out_axes)} does not fit the body's output ({error}): an "
+                "output axis counts the output's dimensions with the mapped one put in, so it runs from -(rank + "
+                "1) to rank. Give an axis in that range (0, or -1 for the last), or one per output leaf."
+            ) from None
         plan = _plan(needs, outer, _Crossing(n, stack_params, False, state_how, split, stack_axis))
         if abstract_mode():
             values, sown = _abstract_results(plan, needs, n)
@@ -1035,6 +1044,7 @@ class StackedInit:
     """
 
     init: Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+    from_lifted_body = True  # not a field: a stacked param's spec conflict names the lift (`stacked_hint`)
 
     def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
         def one(i: jax.Array) -> jax.Array:

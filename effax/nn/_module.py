@@ -26,12 +26,32 @@ from effax.nn._naming import Names, current_names, pop_names, push_names
 
 _EXPLICIT = ("explicit name",)
 _FLAX_ENTRY_POINTS = ("init", "init_with_output", "apply")  # a linen module's own, a transform's in effax
+# A linen module's methods for its variables, rngs and collections, and what an `fx.nn` module calls instead:
+# the effects are functions of the current path, not methods of the module (so any function can use them).
+_FLAX_METHODS = {
+    "param": "fx.param(name, init, shape, dtype) (the initializer takes `(key, shape, dtype)`)",
+    "variable": "fx.local_state(name, lambda: value, collection=...) and its `.get()` / `.set(v)`",
+    "get_variable": "fx.local_state(name, init, collection=...).get()",
+    "put_variable": "fx.local_state(name, init, collection=...).set(value)",
+    "has_variable": "fx.local_state(name, init, collection=...), whose `init()` runs only when it is missing",
+    "make_rng": "fx.next_key(stream)",
+    "has_rng": "fx.next_key(stream) (a missing stream is a `MissingRngError` that names it)",
+    "sow": "fx.sow(tag, value, collection=...)",
+    "perturb": "fx.sow(tag, value, collection=...) (gradients of intermediates: differentiate a function of them)",
+    "is_initializing": "fx.is_initializing()",
+    "is_mutable_collection": "the `mutable=` you pass to `t.apply` (a model does not branch on it)",
+    "bind": "t = fx.transform(module); t.apply(variables, x)",
+    "tabulate": "fx.summary(fx.transform(module), key, x)",
+    "variables": "the variables `t.init` returns (a module holds none)",
+}
 
 
 class ModuleNotTransformedError(EffaxError, AttributeError):
     """`module.init(key, x)` (Flax's habit) on an `fx.nn` module: in effax, `fx.transform(module)` has them.
 
-    Also an `AttributeError`, so `hasattr(module, "init")` stays False.
+    Also an `AttributeError`, so `hasattr(module, "init")` stays False. A linen module's own methods
+    (`self.param`, `self.variable`, `self.make_rng`, `self.sow`, ...) raise it too, naming effax's function
+    for each (`fx.param`, `fx.local_state`, `fx.next_key`, `fx.sow`).
 
     >>> fx.nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 2)))
     Traceback (most recent call last):
@@ -448,8 +468,10 @@ class Module:
                 f"{call}`. `t.init`, `t.init_with_output` and `t.apply` take Flax's arguments."
             )
         if name.startswith(("__", "_effax")) or type(self).setup is Module.setup:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            raise _no_attribute(self, name)
         values = _setup_values(self, name)
+        if name in _FLAX_METHODS and name not in values:
+            raise _no_attribute(self, name)
         if name not in values:
             raise AttributeError(
                 f"{type(self).__name__} has no attribute {name!r}: it is no field, and its setup() does not "
@@ -493,6 +515,18 @@ class Module:
         elif path_now() == path:  # a method of this module calling another one: same naming frame
             names = None
         return call_module(path, self, method, fn, args, kwargs, names)
+
+
+def _no_attribute(module: Module, name: str) -> AttributeError:
+    """A missing attribute; a linen module's method (`self.param`) is named with what effax calls instead."""
+    cls = type(module).__name__
+    instead = _FLAX_METHODS.get(name)
+    if instead is None:
+        return AttributeError(f"{cls!r} object has no attribute {name!r}")
+    return ModuleNotTransformedError(
+        f"`{cls}.{name}`: an fx.nn module has no `self.{name}` (a linen module's method); in effax it is "
+        f"{instead}, called inside the module's method, at its path: `w = fx.param('w', init, shape)`."
+    )
 
 
 _PLAIN_CALL = Module._call  # what `_routed`'s fast path stands for (a class with `setup()` has another)

@@ -542,3 +542,15 @@ def test_sows_flax_makes_unlike_effax_are_refused_by_path_not_reshaped():
     v = t.init(jax.random.key(0), x)
     with pytest.raises(fx.EffaxError, match="sows `act_mean` into collection 'stats', where it also keeps variables"):
         t.apply(v, x, mutable=["stats"])
+
+
+def test_a_linen_module_given_to_transform_says_to_wrap_it_with_from_flax():
+    """`fx.transform(nn.Dense(3))` was accepted, then failed inside Flax (`CallCompactUnboundModuleError`)."""
+    x = jnp.ones((2, 3))
+    for model in (nn.Dense(3), nn.Dense):
+        with pytest.raises(fx.EffaxError, match=r"Flax linen module .*Dense: .*fx\.from_flax"):
+            fx.transform(model)
+        with pytest.raises(fx.EffaxError, match=r"fx\.from_flax"):
+            fx.summary(model, jax.random.key(0), x)
+    t = fx.transform(fx.from_flax(nn.Dense(3)))  # the fix works
+    assert t.apply(t.init(jax.random.key(0), x), x).shape == (2, 3)

@@ -332,3 +332,24 @@ def test_a_param_used_outside_and_inside_a_stacked_lift_says_why_its_shapes_diff
 
     with pytest.raises(fx.ShareError, match=r"one shape and dtype.* leading axis of 2 more: .*params='broadcast'"):
         fx.transform(fx.share(tied_by_share, {"layers/proj": "embed"})).init(jax.random.key(0), jnp.ones((1, 4)))
+
+
+@pytest.mark.parametrize("lift", ["plain", "scan", "vmap", "remat", "cond"])
+def test_one_path_asked_with_two_shapes_is_a_conflict_in_every_lift(lift):
+    """Inside a lift it read "a handler answered shape (4, 4)" (no handler was the user's), and the plain
+    model's message blamed a lift's stacking ("a leading axis of 4 more") where there is no lift."""
+
+    def body(x):
+        a = fx.param("w", jax.nn.initializers.ones, (4, 4))
+        return x @ a + fx.param("w", jax.nn.initializers.ones, (4,))
+
+    fn = {
+        "plain": body,
+        "scan": lambda x: fx.scan(lambda c, _: (body(c), None), length=2)(x)[0],
+        "vmap": lambda x: fx.vmap(body, in_axes=0)(x),
+        "remat": lambda x: fx.remat(body)(x),
+        "cond": lambda x: fx.cond(True, body, lambda x: x, x),
+    }[lift]
+    with pytest.raises(fx.ParamConflictError, match=r"requested twice with different specs") as info:
+        fx.transform(fn).init(jax.random.key(0), jnp.ones((2, 4)))
+    assert "leading axis" not in str(info.value)

@@ -182,3 +182,12 @@ def test_a_scan_carry_that_jax_cannot_trace_is_refused_with_the_fix():
 
     closed = fx.transform(lambda x: fx.scan(lambda c, x: body(c, x, "tanh"), length=2)(x)[0])
     same(closed.apply({}, x), jnp.tanh(jnp.tanh(x)))
+
+
+def test_an_out_axis_the_output_lacks_is_named_with_the_range():
+    """`out_axes=5` on a rank-1 output was JAX's raw ValueError from effax's learning pass."""
+    member = lambda x: x @ fx.param("w", jax.nn.initializers.normal(), (4, 1))
+    with pytest.raises(fx.EffaxError, match=r"out_axes=5 does not fit .* from -\(rank \+ 1\) to rank"):
+        fx.transform(lambda x: fx.vmap(member, in_axes=0, out_axes=5)(x)).init(key, jnp.ones((2, 4)))
+    t = fx.transform(lambda x: fx.vmap(member, in_axes=0, out_axes=1)(x))  # an axis in range works
+    assert t.apply(t.init(key, jnp.ones((2, 4))), jnp.ones((2, 4))).shape == (1, 2)

@@ -447,3 +447,24 @@ def test_flax_init_and_apply_on_a_module_say_to_transform_it(method):
     assert isinstance(info.value, AttributeError) and not hasattr(module, method)
     t = fx.transform(module)  # the fix works
     assert t.apply(t.init(KEY, X), X).shape == (2, 4)
+
+
+@pytest.mark.parametrize("setup", [False, True], ids=["compact", "setup"])
+@pytest.mark.parametrize(("method", "instead"), [("param", "fx.param"), ("variable", "fx.local_state"),
+                                                 ("make_rng", "fx.next_key"), ("sow", "fx.sow")])
+def test_a_linen_method_on_a_module_names_the_effax_function(method, instead, setup):
+    """`self.param(...)` inside an fx.nn module (the linen habit) was a bare AttributeError (or, with `setup()`,
+    one saying setup() does not assign it)."""
+
+    class Scale(fx.nn.Module):
+        def __call__(self, x):
+            return x * getattr(self, method)("w", jax.nn.initializers.ones, (x.shape[-1],))
+
+    class SetUp(Scale):
+        def setup(self):
+            self.unused = 1.0
+
+    module = SetUp() if setup else Scale()
+    with pytest.raises(fx.EffaxError, match=rf"`{type(module).__name__}.{method}`: .* {instead}\(") as info:
+        fx.transform(module).init(KEY, X)
+    assert isinstance(info.value, AttributeError) and not hasattr(Scale(), method)
