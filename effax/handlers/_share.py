@@ -208,6 +208,9 @@ class _ShareRun:
     """One run of a share pass: what matched, and the first request seen at each canonical path."""
 
     answers = (ParamRequest, LocalStateRequest, GetStateRequest, SetStateRequest)
+    # a param it ties is answered with another's value: a lift around the pass creates the params its body
+    # makes outside, through it, so the body runs on the tied value (the unrolled loop's)
+    moves_params = True
 
     __slots__ = ("share", "base", "matched", "tags_used", "params", "states", "asked", "passed_on")
 

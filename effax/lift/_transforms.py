@@ -279,8 +279,9 @@ def _hand_back(plan: Plan, outer: tuple[Any, ...], values: list[Any], sown: list
 
 
 def _made_outside(outer: tuple[Any, ...], depth: int, request: ParamRequest, init: Any) -> Any:
-    """A new param created outside, through the runs there, where a run with state of the user's own stands
-    among them; None (create it inside the body) elsewhere, or when its initializer reads the body's values.
+    """A new param created outside, through the runs there, where a run with state of the user's own or a
+    `fx.share` pass (a run that `moves_params`: it answers a tied param with another's value) stands among
+    them; None (create it inside the body) elsewhere, or when its initializer reads the body's values.
 
     Such a run sees the request outside only, and may change the answer (`forward(request) * 2`): created
     inside, the body would run on the unchanged value, unlike the unrolled loop. Created outside (stacked
@@ -288,7 +289,7 @@ def _made_outside(outer: tuple[Any, ...], depth: int, request: ParamRequest, ini
     initializer that reads the body's values cannot run outside (those exist only in its trace): it is
     created inside, and a changed answer is refused when it is handed back (`_changed_answer`).
     """
-    if init is None or not any(_owned(run) for run in outer[:depth]):
+    if init is None or not any(_owned(run) or getattr(run, "moves_params", False) for run in outer[:depth]):
         return None
     try:
         return send_at(outer, depth, dataclasses.replace(request, init=init))

@@ -734,3 +734,28 @@ def test_a_shared_module_runs_at_the_root_scope_as_the_module_does():
     assert list(encode.init(k, x)["params"]) == ["enc"]
     inside = fx.transform(lambda x: fx.share(Seq2Seq(), {"Seq2Seq_0/dec": "Seq2Seq_0/enc"})(x)).init(k, x)
     assert list(inside["params"]) == ["Seq2Seq_0"] and list(inside["params"]["Seq2Seq_0"]) == ["enc"]
+
+
+@pytest.mark.parametrize("lift", ["scan", "vmap", "remat"])
+def test_a_pass_around_a_lift_ties_two_params_of_its_body(lift):
+    """`fx.share(lambda x: fx.scan(body)(x), {"b": "a"})` with both uses in the body: init was refused (the
+    body had made `b/w` on its own value, which the pass then answered with `a/w`'s), blaming a stateful
+    handler the user never wrote. Init now makes one param, and init and apply agree."""
+    init = jax.nn.initializers.lecun_normal()
+
+    def body(c):
+        with fx.scope("a"):
+            c = jnp.tanh(c @ fx.param("w", init, (4, 4)))
+        with fx.scope("b"):
+            return jnp.tanh(c @ fx.param("w", init, (4, 4)))
+
+    lifted = {
+        "scan": lambda x: fx.scan(lambda c, _: (body(c), None), length=3)(x)[0],
+        "vmap": lambda x: fx.vmap(body, in_axes=0)(x),
+        "remat": lambda x: fx.remat(body)(x),
+    }[lift]
+    t = fx.transform(fx.share(lifted, {"b": "a"}))
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    out, v = t.init_with_output(jax.random.key(0), x)
+    assert list(v["params"]) == ["a"]
+    np.testing.assert_allclose(out, t.apply(v, x), rtol=1e-6)
