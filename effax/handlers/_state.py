@@ -312,11 +312,14 @@ class _StateRun:
             return value
         if kind is SetStateRequest:
             if not is_mutable(self.mutable, c):
+                mutable = sorted(self.mutable)  # a typo (`'batch_stat'`) shows here
                 raise FrozenStateError(
-                    f"{request.describe()}: collection {c!r} is frozen in this run, so `set` is "
-                    f"not allowed. To update it, pass `mutable=[{c!r}]` to `t.apply` (and use the "
-                    "returned updates). In eval, inference state such as a decode cache is written "
-                    f"with `handlers=fx.handlers.eval(mutable=[{c!r}])`; training state is not set."
+                    f"{request.describe()}: collection {c!r} is frozen in this run (mutable: "
+                    f"{mutable or 'none'}), so `set` is not allowed. To update it, pass `mutable=[{c!r}]` to "
+                    "`t.apply` (and use the returned updates), or name it in the preset, which holds `mutable` "
+                    f"when one is given: `fx.handlers.train(rngs, mutable=[{c!r}])`. In eval, inference state "
+                    f"such as a decode cache is written with `fx.handlers.eval(mutable=[{c!r}])`; training "
+                    "state is not set."
                 )
             check_trace(self.trace, request, "writes state")
             if value is MISSING:

@@ -233,3 +233,14 @@ def test_a_preset_passes_through_jit_with_its_keys_traced():
     np.testing.assert_allclose(jax.jit(T.apply)(V, X, handlers=fx.handlers.eval()),
                                T.apply(V, X, handlers=fx.handlers.eval()), rtol=1e-6)
     assert jax.tree.leaves(fx.handlers.eval()) == [] and len(jax.tree.leaves(fx.handlers.train(KEY))) == 1
+
+
+def test_a_frozen_write_under_a_preset_shows_the_run_s_mutable_and_the_preset_fix():
+    """A typo in the preset's `mutable` read as "pass `mutable=` to t.apply", which the preset then refused."""
+    t = fx.transform(lambda x: fx.nn.BatchNorm()(x))
+    x, key = jnp.ones((4, 3)), jax.random.key(0)
+    v = t.init(key, x)
+    with pytest.raises(fx.FrozenStateError, match=r"\(mutable: \['batch_stat'\]\).*"
+                                                   r"fx\.handlers\.train\(rngs, mutable=\['batch_stats'\]\)"):
+        t.apply(v, x, handlers=fx.handlers.train(key, mutable=["batch_stat"]))
+    t.apply(v, x, handlers=fx.handlers.train(key, mutable=["batch_stats"]))  # the fix works
