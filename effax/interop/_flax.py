@@ -16,15 +16,25 @@ import numpy as np
 from effax.core import (
     EffaxError,
     FrozenStateError,
+    Handler,
     MissingRngError,
     MissingVariableError,
     at_path,
     check_name,
     current_path,
+    handle,
     path_str,
     scope,
 )
-from effax.effects import capture_filter, is_initializing, local_state, param, stream_key, stream_names
+from effax.effects import (
+    ModuleCallRequest,
+    capture_filter,
+    is_initializing,
+    local_state,
+    param,
+    stream_key,
+    stream_names,
+)
 from effax.effects._param import is_axis
 from effax.interop._common import is_mutable, request_tree, sow_tree
 
@@ -155,6 +165,25 @@ def _key_struct() -> jax.ShapeDtypeStruct:
     return jax.eval_shape(lambda: jax.random.key(0))
 
 
+class _InsideFlax(Handler):
+    """Installed while Flax runs a module: an effax effect from inside it (an `fx.nn` layer in a linen
+    `@compact` method) is refused by name. `fx.from_flax` hands the module linen's variables only, so such a
+    request would reach effax's handlers from inside Flax's own shape pass, as a trace mismatch."""
+
+    def __init__(self, module: Any):
+        self.module = module
+
+    def handle(self, request: Any, forward: Any) -> Any:
+        if isinstance(request, ModuleCallRequest):  # the layer's own requests say what it asked for
+            return forward(request)
+        raise EffaxError(
+            f"{request.describe()} was requested from inside the Flax module {type(self.module).__name__}, "
+            "which `fx.from_flax` runs with linen's own variables: effax effects and `fx.nn` layers are not "
+            "carried into a linen module. Use linen layers inside linen modules (`nn.Dense`), or port the "
+            "module to `fx.nn` (then call `fx.from_flax` on the linen parts it holds)."
+        )
+
+
 def _spec(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> _Spec:
     """The module's variable structure, from `jax.eval_shape(module.init, ...)`, memoized by signature.
 
@@ -179,7 +208,8 @@ def _spec(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> _Spec
         return module.init({"params": key}, *a, method=method, **kw)
 
     structs = [s for s, d in zip(signature, dynamic, strict=True) if d]
-    spec = _classify(nn, jax.eval_shape(init, _key_struct(), *structs))
+    with handle(_InsideFlax(module)):
+        spec = _classify(nn, jax.eval_shape(init, _key_struct(), *structs))
     if cache_key is not None:
         with _SPECS_LOCK:
             if len(_SPECS) >= _CACHE_SIZE:
@@ -258,10 +288,11 @@ def _apply(nn: Any, module: Any, spec: _Spec, variables: dict, frozen: set[str],
         for stream in sorted(streams - keys.keys()):
             keys[stream] = stream_key(stream)
         try:
-            out = module.apply(
-                variables, *args, rngs=keys or None, method=method, mutable=mutable,
-                capture_intermediates=capture, **kwargs,
-            )
+            with handle(_InsideFlax(module)):
+                out = module.apply(
+                    variables, *args, rngs=keys or None, method=method, mutable=mutable,
+                    capture_intermediates=capture, **kwargs,
+                )
             break
         except flax.errors.InvalidRngError as e:
             found = _RNG_STREAM.search(str(e))

@@ -554,3 +554,15 @@ def test_a_linen_module_given_to_transform_says_to_wrap_it_with_from_flax():
             fx.summary(model, jax.random.key(0), x)
     t = fx.transform(fx.from_flax(nn.Dense(3)))  # the fix works
     assert t.apply(t.init(jax.random.key(0), x), x).shape == (2, 3)
+
+
+def test_an_fx_nn_layer_inside_a_linen_module_is_refused_by_name():
+    """It was a TraceMismatchError about JAX transforms the user never used (Flax's own shape pass)."""
+
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return fx.nn.Dense(2)(nn.Dense(3)(x))
+
+    with pytest.raises(fx.EffaxError, match=r"param `Dense_0/kernel` .* from inside the Flax module Mixed"):
+        fx.transform(fx.from_flax(Mixed())).init(jax.random.key(0), jnp.ones((2, 3)))
