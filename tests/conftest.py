@@ -20,7 +20,7 @@ settings.register_profile(
 )
 # The README's command runs fewer examples per property (its bar is 5 minutes on 2 cores); CI's `--run-slow`
 # runs the "ci" profile's 25 (see `pytest_configure`).
-settings.register_profile("quick", settings.get_profile("ci"), max_examples=15)
+settings.register_profile("quick", settings.get_profile("ci"), max_examples=10)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 

@@ -547,6 +547,7 @@ def test_flax_checkpoint_manager_layout_loads(tmp_path):
     np.testing.assert_allclose(t.apply(restored, X), module.apply(flax_variables, X), rtol=1e-6)
 
 
+@pytest.mark.slow  # a fresh interpreter importing JAX: CI runs it
 def test_import_effax_does_not_import_orbax():
     code = "import sys, effax; assert not [m for m in sys.modules if m.startswith('orbax')]; print('OK')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -578,6 +579,7 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess on 8 host devices: CI runs it
 def test_sharded_save_and_restore_on_eight_devices(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     done = subprocess.run(

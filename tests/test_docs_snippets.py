@@ -70,9 +70,16 @@ def _run_in_subprocess(path: Path, line: int, code: str, env: dict[str, str]) ->
 
 
 WITH_CODE = [p for p in FILES if blocks(p)]
+# The pages whose blocks train, shard or run the law kit (10-60 s each on 2 cores): CI runs them (`--run-slow`),
+# the README's command the rest, to stay under its 5 minutes.
+HEAVY = {"README.md", "docs/guides/train-eval.md", "docs/guides/scaling-out.md", "docs/guides/testing-handlers.md",
+         "docs/getting-started.md"}
 
 
-@pytest.mark.parametrize("path", WITH_CODE, ids=[str(p.relative_to(ROOT)) for p in WITH_CODE])
+@pytest.mark.parametrize("path", [
+    pytest.param(p, id=str(p.relative_to(ROOT)), marks=pytest.mark.slow if str(p.relative_to(ROOT)) in HEAVY else ())
+    for p in WITH_CODE
+])
 def test_python_blocks_run_in_order(path, tmp_path, monkeypatch):
     found = blocks(path)
     monkeypatch.chdir(tmp_path)  # a block that writes files (a checkpoint) writes them here

@@ -127,18 +127,12 @@ def next_key(stream: str = "default") -> jax.Array:
     return checked_key(request, send(request))
 
 
-_KEY_DTYPES: set = set()  # the key dtypes seen (`key<fry>`, ...): `.dtype` is a cheap read, `.aval` of a key is not
-
-
 def checked_key(request: RandomRequest, value: Any) -> jax.Array:
     """`value`, the answer to a key draw, if it is one typed key (shape ()); otherwise an `EffaxError` naming the
     draw and the handler's likely slip (law 10: an answer has its request's kind)."""
-    try:
-        dtype, shape = value.dtype, value.shape
-        if dtype in _KEY_DTYPES or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            _KEY_DTYPES.add(dtype)
-            if shape == ():
-                return value
+    try:  # `.dtype` and `.shape`: a key's `.aval` is built afresh on each read
+        if value.shape == () and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            return value
     except (AttributeError, TypeError):  # no array: None from a forgotten `return`, a number
         pass
     if value is None:

@@ -19,6 +19,7 @@ from effax.inspect._inventory import check_arguments
 def check_variables(
     t: Any,
     variables: Mapping[str, Any],
+    /,
     *args: Any,
     rngs: Any = None,
     training: bool | None = None,
@@ -57,6 +58,10 @@ def check_variables(
                         "fx.check_variables(t, variables, x)")
     variables = _check_variables_arg(variables)  # the same refusal as `t.apply`'s
     key = jax.random.key(0) if rngs is None else rngs
+    # `apply` with these options needs the variables `init` makes by default: every param and state
+    # collection. `mutable` and `capture_intermediates` would add the run's sown values (outputs, not
+    # variables) and, for `mutable`, drop state collections it does not name.
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("mutable", "capture_intermediates")}
     run = functools.partial(init, training=False if training is None else training, handlers=handlers)
     expected = run_abstractly(run, key, *args, **kwargs)
     return diff_variables(expected, variables)

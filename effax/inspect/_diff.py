@@ -103,28 +103,54 @@ def spec(x: Any, dtype: str | None = None) -> str:
     return f"{name}[{', '.join(map(str, shape))}]"
 
 
-def flatten(tree: Mapping[str, Any], leaves: Container[str] = ()) -> dict[str, Any]:
-    """`{"collection:a/b": leaf}` for a variables tree; a Flax box or None is one leaf, and so is any value
-    that is not a mapping at an entry named in `leaves` (a param stored as a nested list, which `apply`
-    takes as an array), so it is compared there rather than reported as entries below it."""
+def flatten(tree: Mapping[str, Any], leaves: Container[str] = (), mappings: Container[str] = ()) -> dict[str, Any]:
+    """`{"collection:a/b": leaf}` for a variables tree, walked as `apply` reads it: down mappings (keys of
+    mixed types too), a Flax box or None one leaf. Any other value is one leaf at an entry named in `leaves`
+    (a param stored as a nested list, which `apply` takes as an array) or in `mappings` (a NamedTuple or
+    dataclass where the model keeps a dict, which `apply` cannot walk), so it is compared there; elsewhere
+    its own leaves are entries below it (a state holding a tuple)."""
     out: dict[str, Any] = {}
     for collection, sub in tree.items():
-        if not isinstance(sub, Mapping):
+        if isinstance(sub, Mapping):
+            _walk(str(collection), (), sub, out, leaves, mappings)
+        else:
             out[str(collection)] = sub
-            continue
-
-        def is_leaf(path: Any, x: Any, collection: Any = collection) -> bool:
-            if _is_box(x) or x is None:
-                return True
-            return bool(leaves) and not isinstance(x, Mapping) and _entry(collection, path) in leaves
-
-        for path, leaf in jax.tree.leaves_with_path(sub, is_leaf=is_leaf, is_leaf_takes_path=True):
-            out[_entry(collection, path)] = leaf
     return out
 
 
-def _entry(collection: Any, path: Any) -> str:
-    return f"{collection}:{path_str(key_path_names(path))}"
+def _sorted(node: Mapping) -> list[tuple[Any, Any]]:
+    """A mapping's items in `jax.tree`'s order (by key), keys of mixed types grouped by type."""
+    return sorted(node.items(), key=lambda kv: (type(kv[0]).__name__, kv[0]) if isinstance(kv[0], str | int)
+                  else (type(kv[0]).__name__, str(kv[0])))
+
+
+def _walk(collection: str, path: tuple, x: Any, out: dict, leaves: Container[str], mappings: Container[str]) -> None:
+    if isinstance(x, Mapping) and not _is_box(x):
+        for key, value in _sorted(x):
+            _walk(collection, path + (str(key),), value, out, leaves, mappings)
+        return
+    entry = f"{collection}:{path_str(path)}"
+    if _is_box(x) or x is None or entry in leaves or entry in mappings:
+        out[entry] = x
+        return
+    for key_path, leaf in jax.tree.leaves_with_path(x, is_leaf=lambda y: _is_box(y) or y is None):
+        out[f"{collection}:{path_str(path + key_path_names(key_path))}"] = leaf
+
+
+def _mapping_entries(tree: Mapping[str, Any]) -> set[str]:
+    """The entries at which `tree` holds a mapping (a scope of variables), below its collections."""
+    found: set[str] = set()
+
+    def walk(collection: str, path: tuple, node: Any) -> None:
+        if isinstance(node, Mapping) and not _is_box(node):
+            if path:
+                found.add(f"{collection}:{path_str(path)}")
+            for key, value in node.items():
+                walk(collection, path + (str(key),), value)
+
+    for collection, sub in tree.items():
+        walk(str(collection), (), sub)
+    return found
 
 
 def _key_data_of(want: Any, have: Any) -> bool:
@@ -188,4 +214,5 @@ def diff_variables(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Var
     (False, ['params:Dense_0/bias (float32[2])'])
     """
     want = flatten(expected)
-    return diff_specs(want, flatten(found, leaves=want), labels=("model", "variables"))
+    found = flatten(found, leaves=want, mappings=_mapping_entries(expected))
+    return diff_specs(want, found, labels=("model", "variables"))

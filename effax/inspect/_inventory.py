@@ -261,6 +261,7 @@ def check_arguments(
 
 def effects_of(
     fn: Callable[..., Any] | Transformed | MultiTransformed,
+    /,
     *args: Any,
     rngs: Any = None,
     training: bool = False,
@@ -308,7 +309,7 @@ def inventory_of(t: Transformed, args: tuple, kwargs: dict, call: str, **options
 
     def run(*a: Any, **k: Any) -> None:
         t._run_init(
-            "fx.effects_of", a, k, **options, around=_StoredRequests(inventory), inside=_ModelRequests(inventory),
+            call, a, k, **options, around=_StoredRequests(inventory), inside=_ModelRequests(inventory),
             default_rngs=jax.random.key(0),
         )
 

@@ -155,7 +155,8 @@ class Summary:
     """What `fx.summary` returns: the entries by path, totals, and the abstract variables.
 
     `str(summary)` is a text table; treescope renders it as an object;
-    `variables` is the tree `jax.eval_shape(t.init, ...)` would give, and
+    `variables` is the tree of params and state `jax.eval_shape(t.init, ...)`
+    would give (sown values are rows, not variables, as for `fx.check_variables`), and
     `logical_axes()` the logical axes of every variable (for
     `fx.sharding.logical_to_mesh`).
 
@@ -262,6 +263,7 @@ class Summary:
 
 def summary(
     t: Any,
+    /,
     *args: Any,
     rngs: Any = None,
     training: bool = False,

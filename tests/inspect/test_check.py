@@ -116,5 +116,60 @@ def test_model_arguments_left_out_are_refused_with_the_call_to_write():
                                             r"variables, x\)`"):
         fx.check_variables(t, v)
     assert fx.check_variables(t, v, jnp.ones((1, 3))).ok
-    captured = fx.check_variables(t, v, jnp.ones((1, 3)), capture_intermediates=True)  # `init`'s options pass
-    assert captured.missing == ["intermediates:Dense_0/__call__/0 (float32[1, 2])"]
+    # `init`'s options pass; those adding sown values (outputs, not variables) expect none of them
+    assert fx.check_variables(t, v, jnp.ones((1, 3)), capture_intermediates=True).ok
+
+
+def _dense():
+    t = fx.transform(lambda x: fx.nn.Dense(3)(x))
+    x = jnp.ones((2, 4))
+    return t, x, t.init(jax.random.key(0), x)
+
+
+def test_a_namedtuple_where_the_model_keeps_a_dict_is_reported_as_apply_reads_it():
+    """A NamedTuple node read as `Dense_0/kernel` and `Dense_0/bias` (its field names): "variables match the
+    model", and then `t.apply` raised MissingVariableError on the same variables."""
+    import collections
+
+    t, x, v = _dense()
+    node = collections.namedtuple("KernelBias", "kernel bias")(**v["params"]["Dense_0"])
+    report = fx.check_variables(t, {"params": {"Dense_0": node}}, x)
+    assert not report.ok and "params:Dense_0 (a KernelBias, not an array)" in report.unused
+    with pytest.raises(fx.MissingVariableError):
+        t.apply({"params": {"Dense_0": node}}, x)
+    state = fx.transform(lambda: fx.local_state("pair", lambda: (jnp.zeros(2), jnp.ones(3))).get())
+    assert fx.check_variables(state, state.init(None)).ok  # a state holding a tuple is still compared per leaf
+
+
+def test_keys_of_mixed_types_are_reported_not_crashed_on():
+    t, x, v = _dense()
+    bad = {"params": {**v["params"], 0: {"kernel": jnp.zeros((4, 3))}}}
+    assert str(fx.check_variables(t, bad, x)) == "unused: params:0/kernel (float32[4, 3])"
+
+
+def test_options_that_add_sown_values_expect_no_sown_variables():
+    """`capture_intermediates=True` (or `mutable=True`) listed the run's sown outputs as missing variables."""
+
+    def probe(x):
+        h = fx.nn.Dense(4)(x)
+        fx.sow("h", h)
+        return h
+
+    t, x = fx.transform(probe), jnp.ones((3, 5))
+    v = t.init(jax.random.key(0), x)
+    assert fx.check_variables(t, v, x, capture_intermediates=True).ok
+    assert fx.check_variables(t, v, x, mutable=True).ok
+    assert list(fx.summary(t, x, capture_intermediates=True).variables) == ["params"]
+
+
+def test_a_model_keyword_named_like_the_tools_own_first_parameters_reaches_the_model():
+    """A diffusion model's `t=` (the time step) was "got multiple values for argument 't'"."""
+
+    def denoiser(x, t, variables=1.0):
+        return fx.nn.Dense(3)(x) * t * variables
+
+    m, x, step = fx.transform(denoiser), jnp.ones((2, 3)), jnp.ones((2, 1))
+    v = m.init(jax.random.key(0), x, t=step)
+    assert fx.check_variables(m, v, x, t=step, variables=2.0).ok
+    assert fx.summary(m, x, t=step).param_count == 12
+    fx.effects_of(m, x, t=step)  # as its first parameter is `fn`, it took `t` already

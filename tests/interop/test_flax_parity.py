@@ -54,6 +54,7 @@ def test_a_decode_cache_initializes_as_in_flax_and_summary_and_eval_shape_work()
     assert summary.param_count == sum(a.size for a in jax.tree.leaves(theirs[1]["params"]))
 
 
+@pytest.mark.slow  # seconds of Flax and eager decode compiles: CI runs it
 def test_a_decoder_with_has_variable_branches_initializes_as_in_flax():
     module = Decoder(decode=True)
     t = fx.transform(fx.from_flax(module))
@@ -97,6 +98,7 @@ def greedy(step, variables, prompt, n):
     return jax.lax.fori_loop(0, n, body, (variables, prompt[:, 0], out))[2]
 
 
+@pytest.mark.slow  # seconds of Flax and eager decode compiles: CI runs it
 def test_greedy_decoding_under_the_eval_preset_with_a_mutable_cache_equals_flax():
     decoder = Decoder(decode=True)
     t = fx.transform(fx.from_flax(decoder))

@@ -262,6 +262,7 @@ def test_attention_fn_gets_the_dropout_key_only_when_training():
 # --- recurrent
 
 
+@pytest.mark.slow  # seconds of Flax compiles: CI runs it
 def test_optimized_lstm_cell_matches_flax_and_loads_lstm_cell_params():
     x = rand(3, 6, 5)
     against_flax(fx.nn.RNN(fx.nn.OptimizedLSTMCell(4)), nn.RNN(nn.OptimizedLSTMCell(4)), x)
