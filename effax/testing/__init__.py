@@ -79,8 +79,11 @@ def assert_handler_laws(
     handler a drop-in for a built-in (law 13): a handler or factory whose
     answers it must give. `max_examples` is the examples per law (the purity
     law, which compiles, runs half as many); `budget={"law name": n}` sets a
-    law's own; `seed` makes the run reproducible, independent of any
-    hypothesis profile (None: a fresh random run). `only` picks laws by name;
+    law's own; `seed` fixes the examples drawn, independent of any
+    hypothesis profile (None: a fresh random run), so which law fails is
+    reproducible; the counterexample shown is shrunk for a wall-clock budget,
+    so it may differ with the machine's load (`shrink=False` reports the
+    first failing example, the same every run). `only` picks laws by name;
     `models` replaces the strategy of `(model, x)` pairs (default
     `strategies.models_and_inputs(require=effects)`); a failing model is
     shrunk for at most `SHRINK_SECONDS` (`shrink=` seconds, or `False` to

@@ -163,7 +163,10 @@ def declared_effects(handler: HandlerLike) -> tuple[str, ...] | None:
             return None
         return tuple(dict.fromkeys(e for p in parts for e in p or ()))
     if not isinstance(handler, type) and not callable(getattr(handler, "handle", None)):
-        return None  # a factory: what it makes is not known without calling it
+        if not callable(handler):
+            return None
+        made = handler()  # a factory (`lambda: Masks(cfg)`): what it makes declares it (the kit calls it anyway)
+        return None if made is handler else declared_effects(made)
     answers = getattr(handler, "answers", None)
     if answers is None:
         return None
@@ -193,7 +196,11 @@ def _spec(x: Any) -> tuple[tuple[int, ...], str]:
 
 
 def _show_spec(x: Any) -> str:
+    """The spec as given (a NumPy float64 answer reads float64, though it compares as the float32 it becomes)."""
     shape, dtype = _spec(x)
+    raw = getattr(x, "dtype", None)
+    if raw is not None and not _is_key(x):
+        dtype = jnp.dtype(raw).name
     return f"shape {shape}, {dtype}"
 
 
@@ -713,7 +720,8 @@ def check_locality(
         params = _common(b.params, s.params)
         case.expect_same(*params, f"{what} a param value the model received in {label}", names,
                          "derive a param's value from its own path (`request.initialize(jax.random.fold_in(key, "
-                         "hash of request.path))`), never from a counter shared across paths (call order)")
+                         "zlib.crc32('/'.join(request.path).encode())))`; not Python's `hash()`, which is salted per "
+                         "process), never from a counter shared across paths (call order)")
         keys = [{f"{slot}, draw {n}": k for slot, ks in side.items() for n, k in enumerate(ks)}
                 for side in _common(b.keys, s.keys, same_length=True)]
         case.expect_same(*keys, f"{what} a key drawn at a path that was kept, in {label}", names,
@@ -926,14 +934,16 @@ class _Marked(fx.Handler):
 
     def begin(self) -> Any:
         run = self.inner.begin() if hasattr(self.inner, "begin") else self.inner
-        return _MarkedRun(run)
+        return _MarkedRun(run, getattr(self.inner, "answers", None))
 
 
 class _MarkedRun:
-    def __init__(self, run: Any):
+    def __init__(self, run: Any, handler_answers: Any = None):
         self.run = run
         self.module_calls = getattr(run, "module_calls", True)
-        self.answers = getattr(run, "answers", None)  # sent only what the wrapped run declares it answers
+        # sent only what the wrapped run answers: its own declaration, else its handler's (as the interpreter)
+        answers = getattr(run, "answers", None)
+        self.answers = handler_answers if answers is None else answers
 
     def handle(self, request: Any, forward: Any) -> Any:
         def marked(r: Any) -> Any:
@@ -1560,8 +1570,10 @@ def _run_forwarding(subject: Subject, data: Any, key: Any, training: bool) -> No
 
     if subject.custom_models:
         model, x = _draw_model(subject, data)
-    else:  # a request of every effect the handler forwards, so one it drops or changes is always met
-        forwarded = tuple(e for e in EFFECTS if e not in subject.effects)
+    else:  # a request of every effect the handler forwards, so one it drops or changes is always met; module
+        # calls too for a handler that declares no `answers` (it is sent them, as every request)
+        pool = KNOWN_EFFECTS if declared_effects(subject.handler) is None else EFFECTS
+        forwarded = tuple(e for e in pool if e not in subject.effects)
         model, x = data.draw(models_and_inputs(require=forwarded), label="model, x")
     check_forwarding_identity(model, x, key, subject.handler, effects=subject.effects, training=training)
 
@@ -1642,9 +1654,16 @@ def check_lifting(
     case.notes.append(f"lifted by: fx.{context} (`effax.testing.lifting.lifted(model, {context!r}, 2)`)")
     try:
         with case.running(f"the model lifted by fx.{context}", lifting.lifted(model, context, 2)):
-            lifting.check_lifting(model, x, key, context=context, training=training, handlers=case.handlers)
+            lifting.check_lifting(model, case.x, key, context=context, training=training, handlers=case.handlers)
     except lifting.LiftingMismatch as e:  # the bare check's finding, with the case around it
-        raise case.fail(e.what, e.detail) from None
+        detail = e.detail
+        if any(getattr(type(h), "begin", fx.Handler.begin) is not fx.Handler.begin for h in case.handlers):
+            detail = (detail or "") + (
+                "\na handler with per-run state (`begin()` returns a run) stays outside a lifted body and is "
+                "asked once per lifted call, for the stacked request: the params and keys it asks for itself "
+                "while answering are made once, not per layer. If it needs none, keep it; else make it stateless "
+                "(`begin()` returns the handler), so the lift reruns it per layer as the unrolled model does.")
+        raise case.fail(e.what, detail) from None
 
 
 def _run_lifting(subject: Subject, data: Any, key: Any, training: bool) -> None:

@@ -206,7 +206,7 @@ class Draw:
 
     def run(self, h: jax.Array) -> jax.Array:
         for _ in range(self.times):
-            h = h + jax.random.uniform(fx.next_key(self.stream), h.shape)
+            h = h + jax.random.uniform(fx.next_key(self.stream), h.shape, h.dtype)  # float32 under x64 too
         return h
 
     def describe(self, path: Path) -> tuple[str, str, str]:
@@ -228,7 +228,7 @@ class StreamKey:
     effect: ClassVar[str] = "random"
 
     def run(self, h: jax.Array) -> jax.Array:
-        return h + jax.random.uniform(fx.stream_key(self.stream), h.shape)
+        return h + jax.random.uniform(fx.stream_key(self.stream), h.shape, h.dtype)
 
     def describe(self, path: Path) -> tuple[str, str, str]:
         return "stream_key", _where(path), f"stream {self.stream!r}"

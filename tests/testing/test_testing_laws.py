@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import Phase, given, settings
 from zoo import (
@@ -168,8 +169,8 @@ def test_max_examples_and_budget_set_each_laws_examples_whatever_the_profile():
         assert_handler_laws(factory, max_examples=3, budget={"determinism": 6}, seed=0, only=["determinism"])
     finally:
         settings.load_profile(previous)
-    # one fresh copy made up front for the reuse law, then one instance per example
-    assert calls == 1 + 3 and len(made) - calls == 1 + 6
+    # one instance made to read what it declares, one fresh copy up front for the reuse law, then one per example
+    assert calls == 2 + 3 and len(made) - calls == 2 + 6
 
 
 def test_a_seed_reproduces_the_same_run():
@@ -515,3 +516,65 @@ def test_the_reuse_laws_other_variables_change_numbers_and_keep_keys():
     shifted = _shifted({"w": jnp.ones(2), "n": jnp.zeros((), jnp.int32), "k": jax.random.key(0), "b": jnp.array(True)})
     assert shifted["w"].tolist() == [2.0, 2.0] and int(shifted["n"]) == 1
     assert (jax.random.key_data(shifted["k"]) == jax.random.key_data(jax.random.key(0))).all() and shifted["b"]
+
+
+def test_a_factory_s_declaration_and_a_handler_s_answers_on_its_run_are_read_as_the_interpreter_reads_them():
+    """A factory's `answers` were ignored ("claims no effect, yet changed the results"), and a stateful handler
+    declaring `answers` on its class but not on its run was sent every request by the commutation law."""
+
+    class Defaults(fx.Handler):
+        answers = (fx.SideInputRequest,)
+
+        def handle(self, request, forward):
+            return 1.0 if request.tag == "mask" else forward(request)
+
+    assert_handler_laws(lambda: Defaults(), max_examples=3, seed=0, only=["forwarding identity"])
+
+    class _CacheRun:  # no `answers` of its own: the interpreter takes its handler's
+        def __init__(self):
+            self.cache = {}
+
+        def handle(self, request, forward):
+            key = (request.path, request.shape, request.dtype)
+            if key not in self.cache:
+                self.cache[key] = forward(request)
+            return self.cache[key]
+
+    class PerRunCache(fx.Handler):
+        answers = (fx.ParamRequest,)
+
+        def begin(self):
+            return _CacheRun()
+
+    assert_handler_laws(PerRunCache, ("param",), max_examples=3, seed=0, only=["commutation"])
+
+
+def test_a_handler_that_sees_every_request_is_checked_on_module_calls_too():
+    """A handler with no `answers` is sent module calls; one answering them with None passed every law."""
+
+    class QuantizeParams(fx.Handler):
+        def handle(self, request, forward):
+            if isinstance(request, fx.ParamRequest):
+                return forward(request)
+            return None if isinstance(request, fx.ModuleCallRequest) else forward(request)
+
+    with pytest.raises(AssertionError, match="forwarding identity"):
+        assert_handler_laws(QuantizeParams, ("param",), max_examples=5, seed=0, only=["forwarding identity"])
+
+
+def test_an_answer_s_dtype_is_shown_as_given():
+    """A NumPy float64 answer read "float32" (its canonical dtype) in the law's message."""
+    assert laws._show_spec(jnp.zeros((), jnp.float32)) == "shape (), float32"
+    assert laws._show_spec(np.zeros((), np.float64)) == "shape (), float64"
+    assert laws._show_spec(1.0) == "shape (), float32"
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_locality_removes_a_draw_before_one_kept_at_another_slot(seed):
+    """Removals dropping a draw before a kept draw at the same path and stream (renumbered, so never compared)
+    let call-order keys pass locality at these seeds."""
+    from zoo import CallOrderKeys
+
+    with pytest.raises(AssertionError, match="`locality` does not hold"):
+        assert_handler_laws(lambda: CallOrderKeys(jax.random.key(1)), ("random",), seed=seed, shrink=False,
+                            only=["locality"])

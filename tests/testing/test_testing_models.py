@@ -138,3 +138,17 @@ def test_a_state_keeps_its_dtype_and_structure_through_its_sets():
     ) == {"params": {}, "state": {"s0": "int32", "s1": {"count": "int32", "mean": "bfloat16"}}}
     _, updates = t.apply(variables, jnp.zeros(1), mutable=True)
     assert int(updates["state"]["s0"]) == 1 + 2 and int(updates["state"]["s1"]["count"]) == 1  # counters step
+
+
+def test_draws_keep_the_model_s_float32_under_x64():
+    """`jax.random.uniform`'s default is float64 under x64: the kit's own model changed a scan carry's dtype, so
+    the lifting law reported every key handler (and the built-ins alone) as "could not be checked"."""
+    from effax.testing import laws
+    from effax.testing.models import StreamKey
+
+    with jax.enable_x64(True):
+        model = Model([Draw(), StreamKey()], in_size=1)
+        out = fx.transform(model).apply({}, jnp.zeros(1, jnp.float32), rngs=jax.random.key(0))
+        assert out.dtype == jnp.float32
+        laws.check_lifting(Model([Draw()], in_size=1), np.zeros(1, np.float64), jax.random.key(0), None,
+                           context="scan")
