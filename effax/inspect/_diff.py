@@ -76,10 +76,10 @@ def _type(x: Any) -> str | None:
 
 
 def _as_array(x: Any) -> Any:
-    """A Python number, or a (nested) list of numbers, as the array `apply` makes of it; else `x`."""
+    """A Python number, or a (nested) list or tuple of numbers, as the array `apply` makes of it; else `x`."""
     if isinstance(x, (bool, int, float, complex)):
         return jnp.asarray(x)
-    if isinstance(x, list):
+    if type(x) in (list, tuple):  # (a NamedTuple is a node of its own, reported as it is)
         try:
             data = np.asarray(x)
         except ValueError:  # ragged

@@ -74,6 +74,8 @@ def test_a_param_stored_as_a_nested_list_is_one_entry_as_apply_takes_it():
     assert fx.check_variables(t, v, x).ok
     short = fx.check_variables(t, {"params": {"w": [[1.0] * 4] * 2}}, x)
     assert short.mis_shaped == ["params:w: model float32[3, 4], variables float32[2, 4]"]
+    as_tuple = {"params": {"w": ((1.0,) * 4,) * 3}}  # a tuple too (it read "a tuple, not an array")
+    assert t.apply(as_tuple, x).shape == (2, 4) and fx.check_variables(t, as_tuple, x).ok
 
 
 def test_training_must_be_a_bool_as_in_init():
