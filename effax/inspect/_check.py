@@ -59,9 +59,13 @@ def check_variables(
     variables = _check_variables_arg(variables)  # the same refusal as `t.apply`'s
     key = jax.random.key(0) if rngs is None else rngs
     # `apply` with these options needs the variables `init` makes by default: every param and state
-    # collection. `mutable` and `capture_intermediates` would add the run's sown values (outputs, not
-    # variables) and, for `mutable`, drop state collections it does not name.
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("mutable", "capture_intermediates")}
+    # collection. `mutable` and `capture_intermediates` add the run's sown values (outputs, not variables:
+    # neither needed nor unused, so `t.init(..., capture_intermediates=True)`'s result checks too) and, for
+    # `mutable`, drop state collections it does not name.
+    sowing = {k: kwargs.pop(k) for k in ("mutable", "capture_intermediates") if k in kwargs}
     run = functools.partial(init, training=False if training is None else training, handlers=handlers)
     expected = run_abstractly(run, key, *args, **kwargs)
+    if any(sowing.values()):
+        sown = set(run_abstractly(run, key, *args, **kwargs, **sowing)) - set(expected)
+        variables = {c: tree for c, tree in variables.items() if c not in sown}
     return diff_variables(expected, variables)

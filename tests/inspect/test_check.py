@@ -161,6 +161,8 @@ def test_options_that_add_sown_values_expect_no_sown_variables():
     v = t.init(jax.random.key(0), x)
     assert fx.check_variables(t, v, x, capture_intermediates=True).ok
     assert fx.check_variables(t, v, x, mutable=True).ok
+    with_sows = t.init(jax.random.key(0), x, capture_intermediates=True)  # init's result with them checks too
+    assert "intermediates" in with_sows and fx.check_variables(t, with_sows, x, capture_intermediates=True).ok
     assert list(fx.summary(t, x, capture_intermediates=True).variables) == ["params"]
 
 

@@ -57,7 +57,11 @@ def run_both(module, x, variables, *, mutable, rngs=None, **kwargs):
 MODES = [(case, train) for case in sorted(CASES) for train in (False, True) if train or CASES[case][2]]
 
 
-@pytest.mark.parametrize(("case", "train"), MODES, ids=[f"{c}-{'train' if t else 'eval'}" for c, t in MODES])
+# every other case runs in the README's command (each compiles Flax and effax eagerly), all of them in CI
+@pytest.mark.parametrize(("case", "train"), [
+    pytest.param(c, t, id=f"{c}-{'train' if t else 'eval'}", marks=pytest.mark.slow if i % 2 else ())
+    for i, (c, t) in enumerate(MODES)
+])
 def test_outputs_and_updates_equal_flax_on_the_same_variables(case, train):
     module, x, flag, updated = CASES[case]
     kwargs = {flag: train} if flag else {}

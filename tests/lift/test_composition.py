@@ -230,9 +230,9 @@ def close(a, b):
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-5), a, b)
 
 
-# Every feature in fx.scan and every context with raw effects run in the README's test command; the rest of the
-# matrix is marked slow and runs in CI (`.ci/run` passes --run-slow).
-FAST = {(f, "scan") for f in FEATURES} | {("raw effects", c) for c in CONTEXTS}
+# Every feature in fx.scan and raw effects in each single lift run in the README's test command; the rest of the
+# matrix (the nested contexts too) is marked slow and runs in CI (`.ci/run` passes --run-slow).
+FAST = {(f, "scan") for f in FEATURES} | {("raw effects", c) for c in ("plain", "vmap", "remat")}
 CELLS = [
     pytest.param(f, c, id=f"{f}-{c}", marks=() if (f, c) in FAST else pytest.mark.slow)
     for f in FEATURES

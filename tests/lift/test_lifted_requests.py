@@ -72,7 +72,8 @@ def test_lora_on_a_scanned_model_creates_stacked_adapters_and_summary_counts_the
     ]
 
 
-@pytest.mark.parametrize("kind", ["scan", "vmap", "remat"])
+@pytest.mark.parametrize("kind", ["scan", pytest.param("vmap", marks=pytest.mark.slow),
+                                  pytest.param("remat", marks=pytest.mark.slow)])  # CI runs all three
 @pytest.mark.parametrize("init", [lambda h: jnp.zeros_like(h), lambda h: h * 0 + 1], ids=["zeros_like", "h*0+1"])
 def test_a_state_init_that_reads_the_body_input_is_made_inside_the_body(kind, init):
     def body(h, _):
