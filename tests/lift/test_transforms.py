@@ -83,7 +83,8 @@ def test_scan_equals_the_unrolled_loop_forward_and_gradients(maybe_jit):
 
     gs = maybe_jit(jax.grad(lambda p: loss(ts, v, p)))(v["params"])
     gu = maybe_jit(jax.grad(lambda p: loss(tu, vu, p)))(vu["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), gs, restack(gu))
+    # float32 gradients summed in another order (scan vs unrolled): equal to about 1e-6 of the largest
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), gs, restack(gu))
 
 
 def test_init_of_layer_i_uses_fold_in_of_its_path_key_and_i():
