@@ -35,6 +35,8 @@ def check_variables(
     raised. Nothing is computed or allocated. `t` is what `fx.transform`
     returned or the effectful function (as in `fx.summary`). Without `rngs`,
     a dummy key serves every stream; `training` is `init`'s (False when None).
+    Sown values (`capture_intermediates`, `mutable` naming a sown collection)
+    are a run's outputs, not variables: neither required nor reported unused.
 
     >>> t = fx.transform(lambda: fx.param("w", jax.nn.initializers.zeros, (2,)))
     >>> print(fx.check_variables(t, {"params": {"v": jnp.zeros(2)}}))
