@@ -32,8 +32,9 @@ class SideInputRequest(Request):
     default: Any = REQUIRED
 
     hint: ClassVar[str] = (
-        "provide it with `t.apply(..., handlers=[fx.handlers.SideInputs({tag: value})])` "
-        "or `fx.handle(fx.handlers.SideInputs(...))`, or give `fx.side_input` a default."
+        "provide it with `handlers=[fx.handlers.SideInputs({tag: value})]` in the call that runs the model "
+        "(`t.apply`, `t.init`, `fx.summary`, `fx.check_variables`), or `fx.handle(fx.handlers.SideInputs(...))`, "
+        "or give `fx.side_input` a default."
     )
 
     def describe(self) -> str:

@@ -162,3 +162,10 @@ def test_a_key_given_first_as_to_init_says_summary_takes_the_models_own_argument
     with pytest.raises(fx.EffaxError, match=r"fx.effects_of: the model `model` cannot take these arguments \(missing"):
         fx.effects_of(t)
     assert fx.summary(t, X, rngs=key).param_count == fx.summary(t, X).param_count == 16  # the fix
+
+
+def test_a_missing_side_input_in_summary_says_to_pass_handlers_to_the_call_that_runs_it():
+    """The hint named only `t.apply(..., handlers=...)`, though `fx.summary` runs the model and takes them too."""
+    with pytest.raises(fx.EffaxError, match=r"in the call that runs the model \(`t.apply`, `t.init`, `fx.summary`"):
+        fx.summary(lambda: fx.side_input("ctx"))
+    assert fx.summary(lambda: fx.side_input("ctx"), handlers=[fx.handlers.SideInputs({"ctx": 1.0})]) is not None
