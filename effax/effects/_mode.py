@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from effax.core import EffaxError, Request, path_now, send
+from effax.effects._param import NO_ANSWER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ def is_training() -> bool:
     request.__dict__["path"] = path_now()
     mode = send(request)
     if type(mode) is not bool:  # law 10: the answer's kind; a layer branches on it in Python
-        what = "None; did `handle` forget `return forward(request)`?" if mode is None else (
+        what = f"None; {NO_ANSWER}" if mode is None else (
             f"{type(mode).__name__} {mode!r:.40}, not a Python bool. The mode picks code in Python, so it is "
             "static: answer True or False (a traced flag cannot choose a layer's code; keep it out of `jax.jit`'s "
             "arguments, or pass it as `static_argnames`).")

@@ -340,16 +340,20 @@ def param(
     return checked_answer(request, value)
 
 
+# The likely slip of a handler whose answer is None (or of no kind the request could take), in every effect's check
+NO_ANSWER = (
+    "did `handle` forget `return forward(request)`? A handler answers each request it sees: with a value, or "
+    "with what `forward(request)` returns."
+)
+
+
 def checked_answer(request: ParamRequest, value: Any) -> Any:
     """`value`, the answer to `request` that is not an array of its exact shape and dtype, if it still is one
     in effect (a NumPy array or number of that shape whose dtype canonicalizes to it, a `jax.ShapeDtypeStruct`
     of a shape-only run); otherwise a `ShapeMismatchError` naming the param and the handler's likely slip."""
     if value is None or not hasattr(value, "shape") and not isinstance(value, (bool, int, float, complex)):
         what = "None" if value is None else f"a {type(value).__name__}, not an array"
-        raise ShapeMismatchError(
-            f"{request.describe()}: a handler answered {what}; did `handle` forget `return forward(request)`? "
-            "A handler answers each request it sees: with a value, or with what `forward(request)` returns."
-        )
+        raise ShapeMismatchError(f"{request.describe()}: a handler answered {what}; {NO_ANSWER}")
     shape, dtype = shape_dtype(value)
     if shape != request.shape or dtype != request.dtype:
         raise ShapeMismatchError(

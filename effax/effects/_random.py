@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import jax
 
 from effax.core import EffaxError, Request, check_name, path_now, path_str, send
+from effax.effects._param import NO_ANSWER
 
 _RANDOM_HINT = (
     "pass `rngs=` to `t.apply` (a key, or a dict {stream: key}), or install "
@@ -136,7 +137,7 @@ def checked_key(request: RandomRequest, value: Any) -> jax.Array:
     except (AttributeError, TypeError):  # no array: None from a forgotten `return`, a number
         pass
     if value is None:
-        what = "None; did `handle` forget `return forward(request)`?"
+        what = f"None; {NO_ANSWER}"
     else:
         what = f"{type(value).__name__} {getattr(value, 'dtype', '')}{list(getattr(value, 'shape', ()))}"
         what += ", not one typed key. Answer with one key of shape (): `jax.random.key(seed)`, `fold_in` of one"

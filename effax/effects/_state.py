@@ -22,7 +22,7 @@ from effax.core import (
     path_str,
     send,
 )
-from effax.effects._param import check_axes
+from effax.effects._param import NO_ANSWER, check_axes
 
 _STATE_HINT = (
     "discharge the model with `fx.transform(fn)` (`t.init`, or `t.apply(..., mutable=[collection])`), "
@@ -189,10 +189,7 @@ class LocalStateEffect:
         fields["path"], fields["collection"] = self.path, self.collection
         value = send(request)
         if value is None:  # state is a pytree of arrays (None is refused from `init()`): a handler's slip
-            raise EffaxError(
-                f"{request.describe()}: a handler answered None; did `handle` forget `return forward(request)`? "
-                "A handler answers each request it sees: with a value, or with what `forward(request)` returns."
-            )
+            raise EffaxError(f"{request.describe()}: a handler answered None; {NO_ANSWER}")
         return value
 
     def set(self, value: Any) -> None:

@@ -103,16 +103,19 @@ def spec(x: Any, dtype: str | None = None) -> str:
     return f"{name}[{', '.join(map(str, shape))}]"
 
 
-def flatten(tree: Mapping[str, Any], leaves: Container[str] = (), mappings: Container[str] = ()) -> dict[str, Any]:
+def flatten(
+    tree: Mapping[str, Any], leaves: Container[str] = (), mappings: Container[str] = (), scopes: set | None = None
+) -> dict[str, Any]:
     """`{"collection:a/b": leaf}` for a variables tree, walked as `apply` reads it: down mappings (keys of
     mixed types too), a Flax box or None one leaf. Any other value is one leaf at an entry named in `leaves`
     (a param stored as a nested list, which `apply` takes as an array) or in `mappings` (a NamedTuple or
     dataclass where the model keeps a dict, which `apply` cannot walk), so it is compared there; elsewhere
-    its own leaves are entries below it (a state holding a tuple)."""
+    its own leaves are entries below it (a state holding a tuple). `scopes`, when given, gets the entries
+    where the tree holds a mapping (the `mappings` to read another tree against)."""
     out: dict[str, Any] = {}
     for collection, sub in tree.items():
         if isinstance(sub, Mapping):
-            _walk(str(collection), (), sub, out, leaves, mappings)
+            _walk(str(collection), (), sub, out, leaves, mappings, scopes)
         else:
             out[str(collection)] = sub
     return out
@@ -124,33 +127,20 @@ def _sorted(node: Mapping) -> list[tuple[Any, Any]]:
                   else (type(kv[0]).__name__, str(kv[0])))
 
 
-def _walk(collection: str, path: tuple, x: Any, out: dict, leaves: Container[str], mappings: Container[str]) -> None:
-    if isinstance(x, Mapping) and not _is_box(x):
-        for key, value in _sorted(x):
-            _walk(collection, path + (str(key),), value, out, leaves, mappings)
-        return
+def _walk(collection: str, path: tuple, x: Any, out: dict, leaves: Container[str], mappings: Container[str],
+          scopes: set | None) -> None:
     entry = f"{collection}:{path_str(path)}"
+    if isinstance(x, Mapping) and not _is_box(x):
+        if scopes is not None and path:
+            scopes.add(entry)
+        for key, value in _sorted(x):
+            _walk(collection, path + (str(key),), value, out, leaves, mappings, scopes)
+        return
     if _is_box(x) or x is None or entry in leaves or entry in mappings:
         out[entry] = x
         return
     for key_path, leaf in jax.tree.leaves_with_path(x, is_leaf=lambda y: _is_box(y) or y is None):
         out[f"{collection}:{path_str(path + key_path_names(key_path))}"] = leaf
-
-
-def _mapping_entries(tree: Mapping[str, Any]) -> set[str]:
-    """The entries at which `tree` holds a mapping (a scope of variables), below its collections."""
-    found: set[str] = set()
-
-    def walk(collection: str, path: tuple, node: Any) -> None:
-        if isinstance(node, Mapping) and not _is_box(node):
-            if path:
-                found.add(f"{collection}:{path_str(path)}")
-            for key, value in node.items():
-                walk(collection, path + (str(key),), value)
-
-    for collection, sub in tree.items():
-        walk(str(collection), (), sub)
-    return found
 
 
 def _key_data_of(want: Any, have: Any) -> bool:
@@ -213,6 +203,6 @@ def diff_variables(expected: Mapping[str, Any], found: Mapping[str, Any]) -> Var
     >>> report.ok, report.missing
     (False, ['params:Dense_0/bias (float32[2])'])
     """
-    want = flatten(expected)
-    found = flatten(found, leaves=want, mappings=_mapping_entries(expected))
-    return diff_specs(want, found, labels=("model", "variables"))
+    scopes: set[str] = set()
+    want = flatten(expected, scopes=scopes)
+    return diff_specs(want, flatten(found, leaves=want, mappings=scopes), labels=("model", "variables"))

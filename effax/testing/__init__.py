@@ -99,8 +99,9 @@ def assert_handler_laws(
     >>> assert_handler_laws(LogRequests, max_examples=2, seed=0, only=["determinism", "reuse"])
     """
     effects = _names(effects, "effects", KNOWN_EFFECTS, "effects")
-    if not effects and handler is not None:  # a handler class may say what it answers: `answers = (...)`
-        effects = laws.declared_effects(handler) or ()
+    declared = None if handler is None else laws.declared_effects(handler)  # `answers = (...)` on its class
+    if not effects:
+        effects = declared or ()
     if budget is not None and not isinstance(budget, Mapping):
         raise LawKitError(
             f"budget={budget!r} is not a dict: `budget={{'law name': n}}` sets one law's examples; "
@@ -121,6 +122,7 @@ def assert_handler_laws(
         fresh=laws.fresh_copies(handler),
         reference=reference,
         custom_models=models is not None,
+        sees_every_request=declared is None,
     )
     for name in chosen:
         law = LAWS[name]

@@ -1517,6 +1517,7 @@ class Subject:
     fresh: Callable[[], tuple[Any, ...]]
     reference: HandlerLike = None
     custom_models: bool = False
+    sees_every_request: bool = False  # it declares no `answers`: module calls reach it too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1572,7 +1573,7 @@ def _run_forwarding(subject: Subject, data: Any, key: Any, training: bool) -> No
         model, x = _draw_model(subject, data)
     else:  # a request of every effect the handler forwards, so one it drops or changes is always met; module
         # calls too for a handler that declares no `answers` (it is sent them, as every request)
-        pool = KNOWN_EFFECTS if declared_effects(subject.handler) is None else EFFECTS
+        pool = KNOWN_EFFECTS if subject.sees_every_request else EFFECTS
         forwarded = tuple(e for e in pool if e not in subject.effects)
         model, x = data.draw(models_and_inputs(require=forwarded), label="model, x")
     check_forwarding_identity(model, x, key, subject.handler, effects=subject.effects, training=training)
