@@ -110,21 +110,22 @@ class _Routes(dict):
 
     def __missing__(self, kind: type) -> tuple:
         runs, i = self.runs, len(self.runs) - 1  # skip the runs that declare they do not answer `kind`
-        while i >= 0 and (answers := answers_of(runs[i])) is not None and not issubclass(kind, answers):
+        while i >= 0 and (answers := runs.answers[i]) is not None and not issubclass(kind, answers):
             i -= 1
         if i >= 0 and runs.prefixes[i] is None:
-            runs.prefixes[i] = _Runs(runs[:i], runs.prefixes)
+            runs.prefixes[i] = _Runs(runs[:i], runs.prefixes, runs.answers[:i])
         return self.setdefault(kind, (runs[i].handle, runs.prefixes[i]) if i >= 0 else ())
 
 
 class _Runs(tuple):
     """The installed runs, outermost first, with their routes and the prefix stacks below each run."""
 
-    def __new__(cls, runs: Iterable[Any], prefixes: list | None = None) -> _Runs:
+    def __new__(cls, runs: Iterable[Any], prefixes: list | None = None, answers: tuple | None = None) -> _Runs:
         self = super().__new__(cls, runs)
         self.routes = _Routes()
         self.routes.runs = self
         self.prefixes = [None] * len(self) if prefixes is None else prefixes  # shared by a stack's prefixes
+        self.answers = tuple(answers_of(run) for run in self) if answers is None else answers  # read once
         self.forward = self._forward  # what a handler below this stack forwards to (made once)
         return self
 
@@ -204,7 +205,8 @@ class _Handling:
                                  "classes, `answers = (fx.ParamRequest, ...)`, or None (the handler sees every "
                                  "request), declared on the handler's class (or on the run's own class).")
             info[id(run)] = (run is h, answers)
-        self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), _OWN.set(info)))
+        own = _OWN.set(info)  # first: the new stack reads what its runs answer from it
+        self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), own))
         return runs
 
     def __exit__(self, *exc: Any) -> None:
