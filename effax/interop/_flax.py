@@ -27,6 +27,8 @@ from effax.core import (
     scope,
 )
 from effax.effects import (
+    InitializingRequest,
+    ModeRequest,
     ModuleCallRequest,
     capture_filter,
     is_initializing,
@@ -127,12 +129,15 @@ def _param_leaf(nn: Any, node: Any, where: tuple[str, ...]) -> tuple[jax.ShapeDt
     return node, axes
 
 
-def _classify(nn: Any, variables: Mapping[str, Any]) -> _Spec:
-    """Split Flax's abstract variables into params and state; drop sown collections.
+def _tuples_only(tree: Any) -> bool:
+    """Whether a collection holds only tuples: what `Module.sow` makes (its default reduce appends to one),
+    or state whose value is a tuple (an LSTM carry); `_sown` tells them apart."""
+    leaves = _leaves(tree) if isinstance(tree, Mapping) else []
+    return bool(leaves) and all(isinstance(v, tuple) for v in leaves)
 
-    A collection whose every variable is a tuple is what `Module.sow` makes
-    (its default reduce appends to a tuple), so it is sown output, not state.
-    """
+
+def _classify(nn: Any, variables: Mapping[str, Any], sown: frozenset[str] = frozenset()) -> _Spec:
+    """Split Flax's abstract variables into params and state; drop the `sown` collections."""
 
     def params(tree: Mapping[str, Any], where: tuple[str, ...]) -> dict[str, Any]:
         return {
@@ -153,8 +158,7 @@ def _classify(nn: Any, variables: Mapping[str, Any]) -> _Spec:
     for collection, tree in variables.items():
         if collection == "params" or not isinstance(tree, Mapping):
             continue
-        leaves = _leaves(tree)
-        if leaves and not all(isinstance(v, tuple) for v in leaves):
+        if _leaves(tree) and collection not in sown:
             state_axes(tree, (collection,))
             state[collection] = nn.meta.unbox(tree)
     return _Spec(params(variables.get("params", {}), ()), state, state_axes=axes)
@@ -168,14 +172,16 @@ def _key_struct() -> jax.ShapeDtypeStruct:
 class _InsideFlax(Handler):
     """Installed while Flax runs a module: an effax effect from inside it (an `fx.nn` layer in a linen
     `@compact` method) is refused by name. `fx.from_flax` hands the module linen's variables only, so such a
-    request would reach effax's handlers from inside Flax's own shape pass, as a trace mismatch."""
+    request would reach effax's handlers from inside Flax's own shape pass, as a trace mismatch. The run's
+    mode is let through: a Python bool, no variable, so `method=lambda m, x: m(x, train=fx.is_training())`
+    (run by Flax, inside the bound module) feeds a linen keyword as a plain wrapper does."""
 
     def __init__(self, module: Any):
         self.module = module
 
     def handle(self, request: Any, forward: Any) -> Any:
-        if isinstance(request, ModuleCallRequest):  # the layer's own requests say what it asked for
-            return forward(request)
+        if isinstance(request, (ModuleCallRequest, ModeRequest, InitializingRequest)):  # a module call: its
+            return forward(request)  # own requests say what it asked for
         raise EffaxError(
             f"{request.describe()} was requested from inside the Flax module {type(self.module).__name__}, "
             "which `fx.from_flax` runs with linen's own variables: effax effects and `fx.nn` layers are not "
@@ -202,20 +208,38 @@ def _spec(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> _Spec
     if spec is not None:
         return spec
 
-    def init(key: jax.Array, *arrays: Any) -> Any:
+    def init(key: jax.Array, *arrays: Any, frozen: tuple[str, ...] = ()) -> Any:
         it = iter(arrays)
         a, kw = jax.tree.unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)])
-        return module.init({"params": key}, *a, method=method, **kw)
+        return module.init({"params": key}, *a, method=method, mutable=nn.DenyList(("intermediates", *frozen)), **kw)
 
     structs = [s for s, d in zip(signature, dynamic, strict=True) if d]
     with handle(_InsideFlax(module)):
-        spec = _classify(nn, jax.eval_shape(init, _key_struct(), *structs))
+        variables = jax.eval_shape(init, _key_struct(), *structs)
+        tuples = [c for c, tree in variables.items() if c != "params" and _tuples_only(tree)]
+        spec = _classify(nn, variables, _sown(init, [_key_struct(), *structs], tuples))
     if cache_key is not None:
         with _SPECS_LOCK:
             if len(_SPECS) >= _CACHE_SIZE:
                 _SPECS.pop(next(iter(_SPECS)))
             _SPECS[cache_key] = spec
     return spec
+
+
+def _sown(init: Any, args: list, collections: list[str]) -> frozenset[str]:
+    """Which of the `collections` (each holding only tuples) are sown, not state: with a collection frozen,
+    `Module.sow` skips it and init still runs, while `self.variable` cannot create its variable there (an
+    abstract init per collection, once per module signature; none for a module that sows nothing)."""
+    import flax.errors
+
+    sown = []
+    for c in collections:
+        try:
+            jax.eval_shape(functools.partial(init, frozen=(c,)), *args)
+        except flax.errors.FlaxError:  # it creates a variable there: state, e.g. an LSTM carry
+            continue
+        sown.append(c)
+    return frozenset(sown)
 
 
 class _FlaxInit:
@@ -359,7 +383,11 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
                 raise
             del cells[collection]  # not given: `perturb` adds nothing, as in Flax
     if initializing:  # init creates, it does not step: no state is written back
-        _sow_rest(init.variables, spec)
+        if _changed(variables, init.variables):  # a handler answered another value (an interceptor): the
+            out, made = _apply(nn, module, spec, variables, set(), method, args, kwargs, capture)  # output
+            _sow_rest(made, spec)  # and sows are the answered variables', as under `t.apply` (law 3)
+        else:
+            _sow_rest(init.variables, spec)
         return out
     frozen = {c for c, held in cells.items() if held and not is_mutable(held[0][1], held[0][2])}
 
@@ -379,6 +407,12 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
                     cell.set(new)
     _sow_rest(updates, spec)
     return out
+
+
+def _changed(answered: Mapping[str, Any], made: Mapping[str, Any]) -> bool:
+    """Whether some variable was answered with another value than the one Flax's init made."""
+    ours, flax = jax.tree.leaves(answered), jax.tree.leaves({c: made.get(c, {}) for c in answered})
+    return len(ours) != len(flax) or any(a is not b for a, b in zip(ours, flax, strict=True))
 
 
 class _Absent(Exception):

@@ -570,3 +570,89 @@ def test_an_fx_nn_layer_inside_a_linen_module_is_refused_by_name():
 
     with pytest.raises(fx.EffaxError, match=r"param `Dense_0/kernel` .* from inside the Flax module Mixed"):
         fx.transform(fx.from_flax(Mixed())).init(jax.random.key(0), jnp.ones((2, 3)))
+
+
+class _CarriedLSTM(nn.Module):
+    """A linen module keeping an LSTM carry (a tuple) as state across calls."""
+
+    @nn.compact
+    def __call__(self, x):
+        cell = nn.OptimizedLSTMCell(4)
+        carry = self.variable("carry", "c", lambda: cell.initialize_carry(jax.random.key(0), x.shape))
+        new, y = cell(carry.value, x)
+        if not self.is_initializing():
+            carry.value = new
+        return y
+
+
+def test_state_whose_value_is_a_tuple_is_state_not_sown_values():
+    # a collection of tuples is what `sow` makes, or a tuple-valued variable: only the first is sown
+    m, x = _CarriedLSTM(), jnp.ones((2, 3))
+    vf, t = m.init(K, x), fx.transform(fx.from_flax(m))
+    v = t.init(K, x)
+    assert sorted(v) == ["carry", "params"]
+    assert_same(v, vf)
+    yf, uf = m.apply(vf, x, mutable=["carry"])
+    y, u = t.apply(v, x, mutable=["carry"])
+    assert_same((y, u), (yf, uf))
+    assert_same(t.apply({**v, **u}, x, mutable=["carry"]), m.apply({**vf, **uf}, x, mutable=["carry"]))
+    assert fx.check_variables(t, {**vf, **uf}, x).ok
+
+
+@pytest.mark.parametrize("lift", ["scan", "vmap"])
+def test_broadcast_params_of_a_flax_module_are_made_once_as_the_unlifted_module_makes_them(lift):
+    # params="broadcast": Flax's init inside the body draws one "params" key for every iteration (member)
+    dense = fx.from_flax(nn.Dense(4), name="d")
+    if lift == "scan":
+        body = fx.scan(lambda h, _: (jnp.tanh(dense(h)), None), length=3, params="broadcast")
+        t = fx.transform(lambda x: body(x, None)[0])
+    else:
+        t = fx.transform(fx.vmap(dense, params="broadcast"))
+    x = jnp.ones((3, 4))
+    out, v = t.init_with_output(K, x)
+    assert_same(v["params"]["d"], fx.transform(dense).init(K, x[0])["params"]["d"])
+    assert_same(out, t.apply(v, x))  # law 3
+
+
+class _KernelDelta(fx.Handler):
+    """Answers every kernel with the stored one plus an adapter of its own (a LoRA on params)."""
+
+    def handle(self, request, forward):
+        w = forward(request)
+        if isinstance(request, fx.ParamRequest) and request.path[-1] == "kernel":
+            with fx.scope("lora"):
+                a = fx.param("a", jax.nn.initializers.normal(0.5), (w.shape[0], 2))
+                b = fx.param("b", jax.nn.initializers.normal(0.5), (2, w.shape[1]))
+            return w + a @ b
+        return w
+
+
+def test_init_output_of_a_flax_module_uses_the_params_a_handler_answered():
+    # law 3 with an interceptor: init's output comes from the answered params, as apply's does
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Dense(2)(x)
+            self.sow("intermediates", "y", y)
+            return y
+
+    t = fx.transform(fx.from_flax(Probe(), name="d"))
+    out, v = t.init_with_output(K, X, handlers=[_KernelDelta()], mutable=["intermediates"])
+    applied, updates = t.apply(v, X, handlers=[_KernelDelta()], mutable=["intermediates"])
+    assert_same(out, applied)
+    assert_same(v["intermediates"], updates["intermediates"])
+    assert not np.allclose(out, nn.Dense(2).apply({"params": v["params"]["d"]["Dense_0"]}, X))
+
+
+def test_the_mode_reaches_a_method_flax_runs_inside_the_module():
+    # docs/guides/flax.md: `method=lambda m, x: m(x, training=fx.is_training())` feeds a linen keyword
+    class Critic(nn.Module):
+        @nn.compact
+        def __call__(self, x, training: bool = False):
+            return nn.Dropout(0.5, deterministic=not training)(nn.Dense(3)(x))
+
+    m = Critic()
+    t = fx.transform(fx.from_flax(m), method=lambda m, x: m(x, training=fx.is_training()))
+    v = t.init(K, X)
+    assert_same(t.apply(v, X, training=True, rngs={"dropout": KD}), m.apply(v, X, training=True, rngs={"dropout": KD}))
+    assert_same(t.apply(v, X, training=False), m.apply(v, X))
