@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effax.core import EffaxError, current_path, current_stack, is_stateless, path_str, run_values
+from effax.core import EffaxError, ShapeMismatchError, current_path, current_stack, is_stateless, path_str, run_values
 from effax.effects import (
     GetStateRequest,
     LocalStateRequest,
@@ -170,6 +170,22 @@ def _stacked_state(request: LocalStateRequest, struct: Any, stack_axis: str | No
     return request if axes is None else dataclasses.replace(request, axes=axes)
 
 
+def _check_stacked(value: Any, how: _Crossing, collection: str, path: tuple[str, ...]) -> None:
+    """A stacked variable holds one slice per iteration (member): another leading size is refused by path
+    here, where JAX's own error would name only the lift's internal arguments."""
+    sizes = {(getattr(leaf, "shape", None) or (None,))[0] for leaf in jax.tree.leaves(value)}
+    if sizes - {how.n}:
+        found = " and ".join("none" if s is None else str(s) for s in sorted(sizes - {how.n}, key=str))
+        lift, size = ("fx.scan", "length") if how.carry_params else ("fx.vmap", "axis size")
+        raise ShapeMismatchError(
+            f"state `{path_str(path)}` in collection {collection!r} is stacked by {lift} at "
+            f"`{path_str(current_path())}`, whose {size} is {how.n}, but the stored value's leading axis is "
+            f"{found}: it was made for another {size} (a decode cache made for another batch, a stack of "
+            f"another number of layers). Create it again with `t.init` on inputs of this {size}, or pass "
+            "variables made for it."
+        )
+
+
 def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
     """Request the body's needs outside (step 2); return where each value enters the body."""
     plan, n = Plan(replies=needs.replies), how.n
@@ -218,6 +234,8 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
                 init_keys.setdefault((kind, tuple(at)), []).append(key)
         if not fresh:
             value = send_at(outer, depth, GetStateRequest(path, collection))
+            if crossing == "mapped" and n is not None:
+                _check_stacked(value, how, collection, path)
             plan.state[slot] = StatePlan(need, False, plan.add(crossing, value))
             if crossing == "carried" or need.written:
                 plan.outputs.append((crossing, "state", slot))
@@ -406,15 +424,20 @@ def _state_modes(state: Any, default: str, allowed: tuple[str, ...], where: str)
     raise EffaxError(f"{where}: state must be one of {allowed} or a dict {{collection: mode}}, got {state!r}.")
 
 
-def _split_streams(split_rngs: Any, where: str) -> Callable[[str], bool]:
+def _split_streams(split_rngs: Any, where: str, stack_params: bool) -> Callable[[str], bool]:
+    """Whether a stream's keys differ per iteration. With `params="broadcast"` the `"params"` stream never
+    does: one param is made for every iteration, so what makes it (a `fx.from_flax` module's own init, which
+    draws that stream, as Flax's `nn.scan` needs `split_rngs={"params": False}` beside a broadcast) must
+    see one key, as `fx.nn`'s params do."""
     if split_rngs is True or split_rngs is False:
-        return lambda stream: split_rngs
-    if isinstance(split_rngs, str):
-        split_rngs = (split_rngs,)
-    if isinstance(split_rngs, Iterable):
+        names = None
+    elif isinstance(split_rngs, str):
+        names = frozenset((split_rngs,))
+    elif isinstance(split_rngs, Iterable):
         names = frozenset(split_rngs)
-        return lambda stream: stream in names
-    raise EffaxError(f"{where}: split_rngs must be True, False or stream names, got {split_rngs!r}.")
+    else:
+        raise EffaxError(f"{where}: split_rngs must be True, False or stream names, got {split_rngs!r}.")
+    return lambda stream: (split_rngs if names is None else stream in names) and (stack_params or stream != "params")
 
 
 def _brief(value: Any) -> str:
@@ -533,7 +556,9 @@ def scan(
       `{collection: mode}`. By default it follows `params`.
     - `split_rngs=True` gives every iteration its own keys (draw `n` in
       iteration `i` is `fold_in(k_n, i)`, `k_n` drawn outside); False, or
-      the streams not named, repeat the same keys in every iteration.
+      the streams not named, repeat the same keys in every iteration. With
+      `params="broadcast"` the `"params"` stream is never split (one param
+      for every iteration; a `fx.from_flax` module's init draws it).
     - sown values come back stacked, one `sow` per value the body sowed.
     - `stack_axis="layers"` names the stacked dimension of params as a
       logical axis (Flax's `metadata_params={nn.PARTITION_NAME: "layers"}`):
@@ -563,7 +588,7 @@ def scan(
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
     stack_axis = _check_stack_axis(stack_axis, stack_params, where)
     modes = _state_modes(state, "stack" if stack_params else "carry", ("stack", "carry"), where)
-    split = _split_streams(split_rngs, where)
+    split = _split_streams(split_rngs, where, stack_params)
 
     def state_how(collection: str, declared: bool) -> str:
         return "mapped" if declared and modes(collection) == "stack" else "carried"
@@ -726,7 +751,8 @@ def vmap(
       reduced with `jax.lax.pmean` over `axis_name`). It follows `params`
       by default.
     - `split_rngs=True` gives every member its own keys; False, or the
-      streams not named, give all members the same keys.
+      streams not named, give all members the same keys. With
+      `params="broadcast"` the `"params"` stream is never split.
     - sown values come back stacked along axis 0.
     - `stack_axis="ensemble"` names the members' dimension of stacked
       params and state as a logical axis, as in `fx.scan` (`axis_name` is
@@ -752,7 +778,7 @@ def vmap(
     stack_params = _choice(params, ("stack", "broadcast"), "params", where) == "stack"
     stack_axis = _check_stack_axis(stack_axis, stack_params, where)
     modes = _state_modes(state, "stack" if stack_params else "broadcast", ("stack", "broadcast"), where)
-    split = _split_streams(split_rngs, where)
+    split = _split_streams(split_rngs, where, stack_params)
 
     def state_how(collection: str, declared: bool) -> str:
         return "mapped" if declared and modes(collection) == "stack" else "unmapped"

@@ -104,9 +104,10 @@ class MultiHeadAttention(Module):
     index. Writing the cache is inference state, so run the step with
     `fx.handlers.eval(mutable=["cache"])` and carry the returned cache to the
     next step. Stop at `max_length` tokens: the cache does not slide. An
-    eager call that would write past it raises `EffaxError`; under `jax.jit`
-    the index is traced, so a jitted loop must stop there itself (JAX would
-    clip the write into the last slots, as Flax's cache does).
+    eager call that would write past it raises `EffaxError`; under `jax.jit`,
+    and inside `fx.scan`/`fx.vmap`/`fx.remat` (they trace their body, eager
+    or not), the index is traced, so the loop must stop there itself (JAX
+    would clip the write into the last slots, as Flax's cache does).
 
     >>> def f(x):
     ...     return fx.nn.MultiHeadAttention(num_heads=2, causal=True)(x)

@@ -726,3 +726,23 @@ def test_stacked_state_axes_gain_the_stacked_dimension():
     assert axes(fx.vmap(lambda h: layer(h, None)[0], in_axes=None, axis_size=2))["k"] == P(None, "batch", "kv")
     t = fx.transform(lambda h: fx.scan(layer, length=L, stack_axis="layers")(h)[0])
     assert t.init(key, x)["cache"]["k"].shape == (L, 2, D)
+
+
+@pytest.mark.parametrize("lift", ["scan", "vmap"])
+def test_stacked_state_of_another_size_is_refused_by_path(lift):
+    # JAX's own error names only the lift's internal arguments (`ins[8]`, "leading axis sizes [2, 2, 3]")
+    def body(h):
+        n = fx.local_state("n", lambda: jnp.zeros(h.shape[-1:]), collection="cache")
+        n.set(n.get() + h)
+        return h + n.get()
+
+    if lift == "scan":
+        make = lambda k: fx.transform(lambda x: fx.scan(lambda c, _: (body(c), None), length=k)(x, None)[0])
+        x_init, x_apply = jnp.ones((2,)), jnp.ones((2,))
+    else:
+        make = lambda k: fx.transform(fx.vmap(body, params="broadcast", state="stack"))
+        x_init, x_apply = jnp.ones((3, 2)), jnp.ones((2, 2))
+    v = make(3).init(jax.random.key(0), x_init)
+    with pytest.raises(fx.ShapeMismatchError, match=r"state `n` in collection 'cache' is stacked by fx\."
+                       + lift + r".* is 2, but the stored value's leading axis is 3"):
+        make(2).apply(v, x_apply, mutable=["cache"])
