@@ -166,7 +166,30 @@ def _effect(request: Any, answer: Any, by_handler: bool = False) -> RequestRecor
     if via:
         fields["origin"] = request.origin
         fields["binding"] = " ; ".join(str(b) for b in via)
-    return RequestRecord(kind, request.path, by_handler=by_handler, request=request, **fields)
+    return RequestRecord(kind, request.path, by_handler=by_handler, request=_detached(request), **fields)
+
+
+def _made_in_a_lift(*args: Any) -> Any:
+    raise EffaxError(
+        "this recorded param was made inside a lifted transform (fx.scan / fx.vmap / fx.remat) during the "
+        "abstract run of `fx.summary`/`fx.effects_of`, whose values do not outlive it; its value is what "
+        "`t.init` makes."
+    )
+
+
+def _detached(request: Any) -> Any:
+    """The request as a record keeps it: the abstract run's values (a set or sown value, a value a lift made
+    for a param's initializer) become their shapes, as a traced value kept past its trace is a leak (law 8)."""
+    changes: dict[str, Any] = {}
+    for field in dataclasses.fields(request):
+        value = getattr(request, field.name)
+        if field.name == "init" and getattr(value, "from_lifted_body", False):
+            changes["init"] = _made_in_a_lift
+        elif any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
+            changes[field.name] = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.core.Tracer) else x, value
+            )
+    return dataclasses.replace(request, **changes) if changes else request
 
 
 class _Inventory:

@@ -265,10 +265,11 @@ class Recorder:
         caches) is concrete, so it is kept and given again in the real pass, and the run sees the request
         once, as in the unrolled loop. A module call runs the module's body, which reads the body's values:
         asked again in the real pass."""
+        if type(request) is ModuleCallRequest:  # noted by kind only: its arguments are this trace's values,
+            self.needs.replies.append([depth, ModuleCallRequest, _ASK])  # which must not outlive it (law 8)
+            return run.handle(request, forward)
         entry = [depth, request, _ASK]  # noted before asking: what the run asks while answering comes after it
         self.needs.replies.append(entry)
-        if type(request) is ModuleCallRequest:
-            return run.handle(request, forward)
         with jax.ensure_compile_time_eval():
             answer = run.handle(request, forward)
         if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(answer)):
@@ -395,7 +396,10 @@ _ASK = object()  # a reply that could not be kept (it holds the learning pass's 
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two requests are equal (one with array fields, which compare elementwise, is not)."""
+    """Whether two requests are equal (one with array fields, which compare elementwise, is not); a request
+    noted by its class alone (a module call) matches any of that class."""
+    if isinstance(a, type):
+        return type(b) is a
     try:
         return type(a) is type(b) and bool(a == b)
     except Exception:  # noqa: BLE001 - an array field: no truth value

@@ -185,3 +185,24 @@ class Pong(fx.Handler):
 def test_unknown_request_kinds_are_listed_by_type_name():
     (e,) = fx.effects_of(lambda: send(Ping(("here",))), handlers=[Pong()])
     assert (e.kind, e.name, e.shape) == ("Ping", "here", None)
+
+
+@pytest.mark.parametrize("lift", ["scan_param", "scan_dense", "remat"])
+def test_records_of_a_lifted_model_hold_no_tracer_of_the_abstract_run(lift):
+    # law 8: a lift's learning pass (module calls it noted) and the params it made (their `Constant`
+    # initializers) kept the abstract run's tracers in the records
+    def body(h, _):
+        if lift == "scan_dense":
+            return fx.nn.Dense(3)(h), None
+        return h @ fx.param("w", jax.nn.initializers.ones, (3, 3)), None
+
+    if lift == "remat":
+        t = fx.transform(lambda x: fx.remat(lambda h: body(h, None)[0])(x))
+    else:
+        t = fx.transform(lambda x: fx.scan(body, 2)(x, None)[0])
+    x = jnp.ones((2, 3))
+    with jax.checking_leaks():
+        records = fx.effects_of(t, x)
+        fx.summary(t, x)
+    for r in records:
+        assert not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(vars(r.request)))
