@@ -180,8 +180,9 @@ class _InsideFlax(Handler):
         self.module = module
 
     def handle(self, request: Any, forward: Any) -> Any:
-        if isinstance(request, (ModuleCallRequest, ModeRequest, InitializingRequest)):  # a module call: its
-            return forward(request)  # own requests say what it asked for
+        # a module call's own requests say what it asked for; the mode is a Python bool, not a variable
+        if isinstance(request, (ModuleCallRequest, ModeRequest, InitializingRequest)):
+            return forward(request)
         raise EffaxError(
             f"{request.describe()} was requested from inside the Flax module {type(self.module).__name__}, "
             "which `fx.from_flax` runs with linen's own variables: effax effects and `fx.nn` layers are not "
