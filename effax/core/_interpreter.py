@@ -205,8 +205,8 @@ class _Handling:
                                  "classes, `answers = (fx.ParamRequest, ...)`, or None (the handler sees every "
                                  "request), declared on the handler's class (or on the run's own class).")
             info[id(run)] = (run is h, answers)
-        own = _OWN.set(info)  # first: the new stack reads what its runs answer from it
-        self._tokens.append((_STACK.set(_Runs(_STACK.get() + runs)), begin_run(fresh=False), own))
+        stack = _Runs((below := _STACK.get()) + runs, None, below.answers + tuple(info[id(r)][1] for r in runs))
+        self._tokens.append((_STACK.set(stack), begin_run(fresh=False), _OWN.set(info)))
         return runs
 
     def __exit__(self, *exc: Any) -> None:

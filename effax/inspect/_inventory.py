@@ -186,9 +186,7 @@ def _detached(request: Any) -> Any:
         if field.name == "init" and getattr(value, "from_lifted_body", False):
             changes["init"] = _made_in_a_lift
         elif any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
-            changes[field.name] = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.core.Tracer) else x, value
-            )
+            changes[field.name] = jax.tree.map(lambda x: _spec(x) if isinstance(x, jax.core.Tracer) else x, value)
     return dataclasses.replace(request, **changes) if changes else request
 
 
