@@ -205,6 +205,10 @@ class _Inventory:
 
 
 class _ModelRequests:
+    # It only watches: inside a lifted body, params, state, keys and sows pass it to the next run out, so an
+    # interceptor outside it (`handlers=[LoRA]`) still runs inside the body, as under `t.init`. (A request an
+    # interceptor answers itself inside a lifted body is then not listed as `by_handler`.)
+    passes_lifted_requests = True
 
     def __init__(self, inventory: _Inventory):
         self.inventory = inventory

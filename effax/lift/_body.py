@@ -18,7 +18,11 @@ outside, one entry per installed run:
   unrolled order), and answered in the body from the values passed in
   (`Answerer`). Other requests (mode, side inputs, module calls, requests
   of your own) go to the run itself, asked once per lifted call where its
-  answer can be kept from the learning pass (`Recorder.reply`).
+  answer can be kept from the learning pass (`Recorder.reply`). A run that
+  only watches what the handlers inside it answer (`passes_lifted_requests`,
+  a summary's recorder) lets lifted requests pass to the next proxy out, so
+  the stateless handlers outside it still run inside the body; it is shown
+  (in each pass) the ones a handler inside the body answered itself.
 
 Values computed from the body's inputs (a state `init` reading the input, an
 initializer closing over it) are created inside the body: the request sent
@@ -210,6 +214,7 @@ class Recorder:
         self.outside: set[tuple] = set()  # variables that exist outside: read there
         self.init_of: tuple | None = None  # the state slot whose `init()` is running
         self.asked: set[tuple] = set()  # outside variables whose writability was asked
+        self.lifted = 0  # lifted requests answered so far (a watching run's proxy counts them)
 
     def _exists(self, depth: int, request: LocalStateRequest) -> bool:
         """Whether the variable exists outside: declared there with a `Probe` init, which a handler calls (or
@@ -277,6 +282,7 @@ class Recorder:
         return answer
 
     def answer(self, depth: int, request: Any) -> Any:
+        self.lifted += 1
         kind, needs = type(request), self.needs
         if kind is ParamRequest:
             slot = (depth, request.path)
@@ -422,6 +428,7 @@ class Answerer:
         self.sown: dict[tuple, list] = {}
         self.trace = trace_state()
         self.replies = collections.deque(plan.replies)
+        self.lifted = 0  # lifted requests answered so far (a watching run's proxy counts them)
 
     def reply(self, depth: int, run: Any, request: Any, forward: Callable[[Any], Any]) -> Any:
         """What the run at `depth` answered to `request` in the learning pass, if it could be kept; else ask it."""
@@ -432,6 +439,7 @@ class Answerer:
         return run.handle(request, forward)
 
     def answer(self, depth: int, request: Any) -> Any:
+        self.lifted += 1
         kind, plan = type(request), self.plan
         if kind is ParamRequest:
             slot = (depth, request.path)
@@ -538,16 +546,24 @@ _CROSSING = (
 class _Proxy:
     """Stands inside a lifted body for one stateful run outside it (see the module docstring)."""
 
-    __slots__ = ("run", "depth", "body", "answers")
+    __slots__ = ("run", "depth", "body", "answers", "passes_lifted_requests")
 
     def __init__(self, run: Any, depth: int, body: Recorder | Answerer):
         self.run, self.depth, self.body = run, depth, body
         # the run's own declaration: a request it never sees skips the proxy too
         self.answers = answers_of(run)
+        # as the run it stands for: a nested lift's proxy of this one lets them pass too
+        self.passes_lifted_requests = getattr(run, "passes_lifted_requests", False)
 
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
         if type(request) in LIFTED:
-            return self.body.answer(self.depth, request)
+            if not self.passes_lifted_requests:
+                return self.body.answer(self.depth, request)
+            body, before = self.body, self.body.lifted  # a run that only watches: lifted at the next proxy out,
+            answer = forward(request)
+            if body.lifted == before:  # or answered by a handler inside the body: shown to the run, answered
+                self.run.handle(request, lambda _: answer)
+            return answer
         try:
             return self.body.reply(self.depth, self.run, request, forward)
         except TraceMismatchError:

@@ -100,6 +100,41 @@ def test_params_a_handler_serves_are_rows_but_no_variables():
     assert all(e.by_handler for e in fx.effects_of(t, x, handlers=h) if e.path[0] == "frozen")
 
 
+@pytest.mark.parametrize("lift", ["scan", "nested scan", "vmap", "remat"])
+def test_inside_a_lift_a_served_param_is_a_row_and_the_interceptors_params_are_counted(lift):
+    """The summary's own recorder lets lifted requests pass to storage, so a stateless handler outside it
+    still runs inside the body (as under `t.init`): a param it serves there is listed, unstored, and what it
+    creates is counted, where a param interceptor used to be refused as a handler with per-run state."""
+
+    class LoRA(fx.Handler):  # on the kernel param itself: it changes the answer and creates params
+        answers = (fx.ParamRequest,)
+
+        def handle(self, request, forward):
+            w = forward(request)
+            if request.path[-1] != "kernel" or request.path[0] == "frozen":
+                return w
+            with fx.scope("lora"):
+                return w + fx.param("a", jax.nn.initializers.ones, (w.shape[0], 2)) @ fx.param(
+                    "b", jax.nn.initializers.zeros, (2, w.shape[1]))
+
+    def block(h):
+        with fx.scope("frozen"):
+            h = fx.nn.Dense(3)(h)
+        return fx.nn.Dense(3)(h)
+
+    scan = lambda f: lambda h: fx.scan(lambda c, _: (f(c), None), length=2)(h)[0]  # noqa: E731
+    model = {"scan": scan(block), "nested scan": scan(scan(block)), "remat": fx.remat(block),
+             "vmap": fx.vmap(block, in_axes=None, axis_size=2)}[lift]
+    t, x, h = fx.transform(model), jnp.ones((1, 3)), [FrozenOnes(), LoRA()]
+    v = t.init(jax.random.key(0), x, handlers=h)
+    s = fx.summary(t, x, handlers=h)
+    assert shapes(s.variables) == shapes(v)
+    assert s.param_count == sum(a.size for a in jax.tree.leaves(v))
+    assert "lora" in v["params"]["Dense_0"] and "frozen" not in v["params"]
+    frozen = [e for e in fx.effects_of(t, x, handlers=h) if e.path[0] == "frozen"]
+    assert sorted(e.path[-1] for e in frozen) == ["bias", "kernel"] and all(e.by_handler for e in frozen)
+
+
 def test_initializers_run_so_a_wrong_one_is_refused_as_in_init():
     bf16 = lambda key, shape, dtype: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
     model = lambda x: x @ fx.param("w", bf16, (3, 2))  # noqa: E731

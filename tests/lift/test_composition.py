@@ -80,6 +80,22 @@ class LoRA(fx.Handler):
         return out
 
 
+class ParamLoRA(fx.Handler):
+    """A stateless interceptor of params (LoRA on every kernel, on the param itself rather than the module
+    call): it changes the answer and creates params of its own."""
+
+    answers = (fx.ParamRequest,)
+
+    def handle(self, request, forward):
+        w = forward(request)
+        if request.path[-1] != "kernel":
+            return w
+        with fx.scope("lora"):
+            a = fx.param("a", normal, (w.shape[0], 2))
+            b = fx.param("b", normal, (2, w.shape[1]))
+        return w + a @ b
+
+
 class Scale(fx.Handler):
     """A user's stateful handler: doubles every param and remembers which paths it saw."""
 
@@ -148,6 +164,7 @@ FEATURES = {
     "capture_intermediates": Feature(nn_layer, options={"capture_intermediates": True}),
     "InterceptMethods": Feature(nn_layer, handlers=(fx.handlers.InterceptMethods(double_dense),)),
     "LoRA interceptor": Feature(nn_layer, handlers=(LoRA(),)),
+    "LoRA on params": Feature(nn_layer, handlers=(ParamLoRA(),)),
     "stateful handler": Feature(raw_layer, handlers=(Scale(),)),
     "from_flax": Feature(flax_layer),
     "from_flax with state": Feature(flax_stateful_layer),
