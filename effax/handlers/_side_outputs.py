@@ -56,5 +56,10 @@ class _SownRun:
         tree.set(path, (previous if type(previous) is tuple else ()) + (request.value,), request.describe)
         return None
 
+    def keeps(self, collection: str) -> bool:
+        """Whether this run keeps sows of `collection` (else it passes them outward): `fx.cond` asks, as a sow
+        nothing keeps does nothing, so its branches need not agree on it."""
+        return is_mutable(self.wanted, collection)
+
     def collections(self) -> dict[str, Any]:
         return {c: tree.root for c, tree in self.trees.items()}

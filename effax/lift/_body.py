@@ -555,6 +555,10 @@ class _Proxy:
         # as the run it stands for: a nested lift's proxy of this one lets them pass too
         self.passes_lifted_requests = getattr(run, "passes_lifted_requests", False)
 
+    def keeps(self, collection: str) -> bool:  # as the run it stands for (a nested `fx.cond` asks)
+        keeps = getattr(self.run, "keeps", None)
+        return keeps is None or keeps(collection)
+
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
         if type(request) in LIFTED:
             if not self.passes_lifted_requests:
@@ -568,6 +572,20 @@ class _Proxy:
             return self.body.reply(self.depth, self.run, request, forward)
         except TraceMismatchError:
             raise EffaxError(_CROSSING.format(what=request.describe(), handler=type(self.run).__name__)) from None
+
+
+def sow_kept(outer: tuple[Any, ...], depth: int, collection: str) -> bool:
+    """Whether a sow of `collection` handed back at `depth` of `outer` may be kept: False only when every run
+    from there outward that answers sows says it does not keep the collection (`keeps`, the sow collector's),
+    so the sow does nothing. A run that cannot say (a user's handler) may keep it."""
+    for run in reversed(outer[:depth]):
+        answers = answers_of(run)
+        if answers is not None and not issubclass(SideOutputRequest, answers):
+            continue
+        keeps = getattr(run, "keeps", None)
+        if keeps is None or keeps(collection):
+            return True
+    return False
 
 
 def lifted_stack(outer: tuple[Any, ...], body: Recorder | Answerer) -> tuple[Any, ...]:

@@ -9,7 +9,9 @@ run under `jax.lax.switch`, and only the taken one computes. Keys follow the
 branch taken: a path that draws in several branches is given as many keys as
 the branch that draws most, in order. A branch's state `set` writes through
 (an untaken branch leaves the value as it was). Sown values follow the
-branch taken, so every branch must sow the same tags with the same shapes.
+branch taken, so every branch must sow the same tags with the same shapes
+where they are collected (`mutable=`, `capture_intermediates`); a sow that
+nothing collects does nothing, in one branch as anywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from effax.core import EffaxError, current_stack, path_str
 from effax.inspect import abstract_mode
-from effax.lift._body import Answerer, Needs, run_lifted
+from effax.lift._body import Answerer, Needs, run_lifted, sow_kept
 from effax.lift._transforms import (
     _abstract_results,
     _brief,
@@ -39,10 +41,13 @@ from effax.lift._transforms import (
 _ONE = _Crossing(None, False, False, lambda collection, declared: "unmapped", lambda stream: False)
 
 
-def _merge(all_needs: list[Needs]) -> Needs:
-    """The union of the branches' needs: every param and variable, the most draws per path."""
+def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
+    """The union of the branches' needs: every param and variable, the most draws per path; the sows that
+    something outside keeps (a sow nothing keeps does nothing, so the branches need not agree on it)."""
     merged = Needs()
     for needs in all_needs:
+        for slot, init in needs.param_inits.items():  # a param's initializer: the first branch declaring it
+            merged.param_inits.setdefault(slot, init)
         for slot, request in needs.params.items():
             first = merged.params.setdefault(slot, request)
             if (first.shape, first.dtype) != (request.shape, request.dtype):
@@ -66,7 +71,7 @@ def _merge(all_needs: list[Needs]) -> Needs:
         for slot, uses in needs.param_uses.items():  # a param's later uses: as many as the branch using it most
             if len(uses) > len(merged.param_uses.get(slot, ())):
                 merged.param_uses[slot] = uses
-    sows = [needs.sows for needs in all_needs]
+    sows = [{k: v for k, v in needs.sows.items() if sow_kept(outer, k[0], k[1])} for needs in all_needs]
     if any(s != sows[0] for s in sows[1:]):
         raise EffaxError(
             "fx.cond/fx.switch: the branches sow different values ("
@@ -74,8 +79,9 @@ def _merge(all_needs: list[Needs]) -> Needs:
                 f"branch {i}: " + (", ".join(f"{k[-1]!r} at `{path_str(k[2])}`" for k in s) or "nothing")
                 for i, s in enumerate(sows)
             )
-            + "). Sown values follow the branch taken, so every branch must sow the same tags with the "
-            "same shapes: sow a placeholder (`jnp.zeros_like(v)`) in the others, or sow after the cond."
+            + "). Sown values follow the branch taken, so where they are collected (`mutable=`, a summary) "
+            "every branch must sow the same tags with the same shapes: sow a placeholder "
+            "(`jnp.zeros_like(v)`) in the others, or sow after the cond."
         )
     merged.sows = dict(sows[0])
     return merged
@@ -153,7 +159,7 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
             f"fx.cond/fx.switch: the branches return different shapes ({'; '.join(map(str, shapes))}); like "
             "`jax.lax.switch`, every branch must return the same structure, shapes and dtypes."
         )
-    needs = _merge([n for n, _, _ in learned])
+    needs = _merge([n for n, _, _ in learned], outer)
     plan = _plan(needs, outer, _ONE)
     if abstract_mode():
         values, sown = _abstract_results(plan, needs, None)

@@ -90,6 +90,67 @@ def test_sows_follow_the_branch_and_must_agree():
         bad.apply({}, True, mutable=True)
 
 
+@pytest.mark.parametrize("lifted", [False, True], ids=["plain", "in fx.scan"])
+def test_a_sow_in_one_branch_does_nothing_where_nothing_collects_it(lifted):
+    """A sow does nothing when its collection is not collected (init, apply without `mutable=`), so the
+    branches need not agree on it there; where it is collected they must, and the refusal says so."""
+
+    def cond(x):
+        return fx.cond(x.sum() > 0, lambda h: (fx.sow("h", h), h * 2)[1], lambda h: h, x)
+
+    model = (lambda x: fx.scan(lambda c, _: (cond(c), None), length=2)(x)[0]) if lifted else cond
+    t, x = fx.transform(model), jnp.ones(3)
+    assert t.init(jax.random.key(0), x) == {"params": {}}
+    np.testing.assert_array_equal(t.apply({}, x), x * (4 if lifted else 2))
+    out, updates = t.apply({}, x, mutable=["state"])
+    np.testing.assert_array_equal(out, x * (4 if lifted else 2))
+    assert updates == {}
+    for collected in (True, ["intermediates"]):
+        with pytest.raises(fx.EffaxError, match="sow the same tags"):
+            t.apply({}, x, mutable=collected)
+    with pytest.raises(fx.EffaxError, match="sow the same tags"):
+        fx.summary(t, x)  # a summary collects every sow
+
+
+class Double(fx.Handler):
+    """A user's stateful handler that changes every param's answer (the composition matrix's `Scale`)."""
+
+    answers = (fx.ParamRequest,)
+
+    def begin(self):
+        return DoubleRun()
+
+
+class DoubleRun:
+    answers = (fx.ParamRequest,)
+
+    def handle(self, request, forward):
+        return forward(request) * 2.0
+
+
+@pytest.mark.parametrize("inside", ["nothing", "fx.scan", "fx.remat", "fx.vmap"])
+def test_a_stateful_handler_changing_params_inside_a_branch(inside):
+    """A branch's new param is made outside through the handler, as a lift's is, so the branch computes on
+    the changed answer: init works, its output is apply's (law 3), and it equals the model without the cond
+    (it was refused: the merged needs lost the branch's initializer)."""
+
+    def layer(h):
+        return jnp.tanh(h @ fx.param("w", jax.nn.initializers.normal(), (3, 3)))
+
+    body = {
+        "nothing": layer,
+        "fx.scan": lambda h: fx.scan(lambda c, _: (layer(c), None), length=2)(h)[0],
+        "fx.remat": fx.remat(layer),
+        "fx.vmap": lambda h: fx.vmap(layer, in_axes=None, axis_size=2)(h).sum(0),
+    }[inside]
+    x, hs = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), [Double()]
+    t = fx.transform(lambda x: fx.cond(x.sum() > -10, body, lambda h: h, x))
+    out, v = t.init_with_output(KEY, x, handlers=hs)
+    np.testing.assert_allclose(out, t.apply(v, x, handlers=hs), rtol=1e-6)
+    np.testing.assert_allclose(out, fx.transform(body).apply(v, x, handlers=hs), rtol=1e-6)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, fx.transform(body).init(KEY, x))
+
+
 def test_a_raw_lax_cond_around_an_effect_points_to_fx_cond():
     def model(flip):
         return jax.lax.cond(flip, lambda: fx.next_key("noise"), lambda: fx.next_key("noise"))
