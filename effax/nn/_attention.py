@@ -228,6 +228,13 @@ class MultiHeadAttention(Module):
         index = local_state("cache_index", lambda: jnp.array(0, jnp.int32), collection="cache")
         cached_key, cached_value, i = k_cache.get(), v_cache.get(), index.get()
         length, steps = cached_key.shape[-3], key.shape[-3]
+        if jnp.shape(i) != () or not jnp.issubdtype(jnp.result_type(i), jnp.integer):
+            raise EffaxError(
+                f"{where('MultiHeadAttention')} (decode=True): the cache's `cache_index` (in collection 'cache') "
+                f"is {jnp.result_type(i).name}{list(jnp.shape(i))}, but it is the number of positions filled: an "
+                "int scalar (int32[] as `init` makes it). Pass the cache `init` made, or fix the stored value: "
+                "`jnp.asarray(index, jnp.int32)`."
+            )
         if cached_key.shape[:-3] != key.shape[:-3] or cached_key.shape[-2:] != key.shape[-2:] or steps > length:
             raise EffaxError(
                 f"{where('MultiHeadAttention')} (decode=True): the cache holds keys of shape {cached_key.shape} "

@@ -190,3 +190,15 @@ def test_an_eager_step_past_max_length_is_refused_not_clipped_into_the_cache():
     _, u = dec.apply(v, xs[:, :4], handlers=step)
     with pytest.raises(fx.EffaxError, match=r"4 are filled, and this call brings 3 more"):
         dec.apply({**v, **u}, xs[:, 4:7], handlers=step)
+
+
+@pytest.mark.parametrize("index", [jnp.float32(0), jnp.zeros((1,), jnp.int32)], ids=["float", "shape (1,)"])
+def test_a_cache_index_that_is_not_an_int_scalar_is_refused_by_path(index):
+    """A mis-stored index (a float, a one-element array) reached `dynamic_update_slice` as a raw TypeError."""
+    dec = fx.transform(lambda x: fx.nn.MultiHeadAttention(2, decode=True, name="attn")(x))
+    x = jnp.ones((1, 4, 8))
+    v = dec.init(KEY, x)
+    bad = {**v, "cache": {"attn": {**v["cache"]["attn"], "cache_index": index}}}
+    for call in (dec.apply, jax.jit(dec.apply, static_argnames="handlers")):
+        with pytest.raises(fx.EffaxError, match=r"`attn` \(decode=True\): the cache's `cache_index` .* an int scalar"):
+            call(bad, x[:, :1], handlers=EVAL_CACHE)
