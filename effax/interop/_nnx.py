@@ -149,6 +149,9 @@ def from_nnx(module: Any, *, name: str | None = None) -> Callable[..., Any]:
     Keys: an NNX stream held at module path `q` with tag `s` gets
     `fx.stream_key(s)` at scope `q`, and its count restarts at 0 each call;
     drawing from a stream `rngs` does not provide raises `MissingRngError`.
+    A module's optional per-call `rngs=` keyword (`nnx.Dropout`,
+    `nnx.Sequential`) is fed this way, so it is no clash with `t.apply`'s
+    `rngs` option; a module that requires one is refused by `fx.transform`.
 
     State writes: the variables the module changed are `set`. NNX has no
     immutable collections, so in a collection that is frozen in the run its
@@ -188,7 +191,12 @@ def from_nnx(module: Any, *, name: str | None = None) -> Callable[..., Any]:
 
     nnx_module.__qualname__ = nnx_module.__name__ = f"from_nnx({type(module).__name__})"
     try:  # the module's own signature: `fx.transform` reads it to refuse keywords named like its options
-        nnx_module.__signature__ = inspect.signature(module.__call__)  # type: ignore[attr-defined]
+        signature = inspect.signature(module.__call__)
+        # but NNX's per-call key override (`rngs=None` of `nnx.Dropout`, `nnx.Sequential`, attention) is what
+        # effax's own `rngs` feeds through the module's streams: not a clash, and the stock modules stay usable
+        own = [p for p in signature.parameters.values()
+               if p.name != "rngs" or p.default is inspect.Parameter.empty]
+        nnx_module.__signature__ = signature.replace(parameters=own)  # type: ignore[attr-defined]
     except (TypeError, ValueError, AttributeError):
         pass
     api = set(dir(nnx.Module))

@@ -222,3 +222,28 @@ def test_refuses_what_it_cannot_run():
         fx.from_nnx(nn.Dense(2))
     with pytest.raises(fx.InvalidNameError):
         fx.from_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), name="")
+
+
+def test_stock_modules_with_a_per_call_rngs_keyword_run_and_draw_from_effax_keys():
+    """`nnx.Sequential`, `nnx.Dropout`: their optional `rngs=` (NNX's per-call key override) is what effax's
+    `rngs` feeds through the module's streams, so it is no clash with `t.apply`'s option (every call was
+    refused); a keyword the module requires still is."""
+    x = jnp.ones((2, 4))
+    seq = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1)))
+    v = fx.transform(fx.from_nnx(seq)).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, v) == {"params": {"layers": {"0": {"bias": (8,), "kernel": (4, 8)}}}}
+    seq.eval()
+    np.testing.assert_allclose(fx.transform(fx.from_nnx(seq)).apply(v, x), seq(x))
+    seq.train()
+    t = fx.transform(fx.from_nnx(seq))
+    a, b = (t.apply(v, x, rngs={"dropout": jax.random.key(k)}, mutable=True)[0] for k in (3, 4))
+    assert not np.allclose(a, b) and (a == 0).any()
+    with pytest.raises(fx.MissingRngError, match="dropout"):
+        t.apply(v, x, mutable=True)
+
+    class NeedsRngs(nnx.Module):
+        def __call__(self, x, rngs):
+            return x
+
+    with pytest.raises(fx.EffaxError, match="'rngs', which is also an option"):
+        fx.transform(fx.from_nnx(NeedsRngs())).init(jax.random.key(0), x)
