@@ -72,6 +72,7 @@ class _Spec:
     params: Mapping[str, Any]  # leaves: (ShapeDtypeStruct, logical axes or None)
     state: dict[str, Mapping[str, Any]]  # collection -> tree of ShapeDtypeStruct pytrees
     streams: frozenset[str] = frozenset()
+    init_streams: frozenset[str] | None = None  # the streams other than "params" its init draws (once learned)
     state_axes: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict)  # (collection, *path) -> axes
 
 
@@ -243,6 +244,53 @@ def _sown(init: Any, args: list, collections: list[str]) -> frozenset[str]:
     return frozenset(sown)
 
 
+def _init_streams(nn: Any, module: Any, spec: _Spec, method: Any, args: tuple, kwargs: dict) -> frozenset[str]:
+    """The rng streams other than "params" that the module's init draws from, learned once per module
+    signature: its init runs abstractly, in Flax's init mode, on its own params and with no "params" key, so
+    each `make_rng` of another stream raises `InvalidRngError` naming it (Flax's own init would draw it from
+    "params" instead).
+
+    Why: `_run` gives Flax's init `fx.stream_key(s)` for each such stream, as apply gives it, so init's output
+    is what apply computes on init's variables (law 3), and a stream missing from a `rngs` dict raises
+    `MissingRngError` (docs/design.md, Strictness). A module whose init needs a key for more than its
+    params and the streams it names (a state initializer drawing from "params") keeps Flax's fallback.
+    """
+    import flax.core
+    import flax.errors
+
+    if spec.init_streams is not None:
+        return spec.init_streams
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    dynamic = [_is_array(x) for x in leaves]
+    call = method if callable(method) else getattr(type(module), method or "__call__")
+
+    def init(params: Any, keys: dict, *arrays: Any) -> Any:
+        it = iter(arrays)
+        a, kw = jax.tree.unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)])
+
+        def bound(scope: Any) -> Any:  # linen's `init_with_output`, with the params given
+            return call(module.clone(parent=scope, _deep_clone=True), *a, **kw)
+
+        return flax.core.apply(bound, mutable=True, flags={"initializing": True})(
+            {"params": params}, rngs=keys or None)
+
+    params = jax.tree.map(lambda node: node[0], spec.params, is_leaf=lambda node: type(node) is tuple)
+    structs = [_struct(x) for x, d in zip(leaves, dynamic, strict=True) if d]
+    streams: set[str] = set()
+    while True:
+        try:
+            with handle(_InsideFlax(module)):
+                jax.eval_shape(init, params, dict.fromkeys(streams, _key_struct()), *structs)
+            break
+        except flax.errors.InvalidRngError as e:
+            found = _RNG_STREAM.search(str(e))
+            if found is None or found.group(1) in streams or found.group(1) == "params":
+                break  # not a stream it draws: what was learned stands
+            streams.add(found.group(1))
+    spec.init_streams = frozenset(streams)
+    return spec.init_streams
+
+
 class _FlaxInit:
     """Flax's own `module.init`: the variables of one init, made at most once per call.
 
@@ -347,10 +395,11 @@ def _run(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> Any:
     capture = capture_filter() or False
     initializing = is_initializing()
     if initializing:  # Flax's own init, in Flax's init mode: its variables and its output
-        names = stream_names()  # every stream `rngs` names, as `module.init(rngs, x)` gets them
+        # every stream `rngs` names, as `module.init(rngs, x)` gets them, and each its init draws from
+        names = set(stream_names() or ()) | _init_streams(nn, module, spec, method, args, kwargs)
         with at_path(path):
             rngs = {"params": stream_key("params")}
-            rngs.update({s: stream_key(s) for s in sorted(set(names or ()) - {"params"})})
+            rngs.update({s: stream_key(s) for s in sorted(names - {"params"})})
         out, made = module.init_with_output(
             rngs, *args, method=method, mutable=True, capture_intermediates=capture, **kwargs
         )
@@ -572,13 +621,18 @@ def from_flax(module: Any, *, name: str | None = None) -> FlaxFunction:
     Init: under `t.init` (`fx.is_initializing()`, also abstractly in
     `jax.eval_shape(t.init)` and `fx.summary`) the module runs Flax's own
     `init_with_output`, in Flax's init mode, with key
-    `fx.stream_key("params")` at the module's scope (as Flax's `init(key)`,
-    other streams drawn there fall back to that key). Modules that branch on
+    `fx.stream_key("params")` at the module's scope (as Flax's `init(key)`),
+    and `fx.stream_key(s)` for each other stream `s` it draws, as apply
+    gives it, where Flax would draw it from "params": so init's output is
+    what apply computes on init's variables (law 3), and a stream missing
+    from a `rngs` dict raises `MissingRngError` (the streams are learned by
+    one abstract init per module signature). Modules that branch on
     `is_initializing()` or `has_variable` (BatchNorm with `axis_name`,
     decode caches) initialize as in Flax, every variable is Flax's, and the
     init output is Flax's; the per-path key effax hands each `fx.param`
     initializer is not used. So at the root `t.init_with_output(k, x)`
-    equals `module.init_with_output(k, x)`; nested, the values differ from
+    equals `module.init_with_output(k, x)` (for a module whose init draws
+    from "params" only); nested, the values differ from
     Flax's by that key, with Flax's structure, shapes and dtypes.
 
     The structure comes from `jax.eval_shape(module.init, ...)`, memoized per

@@ -308,9 +308,26 @@ def test_flax_variables_load_unchanged_and_pass_check_variables():
 
 
 def test_init_with_output_is_flax_init_with_output():
-    # Flax's init mode: Dropout draws fall back to the params key, exactly as `module.init(K, ...)` does
     t = fx.transform(fx.from_flax(Block()))
-    assert_same(t.init_with_output(K, X, train=True), Block().init_with_output(K, X, train=True))
+    assert_same(t.init_with_output(K, X, train=False), Block().init_with_output(K, X, train=False))
+
+
+def test_init_draws_each_stream_as_apply_does_never_from_params():
+    """Flax's own init draws a stream its `rngs` lacks from "params"; effax gives it each stream it draws, as
+    apply does: the variables are Flax's, init's output is apply's on them (law 3, it was 0.9 off with one
+    key), and a `rngs` dict without the stream raises (Strictness), as `fx.nn` does."""
+    t = fx.transform(fx.from_flax(Block()))
+    out, variables = t.init_with_output(K, X, train=True)
+    assert_same(variables, Block().init(K, X, train=True))
+    again, _ = t.apply(variables, X, train=True, rngs=K, mutable=True)
+    assert_same(out, again)
+    both = {"params": K, "dropout": jax.random.key(7)}
+    out, variables = t.init_with_output(both, X, train=True)
+    assert_same(out, t.apply(variables, X, train=True, rngs=both, mutable=True)[0])
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
+    assert shapes(jax.eval_shape(lambda k: t.init(k, X, train=True), K)) == shapes(variables)
+    with pytest.raises(fx.MissingRngError, match="dropout"):
+        t.init({"params": K}, X, train=True)
 
 
 def test_init_apply_agreement_when_init_draws_only_params():
