@@ -206,8 +206,9 @@ class _Inventory:
 
 class _ModelRequests:
     # It only watches: inside a lifted body, params, state, keys and sows pass it to the next run out, so an
-    # interceptor outside it (`handlers=[LoRA]`) still runs inside the body, as under `t.init`. (A request an
-    # interceptor answers itself inside a lifted body is then not listed as `by_handler`.)
+    # interceptor outside it (`handlers=[LoRA]`) still runs inside the body, as under `t.init`. A request an
+    # interceptor answers itself there is shown to it inside the body: listed `by_handler`, with the shape
+    # one iteration sees.
     passes_lifted_requests = True
 
     def __init__(self, inventory: _Inventory):
