@@ -574,18 +574,21 @@ class _Proxy:
             raise EffaxError(_CROSSING.format(what=request.describe(), handler=type(self.run).__name__)) from None
 
 
-def sow_kept(outer: tuple[Any, ...], depth: int, collection: str) -> bool:
-    """Whether a sow of `collection` handed back at `depth` of `outer` may be kept: False only when every run
-    from there outward that answers sows says it does not keep the collection (`keeps`, the sow collector's),
-    so the sow does nothing. A run that cannot say (a user's handler) may keep it."""
+def sow_keeper(outer: tuple[Any, ...], depth: int, collection: str) -> Any:
+    """The innermost run that may keep a sow of `collection` handed back at `depth` of `outer` (a proxy: the
+    run it stands for); None when every run from there outward that answers sows says it does not keep the
+    collection (`keeps`, the sow collector's), so the sow does nothing. A run that cannot say (a user's
+    handler that declares no `answers`) may keep it."""
     for run in reversed(outer[:depth]):
         answers = answers_of(run)
         if answers is not None and not issubclass(SideOutputRequest, answers):
             continue
         keeps = getattr(run, "keeps", None)
         if keeps is None or keeps(collection):
-            return True
-    return False
+            while isinstance(run, _Proxy):
+                run = run.run
+            return run
+    return None
 
 
 def lifted_stack(outer: tuple[Any, ...], body: Recorder | Answerer) -> tuple[Any, ...]:

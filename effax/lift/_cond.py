@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from effax.core import EffaxError, current_stack, path_str
 from effax.inspect import abstract_mode
-from effax.lift._body import Answerer, Needs, run_lifted, sow_kept
+from effax.lift._body import Answerer, Needs, run_lifted, sow_keeper
 from effax.lift._transforms import (
     _abstract_results,
     _brief,
@@ -71,8 +71,13 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
         for slot, uses in needs.param_uses.items():  # a param's later uses: as many as the branch using it most
             if len(uses) > len(merged.param_uses.get(slot, ())):
                 merged.param_uses[slot] = uses
-    sows = [{k: v for k, v in needs.sows.items() if sow_kept(outer, k[0], k[1])} for needs in all_needs]
+    keepers = {k: sow_keeper(outer, k[0], k[1]) for needs in all_needs for k in needs.sows}
+    sows = [{k: v for k, v in needs.sows.items() if keepers[k] is not None} for needs in all_needs]
     if any(s != sows[0] for s in sows[1:]):
+        odd = {k for s in sows for k in s if any(k not in o or o[k] != s[k] for o in sows)}
+        users = sorted({type(keepers[k]).__name__ for k in odd if not hasattr(keepers[k], "keeps")})
+        user = (f" Here {', '.join(users)} may keep them: a handler that declares no `answers` is sent every "
+                "sow; declare what it answers (`answers = (fx.ParamRequest,)`) to let them pass.") if users else ""
         raise EffaxError(
             "fx.cond/fx.switch: the branches sow different values ("
             + "; ".join(
@@ -81,7 +86,7 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
             )
             + "). Sown values follow the branch taken, so where they are collected (`mutable=`, a summary) "
             "every branch must sow the same tags with the same shapes: sow a placeholder "
-            "(`jnp.zeros_like(v)`) in the others, or sow after the cond."
+            f"(`jnp.zeros_like(v)`) in the others, or sow after the cond.{user}"
         )
     merged.sows = dict(sows[0])
     return merged

@@ -111,6 +111,19 @@ def test_a_sow_in_one_branch_does_nothing_where_nothing_collects_it(lifted):
     with pytest.raises(fx.EffaxError, match="sow the same tags"):
         fx.summary(t, x)  # a summary collects every sow
 
+    class Watch(fx.Handler):  # stateful, and says nothing of what it answers: it may keep sows
+        def begin(self):
+            return WatchRun()
+
+    class WatchRun:
+        def handle(self, request, forward):
+            return forward(request)
+
+    with pytest.raises(fx.EffaxError, match=r"Here WatchRun may keep them: .* declare what it answers"):
+        t.apply({}, x, handlers=[Watch()])
+    Watch.answers = (fx.ParamRequest,)
+    np.testing.assert_array_equal(t.apply({}, x, handlers=[Watch()]), x * (4 if lifted else 2))
+
 
 class Double(fx.Handler):
     """A user's stateful handler that changes every param's answer (the composition matrix's `Scale`)."""
