@@ -6,7 +6,8 @@ Import it explicitly (it needs hypothesis, a test dependency):
 - `effax.testing.models`: effectful models as data (`Model`, `Scope`, `Param`,
   `State`, `Draw`, `StreamKey`, `Sow`, `SideInput`, `Mode`) with a readable listing;
 - `effax.testing.strategies`: hypothesis strategies for models, inputs, keys,
-  variables, removals and sharing cases;
+  variables, removals and sharing cases, and small Flax linen models
+  (`flax_models`, for the laws through `fx.from_flax`);
 - `effax.testing.laws`: one `check_*` function per law, usable inside `@given`,
   and `LAWS`, the registry `assert_handler_laws` runs;
 - `assert_handler_laws`: every law relevant to a handler, in one call.

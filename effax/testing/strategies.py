@@ -17,6 +17,7 @@ one counter per kind (`w0`, `s0`, `blk0`, `h0`), so no two requests collide.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -458,3 +459,136 @@ def sharing_cases(
         return model, draw(inputs(model)), bindings
 
     return case()
+
+
+FLAX_ACTIVATIONS = ("relu", "tanh")
+
+
+@functools.cache
+def _flax_classes() -> tuple[type, type]:
+    """The linen module classes `flax_models` builds (defined once, on first use: Flax is a test dependency)."""
+    import flax.linen as nn
+
+    def run(module: Any, layers: tuple, x: jax.Array, train: bool) -> jax.Array:
+        for kind, *arg in layers:
+            if kind == "Dense":
+                x = nn.Dense(arg[0])(x)
+            elif kind == "LayerNorm":
+                x = nn.LayerNorm()(x)
+            elif kind == "BatchNorm":
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            elif kind == "Dropout":
+                x = nn.Dropout(arg[0], deterministic=not train)(x)
+            elif kind in FLAX_ACTIVATIONS:
+                x = getattr(nn, kind)(x)
+            elif kind == "sow":
+                module.sow("intermediates", arg[0], x)
+            elif kind == "count":
+                n = module.variable("counters", arg[0], lambda: jnp.zeros((), jnp.int32))
+                if train and not module.is_initializing():
+                    n.value += 1
+            else:  # ("child", layers): the one nested submodule
+                x = FlaxBlock(arg[0], name="child")(x, train)
+        return x
+
+    def updated(layers: tuple, train: bool) -> set[str]:
+        kinds = {spec[0] for spec in layers} | {spec[0] for child in layers if child[0] == "child" for spec in child[1]}
+        writes = {"sow": "intermediates"} | ({"BatchNorm": "batch_stats", "count": "counters"} if train else {})
+        return {collection for kind, collection in writes.items() if kind in kinds}
+
+    class FlaxBlock(nn.Module):
+        """A compact submodule of some of the generated layers."""
+
+        layers: tuple = ()
+
+        @nn.compact
+        def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+            return run(self, self.layers, x, train)
+
+    class FlaxModel(nn.Module):
+        """A generated linen model: `layers` in order, as `(kind, *args)` tuples (see `flax_models`)."""
+
+        layers: tuple = ()
+
+        def updated_collections(self, train: bool) -> list[str]:
+            """The collections `apply` changes in this mode, sorted: what to pass as `mutable=`."""
+            return sorted(updated(self.layers, train))
+
+        @nn.compact
+        def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+            return run(self, self.layers, x, train)
+
+    for cls in (FlaxModel, FlaxBlock):  # a counterexample reads `FlaxModel(layers=...)`
+        cls.__qualname__ = cls.__name__
+    return FlaxModel, FlaxBlock
+
+
+def _flax_layer() -> st.SearchStrategy[tuple]:
+    return st.one_of(
+        st.tuples(st.just("Dense"), st.integers(1, 4)),
+        st.just(("LayerNorm",)),
+        st.just(("BatchNorm",)),
+        st.tuples(st.just("Dropout"), st.floats(0.0, 0.9).map(lambda rate: round(rate, 2))),
+        st.sampled_from(FLAX_ACTIVATIONS).map(lambda kind: (kind,)),
+        st.just(("sow", "")),
+        st.just(("count", "")),
+    )
+
+
+def flax_models(
+    *, max_layers: int = 5, nested: bool = True, out_features: int | None = None
+) -> st.SearchStrategy[Any]:
+    """Small Flax linen models, each a drawn list of layers run by one `@nn.compact def __call__(self, x, train)`.
+
+    They let the interop laws (9, 3 and 14 through `fx.from_flax`) be checked
+    over models hypothesis draws, and shrinks to a minimal failing one, not
+    only over hand-picked modules. Up to `max_layers` layers mix
+    `nn.Dense(n)` (n in 1..4), `nn.LayerNorm()`,
+    `nn.BatchNorm(use_running_average=not train, momentum=0.9)`,
+    `nn.Dropout(rate, deterministic=not train)` (rate in 0..0.9), relu and
+    tanh, `self.sow("intermediates", "h<i>", x)` and an int32 counter
+    `self.variable("counters", "n<i>", ...)` incremented in training (not at
+    init); with `nested`, about half the models also hold one compact child
+    module (scope `child`) of one to three such layers. `out_features=n`
+    appends `nn.Dense(n)`, so an input of `n` features keeps its shape (a
+    layer for `fx.scan`). Models run on any `(batch, features)` input (tests
+    use `(2, 3)`); `module.layers` lists the layers as `(kind, *args)`
+    tuples, and `module.updated_collections(train)` names the collections
+    `apply` changes in that mode (its `mutable=`).
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=3, deadline=None, database=None)
+    ... @given(flax_models(out_features=3))
+    ... def test(module):
+    ...     x = jnp.ones((2, 3))
+    ...     variables = module.init(jax.random.key(0), x, train=False)
+    ...     assert fx.transform(fx.from_flax(module)).apply(variables, x, train=False).shape == (2, 3)
+    >>> test()
+    """
+    model_class, _ = _flax_classes()
+    layer = _flax_layer()
+
+    @st.composite
+    def model(draw: Any) -> Any:
+        layers = draw(st.lists(layer, max_size=max_layers))
+        if nested and draw(st.booleans()):
+            inner = draw(st.lists(layer, min_size=1, max_size=3))
+            layers.insert(draw(st.integers(0, len(layers))), ("child", inner))
+        if out_features is not None:
+            layers.append(("Dense", out_features))
+        counts = {"sow": 0, "count": 0}
+
+        def named(specs: list) -> tuple:  # sow tags h0, h1, ... and counters n0, n1, ... in order
+            out = []
+            for kind, *arg in specs:
+                if kind in counts:
+                    arg = [f"{'h' if kind == 'sow' else 'n'}{counts[kind]}"]
+                    counts[kind] += 1
+                elif kind == "child":
+                    arg = [named(arg[0])]
+                out.append((kind, *arg))
+            return tuple(out)
+
+        return model_class(named(layers))
+
+    return model()
