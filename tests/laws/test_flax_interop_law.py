@@ -65,7 +65,7 @@ def test_law_9_from_flax_returns_what_module_apply_returns(module, x, key, dropo
             assert_same((out, filled(made)), (flax_out, filled(flax_made)), f"init_with_output (train={train})")
 
 
-@settings(max_examples=8)
+@settings(max_examples=12)
 @given(s.flax_models(), inputs(), s.keys())
 def test_law_3_apply_on_init_variables_reproduces_init_output(module, x, key):
     t = fx.transform(fx.from_flax(module))
