@@ -214,6 +214,9 @@ class _ModelRequests:
     def __init__(self, inventory: _Inventory):
         self.inventory = inventory
 
+    def keeps(self, collection: str) -> bool:  # it lists sows, and keeps none (`fx.cond` asks)
+        return False
+
     def begin(self) -> _ModelRequests:
         return _ModelRequests(self.inventory)  # a run of its own: lifted transforms show it stacked requests
 
@@ -232,6 +235,9 @@ class _StoredRequests:
 
     def __init__(self, inventory: _Inventory):
         self.inventory = inventory
+
+    def keeps(self, collection: str) -> bool:  # it lists sows, and keeps none (`fx.cond` asks)
+        return False
 
     def begin(self) -> _StoredRequests:
         return _StoredRequests(self.inventory)

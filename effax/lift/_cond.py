@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from effax.core import EffaxError, current_stack, path_str
+from effax.core import EffaxError, MissingRngError, current_stack, path_str
 from effax.inspect import abstract_mode
 from effax.lift._body import Answerer, Needs, run_lifted, sow_keeper
 from effax.lift._transforms import (
@@ -81,7 +81,8 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
         raise EffaxError(
             "fx.cond/fx.switch: the branches sow different values ("
             + "; ".join(
-                f"branch {i}: " + (", ".join(f"{k[-1]!r} at `{path_str(k[2])}`" for k in s) or "nothing")
+                f"branch {i}: " + (", ".join(f"{k[-1]!r} at `{path_str(k[2])}` {_sown_specs(s[k])}" for k in s)
+                                   or "nothing")
                 for i, s in enumerate(sows)
             )
             + "). Sown values follow the branch taken, so where they are collected (`mutable=`, a summary) "
@@ -90,6 +91,12 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
         )
     merged.sows = dict(sows[0])
     return merged
+
+
+def _sown_specs(structs: list[Any]) -> str:
+    """The values one branch sows under a tag, `float32[2,3]` each: what tells two branches' sows apart."""
+    return "(" + ", ".join(" ".join(f"{s.dtype.name}[{','.join(map(str, s.shape))}]"
+                                    for s in jax.tree.leaves(v)) for v in structs) + ")"
 
 
 class _BranchAnswerer(Answerer):
@@ -154,6 +161,8 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     restore = _names_snapshot()  # branches are named in order, as the real pass traces them: learn them so too
     try:
         learned = [_learn(outer, b, operands, rollback=False) for b in branches]
+    except MissingRngError as e:
+        raise _every_branch_draws(e) from None
     finally:
         if restore is not None:
             restore()
@@ -165,10 +174,17 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
             "`jax.lax.switch`, every branch must return the same structure, shapes and dtypes."
         )
     needs = _merge([n for n, _, _ in learned], outer)
-    plan = _plan(needs, outer, _ONE)
+    try:
+        plan = _plan(needs, outer, _ONE)
+    except MissingRngError as e:
+        raise _every_branch_draws(e) from None
     if abstract_mode():
-        values, sown = _abstract_results(plan, needs, None)
-        _hand_back(plan, outer, values, sown)
+        values, _ = _abstract_results(plan, needs, None)
+        sown = {}  # every branch's sows, as their requests are listed (the kept ones agree, `_merge` checked)
+        for branch_needs, _, _ in learned:
+            for key, structs in branch_needs.sows.items():
+                sown.setdefault(key, [_zeros(s) for s in structs])
+        _hand_back(plan, outer, values, list(sown.items()))
         return _zeros(learned[0][1])
     index = jnp.clip(jnp.asarray(index, jnp.int32), 0, len(branches) - 1)
     ins = [v for _, v in plan.inputs]
@@ -199,12 +215,24 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     return out
 
 
+def _every_branch_draws(e: MissingRngError) -> MissingRngError:
+    """A draw of a branch that may not run was refused: say why it is asked for at all (once, when nested)."""
+    if "fx.cond/fx.switch asks for the keys" in str(e):
+        return e
+    return MissingRngError(
+        f"{e} (fx.cond/fx.switch asks for the keys of every branch before one runs, as `jax.lax.cond` traces "
+        "them all, even for a Python bool `pred`; to draw only when a Python condition holds, use a Python `if`)"
+    )
+
+
 def _check_scalar(value: Any, where: str, what: str, kind: str, example: str) -> None:
     """A branch selector is one scalar for the whole call (`jax.lax.cond`/`switch`), never per element."""
     try:
+        if value is None:  # `jnp.shape(None)` is (), and `jnp.asarray(None)` a raw ValueError
+            raise TypeError
         shape = jnp.shape(value)
         dtype = jnp.result_type(value)
-    except TypeError:
+    except (TypeError, ValueError):
         shape, dtype = None, None
     if shape != () or not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.number)):
         got = _type_of(value) if shape is not None else _brief(value)

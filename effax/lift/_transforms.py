@@ -330,7 +330,8 @@ def _changed_answer(request: ParamRequest, runs: tuple[Any, ...]) -> EffaxError:
     stateful = [type(r).__name__ for r in runs if _owned(r)]
     who = f" ({', '.join(stateful)})" if stateful else ""
     return EffaxError(
-        f"{request.describe()} is made inside a lifted transform (fx.scan / fx.vmap / fx.remat), and a handler "
+        f"{request.describe()} is made inside a lifted transform (fx.scan / fx.vmap / fx.remat / fx.cond), and "
+        "a handler "
         f"with per-run state around it{who} answered its creation with another value. Inside a lift such a run "
         "sees a new param only after the body made it, so the body cannot use the changed value. Make the "
         "handler stateless (`begin()` returns self: it then runs inside the body, as in the unrolled loop), "

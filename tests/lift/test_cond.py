@@ -110,6 +110,8 @@ def test_a_sow_in_one_branch_does_nothing_where_nothing_collects_it(lifted):
             t.apply({}, x, mutable=collected)
     with pytest.raises(fx.EffaxError, match="sow the same tags"):
         fx.summary(t, x)  # a summary collects every sow
+    assert [(e.kind, e.tag) for e in fx.effects_of(t, x, mutable=False)] == [("sow", "h")]  # listed, not kept
+    assert fx.summary(t, x, mutable=False).param_count == 0
 
     class Watch(fx.Handler):  # stateful, and says nothing of what it answers: it may keep sows
         def begin(self):
@@ -123,6 +125,25 @@ def test_a_sow_in_one_branch_does_nothing_where_nothing_collects_it(lifted):
         t.apply({}, x, handlers=[Watch()])
     Watch.answers = (fx.ParamRequest,)
     np.testing.assert_array_equal(t.apply({}, x, handlers=[Watch()]), x * (4 if lifted else 2))
+
+
+def test_mistakes_are_named_with_what_tells_them_apart():
+    two_shapes = fx.transform(lambda x: fx.cond(x.sum() > 0, lambda h: (fx.sow("h", h), h)[1],
+                                                 lambda h: (fx.sow("h", h.sum(0)), h)[1], x))
+    with pytest.raises(fx.EffaxError, match=r"branch 0: 'h' at `<root>` \(float32\[2,3\]\); branch 1: 'h' at "
+                                            r"`<root>` \(float32\[3\]\)"):
+        two_shapes.apply({}, jnp.ones((2, 3)), mutable=True)
+    with pytest.raises(fx.EffaxError, match="pred must be a scalar .* got NoneType None"):
+        fx.transform(lambda x: fx.cond(None, lambda h: h, lambda h: -h, x)).apply({}, jnp.ones(2))
+
+    def noisy_in_training(x):  # a Python bool pred still asks for the keys of both branches
+        noisy = lambda h: h + jax.random.normal(fx.next_key("noise"), h.shape)  # noqa: E731
+        return fx.cond(fx.is_training(), noisy, lambda h: h, x)
+
+    t = fx.transform(noisy_in_training)
+    for options in ({"training": False}, {"handlers": [fx.handlers.eval()]}):
+        with pytest.raises(fx.MissingRngError, match=r"'noise'.*asks for the keys of every branch .* Python `if`"):
+            t.apply({}, jnp.ones(2), **options)
 
 
 class Double(fx.Handler):
