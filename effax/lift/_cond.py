@@ -11,7 +11,8 @@ the branch that draws most, in order. A branch's state `set` writes through
 (an untaken branch leaves the value as it was). Sown values follow the
 branch taken, so every branch must sow the same tags with the same shapes
 where they are collected (`mutable=`, `capture_intermediates`); a sow that
-nothing collects does nothing, in one branch as anywhere.
+nothing collects does nothing, in one branch as anywhere, and `fx.summary`
+lists every branch's sows.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
                 merged.param_uses[slot] = uses
     keepers = {k: sow_keeper(outer, k[0], k[1]) for needs in all_needs for k in needs.sows}
     sows = [{k: v for k, v in needs.sows.items() if keepers[k] is not None} for needs in all_needs]
-    if any(s != sows[0] for s in sows[1:]):
+    if any(s != sows[0] for s in sows[1:]) and not abstract_mode():  # a summary lists every branch's sows
         odd = {k for s in sows for k in s if any(k not in o or o[k] != s[k] for o in sows)}
         users = sorted({type(keepers[k]).__name__ for k in odd if not hasattr(keepers[k], "keeps")})
         user = (f" Here {', '.join(users)} may keep them: a handler that declares no `answers` is sent every "
@@ -85,7 +86,7 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
                                    or "nothing")
                 for i, s in enumerate(sows)
             )
-            + "). Sown values follow the branch taken, so where they are collected (`mutable=`, a summary) "
+            + "). Sown values follow the branch taken, so where they are collected (`mutable=`) "
             "every branch must sow the same tags with the same shapes: sow a placeholder "
             f"(`jnp.zeros_like(v)`) in the others, or sow after the cond.{user}"
         )
