@@ -287,6 +287,8 @@ def _init_streams(nn: Any, module: Any, spec: _Spec, method: Any, args: tuple, k
             if found is None or found.group(1) in streams or found.group(1) == "params":
                 break  # not a stream it draws: what was learned stands
             streams.add(found.group(1))
+        except Exception:  # any other failure: Flax's own init, run next, raises it if it is real
+            break
     spec.init_streams = frozenset(streams)
     return spec.init_streams
 
