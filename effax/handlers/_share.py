@@ -290,10 +290,12 @@ class _ShareRun:
         first = self.params.setdefault(path, request)
         if first is not request and (first.shape != request.shape or first.dtype != request.dtype):
             if first.original_path != request.original_path:
-                binding = (request.via or first.via)[-1]
+                # the alias is the one a binding moved (whichever the model asked for first)
+                alias, canonical = (first, request) if first.via and not request.via else (request, first)
+                binding = (alias.via or canonical.via)[-1]
                 raise ShareError(
-                    f"share binding `{binding}` ties param `{path_str(request.original_path)}` "
-                    f"({request.spec()}) to `{path_str(first.original_path)}` ({first.spec()}) at "
+                    f"share binding `{binding}` ties param `{path_str(alias.original_path)}` "
+                    f"({alias.spec()}) to `{path_str(canonical.original_path)}` ({canonical.spec()}) at "
                     f"`{path_str(path)}`, but tied params must have one shape and dtype. Make the two "
                     f"layers the same {'size' if first.shape != request.shape else 'dtype'}, or drop the "
                     "binding." + stacked_hint(first, request)
