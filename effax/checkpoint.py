@@ -567,8 +567,13 @@ def _is_key(x: Any) -> bool:
 
 
 def _checksums(leaves: dict[str, Any]) -> dict[str, str]:
-    """`{entry: 16 hex digits}`; every process computes them (a sharded array's sum spans processes)."""
-    sums = {name: _digest(x) for name, x in leaves.items()}
+    """`{entry: 16 hex digits}`; every process computes them (a sharded array's sum spans processes).
+
+    Outside any context mesh: under `jax.set_mesh(mesh)` (where the guides restore), a leaf on one device
+    (unsharded in `like`) is no argument a jitted function may take, while a sharded one brings its own mesh.
+    """
+    with jax.set_mesh(None):
+        sums = {name: _digest(x) for name, x in leaves.items()}
     out = {}
     for name, s in sums.items():
         words = np.asarray(s.addressable_data(0) if hasattr(s, "addressable_data") else s)

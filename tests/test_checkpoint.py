@@ -667,6 +667,12 @@ restored = fx.checkpoint.restore(sys.argv[1], like=plain)
 assert restored["step"].sharding == jax.NamedSharding(mesh, jax.P()), restored["step"].sharding
 step = jax.jit(lambda s: {**s, "step": s["step"] + 1, "key": jax.random.split(s["key"])[0]})
 step(restored)
+# a `like` with no sharding at all, restored inside `set_mesh` (the checksums ran under the context mesh on
+# one-device arrays: a raw "incompatible devices" ValueError)
+bare = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), like)
+with jax.set_mesh(mesh):
+    restored = fx.checkpoint.restore(sys.argv[1], like=bare)
+assert (restored["params"]["w"] == 1).all() and int(restored["step"]) == 3
 print("OK")
 """
 
