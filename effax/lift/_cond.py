@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import EffaxError, MissingRngError, current_stack, path_str
+from effax.effects import capture_filter
 from effax.inspect import abstract_mode
 from effax.lift._body import Answerer, Needs, run_lifted, sow_keeper
 from effax.lift._transforms import (
@@ -79,6 +80,10 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
         users = sorted({type(keepers[k]).__name__ for k in odd if not hasattr(keepers[k], "keeps")})
         user = (f" Here {', '.join(users)} may keep them: a handler that declares no `answers` is sent every "
                 "sow; declare what it answers (`answers = (fx.ParamRequest,)`) to let them pass.") if users else ""
+        if capture_filter() is not None:  # the sows are `capture_intermediates`'s, not the user's
+            user += (" With `capture_intermediates`, the outputs of the modules each branch calls are sown: "
+                     "pass a filter that leaves the branches' modules out (`capture_intermediates=lambda m, "
+                     "method: ...`), or capture outside the cond.")
         raise EffaxError(
             "fx.cond/fx.switch: the branches sow different values ("
             + "; ".join(

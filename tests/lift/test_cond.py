@@ -132,6 +132,10 @@ def test_mistakes_are_named_with_what_tells_them_apart():
     with pytest.raises(fx.EffaxError, match=r"branch 0: 'h' at `<root>` \(float32\[2,3\]\); branch 1: 'h' at "
                                             r"`<root>` \(float32\[3\]\)"):
         two_shapes.apply({}, jnp.ones((2, 3)), mutable=True)
+    two_layers = fx.transform(lambda x: fx.cond(x.sum() > 0, fx.nn.Dense(3, name="a"), fx.nn.Dense(3, name="b"), x))
+    v = two_layers.init(KEY, jnp.ones((2, 3)))
+    with pytest.raises(fx.EffaxError, match=r"With `capture_intermediates`, .* pass a filter"):
+        two_layers.apply(v, jnp.ones((2, 3)), capture_intermediates=True)
     with pytest.raises(fx.EffaxError, match="pred must be a scalar .* got NoneType None"):
         fx.transform(lambda x: fx.cond(None, lambda h: h, lambda h: -h, x)).apply({}, jnp.ones(2))
 
