@@ -87,7 +87,7 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
         raise EffaxError(
             "fx.cond/fx.switch: the branches sow different values ("
             + "; ".join(
-                f"branch {i}: " + (", ".join(f"{k[-1]!r} at `{path_str(k[2])}` {_sown_specs(s[k])}" for k in s)
+                f"branch {i}: " + (", ".join(f"{k[-1]!r} at `{path_str(k[2])}` {_sown_types(s[k])}" for k in s)
                                    or "nothing")
                 for i, s in enumerate(sows)
             )
@@ -95,14 +95,18 @@ def _merge(all_needs: list[Needs], outer: tuple[Any, ...]) -> Needs:
             "every branch must sow the same tags with the same shapes: sow a placeholder "
             f"(`jnp.zeros_like(v)`) in the others, or sow after the cond.{user}"
         )
-    merged.sows = dict(sows[0])
+    if abstract_mode():  # every branch's sows, as their requests are listed (the kept ones agree)
+        for needs in all_needs:
+            for key, structs in needs.sows.items():
+                merged.sows.setdefault(key, structs)
+    else:
+        merged.sows = dict(sows[0])
     return merged
 
 
-def _sown_specs(structs: list[Any]) -> str:
+def _sown_types(structs: list[Any]) -> str:
     """The values one branch sows under a tag, `float32[2,3]` each: what tells two branches' sows apart."""
-    return "(" + ", ".join(" ".join(f"{s.dtype.name}[{','.join(map(str, s.shape))}]"
-                                    for s in jax.tree.leaves(v)) for v in structs) + ")"
+    return "(" + ", ".join(" ".join(map(_type_of, jax.tree.leaves(v))) for v in structs) + ")"
 
 
 class _BranchAnswerer(Answerer):
@@ -185,12 +189,8 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
     except MissingRngError as e:
         raise _every_branch_draws(e) from None
     if abstract_mode():
-        values, _ = _abstract_results(plan, needs, None)
-        sown = {}  # every branch's sows, as their requests are listed (the kept ones agree, `_merge` checked)
-        for branch_needs, _, _ in learned:
-            for key, structs in branch_needs.sows.items():
-                sown.setdefault(key, [_zeros(s) for s in structs])
-        _hand_back(plan, outer, values, list(sown.items()))
+        values, sown = _abstract_results(plan, needs, None)
+        _hand_back(plan, outer, values, sown)
         return _zeros(learned[0][1])
     index = jnp.clip(jnp.asarray(index, jnp.int32), 0, len(branches) - 1)
     ins = [v for _, v in plan.inputs]
