@@ -555,10 +555,6 @@ class _Proxy:
         # as the run it stands for: a nested lift's proxy of this one lets them pass too
         self.passes_lifted_requests = getattr(run, "passes_lifted_requests", False)
 
-    def keeps(self, collection: str) -> bool:  # as the run it stands for (a nested `fx.cond` asks)
-        keeps = getattr(self.run, "keeps", None)
-        return keeps is None or keeps(collection)
-
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
         if type(request) in LIFTED:
             if not self.passes_lifted_requests:
@@ -583,10 +579,10 @@ def sow_keeper(outer: tuple[Any, ...], depth: int, collection: str) -> Any:
         answers = answers_of(run)
         if answers is not None and not issubclass(SideOutputRequest, answers):
             continue
+        while isinstance(run, _Proxy):  # a nested lift's: the run it stands for says
+            run = run.run
         keeps = getattr(run, "keeps", None)
         if keeps is None or keeps(collection):
-            while isinstance(run, _Proxy):
-                run = run.run
             return run
     return None
 
