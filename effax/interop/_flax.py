@@ -192,6 +192,13 @@ class _InsideFlax(Handler):
         )
 
 
+def _rebuilt(treedef: Any, leaves: list[Any], dynamic: list[bool], arrays: tuple) -> tuple[tuple, dict]:
+    """`(args, kwargs)` of a call with its array leaves (`dynamic`) replaced, in order, by `arrays` (the
+    abstract values of a shape pass); every other leaf stays the Python value it is."""
+    it = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)])
+
+
 def _spec(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> _Spec:
     """The module's variable structure, from `jax.eval_shape(module.init, ...)`, memoized by signature.
 
@@ -211,8 +218,7 @@ def _spec(nn: Any, module: Any, method: Any, args: tuple, kwargs: dict) -> _Spec
         return spec
 
     def init(key: jax.Array, *arrays: Any, frozen: tuple[str, ...] = ()) -> Any:
-        it = iter(arrays)
-        a, kw = jax.tree.unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)])
+        a, kw = _rebuilt(treedef, leaves, dynamic, arrays)
         return module.init({"params": key}, *a, method=method, mutable=nn.DenyList(("intermediates", *frozen)), **kw)
 
     structs = [s for s, d in zip(signature, dynamic, strict=True) if d]
@@ -265,8 +271,7 @@ def _init_streams(nn: Any, module: Any, spec: _Spec, method: Any, args: tuple, k
     call = method if callable(method) else getattr(type(module), method or "__call__")
 
     def init(params: Any, keys: dict, *arrays: Any) -> Any:
-        it = iter(arrays)
-        a, kw = jax.tree.unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)])
+        a, kw = _rebuilt(treedef, leaves, dynamic, arrays)
 
         def bound(scope: Any) -> Any:  # linen's `init_with_output`, with the params given
             return call(module.clone(parent=scope, _deep_clone=True), *a, **kw)
