@@ -331,9 +331,8 @@ def _changed_answer(request: ParamRequest, runs: tuple[Any, ...]) -> EffaxError:
     who = f" ({', '.join(stateful)})" if stateful else ""
     return EffaxError(
         f"{request.describe()} is made inside a lifted transform (fx.scan / fx.vmap / fx.remat / fx.cond), and "
-        "a handler "
-        f"with per-run state around it{who} answered its creation with another value. Inside a lift such a run "
-        "sees a new param only after the body made it, so the body cannot use the changed value. Make the "
+        f"a handler with per-run state around it{who} answered its creation with another value. Inside a lift "
+        "such a run sees a new param only after the body made it, so the body cannot use the changed value. Make the "
         "handler stateless (`begin()` returns self: it then runs inside the body, as in the unrolled loop), "
         "or create the variables first (`t.init` without the handler) and pass the handler to `t.apply`."
     )
