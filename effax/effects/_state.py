@@ -18,11 +18,18 @@ from effax.core import (
     ShapeMismatchError,
     check_name,
     current_path,
+    current_stack,
     path_now,
     path_str,
     send,
 )
 from effax.effects._param import NO_ANSWER, check_axes
+
+# A state handler may answer a `LocalStateRequest` with `(READ_AHEAD, run, value)` when `value` is final for
+# the run `run` (a collection it will not write): when `run` also answers this stack's `GetStateRequest`s
+# first, the handle's `get()` under the same stack returns `value` without a request (an eager model reads
+# each running statistic once per call, and a request per read was most of that). Any other answer is ignored.
+READ_AHEAD = object()
 
 _STATE_HINT = (
     "discharge the model with `fx.transform(fn)` (`t.init`, or `t.apply(..., mutable=[collection])`), "
@@ -182,8 +189,12 @@ class LocalStateEffect:
 
     path: tuple[str, ...]
     collection: str
+    _ahead: ClassVar[tuple | None] = None  # `(stack, value)`: read ahead by `local_state` (see `READ_AHEAD`)
 
     def get(self) -> Any:
+        ahead = self._ahead
+        if ahead is not None and ahead[0] is current_stack():  # the stack that read it: the same answer
+            return ahead[1]
         request = object.__new__(GetStateRequest)  # as `local_state` builds its objects: no frame per read
         fields = request.__dict__
         fields["path"], fields["collection"] = self.path, self.collection
@@ -260,7 +271,12 @@ def local_state(
     fields["path"], fields["collection"], fields["init"] = path, collection, init
     if axes is not None:
         fields["axes"] = axes
-    send(request)
+    answer = send(request)
     fields = effect.__dict__
     fields["path"], fields["collection"] = path, collection
+    if type(answer) is tuple and answer[0] is READ_AHEAD:  # a frozen variable, read by the run that stores it
+        stack = current_stack()
+        route = stack.routes[GetStateRequest]  # that run answers this stack's reads first: `get` may skip it
+        if route and getattr(route[0], "__self__", None) is answer[1]:
+            fields["_ahead"] = (stack, answer[2])
     return effect

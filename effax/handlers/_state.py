@@ -22,6 +22,7 @@ from effax.core import (
     hermetic,
 )
 from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
+from effax.effects._state import READ_AHEAD
 from effax.handlers._random import refuse_handlers_as
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, copy_scopes, get_path, nearest_paths
@@ -337,8 +338,8 @@ class _StateRun:
             _check_concrete(value, request)
             leaf = not isinstance(value, Mapping)
         if leaf and c not in self.layout:  # a stored leaf, nothing laid out yet (the usual case): noted only
-            self.noted.add((c, request.path))
-            return None
+            self.noted.add((c, request.path))  # and read ahead when this run never writes it (eval)
+            return None if is_mutable(self.mutable, c) else (READ_AHEAD, self, value)
         self._declare(request)
         if value is not MISSING:
             first = self.inits.get((c, request.path)) if self.inits else None

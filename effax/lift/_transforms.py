@@ -230,7 +230,7 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
             draws = needs.init_draws.get(slot)
             init = DrawingProbe(draws) if draws else Probe()
             fresh, keys = probe(outer, depth, dataclasses.replace(request, init=init))
-            for (kind, *at), key in zip(draws or () if fresh else (), keys or (), strict=True):
+            for (kind, *at), key in zip(draws or () if fresh else (), keys or () if fresh else (), strict=True):
                 init_keys.setdefault((kind, tuple(at)), []).append(key)
         if not fresh:
             value = send_at(outer, depth, GetStateRequest(path, collection))

@@ -331,3 +331,74 @@ def test_a_state_declared_in_a_loop_is_compared_without_tracing_its_init(monkeyp
     with pytest.raises(fx.ParamConflictError, match=r"first float32\[3\], now float32\[4\]"):
         fx.transform(model).init(None, [3, 4])
     assert len(traced) == 2
+
+
+def _reads_reaching_storage(monkeypatch):
+    """Count the `GetStateRequest`s the storage's run is sent (a read it answered ahead is not)."""
+    from effax.handlers._state import _StateRun
+
+    seen, handle = [], _StateRun.handle
+
+    def counting(self, request, forward):
+        if type(request) is fx.GetStateRequest:
+            seen.append(request.path)
+        return handle(self, request, forward)
+
+    monkeypatch.setattr(_StateRun, "handle", counting)
+    return seen
+
+
+def stats():
+    mean = fx.local_state("mean", lambda: jnp.zeros(2), collection="batch_stats")
+    return mean.get() + mean.get()
+
+
+def test_a_frozen_variable_is_read_once_at_its_declaration(monkeypatch):
+    # eval: the collection is frozen, so the value the declaration found is every read's answer
+    v = {"batch_stats": {"mean": jnp.ones(2)}}
+    seen = _reads_reaching_storage(monkeypatch)
+    np.testing.assert_array_equal(fx.transform(stats).apply(v), 2 * jnp.ones(2))
+    assert seen == []
+    # mutable: each read is asked, as a `set` may come between
+    out, _ = fx.transform(stats).apply(v, mutable=["batch_stats"])
+    np.testing.assert_array_equal(out, 2 * jnp.ones(2))
+    assert seen == [("mean",), ("mean",)]
+
+
+class _Doubled(fx.Handler):
+    answers = (fx.GetStateRequest,)
+
+    def handle(self, request, forward):
+        return 2 * forward(request)
+
+
+def test_a_read_ahead_never_skips_a_handler_that_answers_reads():
+    v = {"batch_stats": {"mean": jnp.ones(2)}}
+
+    def model():
+        mean = fx.local_state("mean", lambda: jnp.zeros(2), collection="batch_stats")
+        with fx.handle(_Doubled()):  # installed after the declaration: the read goes through it
+            inside = mean.get()
+        return mean.get(), inside
+
+    t = fx.transform(model)
+    outside, inside = t.apply(v)
+    np.testing.assert_array_equal(outside, jnp.ones(2))
+    np.testing.assert_array_equal(inside, 2 * jnp.ones(2))
+    # installed around the whole model (inside the storage): every read goes through it
+    np.testing.assert_array_equal(fx.transform(stats).apply(v, handlers=[_Doubled()]), 4 * jnp.ones(2))
+
+
+def test_a_handle_kept_from_one_apply_reads_where_it_is_used():
+    kept = []
+
+    def model():
+        kept.append(fx.local_state("mean", lambda: jnp.zeros(2), collection="batch_stats"))
+        return kept[0].get()
+
+    t = fx.transform(model)
+    t.apply({"batch_stats": {"mean": jnp.ones(2)}})
+    with pytest.raises(fx.UnhandledEffectError):  # outside any run, as before
+        kept[0].get()
+    with fx.handle(FrozenState({"batch_stats": {"mean": 3 * jnp.ones(2)}})):
+        np.testing.assert_array_equal(kept[0].get(), 3 * jnp.ones(2))
