@@ -48,6 +48,7 @@ from effax.core import (
     MissingVariableError,
     TraceMismatchError,
     answers_of,
+    current_stack,
     is_stateless,
     send,
     under_stack,
@@ -150,8 +151,67 @@ def probe(stack: tuple[Any, ...], depth: int, request: Any) -> tuple[bool, Any]:
 
 
 def send_at(stack: tuple[Any, ...], depth: int, request: Any) -> Any:
-    """Send `request` to the runs `stack[:depth]`: where the body's request would have gone."""
-    return under_stack(stack[:depth], send, request)
+    """Send `request` to the runs `stack[:depth]`: where the body's request would have gone. A stateless
+    handler of the user's among them, outside the run at `depth` (a run with state), is watched as it
+    answers (`_Outside`): it was not rerun inside the body, so it sees the request once, stacked, here."""
+    runs = stack[:depth]
+    if any(_users_interceptor(run) for run in runs[:-1]):
+        runs = tuple(_Outside(run, runs[-1]) if _users_interceptor(run) else run for run in runs[:-1]) + runs[-1:]
+    return under_stack(runs, send, request)
+
+
+def _users_interceptor(run: Any) -> bool:
+    return is_stateless(run) and not type(run).__module__.startswith("effax.")
+
+
+class _Outside:
+    """A user's stateless handler that stands outside a run with state in a lifted transform's stack, as it
+    answers a request the body lifted there. Changing the answer element by element is what the unrolled loop
+    does too; making variables or drawing keys of its own is not (they would be made once, unstacked, at the
+    lifted call's scope, not once per layer), so that is refused rather than made wrong."""
+
+    __slots__ = ("run", "inner", "answers")
+
+    def __init__(self, run: Any, inner: Any):
+        self.run, self.inner, self.answers = run, inner, answers_of(run)
+
+    def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
+        if type(request) not in LIFTED:
+            return self.run.handle(request, forward)
+        own = _OwnEffects(self, request)  # what it performs itself goes to the runs outside it, through `own`
+        return under_stack(current_stack() + (own,), self.run.handle, request, forward)
+
+
+class _OwnEffects:
+    """Innermost while a `_Outside` handler answers: refuses the lifted requests it performs itself."""
+
+    __slots__ = ("outside", "request")
+
+    def __init__(self, outside: _Outside, request: Any):
+        self.outside, self.request = outside, request
+
+    def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
+        if type(request) not in LIFTED:
+            return forward(request)
+        run, inner = self.outside.run, self.outside.inner
+        while isinstance(inner, _Proxy):
+            inner = inner.run
+        name = type(run).__name__
+        if getattr(inner, "moves_params", False):
+            where = "the `fx.share` pass that wraps the lifted transform"
+            fix = (f"install `{name}` inside the function `fx.share` wraps (`with fx.handle({name}(...)):` "
+                   "around the lifted call), or tie inside the lifted function (`fx.share` of each layer)")
+        else:
+            where = f"`{type(inner).__name__}`, the run of a handler with per-run state"
+            fix = f"list `{name}` after that handler in `handlers=` (the last is innermost), so it runs inside it"
+        raise EffaxError(
+            f"`{name}` performed {request.describe()} while answering {self.request.describe()}, which a "
+            f"lifted transform (fx.scan / fx.vmap / fx.remat / fx.cond) sent it from outside its body: `{name}` "
+            f"is installed outside {where}, so it is not rerun inside the body and sees the body's request "
+            "once (stacked under fx.scan and fx.vmap), at the lifted call's scope. What it makes there would be "
+            f"one variable, not one per layer as in the unrolled loop. To fix: {fix}; or intercept module "
+            "calls (`fx.ModuleCallRequest`), which reach it inside the body."
+        )
 
 
 # --- what a body needs, learned from one abstract trace
