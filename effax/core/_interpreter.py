@@ -5,15 +5,16 @@ handler runs it sees the stack outside it, so the effects it performs itself go 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectError
 
 __all__ = [
-    "Handler", "Path", "Request", "answers_of", "at_path", "begin_run", "check_name", "current_path",
+    "LATER", "Handler", "Path", "Request", "answers_of", "at_path", "begin_run", "check_name", "current_path",
     "current_stack", "end_run", "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now",
     "path_str", "reset_path", "run_local", "run_values", "scope", "set_path", "send", "under_path", "under_stack",
 ]
@@ -99,11 +100,6 @@ class Handler:
         return forward(request)
 
 
-def _valid_answers(answers: Any) -> bool:
-    return answers is None or type(answers) is tuple and all(isinstance(a, type) and issubclass(a, Request)
-                                                              for a in answers)
-
-
 class _Routes(dict):
     """Request class -> `(handle of the innermost run answering it, the stack below that run)`, or `()` when
     no run does; learned on first use, once per stack."""
@@ -114,7 +110,11 @@ class _Routes(dict):
             i -= 1
         if i >= 0 and runs.prefixes[i] is None:
             runs.prefixes[i] = _Runs(runs[:i], runs.prefixes, runs.answers[:i])
-        return self.setdefault(kind, (runs[i].handle, runs.prefixes[i]) if i >= 0 else ())
+        if i < 0:
+            return self.setdefault(kind, ())
+        run, own = runs[i], vars(type(runs[i]))  # `answer_now` beside the `handle` it shortens (not a subclass's)
+        now = own["answer_now"].__get__(run) if "answer_now" in own and "handle" in own else None
+        return self.setdefault(kind, (run.handle, runs.prefixes[i], now))
 
 
 class _Runs(tuple):
@@ -139,6 +139,7 @@ class _Runs(tuple):
 
 _EMPTY = _Runs(())  # no handlers: every route is ()
 _STACK: contextvars.ContextVar[_Runs] = contextvars.ContextVar("effax_handlers", default=_EMPTY)
+LATER = object()  # what a run's `answer_now(request)` returns for a request it answers only through `handle`
 
 
 def send(request: Request) -> Any:
@@ -146,6 +147,8 @@ def send(request: Request) -> Any:
     route = _STACK.get().routes[type(request)]
     if not route:
         return request.unhandled()
+    if route[2] is not None and (answer := route[2](request)) is not LATER:  # answered in place (`answer_now`)
+        return answer
     token = _STACK.set(route[1])
     try:
         return route[0](request, route[1].forward)
@@ -200,7 +203,8 @@ class _Handling:
                                  "self or a run object (with a `handle(request, forward)` method).")
             if (answers := getattr(run, "answers", None)) is None:  # declared on the handler: its run's too
                 answers = getattr(h, "answers", None)
-            if not _valid_answers(answers):
+            if answers is not None and not (type(answers) is tuple and all(isinstance(a, type) and issubclass(
+                    a, Request) for a in answers)):
                 raise EffaxError(f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request "
                                  "classes, `answers = (fx.ParamRequest, ...)`, or None (the handler sees every "
                                  "request), declared on the handler's class (or on the run's own class).")
@@ -302,21 +306,15 @@ class scope:
         _PATH.reset(self._tokens.pop())
 
 
-class at_path:
+@contextlib.contextmanager
+def at_path(path: Path) -> Iterator[Path]:
     """Set the current path outright, for one `with` block (lifted transforms, module calls and interop
     re-enter a scope this way)."""
-
-    __slots__ = ("path", "_token")
-
-    def __init__(self, path: Path):
-        self.path = path if type(path) is tuple else tuple(path)
-
-    def __enter__(self) -> Path:
-        self._token = _PATH.set(self.path)
-        return self.path
-
-    def __exit__(self, *exc: Any) -> None:
-        _PATH.reset(self._token)
+    token = _PATH.set(path := tuple(path))
+    try:
+        yield path
+    finally:
+        _PATH.reset(token)
 
 
 def under_path(path: Path, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from effax.core import EffaxError, Handler
+from effax.core import LATER, EffaxError, Handler
 from effax.effects import ModeRequest
 
 
@@ -41,3 +41,6 @@ class Mode(Handler):
         if type(request) is ModeRequest:
             return self.training
         return forward(request)
+
+    def answer_now(self, request: Any) -> Any:  # `handle`'s answer, without a frame for it (asked per layer)
+        return self.training if type(request) is ModeRequest else LATER

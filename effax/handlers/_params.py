@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from effax.core import (
+    LATER,
     EffaxError,
     Handler,
     MissingVariableError,
@@ -253,9 +254,14 @@ class _LoadRun(_ParamRun):
         self.params = params
 
     def handle(self, request: Any, forward: Any) -> Any:
-        # The usual param of an eager apply, answered in this frame: first asked in this run, untagged, a walk
-        # down mappings (`get_path` inline) to an array of the asked shape and dtype. Anything else (a repeat, a
-        # tag, a box, a mismatch, a missing name) takes `_ParamRun.handle`, which checks and explains it.
+        answer = self.answer_now(request)
+        return _ParamRun.handle(self, request, forward) if answer is LATER else answer
+
+    def answer_now(self, request: Any) -> Any:
+        # The usual param of an eager apply, answered in place (`send` calls this without a frame for `handle`):
+        # first asked in this run, untagged, a walk down mappings (`get_path` inline) to an array of the asked
+        # shape and dtype. Anything else (a repeat, a tag, a box, a mismatch, a missing name) is LATER, for
+        # `_ParamRun.handle`, which checks and explains it.
         if type(request) is ParamRequest and request.shared is None and (path := request.path) not in self.seen:
             node = self.params
             try:
@@ -268,7 +274,7 @@ class _LoadRun(_ParamRun):
             ):
                 self.seen[path] = (request, node)
                 return node
-        return _ParamRun.handle(self, request, forward)
+        return LATER
 
     def answer(self, request: ParamRequest) -> Any:
         value = get_path(self.params, request.path)

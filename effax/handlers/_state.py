@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effax.core import (
+    LATER,
     EffaxError,
     FrozenStateError,
     Handler,
@@ -296,6 +297,27 @@ class _StateRun:
             + f". It is created only when its collection is mutable: pass "
             f"`mutable=[{request.collection!r}]` to `t.apply`, or create the variables with `t.init`."
         )
+
+    def answer_now(self, request: Any) -> Any:
+        """The usual eager request answered in place (`send` calls this without a frame for `handle`): a read
+        of a stored variable, or the declaration of a stored leaf while nothing is laid out; else LATER."""
+        kind = type(request)
+        if kind is SetStateRequest or kind is not GetStateRequest and kind is not LocalStateRequest:
+            return LATER
+        c = request.collection
+        value = self.current.get(c, _EMPTY)
+        try:
+            for key in request.path:
+                value = value.get(key, MISSING)
+        except AttributeError:  # MISSING, or a leaf, on the way: `handle` walks and explains
+            return LATER
+        if kind is GetStateRequest:
+            return LATER if value is MISSING else value
+        if not isinstance(value, jax.Array) or c in self.layout:
+            return LATER
+        self.used.add(c)
+        self.noted.add((c, request.path))  # as `handle` does, and read ahead when this run never writes it
+        return None if is_mutable(self.mutable, c) else (READ_AHEAD, self, value)
 
     def handle(self, request: Any, forward: Any) -> Any:
         # Sent only the three kinds of `answers` (the interpreter, and the wrappers that copy `answers`, see to it).
