@@ -101,8 +101,8 @@ class Handler:
 
 
 class _Routes(dict):
-    """Request class -> `(handle of the innermost run answering it, the stack below that run)`, or `()` when
-    no run does; learned on first use, once per stack."""
+    """Request class -> `(handle of the innermost run answering it, the stack below that run, its in-place
+    `answer_now` or None)`, or `()` when no run does; learned on first use, once per stack."""
 
     def __missing__(self, kind: type) -> tuple:
         runs, i = self.runs, len(self.runs) - 1  # skip the runs that declare they do not answer `kind`

@@ -302,7 +302,7 @@ class _StateRun:
         """The usual eager request answered in place (`send` calls this without a frame for `handle`): a read
         of a stored variable, or the declaration of a stored leaf while nothing is laid out; else LATER."""
         kind = type(request)
-        if kind is SetStateRequest or kind is not GetStateRequest and kind is not LocalStateRequest:
+        if kind is not GetStateRequest and kind is not LocalStateRequest:  # a write: `handle`
             return LATER
         c = request.collection
         value = self.current.get(c, _EMPTY)

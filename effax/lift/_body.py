@@ -167,8 +167,8 @@ def _users_interceptor(run: Any) -> bool:
 class _Outside:
     """A user's stateless handler that stands outside a run with state in a lifted transform's stack, as it
     answers a request the body lifted there. Changing the answer element by element is what the unrolled loop
-    does too; making variables or drawing keys of its own is not (they would be made once, unstacked, at the
-    lifted call's scope, not once per layer), so that is refused rather than made wrong."""
+    does too; making variables, drawing keys or sowing of its own is not (each would happen once, unstacked, at
+    the lifted call's scope, not once per layer), so that is refused rather than made wrong."""
 
     __slots__ = ("run", "inner", "answers")
 

@@ -11,26 +11,12 @@ import numpy as np
 import pytest
 
 import effax as fx
+from tests.lift.test_composition import ParamLoRA  # an adapter per kernel: the per-layer params at stake
 
 KEY = jax.random.key(0)
 X = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
 normal = jax.nn.initializers.normal(0.5)
 shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
-
-
-class ParamLoRA(fx.Handler):
-    """Creates an adapter per intercepted kernel: the per-layer variables the refusal protects."""
-
-    answers = (fx.ParamRequest,)
-
-    def handle(self, request, forward):
-        w = forward(request)
-        if request.path[-1] != "kernel":
-            return w
-        with fx.scope("lora"):
-            a = fx.param("a", normal, (w.shape[-2], 2))
-            b = fx.param("b", normal, (2, w.shape[-1]))
-        return w + a @ b
 
 
 class Doubled(fx.Handler):
@@ -120,3 +106,32 @@ def test_an_interceptor_that_only_changes_values_outside_a_stateful_handler_equa
     got = scanned.apply(v, X, handlers=[Doubled(), Counting()])
     want = fx.transform(unrolled).apply({"params": restacked}, X, handlers=[Doubled(), Counting()])
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+class Noisy(fx.Handler):
+    """Draws a key, or sows, while it answers a param: once per layer unrolled."""
+
+    answers = (fx.ParamRequest,)
+
+    def __init__(self, performs):
+        self.performs = performs
+
+    def handle(self, request, forward):
+        w = forward(request)
+        if self.performs == "draws":
+            return w + 0.01 * jax.random.normal(fx.next_key("noise"), w.shape)
+        fx.sow("norm", jnp.linalg.norm(w))
+        return w
+
+
+@pytest.mark.parametrize("performs", ["draws", "sows"])
+def test_drawing_or_sowing_while_answering_outside_a_stateful_handler_is_refused(performs):
+    model = fx.transform(LIFTS["scan"](layer))
+    v = model.init(KEY, X)
+    with pytest.raises(fx.EffaxError, match="`Noisy` performed"):
+        model.apply(v, X, rngs={"noise": KEY}, mutable=["intermediates"], handlers=[Noisy(performs), Counting()])
+    # inside it, once per layer: the sows come back stacked, as from the unrolled loop
+    _, updates = model.apply(v, X, rngs={"noise": KEY}, mutable=["intermediates"],
+                             handlers=[Counting(), Noisy(performs)])
+    if performs == "sows":
+        assert shapes(updates["intermediates"]) == {"a": {"norm": ((2,),)}}
