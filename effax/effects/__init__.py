@@ -18,6 +18,7 @@ from effax.effects._random import (
 from effax.effects._side_input import SideInputEffect, SideInputRequest, side_input
 from effax.effects._side_output import SideOutputEffect, SideOutputRequest, sow
 from effax.effects._state import (
+    READ_AHEAD,
     GetStateRequest,
     LocalStateEffect,
     LocalStateRequest,
@@ -29,7 +30,7 @@ __all__ = [
     "ModeRequest", "is_training", "ParamRequest", "param", "RandomEffect", "RandomRequest",
     "StreamKeyRequest", "StreamNamesRequest", "next_key", "random_stream", "stream_key", "stream_names",
     "SideInputEffect", "SideInputRequest", "side_input", "SideOutputEffect", "SideOutputRequest", "sow",
-    "GetStateRequest", "LocalStateEffect", "LocalStateRequest", "SetStateRequest", "local_state",
+    "GetStateRequest", "LocalStateEffect", "LocalStateRequest", "SetStateRequest", "local_state", "READ_AHEAD",
     "ModuleCallRequest", "call_module", "sees_module_calls", "InitializingRequest", "is_initializing",
     "CaptureRequest", "capture_filter",
 ]

@@ -22,8 +22,7 @@ from effax.core import (
     check_name,
     hermetic,
 )
-from effax.effects import GetStateRequest, LocalStateRequest, SetStateRequest
-from effax.effects._state import READ_AHEAD
+from effax.effects import READ_AHEAD, GetStateRequest, LocalStateRequest, SetStateRequest
 from effax.handlers._random import refuse_handlers_as
 from effax.handlers._trace import check_trace, trace_state
 from effax.handlers._tree import MISSING, PathTree, copy_scopes, get_path, nearest_paths
@@ -301,10 +300,10 @@ class _StateRun:
     def answer_now(self, request: Any) -> Any:
         """The usual eager request answered in place (`send` calls this without a frame for `handle`): a read
         of a stored variable, or the declaration of a stored leaf while nothing is laid out; else LATER."""
-        kind = type(request)
-        if kind is not GetStateRequest and kind is not LocalStateRequest:  # a write: `handle`
+        kind, c = type(request), request.collection
+        # a write, or a declaration once its collection is laid out: `handle` (which declares it)
+        if kind is not GetStateRequest and (kind is not LocalStateRequest or c in self.layout):
             return LATER
-        c = request.collection
         value = self.current.get(c, _EMPTY)
         try:
             for key in request.path:
@@ -313,7 +312,7 @@ class _StateRun:
             return LATER
         if kind is GetStateRequest:
             return LATER if value is MISSING else value
-        if not isinstance(value, jax.Array) or c in self.layout:
+        if not isinstance(value, jax.Array):
             return LATER
         self.used.add(c)
         self.noted.add((c, request.path))  # as `handle` does, and read ahead when this run never writes it

@@ -155,8 +155,7 @@ def send_at(stack: tuple[Any, ...], depth: int, request: Any) -> Any:
     handler of the user's among them, outside the run at `depth` (a run with state), is watched as it
     answers (`_Outside`): it was not rerun inside the body, so it sees the request once, stacked, here."""
     runs = stack[:depth]
-    if any(_users_interceptor(run) for run in runs[:-1]):
-        runs = tuple(_Outside(run, runs[-1]) if _users_interceptor(run) else run for run in runs[:-1]) + runs[-1:]
+    runs = tuple(_Outside(run, runs[-1]) if _users_interceptor(run) else run for run in runs[:-1]) + runs[-1:]
     return under_stack(runs, send, request)
 
 
@@ -193,9 +192,7 @@ class _OwnEffects:
     def handle(self, request: Any, forward: Callable[[Any], Any]) -> Any:
         if type(request) not in LIFTED:
             return forward(request)
-        run, inner = self.outside.run, self.outside.inner
-        while isinstance(inner, _Proxy):
-            inner = inner.run
+        run, inner = self.outside.run, _stood_for(self.outside.inner)
         name = type(run).__name__
         if getattr(inner, "moves_params", False):
             where = "the `fx.share` pass that wraps the lifted transform"
@@ -639,12 +636,18 @@ def sow_keeper(outer: tuple[Any, ...], depth: int, collection: str) -> Any:
         answers = answers_of(run)
         if answers is not None and not issubclass(SideOutputRequest, answers):
             continue
-        while isinstance(run, _Proxy):  # a nested lift's: the run it stands for says
-            run = run.run
+        run = _stood_for(run)  # a nested lift's proxy: the run it stands for says
         keeps = getattr(run, "keeps", None)
         if keeps is None or keeps(collection):
             return run
     return None
+
+
+def _stood_for(run: Any) -> Any:
+    """The run itself, through the proxies of nested lifts that stand for it."""
+    while isinstance(run, _Proxy):
+        run = run.run
+    return run
 
 
 def lifted_stack(outer: tuple[Any, ...], body: Recorder | Answerer) -> tuple[Any, ...]:

@@ -230,8 +230,9 @@ def _plan(needs: Needs, outer: tuple[Any, ...], how: _Crossing) -> Plan:
             draws = needs.init_draws.get(slot)
             init = DrawingProbe(draws) if draws else Probe()
             fresh, keys = probe(outer, depth, dataclasses.replace(request, init=init))
-            for (kind, *at), key in zip(draws or () if fresh else (), keys or () if fresh else (), strict=True):
-                init_keys.setdefault((kind, tuple(at)), []).append(key)
+            if fresh:  # the keys its `init()` draws (for one that exists, the answer is its declaration's, not keys)
+                for (kind, *at), key in zip(draws or (), keys or (), strict=True):
+                    init_keys.setdefault((kind, tuple(at)), []).append(key)
         if not fresh:
             value = send_at(outer, depth, GetStateRequest(path, collection))
             if crossing == "mapped" and n is not None:
