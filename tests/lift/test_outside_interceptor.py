@@ -135,3 +135,20 @@ def test_drawing_or_sowing_while_answering_outside_a_stateful_handler_is_refused
                              handlers=[Counting(), Noisy(performs)])
     if performs == "sows":
         assert shapes(updates["intermediates"]) == {"a": {"norm": ((2,),)}}
+
+
+OPERATIONS = {
+    "init": lambda t, h: t.init(KEY, X, handlers=h),
+    "jit(init)": lambda t, h: jax.jit(lambda k, x: t.init(k, x, handlers=h))(KEY, X),
+    "eval_shape(init)": lambda t, h: jax.eval_shape(lambda k, x: t.init(k, x, handlers=h), KEY, X),
+    "apply": lambda t, h: t.apply(t.init(KEY, X), X, handlers=h),
+    "summary": lambda t, h: fx.summary(t, X, handlers=h),
+    "check_variables": lambda t, h: fx.check_variables(t, t.init(KEY, X), X, handlers=h),
+}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_the_refusal_holds_under_every_operation(operation):
+    model = fx.transform(LIFTS["scan"](layer))
+    with pytest.raises(fx.EffaxError, match="`ParamLoRA` performed param"):
+        OPERATIONS[operation](model, [ParamLoRA(), Counting()])
