@@ -11,6 +11,8 @@ __all__ = [
 class EffaxError(Exception):
     """Base class of every error effax raises on purpose; every subclass reports module `effax`."""
 
+    __module__ = "effax"
+
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         cls.__module__ = "effax"
@@ -50,6 +52,3 @@ class InvalidNameError(EffaxError, ValueError):
 
 class TraceMismatchError(EffaxError):
     """An effect that creates or consumes something arrived from another JAX trace."""
-
-
-EffaxError.__module__ = "effax"

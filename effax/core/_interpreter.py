@@ -15,7 +15,7 @@ from effax.core._errors import EffaxError, InvalidNameError, UnhandledEffectErro
 
 __all__ = [
     "LATER", "Handler", "Path", "Request", "answers_of", "at_path", "begin_run", "check_name", "current_path",
-    "current_stack", "end_run", "flatten_handlers", "handle", "hermetic", "is_answered", "is_stateless", "path_now",
+    "current_stack", "end_run", "flatten_handlers", "handle", "hermetic", "is_stateless", "path_now",
     "path_str", "reset_path", "run_local", "run_values", "scope", "set_path", "send", "under_path", "under_stack",
 ]
 
@@ -122,14 +122,18 @@ class _Runs(tuple):
 
     def __new__(cls, runs: Iterable[Any], prefixes: list | None = None, answers: tuple | None = None) -> _Runs:
         self = super().__new__(cls, runs)
-        self.routes = _Routes()
-        self.routes.runs = self
         self.prefixes = [None] * len(self) if prefixes is None else prefixes  # shared by a stack's prefixes
         self.answers = tuple(answers_of(run) for run in self) if answers is None else answers  # read once
-        self.forward = self._forward  # what a handler below this stack forwards to (made once)
         return self
 
-    def _forward(self, request: Request) -> Any:  # `send` with this stack installed, also when called later
+    def __getattr__(self, name: str) -> Any:  # `routes`, made on first use: most prefix stacks are never routed
+        if name != "routes":
+            raise AttributeError(name)
+        self.routes = _Routes()
+        self.routes.runs = self
+        return self.routes
+
+    def forward(self, request: Request) -> Any:  # `send` with this stack installed, also when called later
         token = _STACK.set(self)
         try:
             return send(request)
@@ -154,11 +158,6 @@ def send(request: Request) -> Any:
         return route[0](request, route[1].forward)
     finally:
         _STACK.reset(token)
-
-
-def is_answered(kind: type[Request]) -> bool:
-    """Whether some installed run declares it answers requests of class `kind` (or answers everything)."""
-    return bool(_STACK.get().routes[kind])
 
 
 current_stack = _STACK.get  # the runs installed now, outermost first (`under_stack` reinstates them)
@@ -191,6 +190,7 @@ def flatten_handlers(handlers: Iterable[Any]) -> list[Any]:
 
 class _Handling:
     __slots__ = ("_handlers", "_tokens")
+    _checked: ClassVar[dict[type, tuple]] = {}  # run class -> the `answers` last found valid on it (a memo)
 
     def __init__(self, handlers: list[Any]):
         self._handlers, self._tokens = handlers, []
@@ -203,11 +203,13 @@ class _Handling:
                                  "self or a run object (with a `handle(request, forward)` method).")
             if (answers := getattr(run, "answers", None)) is None:  # declared on the handler: its run's too
                 answers = getattr(h, "answers", None)
-            if answers is not None and not (type(answers) is tuple and all(isinstance(a, type) and issubclass(
-                    a, Request) for a in answers)):
-                raise EffaxError(f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request "
-                                 "classes, `answers = (fx.ParamRequest, ...)`, or None (the handler sees every "
-                                 "request), declared on the handler's class (or on the run's own class).")
+            if answers is not None and answers is not self._checked.get(type(run)):  # checked once per class
+                if type(answers) is not tuple or not all(
+                        isinstance(a, type) and issubclass(a, Request) for a in answers):
+                    raise EffaxError(f"{type(run).__name__}.answers is {answers!r}: it must be a tuple of request "
+                                     "classes, `answers = (fx.ParamRequest, ...)`, or None (the handler sees every "
+                                     "request), declared on the handler's class (or on the run's own class).")
+                self._checked[type(run)] = answers
             info[id(run)] = (run is h, answers)
         stack = _Runs((below := _STACK.get()) + runs, None, below.answers + tuple(info[id(r)][1] for r in runs))
         self._tokens.append((_STACK.set(stack), begin_run(fresh=False), _OWN.set(info)))

@@ -8,7 +8,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 
@@ -239,8 +239,7 @@ def _check_init_rngs(rngs: Any, args: tuple) -> None:
         ) from None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Runs:
+class _Runs(NamedTuple):
     """The storage runs of one discharged call, by name: read results here, never by position."""
 
     state: Any

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from effax.core import Path, Request, at_path, current_stack, is_answered, path_str, send, under_path, under_stack
+from effax.core import Path, Request, at_path, current_stack, path_str, send, under_path, under_stack
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,7 +93,7 @@ def call_module(
     another one. `fx.nn.Module` calls this for every call; write modules, not
     calls to this.
     """
-    if not is_answered(ModuleCallRequest):  # the fast path: nobody looks at module calls
+    if not current_stack().routes[ModuleCallRequest]:  # the fast path: no run answers module calls
         if names is None:
             return fn(module, *args, **kwargs)
         saved = names.enter(path, method)

@@ -13,6 +13,8 @@ from effax.effects import ModeRequest
 
 def static_training(training: Any) -> bool:
     """`training` as a Python bool; a tracer or an array is refused with the fix."""
+    if training is True or training is False:  # the usual argument, decided without a type check
+        return training
     if isinstance(training, (bool, np.bool_)):
         return bool(training)
     if isinstance(training, jax.core.Tracer):

@@ -149,26 +149,32 @@ def _claim_name(names: Names, parent: tuple[str, ...], name: Any, module: Any = 
     return path
 
 
+_NO_ARG = object()  # no positional argument: `call`'s first parameter was not given
+
+
 def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     plain = method == "__call__"  # the call owns its children's names as its path (no tuple to build)
 
     @functools.wraps(fn)
-    def call(self: Module, *args: Any, **kwargs: Any) -> Any:
+    def call(self: Module, x: Any = _NO_ARG, /, *args: Any, **kwargs: Any) -> Any:
         # The usual eager call, decided here in one frame: a layer named in this run, called from outside it,
-        # no setup(), and no handler looking at module calls (no route: `is_answered` inline). It is
+        # no setup(), and no handler looking at module calls (no route for `ModuleCallRequest`). It is
         # `Module._call` and `call_module`'s fast path with `Names.enter`/`leave` and `under_path` inline;
-        # every other call takes `_call`.
+        # every other call takes `_call`. The first positional argument is a parameter of its own: a layer
+        # called with one input (`Dense(3)(x)`) is called on without packing its arguments again.
         run = run_values()
         names = None if run is None else run.get(Names)
         path = None if names is None else names.bound.get(self)
         if (path is None or type(self)._call is not _PLAIN_CALL or path_now() == path
                 or current_stack().routes[ModuleCallRequest]):
-            return self._call(method, fn, args, kwargs)
+            return self._call(method, fn, args if x is _NO_ARG else (x, *args), kwargs)
         frame, owner = names.frame, names.owner
         names.frame, names.owner = None, path if plain else (path, method)
         token = set_path(path)
         try:
-            return fn(self, *args, **kwargs)
+            if args or kwargs or x is _NO_ARG:
+                return fn(self, *args, **kwargs) if x is _NO_ARG else fn(self, x, *args, **kwargs)
+            return fn(self, x)
         finally:
             reset_path(token)
             names.frame, names.owner = frame, owner

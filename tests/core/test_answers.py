@@ -82,3 +82,30 @@ def test_an_answers_entry_that_is_no_request_class_is_refused_on_entry():
 
     with pytest.raises(fx.EffaxError, match=r"Bad.answers is .*must be a tuple of request classes"), fx.handle(Bad()):
         pass
+
+
+def test_answers_are_checked_once_per_class_but_every_other_value_is_checked_again():
+    """Entering handlers remembers the last valid `answers` of each run class (a call enters several): an
+    instance that declares other, malformed `answers` is still refused, after a valid one and in between."""
+
+    class PerInstance(fx.Handler):
+        def __init__(self, answers):
+            self.answers = answers
+
+        def handle(self, request, forward):
+            return 5.0 if isinstance(request, fx.SideInputRequest) else forward(request)
+
+    good = (fx.SideInputRequest,)
+    for _ in range(2):
+        with fx.handle(PerInstance(good)):
+            assert fx.side_input("s", 0.0) == 5.0
+        with pytest.raises(fx.EffaxError, match=r"PerInstance.answers is .*must be a tuple"), fx.handle(
+            PerInstance([fx.SideInputRequest])
+        ):
+            pass
+        with pytest.raises(fx.EffaxError, match=r"PerInstance.answers is .*must be a tuple"), fx.handle(
+            PerInstance((fx.SideInputRequest, int))
+        ):
+            pass
+    with fx.handle(PerInstance((fx.ParamRequest,))):  # another valid tuple: the side input passes it by
+        assert fx.transform(lambda: fx.side_input("s", 0.0)).apply({}, handlers=[PerInstance(good)]) == 5.0

@@ -468,3 +468,53 @@ def test_a_linen_method_on_a_module_names_the_effax_function(method, instead, se
     with pytest.raises(fx.EffaxError, match=rf"`{type(module).__name__}.{method}`: .* {instead}\(") as info:
         fx.transform(module).init(KEY, X)
     assert isinstance(info.value, AttributeError) and not hasattr(Scale(), method)
+
+
+class _Args(fx.nn.Module):
+    """Records how its method was called: the arguments reach it as given, on the eager path or not."""
+
+    def __call__(self, x=None, *rest, scale=1.0, **extra):
+        return ("call", x, rest, scale, extra)
+
+    def no_input(self):
+        return ("no_input",)
+
+    def keyword(self, inputs, *, k=0):
+        return ("keyword", inputs, k)
+
+
+class _SeesCalls(fx.Handler):
+    """Answers every `ModuleCallRequest` by running the call: module calls leave the eager path."""
+
+    answers = (fx.ModuleCallRequest,)
+
+    def __init__(self):
+        self.calls = []
+
+    def handle(self, request, forward):
+        self.calls.append((request.method, request.args, dict(request.kwargs)))
+        return forward(request)
+
+
+@pytest.mark.parametrize("watched", [False, True], ids=["eager path", "module calls answered"])
+def test_a_module_method_gets_its_arguments_as_given(watched):
+    """The eager path takes the first positional argument as a parameter of its own (no repacking): every
+    other way of passing arguments reaches the method unchanged, as through `Module._call`."""
+    watcher = _SeesCalls()
+
+    def f():
+        m = _Args()
+        return [
+            m(1), m(), m(x=2), m(1, 2, 3), m(1, scale=2.0), m(1, 2, flag=True), m.no_input(),
+            m.keyword(4), m.keyword(inputs=5, k=1),
+        ]
+
+    out = fx.transform(f).apply({}, handlers=[watcher] if watched else ())
+    assert out == [
+        ("call", 1, (), 1.0, {}), ("call", None, (), 1.0, {}), ("call", 2, (), 1.0, {}), ("call", 1, (2, 3), 1.0, {}),
+        ("call", 1, (), 2.0, {}), ("call", 1, (2,), 1.0, {"flag": True}), ("no_input",), ("keyword", 4, 0),
+        ("keyword", 5, 1),
+    ]
+    if watched:  # the request holds the arguments as the caller passed them
+        assert [c[1:] for c in watcher.calls[:3]] == [((1,), {}), ((), {}), ((), {"x": 2})]
+        assert watcher.calls[-1] == ("keyword", (), {"inputs": 5, "k": 1})
