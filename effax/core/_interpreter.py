@@ -101,20 +101,19 @@ class Handler:
 
 
 class _Routes(dict):
-    """Request class -> `(handle of the innermost run answering it, the stack below that run, its in-place
-    `answer_now` or None)`, or `()` when no run does; learned on first use, once per stack."""
+    """Request class -> `(handle of the innermost run answering it, that run's index (`below(i)` is the stack
+    its handler runs under), its in-place `answer_now` or None)`, or `()` when no run does; learned on first
+    use, once per stack."""
 
     def __missing__(self, kind: type) -> tuple:
         runs, i = self.runs, len(self.runs) - 1  # skip the runs that declare they do not answer `kind`
         while i >= 0 and (answers := runs.answers[i]) is not None and not issubclass(kind, answers):
             i -= 1
-        if i >= 0 and runs.prefixes[i] is None:
-            runs.prefixes[i] = _Runs(runs[:i], runs.prefixes, runs.answers[:i])
         if i < 0:
             return self.setdefault(kind, ())
         run, own = runs[i], vars(type(runs[i]))  # `answer_now` beside the `handle` it shortens (not a subclass's)
         now = own["answer_now"].__get__(run) if "answer_now" in own and "handle" in own else None
-        return self.setdefault(kind, (run.handle, runs.prefixes[i], now))
+        return self.setdefault(kind, (run.handle, i, now))
 
 
 class _Runs(tuple):
@@ -124,14 +123,14 @@ class _Runs(tuple):
         self = super().__new__(cls, runs)
         self.prefixes = [None] * len(self) if prefixes is None else prefixes  # shared by a stack's prefixes
         self.answers = tuple(answers_of(run) for run in self) if answers is None else answers  # read once
-        return self
-
-    def __getattr__(self, name: str) -> Any:  # `routes`, made on first use: most prefix stacks are never routed
-        if name != "routes":
-            raise AttributeError(name)
         self.routes = _Routes()
         self.routes.runs = self
-        return self.routes
+        return self
+
+    def below(self, i: int) -> _Runs:  # the stack below run `i`, where its `handle` runs: made when first needed
+        if self.prefixes[i] is None:
+            self.prefixes[i] = _Runs(self[:i], self.prefixes, self.answers[:i])
+        return self.prefixes[i]
 
     def forward(self, request: Request) -> Any:  # `send` with this stack installed, also when called later
         token = _STACK.set(self)
@@ -148,14 +147,14 @@ LATER = object()  # what a run's `answer_now(request)` returns for a request it 
 
 def send(request: Request) -> Any:
     """Route `request` through the handler stack, innermost handler first."""
-    route = _STACK.get().routes[type(request)]
+    route = (stack := _STACK.get()).routes[type(request)]
     if not route:
         return request.unhandled()
     if route[2] is not None and (answer := route[2](request)) is not LATER:  # answered in place (`answer_now`)
         return answer
-    token = _STACK.set(route[1])
+    token = _STACK.set(below := stack.prefixes[route[1]] or stack.below(route[1]))
     try:
-        return route[0](request, route[1].forward)
+        return route[0](request, below.forward)
     finally:
         _STACK.reset(token)
 
