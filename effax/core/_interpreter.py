@@ -152,7 +152,7 @@ def send(request: Request) -> Any:
         return request.unhandled()
     if route[2] is not None and (answer := route[2](request)) is not LATER:  # answered in place (`answer_now`)
         return answer
-    token = _STACK.set(below := stack.prefixes[route[1]] or stack.below(route[1]))
+    token = _STACK.set(below := stack.below(route[1]))
     try:
         return route[0](request, below.forward)
     finally:

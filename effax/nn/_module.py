@@ -172,9 +172,9 @@ def _routed(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         names.frame, names.owner = None, path if plain else (path, method)
         token = set_path(path)
         try:
-            if args or kwargs or x is _NO_ARG:
-                return fn(self, *args, **kwargs) if x is _NO_ARG else fn(self, x, *args, **kwargs)
-            return fn(self, x)
+            if x is _NO_ARG:
+                return fn(self, *args, **kwargs)
+            return fn(self, x, *args, **kwargs) if args or kwargs else fn(self, x)
         finally:
             reset_path(token)
             names.frame, names.owner = frame, owner
